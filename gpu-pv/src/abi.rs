@@ -1,0 +1,94 @@
+//! The guest/host ABI beyond plain virtio-gpu: hypervisor feature bits, hypercall
+//! numbers, the negotiated protocol version and the guest-visible limits.
+//!
+//! Shared by the mediator and `guest-frontend`. Versions are negotiated through
+//! feature bits (each protocol revision is one bit; both sides use the highest bit
+//! they share), never required to match exactly.
+
+/// Device-specific virtio feature bits (0..=23 are the device's own range).
+pub mod feature {
+    /// Protocol revision 1 of the GPU-PV extensions (hypercall buffer registration,
+    /// per-VM counters readable through a hypercall).
+    pub const GPUPV_V1: u32 = 23;
+    /// Protocol revision 2: adds the fence-batching hint (completions of one batch
+    /// arrive as one interrupt, see [`super::hypercall::GPU_SET_COALESCE`]).
+    pub const GPUPV_V2: u32 = 22;
+    /// All protocol revisions, newest first.
+    pub const REVISIONS: [(u32, u32); 2] = [(GPUPV_V2, 2), (GPUPV_V1, 1)];
+}
+
+/// Negotiates the GPU-PV protocol revision from the device's offered features and
+/// the driver's accepted features: the highest revision both set, or `None` when
+/// they share none (the guest then speaks plain virtio-gpu, which always works).
+pub fn negotiate_revision(offered: u64, accepted: u64) -> Option<u32> {
+    let common = offered & accepted;
+    feature::REVISIONS
+        .iter()
+        .find(|(bit, _)| common & (1u64 << bit) != 0)
+        .map(|&(_, rev)| rev)
+}
+
+/// Hypercall numbers (in RAX; arguments in RDI, RSI, RDX, RCX; result in RAX).
+/// One ABI for VMMCALL (SVM) and VMCALL (VMX).
+pub mod hypercall {
+    /// Returns the hypervisor ABI version in RAX and feature mask in RDI.
+    pub const VERSION: u64 = 0;
+    /// Writes RSI bytes at guest-physical RDI to the console.
+    pub const CONSOLE_WRITE: u64 = 1;
+    /// Gives up the rest of the vCPU's time slice.
+    pub const YIELD: u64 = 2;
+    /// Stops the VM with exit code RDI.
+    pub const SHUTDOWN: u64 = 3;
+    /// Registers a buffer (GPA in RDI, length in RSI) for zero-copy exchange with the GPU.
+    pub const GPU_REGISTER_BUFFER: u64 = 0x100;
+    /// Unregisters a buffer registered with [`GPU_REGISTER_BUFFER`] (handle in RDI).
+    pub const GPU_UNREGISTER_BUFFER: u64 = 0x101;
+    /// Copies the VM's GPU counters to guest-physical RDI (RSI bytes available).
+    pub const GPU_READ_COUNTERS: u64 = 0x102;
+    /// Sets interrupt coalescing on (RDI = 1) or off (RDI = 0).
+    pub const GPU_SET_COALESCE: u64 = 0x103;
+
+    /// Hypercall status: success.
+    pub const OK: u64 = 0;
+    /// Hypercall status: unknown hypercall number.
+    pub const ERR_UNKNOWN: u64 = u64::MAX;
+    /// Hypercall status: an argument failed validation.
+    pub const ERR_INVALID: u64 = u64::MAX - 1;
+}
+
+/// Guest-visible limits of the paravirtual GPU.
+pub mod limits {
+    /// Entries in the control queue offered to a guest (Linux uses 64).
+    pub const CONTROL_QUEUE_SIZE: u16 = 64;
+    /// Entries in the cursor queue offered to a guest (Linux uses 16).
+    pub const CURSOR_QUEUE_SIZE: u16 = 16;
+    /// Descriptors the ring reader follows in one chain (direct plus indirect).
+    pub const MAX_CHAIN_DESCRIPTORS: usize = 256;
+    /// Largest indirect descriptor table accepted, in descriptors.
+    pub const MAX_INDIRECT_DESCRIPTORS: usize = 256;
+    /// Largest command accepted into staging memory (header and payload), in bytes.
+    pub const MAX_COMMAND_BYTES: usize = 24 + 8 + 16 * 4096;
+    /// Most backing entries in one `RESOURCE_ATTACH_BACKING` (Linux sends up to 85).
+    pub const MAX_BACKING_ENTRIES: u32 = 4096;
+    /// Largest resource edge in pixels.
+    pub const MAX_RESOURCE_DIM: u32 = 16384;
+    /// Resources one VM may hold at once.
+    pub const MAX_RESOURCES_PER_VM: usize = 1024;
+    /// Commands queued per VM before its doorbell is ignored (back-pressure).
+    pub const MAX_QUEUED_PER_VM: usize = 256;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revision_is_the_highest_shared_bit() {
+        let v1 = 1u64 << feature::GPUPV_V1;
+        let v2 = 1u64 << feature::GPUPV_V2;
+        assert_eq!(negotiate_revision(v1 | v2, v1 | v2), Some(2));
+        assert_eq!(negotiate_revision(v1 | v2, v1), Some(1));
+        assert_eq!(negotiate_revision(v1, v1 | v2), Some(1));
+        assert_eq!(negotiate_revision(v1 | v2, 0), None);
+    }
+}
