@@ -15,5 +15,6 @@ extern crate alloc;
 extern crate std;
 
 pub mod abi;
+pub mod command;
 pub mod memory;
 pub mod wire;
