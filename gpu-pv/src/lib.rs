@@ -16,5 +16,10 @@ extern crate std;
 
 pub mod abi;
 pub mod command;
+pub mod counters;
+pub mod mediator;
 pub mod memory;
+pub mod ring;
+pub mod sched;
+pub mod sim_gpu;
 pub mod wire;
