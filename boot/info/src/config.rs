@@ -1,0 +1,263 @@
+//! The VM configuration file (`\hv\vms.toml` on the ESP).
+//!
+//! ```toml
+//! [scheduler]            # optional
+//! quantum_ms = 2         # GPU time slice, 1..=10
+//! mode = "best-effort"   # or "equal-share", "fixed-share"
+//!
+//! [[vm]]                 # one table per VM, 1..=32 of them
+//! name = "vm0"           # unique, 1..=31 bytes
+//! memory_mib = 16        # guest RAM, 1..=4096
+//! vcpus = 1              # 1..=16
+//! image = "guests/hello.elf"  # path below \hv\ on the ESP
+//! gpu_weight = 1         # GPU share weight, 1..=1000 (default 1)
+//! gpu_alpha = 0.0        # priority boost alpha, 0.0..=2.0 (default 0)
+//! vram_quota_mib = 64    # optional; default: a quarter of the GPU's VRAM
+//! ```
+//! Unknown keys are errors, so a typo never silently falls back to a default.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt;
+
+use serde::Deserialize;
+
+/// GPU scheduler mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SchedMode {
+    /// Idle VMs' time goes to the busy ones.
+    #[default]
+    BestEffort,
+    /// Every VM gets the same slot, used or not.
+    EqualShare,
+    /// Every VM gets a slot by its weight, used or not.
+    FixedShare,
+}
+
+impl SchedMode {
+    /// The number carried in `BootInfo::gpu_sched_mode`.
+    pub fn code(self) -> u32 {
+        match self {
+            SchedMode::BestEffort => 0,
+            SchedMode::EqualShare => 1,
+            SchedMode::FixedShare => 2,
+        }
+    }
+}
+
+/// The `[scheduler]` table.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// GPU time slice in milliseconds.
+    #[serde(default = "default_quantum")]
+    pub quantum_ms: u32,
+    /// Scheduler mode.
+    #[serde(default)]
+    pub mode: SchedMode,
+}
+
+fn default_quantum() -> u32 {
+    2
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self { quantum_ms: default_quantum(), mode: SchedMode::default() }
+    }
+}
+
+/// One `[[vm]]` table.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Unique name.
+    pub name: String,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// vCPU count.
+    #[serde(default = "one")]
+    pub vcpus: u32,
+    /// Guest image path below `\hv\`.
+    pub image: String,
+    /// GPU share weight.
+    #[serde(default = "one")]
+    pub gpu_weight: u32,
+    /// Priority boost alpha.
+    #[serde(default)]
+    pub gpu_alpha: f64,
+    /// VRAM quota in MiB.
+    #[serde(default)]
+    pub vram_quota_mib: Option<u32>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl VmConfig {
+    /// Alpha in tenths (0..=20), as the scheduler takes it.
+    pub fn alpha_tenths(&self) -> u32 {
+        // Validated to 0.0..=2.0 before this is called.
+        (self.gpu_alpha * 10.0 + 0.5) as u32
+    }
+}
+
+/// The whole file.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Scheduler settings.
+    #[serde(default)]
+    pub scheduler: SchedulerConfig,
+    /// The VMs.
+    #[serde(default)]
+    pub vm: Vec<VmConfig>,
+}
+
+/// Why a configuration was refused.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ConfigError {
+    /// Not valid TOML or wrong types/keys (the parser's message, with line and column).
+    Syntax(String),
+    /// No `[[vm]]` table.
+    NoVms,
+    /// More VMs than [`crate::MAX_VMS`].
+    TooManyVms(usize),
+    /// A field out of its range: (vm name or "scheduler", field, why).
+    Invalid(String, &'static str, &'static str),
+    /// Two VMs share a name.
+    DuplicateName(String),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Syntax(m) => write!(f, "syntax: {}", m.trim_end()),
+            ConfigError::NoVms => write!(f, "no [[vm]] defined"),
+            ConfigError::TooManyVms(n) => write!(f, "{n} VMs defined, at most {}", crate::MAX_VMS),
+            ConfigError::Invalid(vm, field, why) => write!(f, "{vm}: {field} {why}"),
+            ConfigError::DuplicateName(n) => write!(f, "VM name {n:?} used twice"),
+        }
+    }
+}
+
+/// Parses and validates a configuration.
+pub fn parse(text: &str) -> Result<Config, ConfigError> {
+    let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+    validate(&cfg)?;
+    Ok(cfg)
+}
+
+fn validate(cfg: &Config) -> Result<(), ConfigError> {
+    let bad = |vm: &str, field, why| Err(ConfigError::Invalid(vm.to_string(), field, why));
+    if !(1..=10).contains(&cfg.scheduler.quantum_ms) {
+        return bad("scheduler", "quantum_ms", "must be 1..=10");
+    }
+    if cfg.vm.is_empty() {
+        return Err(ConfigError::NoVms);
+    }
+    if cfg.vm.len() > crate::MAX_VMS {
+        return Err(ConfigError::TooManyVms(cfg.vm.len()));
+    }
+    for (i, vm) in cfg.vm.iter().enumerate() {
+        let n = vm.name.as_str();
+        if n.is_empty() || n.len() >= crate::NAME_LEN {
+            return bad(n, "name", "must be 1..=31 bytes");
+        }
+        if !n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return bad(n, "name", "may hold only letters, digits, '-' and '_'");
+        }
+        if cfg.vm[..i].iter().any(|o| o.name == vm.name) {
+            return Err(ConfigError::DuplicateName(vm.name.clone()));
+        }
+        if !(1..=4096).contains(&vm.memory_mib) {
+            return bad(n, "memory_mib", "must be 1..=4096");
+        }
+        if !(1..=16).contains(&vm.vcpus) {
+            return bad(n, "vcpus", "must be 1..=16");
+        }
+        if vm.image.is_empty() || vm.image.len() >= crate::NAME_LEN || vm.image.contains("..") {
+            return bad(n, "image", "must be a path of 1..=31 bytes below \\hv\\ without '..'");
+        }
+        if !(1..=1000).contains(&vm.gpu_weight) {
+            return bad(n, "gpu_weight", "must be 1..=1000");
+        }
+        if !(0.0..=2.0).contains(&vm.gpu_alpha) {
+            return bad(n, "gpu_alpha", "must be 0.0..=2.0");
+        }
+        if vm.vram_quota_mib == Some(0) {
+            return bad(n, "vram_quota_mib", "must be at least 1");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[scheduler]
+quantum_ms = 3
+mode = "fixed-share"
+
+[[vm]]
+name = "vm0"
+memory_mib = 16
+image = "guests/hello.elf"
+gpu_weight = 2
+gpu_alpha = 1.5
+
+[[vm]]
+name = "vm1"
+memory_mib = 32
+vcpus = 2
+image = "guests/hello.elf"
+vram_quota_mib = 64
+"#;
+
+    #[test]
+    fn parses_a_full_config_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.scheduler.quantum_ms, 3);
+        assert_eq!(c.scheduler.mode, SchedMode::FixedShare);
+        assert_eq!(c.vm.len(), 2);
+        assert_eq!(c.vm[0].vcpus, 1);
+        assert_eq!(c.vm[0].alpha_tenths(), 15);
+        assert_eq!(c.vm[1].gpu_weight, 1);
+        assert_eq!(c.vm[1].vram_quota_mib, Some(64));
+    }
+
+    #[test]
+    fn malformed_toml_reports_the_line() {
+        let e = parse("[[vm]]\nname = \"a\"\nmemory_mib = \n").unwrap_err();
+        let msg = alloc::format!("{e}");
+        assert!(matches!(e, ConfigError::Syntax(_)));
+        assert!(msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn out_of_range_fields_are_refused() {
+        let with = |extra: &str| {
+            parse(&alloc::format!("[[vm]]\nname=\"a\"\nmemory_mib=8\nimage=\"g.elf\"\n{extra}"))
+        };
+        assert!(with("").is_ok());
+        assert!(matches!(with("gpu_alpha = 2.5"), Err(ConfigError::Invalid(_, "gpu_alpha", _))));
+        assert!(matches!(with("gpu_weight = 0"), Err(ConfigError::Invalid(_, "gpu_weight", _))));
+        assert!(matches!(with("vcpus = 0"), Err(ConfigError::Invalid(_, "vcpus", _))));
+        assert!(matches!(with("colour = 1"), Err(ConfigError::Syntax(_))));
+        assert_eq!(parse(""), Err(ConfigError::NoVms));
+        let q = parse("[scheduler]\nquantum_ms = 11\n[[vm]]\nname=\"a\"\nmemory_mib=8\nimage=\"g\"");
+        assert!(matches!(q, Err(ConfigError::Invalid(_, "quantum_ms", _))));
+    }
+
+    #[test]
+    fn duplicate_names_and_bad_paths_are_refused() {
+        let dup = "[[vm]]\nname=\"a\"\nmemory_mib=8\nimage=\"g\"\n[[vm]]\nname=\"a\"\nmemory_mib=8\nimage=\"g\"";
+        assert_eq!(parse(dup), Err(ConfigError::DuplicateName("a".into())));
+        let up = "[[vm]]\nname=\"a\"\nmemory_mib=8\nimage=\"../x\"";
+        assert!(matches!(parse(up), Err(ConfigError::Invalid(_, "image", _))));
+    }
+}
