@@ -35,7 +35,11 @@ unsafe fn next(t: *mut u64, idx: usize, ty: MemoryType) -> Result<*mut u64, Stri
 }
 
 /// Builds the hand-over tables; returns the physical address of the PML4.
-pub fn build_page_tables(max_phys: u64, image: &LoadedImage, ty: MemoryType) -> Result<u64, String> {
+pub fn build_page_tables(
+    max_phys: u64,
+    image: &LoadedImage,
+    ty: MemoryType,
+) -> Result<u64, String> {
     let pml4 = table(ty)?;
     let top = max_phys.max(4 << 30).div_ceil(1 << 30) << 30;
     let mut addr = 0u64;

@@ -39,12 +39,11 @@ const HV_STACK_BYTES: usize = 256 * 1024;
 
 static HARNESS: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
-/// Prints to the UEFI console and to COM1.
+/// Prints a line to the UEFI console, which firmware such as OVMF mirrors to the
+/// serial port (writing COM1 as well would print every line twice there).
 macro_rules! say {
     ($($arg:tt)*) => {{
-        let line = alloc::format!($($arg)*);
-        serial::write_line(&line);
-        uefi::println!("{}", line);
+        uefi::println!($($arg)*);
     }};
 }
 
@@ -73,7 +72,8 @@ fn read_file(path: &str) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("no file system on the boot device: {e:?}"))?;
     let mut fs = uefi::fs::FileSystem::new(fs);
     let p = CString16::try_from(path).map_err(|_| format!("bad path {path}"))?;
-    fs.read(p.as_ref()).map_err(|e| format!("cannot read {path}: {e}"))
+    fs.read(p.as_ref())
+        .map_err(|e| format!("cannot read {path}: {e}"))
 }
 
 fn alloc_pages(ty: MemoryType, bytes: usize, what: &str) -> Result<*mut u8, String> {
@@ -98,11 +98,19 @@ fn load() -> Result<core::convert::Infallible, String> {
     let text = read_file("\\hv\\vms.toml").map_err(|e| format!("config error: {e}"))?;
     let text = core::str::from_utf8(&text).map_err(|_| "config error: vms.toml is not UTF-8")?;
     let cfg = config::parse(text).map_err(|e| format!("config error: vms.toml: {e}"))?;
-    say!("boot: config ok: {} VMs, GPU quantum {} ms", cfg.vm.len(), cfg.scheduler.quantum_ms);
+    say!(
+        "boot: config ok: {} VMs, GPU quantum {} ms",
+        cfg.vm.len(),
+        cfg.scheduler.quantum_ms
+    );
 
     // BootInfo lives in hypervisor memory: it outlives the loader.
-    let bi_ptr = alloc_pages(MEMTYPE_HYPERVISOR, core::mem::size_of::<BootInfo>(), "BootInfo")?
-        .cast::<BootInfo>();
+    let bi_ptr = alloc_pages(
+        MEMTYPE_HYPERVISOR,
+        core::mem::size_of::<BootInfo>(),
+        "BootInfo",
+    )?
+    .cast::<BootInfo>();
     // SAFETY: `bi_ptr` points to zeroed, page-aligned memory big enough for a BootInfo.
     let bi = unsafe {
         bi_ptr.write(BootInfo::new());
@@ -167,22 +175,24 @@ fn load() -> Result<core::convert::Infallible, String> {
         say!("boot: warning: no ACPI RSDP in the firmware's configuration table");
     }
     if let Some(fb) = framebuffer() {
-        say!("boot: framebuffer {}x{} at {:#x}", fb.width, fb.height, fb.base);
+        say!(
+            "boot: framebuffer {}x{} at {:#x}",
+            fb.width,
+            fb.height,
+            fb.base
+        );
         bi.framebuffer = fb;
     }
 
     // A page below 1 MiB for the application processors' real-mode start-up code.
-    bi.ap_trampoline = match boot::allocate_pages(
-        AllocateType::MaxAddress(0x9_f000),
-        MEMTYPE_HYPERVISOR,
-        1,
-    ) {
-        Ok(p) => p.as_ptr() as u64,
-        Err(_) => {
-            say!("boot: warning: no page below 1 MiB: only the boot CPU will run");
-            0
-        }
-    };
+    bi.ap_trampoline =
+        match boot::allocate_pages(AllocateType::MaxAddress(0x9_f000), MEMTYPE_HYPERVISOR, 1) {
+            Ok(p) => p.as_ptr() as u64,
+            Err(_) => {
+                say!("boot: warning: no page below 1 MiB: only the boot CPU will run");
+                0
+            }
+        };
 
     let stack = alloc_pages(MEMTYPE_HYPERVISOR, HV_STACK_BYTES, "the hypervisor stack")?;
     let stack_top = stack as u64 + HV_STACK_BYTES as u64;
@@ -190,6 +200,7 @@ fn load() -> Result<core::convert::Infallible, String> {
     let pml4 = handover::build_page_tables(max_phys, &image, MEMTYPE_HYPERVISOR)?;
 
     say!("boot: exiting boot services, jumping to the hypervisor");
+    serial::write_line("boot: handing over");
     // SAFETY: nothing below uses boot services; every allocation the hypervisor needs
     // was made above with our own memory types, which the final map reports.
     let mmap = unsafe { boot::exit_boot_services(Some(MemoryType::LOADER_DATA)) };
@@ -223,17 +234,27 @@ fn load_hypervisor(bytes: &[u8]) -> Result<(u64, LoadedImage), String> {
     if file.ehdr.e_type != ET_EXEC {
         return Err("hypervisor.elf is not a statically linked executable".into());
     }
-    let segs = file.segments().ok_or("hypervisor.elf has no program headers")?;
-    let loads: Vec<_> = segs.iter().filter(|p| p.p_type == PT_LOAD && p.p_memsz > 0).collect();
+    let segs = file
+        .segments()
+        .ok_or("hypervisor.elf has no program headers")?;
+    let loads: Vec<_> = segs
+        .iter()
+        .filter(|p| p.p_type == PT_LOAD && p.p_memsz > 0)
+        .collect();
     if loads.is_empty() {
         return Err("hypervisor.elf has no loadable segments".into());
     }
     let lo = loads.iter().map(|p| p.p_vaddr).min().unwrap_or(0) & !0xfff;
     let mut hi = 0u64;
     for p in &loads {
-        let end = p.p_vaddr.checked_add(p.p_memsz).ok_or("hypervisor.elf: segment overflows")?;
+        let end = p
+            .p_vaddr
+            .checked_add(p.p_memsz)
+            .ok_or("hypervisor.elf: segment overflows")?;
         if p.p_filesz > p.p_memsz
-            || p.p_offset.checked_add(p.p_filesz).is_none_or(|e| e > bytes.len() as u64)
+            || p.p_offset
+                .checked_add(p.p_filesz)
+                .is_none_or(|e| e > bytes.len() as u64)
         {
             return Err("hypervisor.elf: segment outside the file".into());
         }
@@ -254,13 +275,22 @@ fn load_hypervisor(bytes: &[u8]) -> Result<(u64, LoadedImage), String> {
     if !(lo..hi).contains(&entry) {
         return Err("hypervisor.elf: entry point outside its segments".into());
     }
-    Ok((entry, LoadedImage { phys: dst as u64, virt: lo, size }))
+    Ok((
+        entry,
+        LoadedImage {
+            phys: dst as u64,
+            virt: lo,
+            size,
+        },
+    ))
 }
 
 fn find_rsdp() -> u64 {
     uefi::system::with_config_table(|t| {
         let find = |g| t.iter().find(|e| e.guid == g).map(|e| e.address as u64);
-        find(ConfigTableEntry::ACPI2_GUID).or_else(|| find(ConfigTableEntry::ACPI_GUID)).unwrap_or(0)
+        find(ConfigTableEntry::ACPI2_GUID)
+            .or_else(|| find(ConfigTableEntry::ACPI_GUID))
+            .unwrap_or(0)
     })
 }
 
@@ -272,7 +302,9 @@ fn framebuffer() -> Option<boot_info::Framebuffer> {
     let format = match mode.pixel_format() {
         PixelFormat::Rgb => 0,
         PixelFormat::Bgr => 1,
-        _ => 2,
+        PixelFormat::Bitmask => 2,
+        // No linear framebuffer (e.g. virtio-gpu's GOP): nothing to hand over.
+        _ => return None,
     };
     let stride = mode.stride() as u32;
     let mut fb = gop.frame_buffer();
@@ -316,7 +348,12 @@ fn fill_memory_map(bi: &mut BootInfo, map: &impl MemoryMap) {
             MemoryType::ACPI_RECLAIM => RegionKind::AcpiReclaim,
             _ => RegionKind::Reserved,
         };
-        bi.memory[n] = MemoryRegion { start: d.phys_start, pages: d.page_count, kind, _pad: 0 };
+        bi.memory[n] = MemoryRegion {
+            start: d.phys_start,
+            pages: d.page_count,
+            kind,
+            _pad: 0,
+        };
         n += 1;
     }
     bi.memory[..n].sort_unstable_by_key(|r| r.start);

@@ -1,2 +1,201 @@
+//! The GPU-PV hypervisor kernel.
+//!
+//! Entered from the UEFI loader (`boot/`) with a [`BootInfo`] after ExitBootServices:
+//! takes over the machine (descriptor tables, memory, page tables, heap), learns the
+//! platform (ACPI, PCI, local APICs), brings up every CPU and prints a boot summary.
 #![no_std]
 #![no_main]
+
+extern crate alloc;
+
+mod acpi;
+mod apic;
+mod arch;
+mod exit;
+mod mm;
+mod pci;
+mod serial;
+mod smp;
+mod vm_context;
+
+use boot_info::{BootInfo, RegionKind};
+use log::{error, info, warn};
+
+use crate::arch::cpu;
+
+/// Entry point, called by the loader with the BootInfo's physical address in RDI.
+///
+/// # Safety
+/// Only the loader may call this, once, with interrupts off, on the hand-over tables.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = ".text.entry")]
+pub unsafe extern "sysv64" fn _start(boot_info: u64) -> ! {
+    cpu::set_index(0);
+    serial::init();
+    // SAFETY: the loader passes a valid, identity-mapped BootInfo that lives forever.
+    let bi: &'static BootInfo = unsafe { &*(boot_info as *const BootInfo) };
+    if !bi.is_valid() {
+        println!("hv: BootInfo is invalid (magic/version/size mismatch): stopping");
+        exit::fail("bad BootInfo");
+    }
+    exit::set_harness(bi.has_flag("harness"));
+    kmain(bi)
+}
+
+fn kmain(bi: &'static BootInfo) -> ! {
+    println!(
+        "hv: GPU-PV hypervisor {} starting",
+        env!("CARGO_PKG_VERSION")
+    );
+    mm::frames::init(bi);
+    mm::heap::init();
+    arch::gdt::init_this_cpu();
+    arch::idt::init_this_cpu();
+    mm::paging::init(bi);
+    cpu::log_in();
+    info!("cpu0 online (bootstrap), W^X kernel tables loaded");
+
+    if bi.option("test") == Some("exception") {
+        info!("test: touching an unmapped address on purpose");
+        // SAFETY: deliberately faults (frame 0 is unmapped) to exercise the crash report.
+        unsafe { core::ptr::read_volatile(core::ptr::null::<u64>().wrapping_add(1)) };
+    }
+
+    let platform = acpi::init(bi.rsdp);
+    let devices = pci::scan(platform.as_ref());
+    apic::init_bsp();
+    let cpus = smp::start_aps(bi, platform.as_ref());
+    summary(bi, platform.as_ref(), &devices, cpus);
+
+    if bi.option("test") == Some("boot") {
+        let ok = cpus == platform.as_ref().map_or(1, |p| p.cpus.len().max(1));
+        if !ok {
+            error!("not every CPU came online");
+            exit::fail("cpus");
+        }
+        exit::pass();
+    }
+    info!("hv: nothing more to run yet; halting");
+    exit::pass()
+}
+
+fn summary(bi: &BootInfo, platform: Option<&acpi::Platform>, devices: &[pci::Device], cpus: usize) {
+    let pages = |k: RegionKind| -> u64 {
+        bi.memory()
+            .iter()
+            .filter(|r| r.kind == k)
+            .map(|r| r.pages)
+            .sum()
+    };
+    let total: u64 = bi
+        .memory()
+        .iter()
+        .filter(|r| r.kind != RegionKind::Reserved)
+        .map(|r| r.pages)
+        .sum();
+    let f = mm::frames::stats();
+    println!("hv: boot summary");
+    println!(
+        "  memory: {} MiB RAM, {} MiB usable, {} KiB hypervisor image+boot data, {} KiB in frames used now, {} KiB heap in use",
+        total * 4 / 1024,
+        pages(RegionKind::Usable) * 4 / 1024,
+        pages(RegionKind::Hypervisor) * 4,
+        f.allocated * 4,
+        mm::heap::in_use() / 1024
+    );
+    match platform {
+        Some(p) => {
+            println!("  acpi: {} (tables: {})", p.oem, p.tables);
+            println!(
+                "  cpus online: {cpus} of {} (LAPIC ids {:?}), lapic {:#x} {}",
+                p.cpus.len(),
+                p.cpus,
+                p.lapic_base,
+                if apic::x2apic() { "x2apic" } else { "xapic" }
+            );
+            for (id, base, gsi) in &p.ioapics {
+                println!("  ioapic: id {id} at {base:#x}, GSI base {gsi}");
+            }
+            match &p.dmar {
+                Some(d) => {
+                    for u in &d.units {
+                        println!(
+                            "  iommu: DMAR DRHD at {:#x} segment {} {} ({} device scopes)",
+                            u.base,
+                            u.segment,
+                            if u.include_all {
+                                "INCLUDE_PCI_ALL"
+                            } else {
+                                "explicit"
+                            },
+                            u.scopes.len()
+                        );
+                    }
+                    for r in &d.rmrrs {
+                        println!("  iommu: RMRR {:#x}..{:#x}", r.base, r.limit);
+                    }
+                }
+                None => println!("  iommu: none (no DMAR table): GPU DMA cannot be isolated"),
+            }
+            match &p.ecam {
+                Some(e) => println!(
+                    "  pci: ECAM at {:#x} buses {}-{}",
+                    e.base, e.bus_start, e.bus_end
+                ),
+                None => {
+                    println!("  pci: no MCFG table: configuration space through ports 0xCF8/0xCFC")
+                }
+            }
+        }
+        None => {
+            println!("  acpi: none: single CPU, legacy PCI access");
+            println!("  cpus online: {cpus}");
+        }
+    }
+    println!("  timer: lapic {} ticks/ms", apic::ticks_per_ms());
+    println!("  pci devices: {}", devices.len());
+    for d in devices {
+        println!("    {d}");
+    }
+    match devices
+        .iter()
+        .find(|d| d.vendor == 0x1af4 && d.device == 0x1050)
+    {
+        Some(g) => println!("  gpu: virtio-gpu 1af4:1050 at {}", g.bdf()),
+        None => println!("  gpu: no supported GPU found"),
+    }
+    println!("  vms requested: {}", bi.vms().len());
+    for vm in bi.vms() {
+        let image = bi
+            .modules()
+            .get(vm.image_module as usize)
+            .map_or("?", |m| m.name());
+        println!(
+            "    {}: {} MiB, {} vcpu, image {}, gpu weight {} alpha {}.{} vram quota {}",
+            vm.name(),
+            vm.memory_mib,
+            vm.vcpus,
+            image,
+            vm.gpu_weight,
+            vm.gpu_alpha_tenths / 10,
+            vm.gpu_alpha_tenths % 10,
+            if vm.vram_quota_mib == 0 {
+                alloc::format!("default")
+            } else {
+                alloc::format!("{} MiB", vm.vram_quota_mib)
+            }
+        );
+    }
+    if platform.is_none() {
+        warn!("no ACPI: running degraded");
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    serial::write_fmt_unlocked(format_args!(
+        "\r\n!!! PANIC on cpu{}: {info}\r\n",
+        cpu::current_index()
+    ));
+    exit::fail("panic")
+}

@@ -64,7 +64,10 @@ fn default_quantum() -> u32 {
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        Self { quantum_ms: default_quantum(), mode: SchedMode::default() }
+        Self {
+            quantum_ms: default_quantum(),
+            mode: SchedMode::default(),
+        }
     }
 }
 
@@ -166,7 +169,10 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
         if n.is_empty() || n.len() >= crate::NAME_LEN {
             return bad(n, "name", "must be 1..=31 bytes");
         }
-        if !n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        if !n
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
             return bad(n, "name", "may hold only letters, digits, '-' and '_'");
         }
         if cfg.vm[..i].iter().any(|o| o.name == vm.name) {
@@ -179,7 +185,11 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
             return bad(n, "vcpus", "must be 1..=16");
         }
         if vm.image.is_empty() || vm.image.len() >= crate::NAME_LEN || vm.image.contains("..") {
-            return bad(n, "image", "must be a path of 1..=31 bytes below \\hv\\ without '..'");
+            return bad(
+                n,
+                "image",
+                "must be a path of 1..=31 bytes below \\hv\\ without '..'",
+            );
         }
         if !(1..=1000).contains(&vm.gpu_weight) {
             return bad(n, "gpu_weight", "must be 1..=1000");
@@ -241,15 +251,27 @@ vram_quota_mib = 64
     #[test]
     fn out_of_range_fields_are_refused() {
         let with = |extra: &str| {
-            parse(&alloc::format!("[[vm]]\nname=\"a\"\nmemory_mib=8\nimage=\"g.elf\"\n{extra}"))
+            parse(&alloc::format!(
+                "[[vm]]\nname=\"a\"\nmemory_mib=8\nimage=\"g.elf\"\n{extra}"
+            ))
         };
         assert!(with("").is_ok());
-        assert!(matches!(with("gpu_alpha = 2.5"), Err(ConfigError::Invalid(_, "gpu_alpha", _))));
-        assert!(matches!(with("gpu_weight = 0"), Err(ConfigError::Invalid(_, "gpu_weight", _))));
-        assert!(matches!(with("vcpus = 0"), Err(ConfigError::Invalid(_, "vcpus", _))));
+        assert!(matches!(
+            with("gpu_alpha = 2.5"),
+            Err(ConfigError::Invalid(_, "gpu_alpha", _))
+        ));
+        assert!(matches!(
+            with("gpu_weight = 0"),
+            Err(ConfigError::Invalid(_, "gpu_weight", _))
+        ));
+        assert!(matches!(
+            with("vcpus = 0"),
+            Err(ConfigError::Invalid(_, "vcpus", _))
+        ));
         assert!(matches!(with("colour = 1"), Err(ConfigError::Syntax(_))));
         assert_eq!(parse(""), Err(ConfigError::NoVms));
-        let q = parse("[scheduler]\nquantum_ms = 11\n[[vm]]\nname=\"a\"\nmemory_mib=8\nimage=\"g\"");
+        let q =
+            parse("[scheduler]\nquantum_ms = 11\n[[vm]]\nname=\"a\"\nmemory_mib=8\nimage=\"g\"");
         assert!(matches!(q, Err(ConfigError::Invalid(_, "quantum_ms", _))));
     }
 
@@ -258,6 +280,9 @@ vram_quota_mib = 64
         let dup = "[[vm]]\nname=\"a\"\nmemory_mib=8\nimage=\"g\"\n[[vm]]\nname=\"a\"\nmemory_mib=8\nimage=\"g\"";
         assert_eq!(parse(dup), Err(ConfigError::DuplicateName("a".into())));
         let up = "[[vm]]\nname=\"a\"\nmemory_mib=8\nimage=\"../x\"";
-        assert!(matches!(parse(up), Err(ConfigError::Invalid(_, "image", _))));
+        assert!(matches!(
+            parse(up),
+            Err(ConfigError::Invalid(_, "image", _))
+        ));
     }
 }

@@ -58,7 +58,12 @@ pub struct MemoryRegion {
 
 impl MemoryRegion {
     /// An empty region (used to fill the fixed array).
-    pub const EMPTY: Self = Self { start: 0, pages: 0, kind: RegionKind::Reserved, _pad: 0 };
+    pub const EMPTY: Self = Self {
+        start: 0,
+        pages: 0,
+        kind: RegionKind::Reserved,
+        _pad: 0,
+    };
     /// One past the last byte.
     pub fn end(&self) -> u64 {
         self.start.saturating_add(self.pages.saturating_mul(4096))
@@ -97,7 +102,11 @@ pub struct Module {
 
 impl Module {
     /// An empty slot.
-    pub const EMPTY: Self = Self { name: [0; NAME_LEN], phys: 0, len: 0 };
+    pub const EMPTY: Self = Self {
+        name: [0; NAME_LEN],
+        phys: 0,
+        len: 0,
+    };
     /// The name as text.
     pub fn name(&self) -> &str {
         fixed_str(&self.name)
@@ -196,7 +205,14 @@ impl BootInfo {
             hv_virt_base: 0,
             hv_size: 0,
             ap_trampoline: 0,
-            framebuffer: Framebuffer { base: 0, size: 0, width: 0, height: 0, stride: 0, format: 0 },
+            framebuffer: Framebuffer {
+                base: 0,
+                size: 0,
+                width: 0,
+                height: 0,
+                stride: 0,
+                format: 0,
+            },
             gpu_quantum_us: 0,
             gpu_sched_mode: 0,
             memory_len: 0,
