@@ -77,14 +77,14 @@ pub fn id() -> u32 {
 
 /// Enables this CPU's local APIC (x2APIC mode if the BSP chose it).
 pub fn enable_this_cpu() {
-    // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU; we only set enable bits.
+    // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU; we only set enable bits, in
+    // the order the SDM allows (disabled -> xAPIC -> x2APIC, Vol. 3A 10.12.5).
     unsafe {
-        let mut v = rdmsr(IA32_APIC_BASE);
-        v |= 1 << 11;
-        if x2apic() {
-            v |= 1 << 10;
-        }
+        let v = rdmsr(IA32_APIC_BASE) | (1 << 11);
         wrmsr(IA32_APIC_BASE, v);
+        if x2apic() {
+            wrmsr(IA32_APIC_BASE, v | (1 << 10));
+        }
     }
     write(REG_SVR, 0x100 | u32::from(SPURIOUS_VECTOR));
     write(REG_LVT_TIMER, 1 << 16);

@@ -1,1 +1,466 @@
-fn main() {}
+//! `cargo xtask`: the project's build, run and test driver.
+//!
+//! It builds the UEFI loader, the hypervisor and the guests for their bare-metal targets,
+//! lays out an EFI system partition (ESP), boots it in QEMU or Bochs, and judges the test
+//! scenarios under `tests/scenarios/` by exit status and serial output. See `usage()` and
+//! `tests/README.md`.
+
+mod artifacts;
+mod bochs;
+mod esp;
+mod gpt;
+mod judge;
+mod process;
+mod qemu;
+mod scenario;
+mod suite;
+mod tools;
+
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+/// Errors are human-readable messages: xtask prints them and exits non-zero.
+pub type Result<T, E = String> = std::result::Result<T, E>;
+
+/// Adds a description of what was being done to an error.
+pub trait Context<T> {
+    /// Maps the error `e` to `"{what}: {e}"`.
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: Display> Context<T> for std::result::Result<T, E> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| format!("{}: {e}", what()))
+    }
+}
+
+/// Where things are: the repository root and the directories xtask writes to.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// The workspace root (the directory holding the top-level `Cargo.toml`).
+    pub root: PathBuf,
+    /// Cargo's target directory (`CARGO_TARGET_DIR` or `<root>/target`).
+    pub target: PathBuf,
+    /// `<target>/xtask`: ESPs, images, logs and emulator work directories.
+    pub xtask: PathBuf,
+}
+
+impl Paths {
+    fn discover() -> Paths {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let root = manifest.parent().unwrap_or(manifest).to_path_buf();
+        let target = match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(t) if !t.is_empty() => {
+                let t = PathBuf::from(t);
+                if t.is_absolute() {
+                    t
+                } else {
+                    root.join(t)
+                }
+            }
+            _ => root.join("target"),
+        };
+        let xtask = target.join("xtask");
+        Paths {
+            root,
+            target,
+            xtask,
+        }
+    }
+
+    /// The directory of the per-run ESP called `name`.
+    pub fn esp_dir(&self, name: &str) -> PathBuf {
+        self.xtask.join("esp").join(name)
+    }
+
+    /// The directory holding serial and emulator logs.
+    pub fn logs_dir(&self) -> PathBuf {
+        self.xtask.join("logs")
+    }
+
+    /// The directory where emulator work files (images, bochsrc) of `name` go.
+    pub fn work_dir(&self, name: &str) -> PathBuf {
+        self.xtask.join("work").join(name)
+    }
+
+    /// [`Paths::work_dir`], created if needed.
+    pub fn work_dir_ensure(&self, name: &str) -> Result<PathBuf> {
+        let d = self.work_dir(name);
+        std::fs::create_dir_all(&d).ctx(|| format!("cannot create {}", d.display()))?;
+        Ok(d)
+    }
+
+    /// `path` relative to the repository root when it lies inside it (for messages).
+    pub fn show(&self, path: &Path) -> String {
+        path.strip_prefix(&self.root)
+            .unwrap_or(path)
+            .display()
+            .to_string()
+    }
+}
+
+/// The cargo to run: `$CARGO` (set by `cargo run`), else `cargo` from `PATH`.
+pub fn cargo() -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    Command::new(cargo)
+}
+
+/// Runs `cmd` in the foreground (inheriting stdio) and fails unless it exits with 0.
+pub fn run_checked(cmd: &mut Command) -> Result<()> {
+    let shown = show_command(cmd);
+    eprintln!("+ {shown}");
+    let status = cmd.status().ctx(|| format!("cannot start `{shown}`"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{shown}` failed ({status})"))
+    }
+}
+
+/// Runs `cmd` with its output captured; shows the output only when it fails.
+pub fn run_quiet(cmd: &mut Command) -> Result<()> {
+    let shown = show_command(cmd);
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ctx(|| format!("cannot start `{shown}`"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "`{shown}` failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+/// A shell-like rendering of a command line, for messages.
+pub fn show_command(cmd: &Command) -> String {
+    let mut parts = vec![cmd.get_program().to_string_lossy().into_owned()];
+    parts.extend(cmd.get_args().map(|a| {
+        let a = a.to_string_lossy();
+        if a.is_empty() || a.contains(|c: char| c.is_whitespace() || c == '"' || c == '\'') {
+            format!("'{}'", a.replace('\'', r"'\''"))
+        } else {
+            a.into_owned()
+        }
+    }));
+    parts.join(" ")
+}
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [options]
+
+commands:
+  build                      build boot.efi, the hypervisor and the guest binaries (release)
+  run [opts] [QEMU ARGS..]   build, lay out an ESP and boot it in QEMU (window if $DISPLAY is
+                             set, else headless); serial on stdio (Ctrl-A X quits). The first
+                             argument xtask does not know, and all after it, go to QEMU.
+      --config FILE          VM config for hv/vms.toml (default config/vms.toml)
+      --cmdline STR          kernel command line for hv/cmdline.txt (default empty)
+      --smp N, --memory MIB  CPUs (default 2) and memory (default 512)
+      --kvm                  use KVM (-accel kvm -cpu host) instead of TCG
+  qemu-test [FILTER]         run the QEMU scenarios of tests/scenarios/ (names containing FILTER)
+  bochs-test [FILTER]        run the Bochs scenarios of tests/scenarios/
+  test                       cargo test, fuzz smoke run, qemu-test, bochs-test (stops at the
+                             first failing stage)
+      --no-unit --no-fuzz --no-qemu --no-bochs   skip a stage
+      --fuzz-secs N          seconds per fuzz target (default 30, or $XTASK_FUZZ_SECS)
+  image [opts]               write a bootable GPT disk image (FAT32 ESP) for bare-metal hosts
+      --out FILE             default target/xtask/hypervisor.img
+      --config FILE, --cmdline STR   as for run
+      --check                boot the image in QEMU and wait for the hypervisor's boot marker
+      --check-marker STR     the marker to wait for (default \"hv: boot summary\")
+
+options of run, qemu-test, bochs-test, test, image:
+  --no-build                 do not run cargo; use the artifacts already in target/
+  --prebuilt DIR             do not run cargo; use DIR/boot.efi, DIR/hypervisor[.elf] and
+                             DIR/guests/*.elf (also $XTASK_PREBUILT); for testing the harness
+
+environment: XTASK_SCENARIOS (scenario directory, default tests/scenarios),
+  XTASK_PREBUILT, XTASK_FUZZ_SECS, CARGO, CARGO_TARGET_DIR.
+";
+
+/// How the bare-metal artifacts are obtained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildMode {
+    /// Run cargo.
+    Build,
+    /// Use what is in `target/` already.
+    NoBuild,
+    /// Use the files of a directory.
+    Prebuilt(PathBuf),
+}
+
+/// Pulls the options shared by several commands out of `args`.
+fn take_build_mode(args: &mut Vec<String>) -> Result<BuildMode> {
+    let mut mode = match std::env::var_os("XTASK_PREBUILT") {
+        Some(d) if !d.is_empty() => BuildMode::Prebuilt(PathBuf::from(d)),
+        _ => BuildMode::Build,
+    };
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--no-build" => {
+                args.remove(i);
+                mode = BuildMode::NoBuild;
+            }
+            "--prebuilt" => {
+                args.remove(i);
+                if i >= args.len() {
+                    return Err("--prebuilt needs a directory".into());
+                }
+                mode = BuildMode::Prebuilt(PathBuf::from(args.remove(i)));
+            }
+            "--" => break,
+            _ => i += 1,
+        }
+    }
+    Ok(mode)
+}
+
+/// Takes the value of option `name` at `args[i]`.
+fn value(args: &[String], i: &mut usize, name: &str) -> Result<String> {
+    *i += 1;
+    args.get(*i)
+        .cloned()
+        .ok_or_else(|| format!("{name} needs a value"))
+}
+
+fn parse_num<T: std::str::FromStr>(s: &str, name: &str) -> Result<T> {
+    s.parse()
+        .map_err(|_| format!("{name}: `{s}` is not a valid number"))
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match real_main(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(mut args: Vec<String>) -> Result<ExitCode> {
+    let paths = Paths::discover();
+    if args.is_empty() {
+        eprint!("{USAGE}");
+        return Ok(ExitCode::from(2));
+    }
+    let cmd = args.remove(0);
+    match cmd.as_str() {
+        "help" | "-h" | "--help" => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        "build" => {
+            let art = artifacts::build(&paths)?;
+            art.print(&paths);
+            Ok(ExitCode::SUCCESS)
+        }
+        "run" => cmd_run(&paths, args),
+        "qemu-test" | "bochs-test" => {
+            let mode = take_build_mode(&mut args)?;
+            let filter = single_filter(&args)?;
+            let emu = if cmd == "qemu-test" {
+                scenario::Emulator::Qemu
+            } else {
+                scenario::Emulator::Bochs
+            };
+            process::install_interrupt_handler();
+            let art = artifacts::obtain(&paths, &mode)?;
+            let ok = suite::run_suite(&paths, &art, emu, filter.as_deref())?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        "test" => cmd_test(&paths, args),
+        "image" => cmd_image(&paths, args),
+        other => Err(format!(
+            "unknown command `{other}` (try `cargo xtask help`)"
+        )),
+    }
+}
+
+fn single_filter(args: &[String]) -> Result<Option<String>> {
+    match args {
+        [] => Ok(None),
+        [f] if !f.starts_with('-') => Ok(Some(f.clone())),
+        _ => Err(format!(
+            "unexpected arguments {args:?} (expected at most one FILTER)"
+        )),
+    }
+}
+
+/// Reads a VM config file (relative paths are taken from the current directory).
+fn read_config(root: &Path, file: Option<&str>) -> Result<String> {
+    let path = match file {
+        Some(f) => PathBuf::from(f),
+        None => root.join("config").join("vms.toml"),
+    };
+    std::fs::read_to_string(&path).ctx(|| format!("cannot read VM config {}", path.display()))
+}
+
+fn cmd_run(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
+    let mode = take_build_mode(&mut args)?;
+    let mut config = None;
+    let mut cmdline = String::new();
+    let mut smp = 2;
+    let mut memory = 512;
+    let mut kvm = false;
+    let mut i = 0;
+    let mut extra = Vec::new();
+    while i < args.len() {
+        match args[i].as_str() {
+            "--config" => config = Some(value(&args, &mut i, "--config")?),
+            "--cmdline" => cmdline = value(&args, &mut i, "--cmdline")?,
+            "--smp" => smp = parse_num(&value(&args, &mut i, "--smp")?, "--smp")?,
+            "--memory" => memory = parse_num(&value(&args, &mut i, "--memory")?, "--memory")?,
+            "--kvm" => kvm = true,
+            "--" => {
+                extra.extend_from_slice(&args[i + 1..]);
+                break;
+            }
+            _ => {
+                extra.extend_from_slice(&args[i..]);
+                break;
+            }
+        }
+        i += 1;
+    }
+    tools::ensure(&[tools::Tool::Qemu, tools::Tool::Ovmf])?;
+    let config = read_config(&paths.root, config.as_deref())?;
+    let art = artifacts::obtain(paths, &mode)?;
+    let esp = paths.esp_dir("run");
+    esp::make(&esp, &art, &config, &cmdline)?;
+    let display = std::env::var_os("DISPLAY").is_some_and(|d| !d.is_empty());
+    let opts = qemu::Opts {
+        smp,
+        memory_mib: memory,
+        disk: qemu::Disk::Dir(esp),
+        serial: qemu::Serial::StdioWithMonitor,
+        display,
+        kvm,
+        extra,
+    };
+    let mut cmd = qemu::command(&opts)?;
+    eprintln!("+ {}", show_command(&cmd));
+    let status = cmd.status().ctx(|| "cannot start QEMU".to_string())?;
+    let code = status.code().unwrap_or(1);
+    match code {
+        qemu::PASS_STATUS => eprintln!("xtask: the software reported PASS through isa-debug-exit"),
+        qemu::FAIL_STATUS => eprintln!("xtask: the software reported FAIL through isa-debug-exit"),
+        _ => {}
+    }
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+fn cmd_test(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
+    let mode = take_build_mode(&mut args)?;
+    let (mut unit, mut fuzz, mut qemu, mut bochs) = (true, true, true, true);
+    let mut fuzz_secs: u64 = match std::env::var("XTASK_FUZZ_SECS") {
+        Ok(s) if !s.is_empty() => parse_num(&s, "XTASK_FUZZ_SECS")?,
+        _ => 30,
+    };
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--no-unit" => unit = false,
+            "--no-fuzz" => fuzz = false,
+            "--no-qemu" => qemu = false,
+            "--no-bochs" => bochs = false,
+            "--fuzz-secs" => {
+                fuzz_secs = parse_num(&value(&args, &mut i, "--fuzz-secs")?, "--fuzz-secs")?
+            }
+            other => return Err(format!("test: unknown option `{other}`")),
+        }
+        i += 1;
+    }
+    process::install_interrupt_handler();
+    let started = std::time::Instant::now();
+    let stage = |name: &str| eprintln!("\n==== xtask test: stage {name} ====");
+    if unit {
+        stage("cargo test");
+        run_checked(cargo().arg("test").current_dir(&paths.root))
+            .map_err(|e| format!("stage `cargo test` failed: {e}"))?;
+    }
+    if fuzz {
+        stage("fuzz smoke run");
+        suite::fuzz_smoke(paths, fuzz_secs).map_err(|e| format!("stage `fuzz` failed: {e}"))?;
+    }
+    let mut art = None;
+    if qemu {
+        stage("qemu-test");
+        let a = artifacts::obtain(paths, &mode)?;
+        let ok = suite::run_suite(paths, &a, scenario::Emulator::Qemu, None)?;
+        if !ok {
+            return Err("stage `qemu-test` failed (see above)".into());
+        }
+        art = Some(a);
+    }
+    if bochs {
+        stage("bochs-test");
+        let a = match art {
+            Some(a) => a,
+            None => artifacts::obtain(paths, &mode)?,
+        };
+        let ok = suite::run_suite(paths, &a, scenario::Emulator::Bochs, None)?;
+        if !ok {
+            return Err("stage `bochs-test` failed (see above)".into());
+        }
+    }
+    eprintln!(
+        "\nxtask test: all stages passed in {:.0?}",
+        started.elapsed()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_image(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
+    let mode = take_build_mode(&mut args)?;
+    let mut out = paths.xtask.join("hypervisor.img");
+    let mut config = None;
+    let mut cmdline = String::new();
+    let mut check = false;
+    let mut marker = String::from("hv: boot summary");
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--out" => out = PathBuf::from(value(&args, &mut i, "--out")?),
+            "--config" => config = Some(value(&args, &mut i, "--config")?),
+            "--cmdline" => cmdline = value(&args, &mut i, "--cmdline")?,
+            "--check" => check = true,
+            "--check-marker" => marker = value(&args, &mut i, "--check-marker")?,
+            other => return Err(format!("image: unknown option `{other}`")),
+        }
+        i += 1;
+    }
+    tools::ensure(&[tools::Tool::Mtools])?;
+    let config = read_config(&paths.root, config.as_deref())?;
+    let art = artifacts::obtain(paths, &mode)?;
+    let esp = paths.esp_dir("image");
+    esp::make(&esp, &art, &config, &cmdline)?;
+    gpt::write_image(&esp, &out)?;
+    let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "xtask: wrote {} ({} MiB); write it to a disk with `dd if={} of=/dev/sdX bs=4M conv=fsync`",
+        out.display(),
+        size >> 20,
+        out.display()
+    );
+    if check {
+        process::install_interrupt_handler();
+        tools::ensure(&[tools::Tool::Qemu, tools::Tool::Ovmf])?;
+        let ok = suite::check_image(paths, &out, &marker)?;
+        if !ok {
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
