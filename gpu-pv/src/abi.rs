@@ -92,3 +92,54 @@ mod tests {
         assert_eq!(negotiate_revision(v1 | v2, 0), None);
     }
 }
+
+/// The guest ABI: how the hypervisor lays out a new VM's memory and starts it.
+///
+/// A guest starts in 64-bit mode on its bootstrap vCPU at its ELF entry point with
+/// RDI = [`guest::BOOT_INFO`], RSP = [`guest::STACK_TOP`], interrupts off, on page
+/// tables at [`guest::PML4`] that identity-map the first 4 GiB with 2 MiB pages
+/// (writable, executable), and a GDT at [`guest::GDT`] (0x08 64-bit code, 0x10 data).
+/// RAM is guest-physical `0..memory_mib MiB`; everything the guest does not own (the
+/// emulated devices, the rest of the 4 GiB) faults into the hypervisor.
+pub mod guest {
+    /// Guest PML4.
+    pub const PML4: u64 = 0x1000;
+    /// Guest PDPT.
+    pub const PDPT: u64 = 0x2000;
+    /// Four guest page directories (0..4 GiB).
+    pub const PD: u64 = 0x3000;
+    /// Guest GDT.
+    pub const GDT: u64 = 0x7000;
+    /// The boot-info page ([`BootInfoPage`] layout).
+    pub const BOOT_INFO: u64 = 0x8000;
+    /// Initial stack pointer (the stack grows down from the image base).
+    pub const STACK_TOP: u64 = 0x20_0000;
+    /// Lowest address a guest image may load at.
+    pub const IMAGE_BASE: u64 = 0x20_0000;
+    /// Smallest guest RAM accepted, in MiB.
+    pub const MIN_MEMORY_MIB: u32 = 4;
+    /// `"GPUPVGST"`: marks the boot-info page.
+    pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"GPUPVGST");
+    /// Boot-info layout version.
+    pub const BOOT_INFO_VERSION: u32 = 1;
+
+    /// Byte offsets of the boot-info page's fields (all little endian).
+    pub mod boot_info {
+        /// u64 [`super::BOOT_INFO_MAGIC`].
+        pub const MAGIC: usize = 0;
+        /// u32 layout version.
+        pub const VERSION: usize = 8;
+        /// u32 VM id (0-based, in configuration order).
+        pub const VM_ID: usize = 12;
+        /// u64 RAM size in bytes.
+        pub const MEMORY_BYTES: usize = 16;
+        /// u32 vCPU count.
+        pub const VCPUS: usize = 24;
+        /// u32 hypervisor feature mask (see [`crate::abi::hypercall::VERSION`]).
+        pub const FEATURES: usize = 28;
+        /// 32 bytes: the VM's name, NUL padded.
+        pub const NAME: usize = 32;
+        /// u64 GPU share weight.
+        pub const GPU_WEIGHT: usize = 64;
+    }
+}

@@ -172,3 +172,20 @@ pub fn send_ipi(dest: u32, low: u32) {
         }
     }
 }
+
+/// Vector of the hypervisor's preemption timer.
+pub const TIMER_VECTOR: u8 = 0xf0;
+
+/// Arms this CPU's APIC timer to fire once in about `us` microseconds.
+pub fn arm_oneshot_us(us: u64) {
+    let ticks = (ticks_per_ms() * us / 1000).clamp(1, u64::from(u32::MAX)) as u32;
+    write(REG_TIMER_DIV, 0b1011);
+    write(REG_LVT_TIMER, u32::from(TIMER_VECTOR));
+    write(REG_TIMER_INIT, ticks);
+}
+
+/// Stops this CPU's APIC timer.
+pub fn disarm() {
+    write(REG_TIMER_INIT, 0);
+    write(REG_LVT_TIMER, 1 << 16);
+}

@@ -12,11 +12,15 @@ mod acpi;
 mod apic;
 mod arch;
 mod exit;
+mod interrupts;
 mod mm;
 mod pci;
 mod serial;
 mod smp;
+mod virt;
+mod vm;
 mod vm_context;
+mod vmm;
 
 use boot_info::{BootInfo, RegionKind};
 use log::{error, info, warn};
@@ -75,7 +79,16 @@ fn kmain(bi: &'static BootInfo) -> ! {
         }
         exit::pass();
     }
-    info!("hv: nothing more to run yet; halting");
+    let Some(backend) = vmm::enable_this_cpu() else {
+        error!("no usable hardware virtualization (SVM with NPT or VMX with EPT): no VM can run");
+        exit::fail("no virtualization");
+    };
+    info!("virtualization: {backend:?}");
+    let created = vmm::create_vms(bi, backend);
+    info!("{created} of {} VMs created; running them", bi.vms().len());
+    vmm::run_all();
+    vmm::report();
+    info!("all VMs stopped; frames in use {}", mm::frames::stats().allocated);
     exit::pass()
 }
 

@@ -190,5 +190,5 @@ extern "sysv64" fn ap_main(index: u64) -> ! {
     apic::enable_this_cpu();
     info!("cpu{index} online (APIC id {})", apic::id());
     cpu::log_in();
-    cpu::halt_forever()
+    crate::vmm::ap_loop()
 }

@@ -101,8 +101,33 @@ core::arch::global_asm!(
     " cld",
     " call {handler}",
     " ud2",
+    ".global irq_stub_f0",
+    "irq_stub_f0:",
+    " push 0xf0",
+    " jmp irq_common",
+    ".global irq_stub_ff",
+    "irq_stub_ff:",
+    " push 0xff",
+    " jmp irq_common",
+    "irq_common:",
+    " push rax", " push rcx", " push rdx", " push rsi", " push rdi",
+    " push r8", " push r9", " push r10", " push r11",
+    " mov rdi, [rsp + 72]",
+    " sub rsp, 8",
+    " cld",
+    " call {irq}",
+    " add rsp, 8",
+    " pop r11", " pop r10", " pop r9", " pop r8",
+    " pop rdi", " pop rsi", " pop rdx", " pop rcx", " pop rax",
+    " add rsp, 8",
+    " iretq",
     handler = sym exception_entry,
+    irq = sym irq_entry,
 );
+
+extern "sysv64" fn irq_entry(vector: u64) {
+    crate::interrupts::top_half(vector as u8);
+}
 
 unsafe extern "C" {
     static exc_stub_0: u8;
@@ -137,6 +162,8 @@ unsafe extern "C" {
     static exc_stub_29: u8;
     static exc_stub_30: u8;
     static exc_stub_31: u8;
+    static irq_stub_f0: u8;
+    static irq_stub_ff: u8;
 }
 
 static IDT: spin::Once<InterruptDescriptorTable> = spin::Once::new();
@@ -240,6 +267,13 @@ pub fn init_this_cpu() {
         set_err!(cp_protection_exception, 21, gdt::IST_EXCEPTION);
         set_err!(vmm_communication_exception, 29, gdt::IST_EXCEPTION);
         set_err!(security_exception, 30, gdt::IST_EXCEPTION);
+        // SAFETY: the stubs save the interrupted context and return with IRETQ.
+        unsafe {
+            idt[crate::apic::TIMER_VECTOR]
+                .set_handler_addr(VirtAddr::new(&raw const irq_stub_f0 as u64));
+            idt[crate::apic::SPURIOUS_VECTOR]
+                .set_handler_addr(VirtAddr::new(&raw const irq_stub_ff as u64));
+        }
         idt
     });
     idt.load();

@@ -1,0 +1,207 @@
+//! Hardware virtualization behind one vendor-neutral interface.
+//!
+//! [`VmExit`] is the one exit enum every exit handler is written against; [`Vcpu`] is
+//! implemented by the AMD SVM backend ([`svm`]) and the Intel VMX backend ([`vmx`]).
+//! Nested paging ([`npt`]) builds AMD NPT or Intel EPT tables from the same calls.
+
+pub mod npt;
+pub mod svm;
+pub mod vmx;
+
+use alloc::boxed::Box;
+
+/// Guest general-purpose registers kept by the hypervisor across VM entries (RSP and
+/// RIP live in the VMCB/VMCS; RAX too on SVM, mirrored here by the backend).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GuestRegs {
+    #[allow(missing_docs)]
+    pub rax: u64,
+    #[allow(missing_docs)]
+    pub rbx: u64,
+    #[allow(missing_docs)]
+    pub rcx: u64,
+    #[allow(missing_docs)]
+    pub rdx: u64,
+    #[allow(missing_docs)]
+    pub rsi: u64,
+    #[allow(missing_docs)]
+    pub rdi: u64,
+    #[allow(missing_docs)]
+    pub rbp: u64,
+    #[allow(missing_docs)]
+    pub r8: u64,
+    #[allow(missing_docs)]
+    pub r9: u64,
+    #[allow(missing_docs)]
+    pub r10: u64,
+    #[allow(missing_docs)]
+    pub r11: u64,
+    #[allow(missing_docs)]
+    pub r12: u64,
+    #[allow(missing_docs)]
+    pub r13: u64,
+    #[allow(missing_docs)]
+    pub r14: u64,
+    #[allow(missing_docs)]
+    pub r15: u64,
+}
+
+/// A port I/O exit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoExit {
+    /// Port.
+    pub port: u16,
+    /// Access size in bytes (1, 2 or 4).
+    pub size: u8,
+    /// IN (else OUT).
+    pub input: bool,
+    /// INS/OUTS.
+    pub string: bool,
+    /// REP prefix.
+    pub rep: bool,
+    /// Length of the instruction, so the handler can skip it.
+    pub len: u8,
+}
+
+/// Why the guest stopped running: the one enum all exit handling is written against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// Port I/O.
+    Io(IoExit),
+    /// Access to guest-physical memory that nested paging does not map (MMIO or
+    /// outside the guest's RAM).
+    NestedPageFault {
+        /// Faulting guest-physical address.
+        gpa: u64,
+        /// A write.
+        write: bool,
+        /// An instruction fetch.
+        fetch: bool,
+    },
+    /// VMMCALL / VMCALL (3 bytes).
+    Hypercall,
+    /// CPUID (2 bytes).
+    Cpuid,
+    /// RDMSR / WRMSR (2 bytes).
+    Msr {
+        /// WRMSR.
+        write: bool,
+    },
+    /// HLT (1 byte).
+    Hlt,
+    /// The guest can take an interrupt now (requested with `set_interrupt_window`).
+    InterruptWindow,
+    /// A host interrupt arrived while the guest ran (the hypervisor's timer: the
+    /// vCPU's time slice may be over).
+    ExternalInterrupt,
+    /// The VMX preemption timer expired.
+    Preempted,
+    /// Triple fault or shutdown.
+    Shutdown,
+    /// An intercepted guest exception.
+    Exception {
+        /// Vector.
+        vector: u8,
+        /// Error code, if the exception has one.
+        error_code: Option<u32>,
+    },
+    /// The hardware refused the guest state (VMEXIT_INVALID / VM-entry failure).
+    EntryFailed(u64),
+    /// Any other exit (raw code), handled as a guest error.
+    Other(u64),
+}
+
+/// A virtual CPU as the exit handlers see it.
+pub trait Vcpu: Send {
+    /// Enters the guest and runs it until the next exit.
+    fn run(&mut self) -> VmExit;
+    /// General registers.
+    fn regs(&mut self) -> &mut GuestRegs;
+    /// Guest RIP.
+    fn rip(&self) -> u64;
+    /// Sets the guest RIP.
+    fn set_rip(&mut self, rip: u64);
+    /// Guest RSP.
+    fn rsp(&self) -> u64;
+    /// Guest RFLAGS.
+    fn rflags(&self) -> u64;
+    /// Guest CR3 (for the crash report).
+    fn cr3(&self) -> u64;
+    /// Whether an external interrupt could be delivered now (RFLAGS.IF set, no
+    /// interrupt shadow, nothing being injected).
+    fn interruptible(&self) -> bool;
+    /// Injects external interrupt `vector` at the next entry (call only when
+    /// `interruptible`).
+    fn inject_interrupt(&mut self, vector: u8);
+    /// Injects an exception at the next entry.
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>);
+    /// Asks for an [`VmExit::InterruptWindow`] exit as soon as the guest can take an interrupt.
+    fn set_interrupt_window(&mut self, on: bool);
+    /// Bounds the next `run` to about `us` microseconds of guest time (0: no bound).
+    fn set_time_slice(&mut self, us: u64);
+    /// Skips `len` bytes of the current instruction.
+    fn skip(&mut self, len: u64) {
+        let r = self.rip();
+        self.set_rip(r.wrapping_add(len));
+    }
+}
+
+/// Which hardware virtualization this machine offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// AMD SVM with nested paging.
+    Svm,
+    /// Intel VMX with EPT.
+    Vmx,
+}
+
+/// Detects SVM+NPT or VMX+EPT.
+pub fn detect() -> Option<Backend> {
+    if svm::supported() {
+        Some(Backend::Svm)
+    } else if vmx::supported() {
+        Some(Backend::Vmx)
+    } else {
+        None
+    }
+}
+
+/// Turns virtualization on on this CPU (SVME / VMXON).
+pub fn enable_this_cpu(b: Backend) -> Result<(), &'static str> {
+    match b {
+        Backend::Svm => svm::enable_this_cpu(),
+        Backend::Vmx => vmx::enable_this_cpu(),
+    }
+}
+
+/// Guest start state the backends load into a new vCPU.
+#[derive(Clone, Copy, Debug)]
+pub struct StartState {
+    /// Entry point.
+    pub rip: u64,
+    /// Initial stack.
+    pub rsp: u64,
+    /// First argument (guest boot-info page).
+    pub rdi: u64,
+    /// Guest page-table root.
+    pub cr3: u64,
+    /// Guest GDT base (null, code 0x08, data 0x10).
+    pub gdt_base: u64,
+    /// Guest GDT limit.
+    pub gdt_limit: u16,
+}
+
+/// Creates a vCPU for the backend with nested-paging root `nested_root` (already
+/// formatted for the backend) and address-space id `asid` (ASID/VPID, non-zero).
+pub fn create_vcpu(
+    b: Backend,
+    nested_root: u64,
+    asid: u16,
+    start: &StartState,
+) -> Result<Box<dyn Vcpu>, &'static str> {
+    match b {
+        Backend::Svm => Ok(Box::new(svm::SvmVcpu::new(nested_root, asid, start)?)),
+        Backend::Vmx => Ok(Box::new(vmx::VmxVcpu::new(nested_root, asid, start)?)),
+    }
+}
