@@ -521,8 +521,9 @@ impl Response {
 /// monitor name ("GPU-PV") and range limits descriptor as EDID 1.3 asks.
 ///
 /// A detailed timing holds at most 4095 x 4095 pixels, so larger (and zero)
-/// dimensions are clamped to `1..=4095`; blanking follows QEMU's EDID generator, and
-/// the pixel clock is capped at the 655.35 MHz a detailed timing can express (the
+/// dimensions are clamped to `1..=4095`; blanking is reduced as in CVT-RB (widened
+/// for modes too small to reach a 10 MHz pixel clock at 60 Hz), and the pixel
+/// clock is capped at the 655.35 MHz a detailed timing can express (the
 /// refresh rate then drops below 60 Hz and the range limits follow it). The physical
 /// size assumes 96 dots per inch.
 pub fn edid_for(width: u32, height: u32) -> [u8; 128] {
@@ -541,8 +542,8 @@ pub fn edid_for(width: u32, height: u32) -> [u8; 128] {
     e[19] = 3; // revision 3
     e[20] = 0x80; // digital input
                   // Physical size in cm at 96 dpi (25.4 mm per 96 pixels).
-    let mm_w = w * 254 / 960;
-    let mm_h = h * 254 / 960;
+    let mm_w = (w * 254 / 960).max(1);
+    let mm_h = (h * 254 / 960).max(1);
     e[21] = (mm_w / 10).clamp(1, 255) as u8;
     e[22] = (mm_h / 10).clamp(1, 255) as u8;
     e[23] = 120; // gamma 2.2
@@ -559,12 +560,19 @@ pub fn edid_for(width: u32, height: u32) -> [u8; 128] {
     e[38..54].fill(0x01);
 
     // Detailed timing descriptor 1: the preferred mode.
-    let h_front = (w * 25 / 100).max(1);
-    let h_sync = (w * 3 / 100).max(1);
-    let h_blank = (w * 35 / 100).max(h_front + h_sync + 1);
-    let v_front = (h * 5 / 1000).max(1);
-    let v_sync = (h * 5 / 1000).max(1);
-    let v_blank = (h * 35 / 1000).max(v_front + v_sync + 1);
+    // Reduced blanking in the manner of CVT-RB (160-pixel horizontal blank, at
+    // least 460 us of vertical blank at 60 Hz), widened for small modes so that
+    // 60 Hz needs at least the 10 MHz pixel clock EDID consumers expect
+    // (420 x 400 x 60 Hz = 10.08 MHz).
+    let h_front: u32 = 48;
+    let h_sync: u32 = 32;
+    let h_blank = 160u32.max(420u32.saturating_sub(w));
+    let v_front: u32 = 3;
+    let v_sync: u32 = 6;
+    let v_blank = (h * 460)
+        .div_ceil(16_207)
+        .max(v_front + v_sync + 6)
+        .max(400u32.saturating_sub(h));
     let h_total = u64::from(w + h_blank);
     let v_total = u64::from(h + v_blank);
     let clock_10khz = (60 * h_total * v_total).div_ceil(10_000).clamp(1, 0xffff);

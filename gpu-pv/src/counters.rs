@@ -681,6 +681,7 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
     use alloc::string::String;
+    use alloc::vec;
     use proptest::prelude::*;
 
     fn sample() -> VmCounters {
@@ -714,7 +715,10 @@ mod tests {
             RejectReason::from(MemError::Overflow),
             RejectReason::OutOfRange
         );
-        assert_eq!(RejectReason::from(MemError::NotOwned), RejectReason::NotOwned);
+        assert_eq!(
+            RejectReason::from(MemError::NotOwned),
+            RejectReason::NotOwned
+        );
         assert_eq!(
             RejectReason::from(DecodeError::UnsupportedType(0x200)),
             RejectReason::Unsupported
@@ -861,7 +865,12 @@ mod tests {
         assert_eq!(d.rejected(RejectReason::Decode), 99);
         assert_eq!(d.used_ns, 0);
         // A newer writer with one more scalar and one more reason: extras skipped.
-        let mut new = vec![ENCODING_VERSION, VM_SCALARS as u8 + 1, RejectReason::COUNT as u8 + 1, 0];
+        let mut new = vec![
+            ENCODING_VERSION,
+            VM_SCALARS as u8 + 1,
+            RejectReason::COUNT as u8 + 1,
+            0,
+        ];
         for v in c.scalars().iter().chain([77].iter()) {
             new.extend_from_slice(&v.to_le_bytes());
         }

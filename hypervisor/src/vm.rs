@@ -310,6 +310,9 @@ impl Vm {
                 break;
             }
         }
+        if let Some(v) = self.vcpus.get_mut(idx) {
+            v.put();
+        }
         self.stats.cpu_us += crate::apic::now_us().saturating_sub(t0);
         vm_context::set(None);
     }

@@ -140,6 +140,9 @@ pub trait Vcpu: Send {
     fn set_interrupt_window(&mut self, on: bool);
     /// Bounds the next `run` to about `us` microseconds of guest time (0: no bound).
     fn set_time_slice(&mut self, us: u64);
+    /// Called when the vCPU leaves this physical CPU at the end of a slice (it may run
+    /// on another CPU next): VMX must VMCLEAR its VMCS here. No-op by default.
+    fn put(&mut self) {}
     /// Skips `len` bytes of the current instruction.
     fn skip(&mut self, len: u64) {
         let r = self.rip();
