@@ -122,6 +122,11 @@ pub mod guest {
     pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"GPUPVGST");
     /// Boot-info layout version.
     pub const BOOT_INFO_VERSION: u32 = 1;
+    /// Guest-physical base of the virtual local APIC (xAPIC MMIO layout).
+    pub const LAPIC_BASE: u64 = 0xfee0_0000;
+    /// Rate of the virtual APIC timer before its divider, in Hz (divide-by-1 counts
+    /// this many ticks per second).
+    pub const APIC_TIMER_HZ: u64 = 100_000_000;
 
     /// Byte offsets of the boot-info page's fields (all little endian).
     pub mod boot_info {

@@ -8,6 +8,33 @@
 //! run ([`Scheduler::pick`]) and reports what a slice used
 //! ([`Scheduler::account`]).
 //!
+//! ```
+//! use gpu_pv::sched::{Mode, SchedConfig, Scheduler, SliceKind, VmParams};
+//!
+//! let mut s = Scheduler::new(SchedConfig {
+//!     mode: Mode::BestEffort,
+//!     base_quantum_ns: 2_000_000,
+//!     adaptive: false,
+//! })?;
+//! s.add_vm(1, VmParams { weight: 1, alpha_tenths: 0 })?;
+//! s.add_vm(2, VmParams { weight: 1, alpha_tenths: 10 })?; // α = 1: 2x share, 4 ms slices
+//! s.set_runnable(1, true, 0)?;
+//! s.set_runnable(2, true, 0)?;
+//! let mut now = 0;
+//! while let Some(slice) = s.pick(now) {
+//!     assert_eq!(slice.kind, SliceKind::Run);
+//!     // ... submit the VM's commands until its queue empties or the slice ends ...
+//!     let used = slice.quantum_ns;
+//!     now = slice.start_ns + used;
+//!     s.account(slice.vm, used, 10, now)?;
+//!     if now >= 60_000_000 {
+//!         break;
+//!     }
+//! }
+//! assert_eq!(s.stats(2).unwrap().used_ns, 2 * s.stats(1).unwrap().used_ns);
+//! # Ok::<(), gpu_pv::sched::SchedError>(())
+//! ```
+//!
 //! # Shares
 //!
 //! Shares are kept by stride scheduling (start-time fair queueing): every VM has a
