@@ -18,6 +18,7 @@ mod pci;
 mod serial;
 mod smp;
 mod virt;
+mod vdev;
 mod vm;
 mod vm_context;
 mod vmm;

@@ -11,13 +11,21 @@ use gpu_pv::abi::{guest, hypercall};
 use log::{info, warn};
 
 use crate::mm::{frames, phys_to_ptr};
+use crate::vdev::mmio::{self, Access};
+use crate::vdev::vlapic::VLapic;
 use crate::virt::npt::{Format, NestedTables, Perm};
 use crate::virt::{self, Backend, StartState, Vcpu, VmExit};
 use crate::vm_context;
 
 const TWO_MIB: u64 = 2 << 20;
-/// Exits a VM may cause per vCPU run before it is considered a storm and stopped.
-pub const EXIT_STORM_LIMIT: u64 = 200_000;
+/// Port I/O exits a VM may cause in one second before it is stopped as a storm.
+pub const IO_STORM_PER_SECOND: u64 = 20_000;
+/// How long a vCPU may spin with interrupts off (never exiting on its own) before
+/// the VM is stopped as hung.
+pub const STUCK_LIMIT_US: u64 = 1_000_000;
+/// Guest-physical base of the (empty) PCI ECAM window every guest sees.
+pub const GUEST_ECAM_BASE: u64 = 0xb000_0000;
+const GUEST_ECAM_SIZE: u64 = 256 << 20;
 
 /// Why a VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,8 +38,12 @@ pub enum StopReason {
     TripleFault,
     /// Touched guest-physical memory it does not own.
     OutsideMemory(u64),
-    /// Too many exits without progress.
-    ExitStorm,
+    /// Port I/O at a rate no device needs.
+    IoStorm,
+    /// Spun with interrupts off for longer than [`STUCK_LIMIT_US`].
+    StuckInterruptsOff,
+    /// An MMIO instruction the hypervisor cannot emulate.
+    BadMmio(u64),
     /// The hardware refused its state.
     EntryFailed(u64),
     /// An exit the hypervisor does not handle.
@@ -102,6 +114,11 @@ pub struct Vm {
     serial_line: Vec<u8>,
     /// Lines the guest printed (kept for tests that check output).
     pub lines_printed: u64,
+    lapics: Vec<VLapic>,
+    halted: Vec<bool>,
+    pci_addr: u32,
+    io_window: (u64, u64),
+    stuck_us: u64,
 }
 
 /// Why a VM could not be created.
@@ -151,6 +168,11 @@ impl Vm {
             weight: spec.weight.max(1),
             serial_line: Vec::new(),
             lines_printed: 0,
+            lapics: Vec::new(),
+            halted: Vec::new(),
+            pci_addr: 0,
+            io_window: (0, 0),
+            stuck_us: 0,
         };
         // From here on, dropping `vm` returns its frames.
         vm.nested
@@ -169,6 +191,8 @@ impl Vm {
         let root = vm.nested.root_pointer();
         for _ in 0..spec.vcpus.max(1) {
             let v = virt::create_vcpu(backend, root, id + 1, &start).map_err(CreateError::Backend)?;
+            vm.lapics.push(VLapic::new(vm.vcpus.len() as u32));
+            vm.halted.push(false);
             vm.vcpus.push(v);
         }
         Ok(vm)
@@ -284,27 +308,65 @@ impl Vm {
         self.state = VmState::Stopped(reason);
     }
 
+    /// Whether vCPU `idx` has something to do now (not halted, or an interrupt is due).
+    pub fn ready(&mut self, idx: usize) -> bool {
+        if !self.halted.get(idx).copied().unwrap_or(false) {
+            return true;
+        }
+        let now = crate::apic::now_us();
+        self.lapics[idx].tick(now);
+        self.lapics[idx].pending().is_some()
+    }
+
+    /// Delivers a pending virtual interrupt, or asks for an interrupt window.
+    fn deliver_interrupts(&mut self, idx: usize, now: u64) {
+        let lapic = &mut self.lapics[idx];
+        lapic.tick(now);
+        if let Some(vector) = lapic.pending() {
+            let v = &mut self.vcpus[idx];
+            if v.interruptible() {
+                v.inject_interrupt(vector);
+                lapic.acknowledge(vector);
+                self.halted[idx] = false;
+            } else {
+                v.set_interrupt_window(true);
+            }
+        }
+    }
+
     /// Runs vCPU `idx` for one slice of `slice_us` (0: until it stops); returns when the
     /// slice is over, the vCPU blocks, or the VM stops.
     pub fn run_slice(&mut self, idx: usize, slice_us: u64) {
+        if idx >= self.vcpus.len() || !self.ready(idx) {
+            return;
+        }
         vm_context::set(Some(self.log_id));
         let t0 = crate::apic::now_us();
         let deadline = if slice_us == 0 { u64::MAX } else { t0 + slice_us };
-        let mut exits_this_run = 0u64;
         self.stats.runs += 1;
         while self.state == VmState::Running {
-            let Some(v) = self.vcpus.get_mut(idx) else { break };
-            let left = deadline.saturating_sub(crate::apic::now_us());
+            let now = crate::apic::now_us();
+            let left = deadline.saturating_sub(now);
             if left == 0 {
                 break;
             }
-            v.set_time_slice(if slice_us == 0 { 0 } else { left.max(50) });
+            self.deliver_interrupts(idx, now);
+            let until_timer = self.lapics[idx].deadline_us().map_or(u64::MAX, |d| d.saturating_sub(now));
+            let v = &mut self.vcpus[idx];
+            v.set_time_slice(if slice_us == 0 { 0 } else { left.min(until_timer).max(50) });
             let exit = v.run();
             self.stats.exits += 1;
-            exits_this_run += 1;
-            if exits_this_run > EXIT_STORM_LIMIT {
-                self.stop(idx, StopReason::ExitStorm);
-                break;
+            let after = crate::apic::now_us();
+            if matches!(exit, VmExit::ExternalInterrupt | VmExit::Preempted)
+                && self.vcpus[idx].rflags() & (1 << 9) == 0
+            {
+                self.stuck_us += after.saturating_sub(now);
+                if self.stuck_us > STUCK_LIMIT_US {
+                    self.stop(idx, StopReason::StuckInterruptsOff);
+                    break;
+                }
+            } else {
+                self.stuck_us = 0;
             }
             if !self.handle_exit(idx, exit) {
                 break;
@@ -317,11 +379,82 @@ impl Vm {
         vm_context::set(None);
     }
 
+    /// Translates a guest-virtual address through the guest's own 4-level page tables.
+    fn guest_virt_to_phys(&mut self, cr3: u64, va: u64) -> Option<u64> {
+        let mut table = cr3 & 0x000f_ffff_ffff_f000;
+        for (level, shift) in [(4, 39u64), (3, 30), (2, 21), (1, 12)] {
+            let mut e = [0u8; 8];
+            if !self.read_guest(table + ((va >> shift) & 511) * 8, &mut e) {
+                return None;
+            }
+            let e = u64::from_le_bytes(e);
+            if e & 1 == 0 {
+                return None;
+            }
+            let addr = e & 0x000f_ffff_ffff_f000;
+            if (level == 3 || level == 2) && e & (1 << 7) != 0 {
+                let mask = (1u64 << shift) - 1;
+                return Some((addr & !mask) | (va & mask));
+            }
+            table = addr;
+        }
+        Some(table | (va & 0xfff))
+    }
+
+    /// Emulates the MMIO instruction at the guest's RIP against `dev`; returns false
+    /// (after stopping the VM) when it cannot be emulated.
+    fn emulate_mmio(&mut self, idx: usize, gpa: u64) -> bool {
+        let (rip, cr3) = (self.vcpus[idx].rip(), self.vcpus[idx].cr3());
+        let mut bytes = [0u8; 15];
+        let fetched = self.guest_virt_to_phys(cr3, rip).is_some_and(|pa| {
+            let n = (15).min(4096 - (pa & 0xfff)) as usize;
+            self.read_guest(pa, &mut bytes[..n])
+        });
+        if !fetched {
+            self.stop(idx, StopReason::BadMmio(gpa));
+            return false;
+        }
+        let now = crate::apic::now_us();
+        let decoded = mmio::decode(&bytes, self.vcpus[idx].regs());
+        let Ok((access, len)) = decoded else {
+            warn!("cannot emulate the instruction at {rip:#x} touching {gpa:#x}: {decoded:?}");
+            self.stop(idx, StopReason::BadMmio(gpa));
+            return false;
+        };
+        let lapic = gpu_pv::abi::guest::LAPIC_BASE;
+        match access {
+            Access::Read { reg, .. } => {
+                let value = if (lapic..lapic + 4096).contains(&gpa) {
+                    u64::from(self.lapics[idx].read((gpa - lapic) as u32, now))
+                } else {
+                    u64::MAX // empty ECAM: no device answers
+                };
+                mmio::complete_read(self.vcpus[idx].regs(), reg, value);
+            }
+            Access::Write { value, .. } => {
+                if (lapic..lapic + 4096).contains(&gpa) {
+                    self.lapics[idx].write((gpa - lapic) as u32, value as u32, now);
+                }
+            }
+        }
+        self.vcpus[idx].skip(len as u64);
+        true
+    }
+
     /// Handles one exit; returns false when the vCPU should give up the CPU.
     fn handle_exit(&mut self, idx: usize, exit: VmExit) -> bool {
         match exit {
             VmExit::Io(io) => {
                 self.stats.io_exits += 1;
+                let now = crate::apic::now_us();
+                if now.saturating_sub(self.io_window.0) > 1_000_000 {
+                    self.io_window = (now, 0);
+                }
+                self.io_window.1 += 1;
+                if self.io_window.1 > IO_STORM_PER_SECOND {
+                    self.stop(idx, StopReason::IoStorm);
+                    return false;
+                }
                 if io.string || io.rep {
                     self.stop(idx, StopReason::Unhandled(alloc::format!("string port I/O to {:#x}", io.port)));
                     return false;
@@ -330,6 +463,8 @@ impl Vm {
                 if io.input {
                     let val = match io.port {
                         0x3fd => 0x60, // COM1 LSR: transmitter empty
+                        0xcf8 => u64::from(self.pci_addr),
+                        // PCI data: this VM owns no device yet, so nothing answers.
                         _ => 0xffff_ffff,
                     };
                     let mask = match io.size {
@@ -342,6 +477,8 @@ impl Vm {
                 } else if io.port == 0x3f8 {
                     let b = v.regs().rax as u8;
                     self.serial_byte(b);
+                } else if io.port == 0xcf8 && io.size == 4 {
+                    self.pci_addr = v.regs().rax as u32;
                 }
                 let v = &mut self.vcpus[idx];
                 v.skip(u64::from(io.len.max(1)));
@@ -389,6 +526,8 @@ impl Vm {
                 v.skip(1);
                 if v.rflags() & (1 << 9) == 0 {
                     self.stop(idx, StopReason::HaltedForever);
+                } else {
+                    self.halted[idx] = true;
                 }
                 false
             }
@@ -401,9 +540,14 @@ impl Vm {
                 self.stop(idx, StopReason::TripleFault);
                 false
             }
-            VmExit::NestedPageFault { gpa, write, .. } => {
+            VmExit::NestedPageFault { gpa, .. } => {
+                let lapic = gpu_pv::abi::guest::LAPIC_BASE;
+                if (lapic..lapic + 4096).contains(&gpa)
+                    || (GUEST_ECAM_BASE..GUEST_ECAM_BASE + GUEST_ECAM_SIZE).contains(&gpa)
+                {
+                    return self.emulate_mmio(idx, gpa);
+                }
                 if gpa >= self.mem_size {
-                    let _ = write;
                     self.stop(idx, StopReason::OutsideMemory(gpa));
                 } else {
                     self.stop(idx, StopReason::Unhandled(alloc::format!("nested fault inside RAM at {gpa:#x}")));
