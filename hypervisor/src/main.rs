@@ -15,6 +15,7 @@ mod exit;
 mod interrupts;
 mod mm;
 mod pci;
+mod selftest;
 mod serial;
 mod smp;
 mod virt;
@@ -85,11 +86,22 @@ fn kmain(bi: &'static BootInfo) -> ! {
         exit::fail("no virtualization");
     };
     info!("virtualization: {backend:?}");
-    let created = vmm::create_vms(bi, backend);
+    vmm::configure(bi, backend);
+    let run_ms = bi.option("run_ms").and_then(|v| v.parse::<u64>().ok());
+    match bi.option("test") {
+        Some("vm-cycles") => selftest::vm_cycles(),
+        Some("cpu-share") => selftest::cpu_share(run_ms.unwrap_or(3_000)),
+        Some("lifecycle") => selftest::lifecycle(),
+        _ => {}
+    }
+    let created = vmm::create_all();
     info!("{created} of {} VMs created; running them", bi.vms().len());
-    vmm::run_all();
+    vmm::run(run_ms);
     vmm::report();
-    info!("all VMs stopped; frames in use {}", mm::frames::stats().allocated);
+    for i in 0..vmm::slot_count() {
+        vmm::destroy(i);
+    }
+    info!("all VMs stopped and destroyed; frames in use {}", mm::frames::stats().allocated);
     exit::pass()
 }
 

@@ -54,12 +54,11 @@ impl log::Log for Logger {
             return;
         }
         let cpu = cpu::current_index();
-        let vm = crate::vm_context::current();
         let lvl = r.level().as_str();
-        match vm {
+        crate::vm_context::with_current(|vm| match vm {
             Some(name) => write_fmt(format_args!("[{lvl:>5} cpu{cpu} {name}] {}\r\n", r.args())),
             None => write_fmt(format_args!("[{lvl:>5} cpu{cpu}] {}\r\n", r.args())),
-        }
+        })
     }
     fn flush(&self) {}
 }

@@ -95,8 +95,8 @@ pub struct VmSpec {
 pub struct Vm {
     /// Index in configuration order.
     pub id: u16,
-    /// Name (leaked once per VM slot: log lines carry it).
-    pub name: &'static str,
+    /// Name.
+    pub name: String,
     log_id: u32,
     /// Host-physical base of its RAM (contiguous).
     pub mem_base: u64,
@@ -145,11 +145,10 @@ impl Vm {
         let pages = (mem_size / 4096) as usize;
         let mem_base =
             frames::alloc_contiguous(pages, TWO_MIB, u64::MAX).ok_or(CreateError::OutOfMemory)?;
-        let name: &'static str = Box::leak(spec.name.clone().into_boxed_str());
         let mut vm = Vm {
             id,
-            name,
-            log_id: vm_context::register(name),
+            name: spec.name.clone(),
+            log_id: vm_context::register(id, &spec.name),
             mem_base,
             mem_size,
             nested: match NestedTables::new(match backend {
@@ -295,7 +294,9 @@ impl Vm {
 
     /// Stops the VM, logging why with its vCPU state.
     pub fn stop(&mut self, vcpu: usize, reason: StopReason) {
-        if let Some(v) = self.vcpus.get(vcpu) {
+        if matches!(reason, StopReason::HaltedForever | StopReason::Shutdown(_)) {
+            info!("vm stopped: {reason:?}");
+        } else if let Some(v) = self.vcpus.get(vcpu) {
             warn!(
                 "vm stopped: {:?} (vcpu{vcpu} rip {:#x} rsp {:#x} rflags {:#x} cr3 {:#x})",
                 reason,

@@ -1,31 +1,37 @@
-//! Which VM the current CPU is working for, so every log line can name it.
+//! Which VM the current CPU is working for, so every log line can name it. Names
+//! live in fixed slots (one per VM id), so creating and destroying VMs allocates
+//! nothing here.
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
 use crate::arch::cpu::{current_index, MAX_CPUS};
 
+/// Most VM ids the log can name.
+pub const MAX_SLOTS: usize = 64;
 const NONE: u32 = u32::MAX;
 static CURRENT: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(NONE) }; MAX_CPUS];
-static NAMES: spin::RwLock<alloc::vec::Vec<&'static str>> =
-    spin::RwLock::new(alloc::vec::Vec::new());
+static NAMES: spin::RwLock<[[u8; 32]; MAX_SLOTS]> = spin::RwLock::new([[0; 32]; MAX_SLOTS]);
 
-/// Registers a VM name; returns its index for [`set`].
-pub fn register(name: &'static str) -> u32 {
-    let mut n = NAMES.write();
-    n.push(name);
-    (n.len() - 1) as u32
+/// Names slot `id` (VM ids index the slots).
+pub fn register(id: u16, name: &str) -> u32 {
+    let slot = (id as usize) % MAX_SLOTS;
+    NAMES.write()[slot] = boot_info::to_fixed(name);
+    slot as u32
 }
 
 /// Sets (or clears, with `None`) the VM this CPU works for.
-pub fn set(vm: Option<u32>) {
-    CURRENT[current_index()].store(vm.unwrap_or(NONE), Ordering::Relaxed);
+pub fn set(slot: Option<u32>) {
+    CURRENT[current_index()].store(slot.unwrap_or(NONE), Ordering::Relaxed);
 }
 
-/// The name of the VM this CPU works for, if any.
-pub fn current() -> Option<&'static str> {
+/// Calls `f` with the name of the VM this CPU works for, if any.
+pub fn with_current<R>(f: impl FnOnce(Option<&str>) -> R) -> R {
     let v = CURRENT[current_index()].load(Ordering::Relaxed);
     if v == NONE {
-        return None;
+        return f(None);
     }
-    NAMES.try_read().and_then(|n| n.get(v as usize).copied())
+    match NAMES.try_read() {
+        Some(n) => f(n.get(v as usize).map(|b| boot_info::fixed_str(b))),
+        None => f(None),
+    }
 }

@@ -1,12 +1,12 @@
-//! The VM monitor: creates the configured VMs and schedules their vCPUs on every
-//! physical CPU from one run queue, each for a time slice proportional to its VM's
-//! weight, preempted by the local APIC timer.
+//! The VM monitor: VM lifecycle (create, run, pause, resume, stop, destroy, restart)
+//! and vCPU scheduling. Every physical CPU takes vCPUs from one run queue and runs
+//! each for a slice proportional to its VM's weight, preempted by the local APIC
+//! timer, so more vCPUs than CPUs share the machine by weight.
 
 use alloc::collections::VecDeque;
 use alloc::string::String;
-use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use boot_info::BootInfo;
 use log::{error, info, warn};
@@ -14,26 +14,40 @@ use spin::Mutex;
 
 use crate::arch::cpu;
 use crate::virt::{self, Backend};
-use crate::vm::{Vm, VmSpec, VmState};
+use crate::vm::{CreateError, StopReason, Vm, VmSpec, VmState};
 
 /// Base vCPU time slice in microseconds (times the VM's weight).
 pub const BASE_SLICE_US: u64 = 2_000;
 
+/// A configured VM: what it is made from, and the running instance if any.
+struct Slot {
+    spec: VmSpec,
+    image: &'static [u8],
+    vm: Option<Vm>,
+}
+
 struct Monitor {
     backend: Backend,
-    vms: Vec<Arc<Mutex<Vm>>>,
+    slots: Vec<Mutex<Slot>>,
     queue: Mutex<VecDeque<(usize, usize)>>,
 }
 
 static MONITOR: spin::Once<Monitor> = spin::Once::new();
 static STARTED: AtomicBool = AtomicBool::new(false);
+static STOP_ALL: AtomicBool = AtomicBool::new(false);
 static RUNNING_CPUS: AtomicUsize = AtomicUsize::new(0);
+static DEADLINE_US: AtomicU64 = AtomicU64::new(u64::MAX);
+/// CPUs with virtualization turned on.
+static ENABLED_CPUS: AtomicUsize = AtomicUsize::new(0);
 
 /// Detects the virtualization backend and turns it on on this CPU.
 pub fn enable_this_cpu() -> Option<Backend> {
     let b = virt::detect()?;
     match virt::enable_this_cpu(b) {
-        Ok(()) => Some(b),
+        Ok(()) => {
+            ENABLED_CPUS.fetch_add(1, Ordering::SeqCst);
+            Some(b)
+        }
         Err(e) => {
             error!("virtualization: {e}");
             None
@@ -41,108 +55,267 @@ pub fn enable_this_cpu() -> Option<Backend> {
     }
 }
 
-/// Creates every VM the configuration asks for. Returns how many were created.
-pub fn create_vms(bi: &BootInfo, backend: Backend) -> usize {
-    let mut vms = Vec::new();
-    let mut queue = VecDeque::new();
-    for (i, e) in bi.vms().iter().enumerate() {
+/// Records the configured VMs (nothing is created yet).
+pub fn configure(bi: &BootInfo, backend: Backend) {
+    let mut slots = Vec::new();
+    for e in bi.vms() {
         let Some(m) = bi.modules().get(e.image_module as usize) else { continue };
-        // SAFETY: the loader placed the module's bytes at `phys` (identity mapped, kept
-        // as a Module region that nothing else allocates).
-        let image = unsafe { core::slice::from_raw_parts(m.phys as *const u8, m.len as usize) };
+        // SAFETY: the loader placed the module's bytes at `phys` (identity mapped, in a
+        // Module region the frame allocator never hands out); they live forever.
+        let image: &'static [u8] =
+            unsafe { core::slice::from_raw_parts(m.phys as *const u8, m.len as usize) };
         let spec = VmSpec {
             name: String::from(e.name()),
             memory_mib: e.memory_mib,
             vcpus: e.vcpus,
             weight: e.gpu_weight,
         };
-        match Vm::create(backend, i as u16, &spec, image) {
-            Ok(vm) => {
-                info!(
-                    "vm {} created: {} MiB at {:#x}, {} vcpu(s), weight {}",
-                    vm.name, e.memory_mib, vm.mem_base, e.vcpus, vm.weight
-                );
-                for v in 0..vm.vcpus.len().min(1) {
-                    queue.push_back((vms.len(), v));
-                }
-                vms.push(Arc::new(Mutex::new(vm)));
-            }
-            Err(err) => error!("vm {}: not created: {err:?}", e.name()),
-        }
+        slots.push(Mutex::new(Slot { spec, image, vm: None }));
     }
-    let n = vms.len();
-    MONITOR.call_once(|| Monitor { backend, vms, queue: Mutex::new(queue) });
-    n
+    MONITOR.call_once(|| Monitor { backend, slots, queue: Mutex::new(VecDeque::new()) });
+    // The other CPUs turn virtualization on as soon as the monitor exists; wait for
+    // them so their per-CPU state is in place before any VM (and any frame count).
+    let deadline = crate::apic::now_us() + 1_000_000;
+    while ENABLED_CPUS.load(Ordering::SeqCst) < cpu::ONLINE.load(Ordering::SeqCst)
+        && crate::apic::now_us() < deadline
+    {
+        core::hint::spin_loop();
+    }
 }
 
-/// Lets the application processors join and runs vCPUs on this CPU until every VM
-/// has stopped.
-pub fn run_all() {
+/// Number of configured VMs.
+pub fn slot_count() -> usize {
+    MONITOR.get().map_or(0, |m| m.slots.len())
+}
+
+/// Creates VM `slot` (if not already there) and queues its vCPUs.
+pub fn create(slot: usize) -> Result<(), CreateError> {
+    let m = MONITOR.get().ok_or(CreateError::BadConfig("monitor not configured"))?;
+    let s = m.slots.get(slot).ok_or(CreateError::BadConfig("no such VM"))?;
+    let mut g = s.lock();
+    if g.vm.is_some() {
+        return Ok(());
+    }
+    let vm = Vm::create(m.backend, slot as u16, &g.spec, g.image)?;
+    info!(
+        "vm {} created: {} MiB at {:#x}, {} vcpu(s), weight {}, {} frames",
+        vm.name,
+        g.spec.memory_mib,
+        vm.mem_base,
+        vm.vcpus.len(),
+        vm.weight,
+        vm.frames_held()
+    );
+    let n = vm.vcpus.len();
+    g.vm = Some(vm);
+    drop(g);
+    let mut q = m.queue.lock();
+    for v in 0..n {
+        q.push_back((slot, v));
+    }
+    Ok(())
+}
+
+/// Creates every configured VM; returns how many were created.
+pub fn create_all() -> usize {
+    (0..slot_count())
+        .filter(|&i| match create(i) {
+            Ok(()) => true,
+            Err(e) => {
+                error!("vm #{i}: not created: {e:?}");
+                false
+            }
+        })
+        .count()
+}
+
+/// Applies `f` to VM `slot` if it exists.
+pub fn with_vm<R>(slot: usize, f: impl FnOnce(&mut Vm) -> R) -> Option<R> {
+    let m = MONITOR.get()?;
+    let mut g = m.slots.get(slot)?.lock();
+    g.vm.as_mut().map(f)
+}
+
+/// Pauses VM `slot` (it keeps its memory and state).
+pub fn pause(slot: usize) {
+    with_vm(slot, |vm| {
+        if vm.state == VmState::Running {
+            vm.state = VmState::Paused;
+            info!("vm {} paused", vm.name);
+        }
+    });
+}
+
+/// Resumes a paused VM.
+pub fn resume(slot: usize) {
+    let n = with_vm(slot, |vm| {
+        if vm.state == VmState::Paused {
+            vm.state = VmState::Running;
+            info!("vm {} resumed", vm.name);
+            vm.vcpus.len()
+        } else {
+            0
+        }
+    });
+    if let (Some(n), Some(m)) = (n, MONITOR.get()) {
+        let mut q = m.queue.lock();
+        for v in 0..n {
+            if !q.contains(&(slot, v)) {
+                q.push_back((slot, v));
+            }
+        }
+    }
+}
+
+/// Destroys VM `slot`: its frames go back to the allocator (scrubbed).
+pub fn destroy(slot: usize) {
+    let Some(m) = MONITOR.get() else { return };
+    let Some(s) = m.slots.get(slot) else { return };
+    let vm = s.lock().vm.take();
+    if let Some(mut vm) = vm {
+        if vm.state == VmState::Running || vm.state == VmState::Paused {
+            vm.state = VmState::Stopped(StopReason::Destroyed);
+        }
+        info!("vm {} destroyed ({} frames returned)", vm.name, vm.frames_held());
+    }
+}
+
+/// Destroys and re-creates VM `slot` from its configuration.
+pub fn restart(slot: usize) -> Result<(), CreateError> {
+    destroy(slot);
+    create(slot)
+}
+
+/// Runs vCPUs on every CPU until no VM is running, or until `run_ms` (if given) has
+/// passed, after which every VM is stopped.
+pub fn run(run_ms: Option<u64>) {
+    if let Some(ms) = run_ms {
+        DEADLINE_US.store(crate::apic::now_us() + ms * 1000, Ordering::SeqCst);
+    }
+    STOP_ALL.store(false, Ordering::SeqCst);
     STARTED.store(true, Ordering::SeqCst);
-    run_loop();
-    // Wait for the other CPUs to leave their current slice.
+    run_loop(true);
     while RUNNING_CPUS.load(Ordering::SeqCst) != 0 {
         core::hint::spin_loop();
     }
+    STARTED.store(false, Ordering::SeqCst);
 }
 
-/// Application processors: wait for the monitor, then run vCPUs.
+/// Application processors: wait for work, then run vCPUs; forever.
 pub fn ap_loop() -> ! {
-    while !STARTED.load(Ordering::SeqCst) {
+    let m = loop {
+        if let Some(m) = MONITOR.get() {
+            break m;
+        }
         core::hint::spin_loop();
+    };
+    if let Err(e) = virt::enable_this_cpu(m.backend) {
+        warn!("virtualization could not be enabled on this CPU ({e}); it stays idle");
+        cpu::halt_forever();
     }
-    if let Some(m) = MONITOR.get() {
-        if virt::enable_this_cpu(m.backend).is_ok() {
-            run_loop();
-        } else {
-            warn!("virtualization could not be enabled on this CPU; it stays idle");
+    ENABLED_CPUS.fetch_add(1, Ordering::SeqCst);
+    loop {
+        while !STARTED.load(Ordering::SeqCst) {
+            core::hint::spin_loop();
+        }
+        run_loop(false);
+        while STARTED.load(Ordering::SeqCst) {
+            core::hint::spin_loop();
         }
     }
-    cpu::halt_forever()
 }
 
-fn run_loop() {
+fn any_running(m: &Monitor) -> bool {
+    m.slots.iter().any(|s| s.lock().vm.as_ref().is_some_and(|vm| vm.state == VmState::Running))
+}
+
+fn run_loop(bsp: bool) {
     let Some(m) = MONITOR.get() else { return };
     RUNNING_CPUS.fetch_add(1, Ordering::SeqCst);
     loop {
+        if bsp && crate::apic::now_us() >= DEADLINE_US.load(Ordering::SeqCst) {
+            STOP_ALL.store(true, Ordering::SeqCst);
+        }
+        if STOP_ALL.load(Ordering::SeqCst) {
+            break;
+        }
         let next = m.queue.lock().pop_front();
-        let Some((vmi, vcpu)) = next else {
-            if m.vms.iter().all(|v| !matches!(v.lock().state, VmState::Running)) {
+        let Some((slot, vcpu)) = next else {
+            if !any_running(m) {
                 break;
             }
             core::hint::spin_loop();
             continue;
         };
-        let vm = &m.vms[vmi];
-        let mut g = vm.lock();
-        let slice = BASE_SLICE_US * u64::from(g.weight);
-        g.run_slice(vcpu, slice);
-        let again = g.state == VmState::Running;
+        let mut g = m.slots[slot].lock();
+        let again = match g.vm.as_mut() {
+            Some(vm) if vm.state == VmState::Running => {
+                let slice = BASE_SLICE_US * u64::from(vm.weight);
+                vm.run_slice(vcpu, slice);
+                vm.state == VmState::Running
+            }
+            _ => false,
+        };
         drop(g);
         if again {
-            m.queue.lock().push_back((vmi, vcpu));
+            m.queue.lock().push_back((slot, vcpu));
         }
     }
     RUNNING_CPUS.fetch_sub(1, Ordering::SeqCst);
 }
 
-/// One line per VM: state, exits, CPU time.
+/// One line per VM: state, exits, CPU time and its share against its weight.
 pub fn report() {
     let Some(m) = MONITOR.get() else { return };
-    let total: u64 = m.vms.iter().map(|v| v.lock().stats.cpu_us).sum::<u64>().max(1);
-    for v in &m.vms {
-        let g = v.lock();
+    let mut total_us = 0u64;
+    let mut total_w = 0u64;
+    for s in &m.slots {
+        if let Some(vm) = s.lock().vm.as_ref() {
+            total_us += vm.stats.cpu_us;
+            total_w += u64::from(vm.weight);
+        }
+    }
+    for s in &m.slots {
+        let g = s.lock();
+        let Some(vm) = g.vm.as_ref() else { continue };
         info!(
-            "vm {}: {:?}, {} exits ({} hypercalls, {} port I/O), {} runs, cpu {} us ({}% of VM time), weight {}",
-            g.name,
-            g.state,
-            g.stats.exits,
-            g.stats.hypercalls,
-            g.stats.io_exits,
-            g.stats.runs,
-            g.stats.cpu_us,
-            g.stats.cpu_us * 100 / total,
-            g.weight
+            "vm {}: {:?}, {} exits ({} hypercalls, {} port I/O), {} runs, cpu {} us = {}.{}% (weight {} = {}.{}%), {} lines printed",
+            vm.name,
+            vm.state,
+            vm.stats.exits,
+            vm.stats.hypercalls,
+            vm.stats.io_exits,
+            vm.stats.runs,
+            vm.stats.cpu_us,
+            vm.stats.cpu_us * 100 / total_us.max(1),
+            vm.stats.cpu_us * 1000 / total_us.max(1) % 10,
+            vm.weight,
+            u64::from(vm.weight) * 100 / total_w.max(1),
+            u64::from(vm.weight) * 1000 / total_w.max(1) % 10,
+            vm.lines_printed
         );
     }
+}
+
+/// CPU time shares (VM name, share of all VM time in per mille, weight share in per
+/// mille) of the VMs that exist.
+pub fn shares() -> Vec<(String, u64, u64)> {
+    let Some(m) = MONITOR.get() else { return Vec::new() };
+    let mut rows = Vec::new();
+    let (mut total_us, mut total_w) = (0u64, 0u64);
+    for s in &m.slots {
+        if let Some(vm) = s.lock().vm.as_ref() {
+            total_us += vm.stats.cpu_us;
+            total_w += u64::from(vm.weight);
+            rows.push((vm.name.clone(), vm.stats.cpu_us, u64::from(vm.weight)));
+        }
+    }
+    rows.into_iter()
+        .map(|(n, us, w)| (n, us * 1000 / total_us.max(1), w * 1000 / total_w.max(1)))
+        .collect()
+}
+
+/// The state of VM `slot`, if it exists.
+pub fn state(slot: usize) -> Option<VmState> {
+    with_vm(slot, |vm| vm.state.clone())
 }
