@@ -53,11 +53,15 @@ mod validate;
 mod vm;
 
 #[cfg(test)]
+mod e2e;
+#[cfg(test)]
 mod harness;
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;
 
-use alloc::collections::{BTreeMap, VecDeque};
+use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::vec::Vec;
 
 use crate::abi::limits;
@@ -661,7 +665,12 @@ impl Mediator {
 
     /// Sets the MSI-X vector of `queue` (from the VM's virtual MSI-X table;
     /// [`NO_VECTOR`] silences the queue).
-    pub fn set_vector(&mut self, vm: VmId, queue: QueueId, vector: u16) -> Result<(), MediatorError> {
+    pub fn set_vector(
+        &mut self,
+        vm: VmId,
+        queue: QueueId,
+        vector: u16,
+    ) -> Result<(), MediatorError> {
         self.vm_mut(vm)?.vectors[1 + queue.index()] = vector;
         Ok(())
     }
@@ -713,7 +722,11 @@ impl Mediator {
 
     /// Serves both queues of `vm`, as during its time slice when the hypervisor
     /// polls instead of trapping doorbells.
-    pub fn poll(&mut self, vm: VmId, mem: &mut dyn GuestMemory) -> Result<DoorbellReport, MediatorError> {
+    pub fn poll(
+        &mut self,
+        vm: VmId,
+        mem: &mut dyn GuestMemory,
+    ) -> Result<DoorbellReport, MediatorError> {
         let mut total = DoorbellReport::default();
         for q in QueueId::ALL {
             if self.vms.get(&vm).map(|v| v.state) != Some(VmState::Active) {
@@ -741,7 +754,7 @@ impl Mediator {
         let commands: Vec<HostCommand> = v.staged.drain(..n).collect();
         let id = self.sh.next_batch;
         self.sh.next_batch += 1;
-        let mut remaining = alloc::collections::BTreeSet::new();
+        let mut remaining = BTreeSet::new();
         let mut bytes = 0u64;
         for c in &commands {
             remaining.insert(c.host_fence);
@@ -926,14 +939,18 @@ impl Shared {
         report: &mut DoorbellReport,
     ) -> Result<(), RingError> {
         loop {
-            if v.backlog() >= limits::MAX_QUEUED_PER_VM {
-                report.deferred = true;
-                self.counters(v.id).reject(RejectReason::Backpressure);
-                return Ok(());
-            }
+            let full = v.backlog() >= limits::MAX_QUEUED_PER_VM;
             let Some(q) = v.queues[queue.index()].as_mut() else {
                 return Ok(());
             };
+            if full {
+                // Chains stay in the ring until the GPU has caught up.
+                if q.pending(mem)? > 0 {
+                    report.deferred = true;
+                    self.counters(v.id).reject(RejectReason::Backpressure);
+                }
+                return Ok(());
+            }
             match q.pop(mem)? {
                 Some(chain) => self.handle_chain(v, queue, chain, mem, report),
                 None => {
@@ -988,10 +1005,18 @@ impl Shared {
             }
             Err(rej) => {
                 report.rejected += 1;
-                let response = if queue == QueueId::Control { rej.response } else { 0 };
+                let response = if queue == QueueId::Control {
+                    rej.response
+                } else {
+                    0
+                };
                 self.counters(v.id).reject(rej.reason);
                 if let Some((gpa, len, error)) = rej.fault {
-                    self.event(v.id, Channel::Debug, EventKind::DmaFault { gpa, len, error });
+                    self.event(
+                        v.id,
+                        Channel::Debug,
+                        EventKind::DmaFault { gpa, len, error },
+                    );
                 }
                 self.event(
                     v.id,
@@ -1069,7 +1094,12 @@ impl Shared {
     }
 
     /// Returns, in order, every chain of `queue` whose answer is known.
-    fn retire(&mut self, v: &mut VmGpu, queue: QueueId, mem: &mut dyn GuestMemory) -> Result<(), RingError> {
+    fn retire(
+        &mut self,
+        v: &mut VmGpu,
+        queue: QueueId,
+        mem: &mut dyn GuestMemory,
+    ) -> Result<(), RingError> {
         let Some(q) = v.queues[queue.index()].as_mut() else {
             return Ok(());
         };
@@ -1275,7 +1305,9 @@ impl Shared {
             }
         }
         v.cursor_shown = false;
-        v.scanouts.iter_mut().for_each(|s| *s = vm::ScanoutState::default());
+        v.scanouts
+            .iter_mut()
+            .for_each(|s| *s = vm::ScanoutState::default());
         let held: Vec<u32> = v.held.iter().copied().collect();
         for &host in &held {
             let cmd = Command::ResourceUnref { resource_id: host };

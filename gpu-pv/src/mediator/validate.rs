@@ -1,0 +1,449 @@
+//! Validation and renaming of one decoded command.
+//!
+//! Each command is checked completely before anything is changed, so a refused
+//! command leaves the VM's context exactly as it was; an accepted one is rewritten
+//! into host terms (host resource id, physical scanout, host-physical backing) and
+//! its bookkeeping (resource table, VRAM, scanout state, IOMMU mappings) is
+//! committed in the same step.
+
+use alloc::vec::Vec;
+
+use crate::abi::limits;
+use crate::command::{self, Command, Response};
+use crate::counters::RejectReason;
+use crate::memory::{Gpa, GuestMemory, MemError};
+use crate::wire::{self, format, CursorPos, MemEntry, Rect};
+
+use super::vm::{resource_bytes, Backing, Effect, Resource, ScanoutState, VmGpu};
+use super::{IommuOp, Shared};
+
+/// Granule in which a backing range that is not host-contiguous as a whole is
+/// translated.
+const PAGE_SIZE: u64 = 4096;
+
+/// Backing may exceed the resource's size only up to the next multiple of this
+/// (a guest backs a resource with whole pages, at most huge ones). Bounds the
+/// translation work of one command by the VM's VRAM quota.
+pub(super) const BACKING_SLACK: u64 = 2 << 20;
+
+/// Smallest scanout rectangle edge the device accepts (QEMU's limit): refused
+/// here already, so the VM's recorded scanout state never disagrees with the
+/// device.
+pub(super) const MIN_SCANOUT_EDGE: u32 = 16;
+
+/// How an accepted command proceeds.
+#[derive(Debug)]
+pub(super) enum Outcome {
+    /// Answered by the mediator from the VM's virtual display.
+    Emulated(Response),
+    /// Goes to the GPU, renamed into host terms.
+    Host {
+        /// The host command.
+        cmd: Command,
+        /// What its completion must do.
+        effect: Effect,
+    },
+}
+
+/// A refused command: why, what the guest is answered, and the guest address
+/// that failed translation, if that was the reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Rejection {
+    /// Counter it is charged to.
+    pub reason: RejectReason,
+    /// Response type for the guest.
+    pub response: u32,
+    /// `(gpa, len, error)` of a refused translation.
+    pub fault: Option<(Gpa, u64, MemError)>,
+}
+
+impl Rejection {
+    fn new(reason: RejectReason, response: u32) -> Self {
+        Self {
+            reason,
+            response,
+            fault: None,
+        }
+    }
+    /// Answered with `ERR_UNSPEC`.
+    pub fn unspec(reason: RejectReason) -> Self {
+        Self::new(reason, wire::RESP_ERR_UNSPEC)
+    }
+    /// Answered with `ERR_INVALID_PARAMETER`.
+    pub fn param(reason: RejectReason) -> Self {
+        Self::new(reason, wire::RESP_ERR_INVALID_PARAMETER)
+    }
+    fn resource() -> Self {
+        Self::new(
+            RejectReason::BadResource,
+            wire::RESP_ERR_INVALID_RESOURCE_ID,
+        )
+    }
+    fn scanout() -> Self {
+        Self::new(RejectReason::BadScanout, wire::RESP_ERR_INVALID_SCANOUT_ID)
+    }
+    fn out_of_memory() -> Self {
+        Self::new(RejectReason::Quota, wire::RESP_ERR_OUT_OF_MEMORY)
+    }
+    fn memory(gpa: Gpa, len: u64, error: MemError) -> Self {
+        Self {
+            reason: error.into(),
+            response: wire::RESP_ERR_UNSPEC,
+            fault: Some((gpa, len, error)),
+        }
+    }
+}
+
+/// The physical scanout behind the VM's scanout `id`.
+fn physical_scanout(v: &VmGpu, id: u32) -> Result<u32, Rejection> {
+    usize::try_from(id)
+        .ok()
+        .and_then(|i| v.config.scanouts.get(i))
+        .map(|s| s.physical)
+        .ok_or_else(Rejection::scanout)
+}
+
+/// The VM's resource `id` (never 0, never another VM's).
+fn resource(v: &VmGpu, id: u32) -> Result<&Resource, Rejection> {
+    v.resources.get(&id).ok_or_else(Rejection::resource)
+}
+
+/// A rectangle that lies inside the resource.
+fn check_rect(r: &Resource, rect: &Rect) -> Result<(), Rejection> {
+    if rect.fits_in(r.width, r.height) {
+        Ok(())
+    } else {
+        Err(Rejection::param(RejectReason::BadParameter))
+    }
+}
+
+/// A cursor position on one of the VM's scanouts, renamed to the physical one.
+fn cursor_pos(v: &VmGpu, pos: &CursorPos) -> Result<CursorPos, Rejection> {
+    Ok(CursorPos {
+        scanout_id: physical_scanout(v, pos.scanout_id)?,
+        x: pos.x,
+        y: pos.y,
+        padding: 0,
+    })
+}
+
+/// Validates `cmd` for `v` and, if accepted, commits its bookkeeping and returns
+/// it in host terms.
+pub(super) fn validate(
+    sh: &mut Shared,
+    v: &mut VmGpu,
+    cmd: &Command,
+    mem: &dyn GuestMemory,
+) -> Result<Outcome, Rejection> {
+    let host = |cmd: Command, effect: Effect| Ok(Outcome::Host { cmd, effect });
+    match *cmd {
+        Command::GetDisplayInfo => {
+            let modes = v
+                .config
+                .scanouts
+                .iter()
+                .map(|s| {
+                    let r = Rect {
+                        x: 0,
+                        y: 0,
+                        width: s.width,
+                        height: s.height,
+                    };
+                    (r, true)
+                })
+                .collect();
+            Ok(Outcome::Emulated(Response::DisplayInfo(modes)))
+        }
+        Command::GetEdid { scanout } => {
+            physical_scanout(v, scanout)?;
+            let s = v.config.scanouts[scanout as usize];
+            let edid = command::edid_for(s.width, s.height);
+            Ok(Outcome::Emulated(Response::Edid(edid.to_vec())))
+        }
+        Command::ResourceCreate2d {
+            resource_id,
+            format,
+            width,
+            height,
+        } => {
+            if resource_id == 0 || v.resources.contains_key(&resource_id) {
+                return Err(Rejection::resource());
+            }
+            let dim_ok = |d: u32| (1..=limits::MAX_RESOURCE_DIM).contains(&d);
+            if !format::is_known(format) || !dim_ok(width) || !dim_ok(height) {
+                return Err(Rejection::param(RejectReason::BadParameter));
+            }
+            let bytes = resource_bytes(width, height);
+            let over_quota = v.vram_used.saturating_add(bytes) > v.quota;
+            let over_vram = sh.vram_used.saturating_add(bytes) > sh.vram_total;
+            if v.resources.len() >= limits::MAX_RESOURCES_PER_VM || over_quota || over_vram {
+                return Err(Rejection::out_of_memory());
+            }
+            let host_id = sh.alloc_host_id().ok_or_else(Rejection::out_of_memory)?;
+            v.resources.insert(
+                resource_id,
+                Resource {
+                    host_id,
+                    format,
+                    width,
+                    height,
+                    backing: None,
+                },
+            );
+            v.held.insert(host_id);
+            v.vram_used += bytes;
+            sh.vram_used += bytes;
+            host(
+                Command::ResourceCreate2d {
+                    resource_id: host_id,
+                    format,
+                    width,
+                    height,
+                },
+                Effect::Created {
+                    guest: resource_id,
+                    host: host_id,
+                },
+            )
+        }
+        Command::ResourceUnref { resource_id } => {
+            let r = v
+                .resources
+                .remove(&resource_id)
+                .ok_or_else(Rejection::resource)?;
+            v.vram_used = v.vram_used.saturating_sub(r.bytes());
+            sh.refund(r.bytes());
+            // The device takes the resource off any scanout showing it.
+            for s in v.scanouts.iter_mut().filter(|s| s.resource == resource_id) {
+                *s = ScanoutState::default();
+            }
+            let unmap = r.backing.map_or_else(Vec::new, |b| b.mappings().collect());
+            host(
+                Command::ResourceUnref {
+                    resource_id: r.host_id,
+                },
+                Effect::Released {
+                    host: r.host_id,
+                    unmap,
+                },
+            )
+        }
+        Command::SetScanout {
+            rect,
+            scanout_id,
+            resource_id,
+        } => {
+            let physical = physical_scanout(v, scanout_id)?;
+            let (host_id, rect) = if resource_id == 0 {
+                (0, Rect::default())
+            } else {
+                let r = resource(v, resource_id)?;
+                check_rect(r, &rect)?;
+                if rect.width < MIN_SCANOUT_EDGE || rect.height < MIN_SCANOUT_EDGE {
+                    return Err(Rejection::param(RejectReason::BadParameter));
+                }
+                (r.host_id, rect)
+            };
+            v.scanouts[scanout_id as usize] = ScanoutState {
+                resource: resource_id,
+                rect,
+            };
+            host(
+                Command::SetScanout {
+                    rect,
+                    scanout_id: physical,
+                    resource_id: host_id,
+                },
+                Effect::None,
+            )
+        }
+        Command::ResourceFlush { rect, resource_id } => {
+            let r = resource(v, resource_id)?;
+            check_rect(r, &rect)?;
+            host(
+                Command::ResourceFlush {
+                    rect,
+                    resource_id: r.host_id,
+                },
+                Effect::None,
+            )
+        }
+        Command::TransferToHost2d {
+            rect,
+            offset,
+            resource_id,
+        } => {
+            let r = resource(v, resource_id)?;
+            check_rect(r, &rect)?;
+            let Some(b) = &r.backing else {
+                return Err(Rejection::unspec(RejectReason::BadResource));
+            };
+            if transfer_end(r.width, &rect, offset).is_none_or(|end| end > b.len) {
+                return Err(Rejection::param(RejectReason::BadParameter));
+            }
+            host(
+                Command::TransferToHost2d {
+                    rect,
+                    offset,
+                    resource_id: r.host_id,
+                },
+                Effect::None,
+            )
+        }
+        Command::ResourceAttachBacking {
+            resource_id,
+            ref entries,
+        } => {
+            let r = resource(v, resource_id)?;
+            if r.backing.is_some() {
+                return Err(Rejection::unspec(RejectReason::BadResource));
+            }
+            let limit = r.bytes().div_ceil(BACKING_SLACK) * BACKING_SLACK;
+            let backing = translate_backing(mem, entries, limit)?;
+            let host_id = r.host_id;
+            sh.iommu
+                .extend(
+                    backing
+                        .mappings()
+                        .map(|(hpa, len)| IommuOp::Map { vm: v.id, hpa, len }),
+                );
+            let cmd = Command::ResourceAttachBacking {
+                resource_id: host_id,
+                entries: backing.host.clone(),
+            };
+            if let Some(r) = v.resources.get_mut(&resource_id) {
+                r.backing = Some(backing);
+            }
+            host(
+                cmd,
+                Effect::Attached {
+                    guest: resource_id,
+                    host: host_id,
+                },
+            )
+        }
+        Command::ResourceDetachBacking { resource_id } => {
+            let r = resource(v, resource_id)?;
+            if r.backing.is_none() {
+                return Err(Rejection::unspec(RejectReason::BadResource));
+            }
+            let host_id = r.host_id;
+            let unmap = v
+                .resources
+                .get_mut(&resource_id)
+                .and_then(|r| r.backing.take())
+                .map_or_else(Vec::new, |b| b.mappings().collect());
+            host(
+                Command::ResourceDetachBacking {
+                    resource_id: host_id,
+                },
+                Effect::Detached { unmap },
+            )
+        }
+        Command::UpdateCursor {
+            pos,
+            resource_id,
+            hot_x,
+            hot_y,
+        } => {
+            let pos = cursor_pos(v, &pos)?;
+            let host_id = match resource_id {
+                0 => 0,
+                id => resource(v, id)?.host_id,
+            };
+            host(
+                Command::UpdateCursor {
+                    pos,
+                    resource_id: host_id,
+                    hot_x,
+                    hot_y,
+                },
+                Effect::None,
+            )
+        }
+        Command::MoveCursor { pos } => {
+            let pos = cursor_pos(v, &pos)?;
+            host(Command::MoveCursor { pos }, Effect::None)
+        }
+    }
+}
+
+/// One past the last backing byte a `TRANSFER_TO_HOST_2D` of `rect` at `offset`
+/// reads from a resource `width` pixels wide (rows `width * 4` bytes apart, as the
+/// device lays them out); `None` on overflow.
+pub(super) fn transfer_end(width: u32, rect: &Rect, offset: u64) -> Option<u64> {
+    if rect.width == 0 || rect.height == 0 {
+        return Some(offset);
+    }
+    let stride = u64::from(width) * 4;
+    offset
+        .checked_add(stride.checked_mul(u64::from(rect.height) - 1)?)?
+        .checked_add(u64::from(rect.width) * 4)
+}
+
+/// Translates backing entries into host-contiguous runs, checking every byte
+/// with `P = V(i) AND M(i)`. A range refused as a whole is retried page by page,
+/// since guest RAM may be host-contiguous only per page.
+pub(super) fn translate_backing(
+    mem: &dyn GuestMemory,
+    entries: &[MemEntry],
+    limit: u64,
+) -> Result<Backing, Rejection> {
+    if entries.is_empty() {
+        return Err(Rejection::param(RejectReason::BadParameter));
+    }
+    let mut host: Vec<MemEntry> = Vec::new();
+    let mut total = 0u64;
+    for e in entries {
+        let len = u64::from(e.length);
+        total += len;
+        if len == 0 || total > limit {
+            return Err(Rejection::param(RejectReason::BadParameter));
+        }
+        let end =
+            e.addr
+                .checked_add(len)
+                .ok_or(Rejection::memory(e.addr, len, MemError::Overflow))?;
+        match mem.translate(e.addr, len) {
+            Ok(hpa) => push_run(&mut host, hpa, len),
+            Err(err) if e.addr / PAGE_SIZE == (end - 1) / PAGE_SIZE => {
+                return Err(Rejection::memory(e.addr, len, err));
+            }
+            Err(_) => {
+                let mut cur = e.addr;
+                while cur < end {
+                    let next = (cur / PAGE_SIZE + 1).saturating_mul(PAGE_SIZE).min(end);
+                    let hpa = mem
+                        .translate(cur, next - cur)
+                        .map_err(|err| Rejection::memory(cur, next - cur, err))?;
+                    push_run(&mut host, hpa, next - cur);
+                    cur = next;
+                }
+            }
+        }
+    }
+    Ok(Backing {
+        guest: entries.to_vec(),
+        host,
+        len: total,
+    })
+}
+
+/// Appends a host run, merging it into the previous one when they touch.
+fn push_run(runs: &mut Vec<MemEntry>, hpa: u64, len: u64) {
+    if let Some(last) = runs.last_mut() {
+        let merged = u64::from(last.length) + len;
+        if last.addr.checked_add(u64::from(last.length)) == Some(hpa)
+            && merged <= u64::from(u32::MAX)
+        {
+            last.length = merged as u32;
+            return;
+        }
+    }
+    // `len` came from one guest entry's u32 length, or less.
+    runs.push(MemEntry {
+        addr: hpa,
+        length: len as u32,
+        padding: 0,
+    });
+}
