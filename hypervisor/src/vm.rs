@@ -18,8 +18,9 @@ use crate::virt::{self, Backend, StartState, Vcpu, VmExit};
 use crate::vm_context;
 
 const TWO_MIB: u64 = 2 << 20;
-/// Port I/O exits a VM may cause in one second before it is stopped as a storm.
-pub const IO_STORM_PER_SECOND: u64 = 20_000;
+/// Accesses to ports no device implements that a VM may make in one second before
+/// it is stopped as a storm (emulated ports, COM1 and PCI, do not count).
+pub const IO_STORM_PER_SECOND: u64 = 1_000;
 /// How long a vCPU may spin with interrupts off (never exiting on its own) before
 /// the VM is stopped as hung.
 pub const STUCK_LIMIT_US: u64 = 1_000_000;
@@ -447,14 +448,16 @@ impl Vm {
         match exit {
             VmExit::Io(io) => {
                 self.stats.io_exits += 1;
-                let now = crate::apic::now_us();
-                if now.saturating_sub(self.io_window.0) > 1_000_000 {
-                    self.io_window = (now, 0);
-                }
-                self.io_window.1 += 1;
-                if self.io_window.1 > IO_STORM_PER_SECOND {
-                    self.stop(idx, StopReason::IoStorm);
-                    return false;
+                if !matches!(io.port, 0x3f8..=0x3ff | 0xcf8..=0xcff) {
+                    let now = crate::apic::now_us();
+                    if now.saturating_sub(self.io_window.0) > 1_000_000 {
+                        self.io_window = (now, 0);
+                    }
+                    self.io_window.1 += 1;
+                    if self.io_window.1 > IO_STORM_PER_SECOND {
+                        self.stop(idx, StopReason::IoStorm);
+                        return false;
+                    }
                 }
                 if io.string || io.rep {
                     self.stop(idx, StopReason::Unhandled(alloc::format!("string port I/O to {:#x}", io.port)));

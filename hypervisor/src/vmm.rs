@@ -1,7 +1,8 @@
 //! The VM monitor: VM lifecycle (create, run, pause, resume, stop, destroy, restart)
-//! and vCPU scheduling. Every physical CPU takes vCPUs from one run queue and runs
-//! each for a slice proportional to its VM's weight, preempted by the local APIC
-//! timer, so more vCPUs than CPUs share the machine by weight.
+//! and vCPU scheduling. Every physical CPU takes from one run queue the runnable vCPU
+//! whose VM has the least weighted CPU time (stride scheduling) and runs it for one
+//! slice, preempted by the local APIC timer, so more vCPUs than CPUs share the
+//! machine by weight.
 
 use alloc::collections::VecDeque;
 use alloc::string::String;
@@ -16,11 +17,14 @@ use crate::arch::cpu;
 use crate::virt::{self, Backend};
 use crate::vm::{CreateError, StopReason, Vm, VmSpec, VmState};
 
-/// Base vCPU time slice in microseconds (times the VM's weight).
+/// vCPU time slice in microseconds.
 pub const BASE_SLICE_US: u64 = 2_000;
 
 /// A configured VM: what it is made from, and the running instance if any.
 struct Slot {
+    /// CPU time used divided by weight (us * 1000 / weight): the vCPU with the least
+    /// runs next, so CPU time follows the weights (stride scheduling).
+    vruntime: u64,
     spec: VmSpec,
     image: &'static [u8],
     vm: Option<Vm>,
@@ -29,7 +33,10 @@ struct Slot {
 struct Monitor {
     backend: Backend,
     slots: Vec<Mutex<Slot>>,
+    /// Runnable vCPUs (slot, vcpu).
     queue: Mutex<VecDeque<(usize, usize)>>,
+    /// Each slot's virtual runtime, readable without its lock.
+    vruntime: Vec<AtomicU64>,
 }
 
 static MONITOR: spin::Once<Monitor> = spin::Once::new();
@@ -70,9 +77,10 @@ pub fn configure(bi: &BootInfo, backend: Backend) {
             vcpus: e.vcpus,
             weight: e.gpu_weight,
         };
-        slots.push(Mutex::new(Slot { spec, image, vm: None }));
+        slots.push(Mutex::new(Slot { vruntime: 0, spec, image, vm: None }));
     }
-    MONITOR.call_once(|| Monitor { backend, slots, queue: Mutex::new(VecDeque::new()) });
+    let vruntime = slots.iter().map(|_| AtomicU64::new(0)).collect();
+    MONITOR.call_once(|| Monitor { backend, slots, queue: Mutex::new(VecDeque::new()), vruntime });
     // The other CPUs turn virtualization on as soon as the monitor exists; wait for
     // them so their per-CPU state is in place before any VM (and any frame count).
     let deadline = crate::apic::now_us() + 1_000_000;
@@ -109,9 +117,14 @@ pub fn create(slot: usize) -> Result<(), CreateError> {
     let n = vm.vcpus.len();
     g.vm = Some(vm);
     drop(g);
+    // A new VM starts level with the others, neither owed nor owing CPU time.
+    let start = m.vruntime.iter().map(|v| v.load(Ordering::Relaxed)).filter(|&v| v > 0).min().unwrap_or(0);
+    m.vruntime[slot].store(start, Ordering::Relaxed);
     let mut q = m.queue.lock();
     for v in 0..n {
-        q.push_back((slot, v));
+        if !q.contains(&(slot, v)) {
+            q.push_back((slot, v));
+        }
     }
     Ok(())
 }
@@ -239,7 +252,15 @@ fn run_loop(bsp: bool) {
         if STOP_ALL.load(Ordering::SeqCst) {
             break;
         }
-        let next = m.queue.lock().pop_front();
+        let next = {
+            let mut q = m.queue.lock();
+            let best = q
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, (slot, _))| m.vruntime[*slot].load(Ordering::Relaxed))
+                .map(|(i, _)| i);
+            best.and_then(|i| q.remove(i))
+        };
         let Some((slot, vcpu)) = next else {
             if !any_running(m) {
                 break;
@@ -250,8 +271,10 @@ fn run_loop(bsp: bool) {
         let mut g = m.slots[slot].lock();
         let again = match g.vm.as_mut() {
             Some(vm) if vm.state == VmState::Running => {
-                let slice = BASE_SLICE_US * u64::from(vm.weight);
-                vm.run_slice(vcpu, slice);
+                let before = vm.stats.cpu_us;
+                vm.run_slice(vcpu, BASE_SLICE_US);
+                let used = vm.stats.cpu_us - before;
+                m.vruntime[slot].fetch_add(used * 1000 / u64::from(vm.weight.max(1)), Ordering::Relaxed);
                 vm.state == VmState::Running
             }
             _ => false,
