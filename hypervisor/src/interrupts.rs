@@ -9,14 +9,34 @@ use crate::arch::cpu::{current_index, MAX_CPUS};
 /// Timer interrupts seen per CPU.
 pub static TIMER_TICKS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
-/// Called from the interrupt stub with the vector.
+/// First of the 16 vectors (0xE0..=0xEF) for device interrupts (MSI/MSI-X).
+pub const DEVICE_VECTOR_BASE: u8 = 0xe0;
+/// Device vector of the physical GPU's MSI-X messages.
+pub const GPU_VECTOR: u8 = 0xe0;
+/// Device vector of the IOMMU's fault event.
+pub const IOMMU_FAULT_VECTOR: u8 = 0xe8;
+
+/// Device interrupts seen per vector (0xE0..=0xEF); bottom halves compare and consume.
+pub static DEVICE_PENDING: [AtomicU64; 16] = [const { AtomicU64::new(0) }; 16];
+
+/// Called from the interrupt stub with the vector: acknowledges and marks work
+/// pending, nothing more (the bottom half runs in the monitor loop).
 pub fn top_half(vector: u8) {
     if vector == apic::TIMER_VECTOR {
         TIMER_TICKS[current_index()].fetch_add(1, Ordering::Relaxed);
+    } else if (DEVICE_VECTOR_BASE..DEVICE_VECTOR_BASE + 16).contains(&vector) {
+        DEVICE_PENDING[(vector - DEVICE_VECTOR_BASE) as usize].fetch_add(1, Ordering::Release);
     }
     if vector != apic::SPURIOUS_VECTOR {
         apic::eoi();
     }
+}
+
+/// Takes the count of pending interrupts of device vector `vector` (0 if none).
+pub fn take_pending(vector: u8) -> u64 {
+    DEVICE_PENDING
+        .get(vector.wrapping_sub(DEVICE_VECTOR_BASE) as usize)
+        .map_or(0, |c| c.swap(0, Ordering::Acquire))
 }
 
 /// Opens a one-instruction interrupt window so interrupts that arrived while a guest

@@ -101,6 +101,70 @@ core::arch::global_asm!(
     " cld",
     " call {handler}",
     " ud2",
+    ".global irq_stub_e0",
+    "irq_stub_e0:",
+    " push 0xe0",
+    " jmp irq_common",
+    ".global irq_stub_e1",
+    "irq_stub_e1:",
+    " push 0xe1",
+    " jmp irq_common",
+    ".global irq_stub_e2",
+    "irq_stub_e2:",
+    " push 0xe2",
+    " jmp irq_common",
+    ".global irq_stub_e3",
+    "irq_stub_e3:",
+    " push 0xe3",
+    " jmp irq_common",
+    ".global irq_stub_e4",
+    "irq_stub_e4:",
+    " push 0xe4",
+    " jmp irq_common",
+    ".global irq_stub_e5",
+    "irq_stub_e5:",
+    " push 0xe5",
+    " jmp irq_common",
+    ".global irq_stub_e6",
+    "irq_stub_e6:",
+    " push 0xe6",
+    " jmp irq_common",
+    ".global irq_stub_e7",
+    "irq_stub_e7:",
+    " push 0xe7",
+    " jmp irq_common",
+    ".global irq_stub_e8",
+    "irq_stub_e8:",
+    " push 0xe8",
+    " jmp irq_common",
+    ".global irq_stub_e9",
+    "irq_stub_e9:",
+    " push 0xe9",
+    " jmp irq_common",
+    ".global irq_stub_ea",
+    "irq_stub_ea:",
+    " push 0xea",
+    " jmp irq_common",
+    ".global irq_stub_eb",
+    "irq_stub_eb:",
+    " push 0xeb",
+    " jmp irq_common",
+    ".global irq_stub_ec",
+    "irq_stub_ec:",
+    " push 0xec",
+    " jmp irq_common",
+    ".global irq_stub_ed",
+    "irq_stub_ed:",
+    " push 0xed",
+    " jmp irq_common",
+    ".global irq_stub_ee",
+    "irq_stub_ee:",
+    " push 0xee",
+    " jmp irq_common",
+    ".global irq_stub_ef",
+    "irq_stub_ef:",
+    " push 0xef",
+    " jmp irq_common",
     ".global irq_stub_f0",
     "irq_stub_f0:",
     " push 0xf0",
@@ -162,6 +226,22 @@ unsafe extern "C" {
     static exc_stub_29: u8;
     static exc_stub_30: u8;
     static exc_stub_31: u8;
+    static irq_stub_e0: u8;
+    static irq_stub_e1: u8;
+    static irq_stub_e2: u8;
+    static irq_stub_e3: u8;
+    static irq_stub_e4: u8;
+    static irq_stub_e5: u8;
+    static irq_stub_e6: u8;
+    static irq_stub_e7: u8;
+    static irq_stub_e8: u8;
+    static irq_stub_e9: u8;
+    static irq_stub_ea: u8;
+    static irq_stub_eb: u8;
+    static irq_stub_ec: u8;
+    static irq_stub_ed: u8;
+    static irq_stub_ee: u8;
+    static irq_stub_ef: u8;
     static irq_stub_f0: u8;
     static irq_stub_ff: u8;
 }
@@ -269,6 +349,11 @@ pub fn init_this_cpu() {
         set_err!(security_exception, 30, gdt::IST_EXCEPTION);
         // SAFETY: the stubs save the interrupted context and return with IRETQ.
         unsafe {
+            let device_stubs: [*const u8; 16] = [&raw const irq_stub_e0, &raw const irq_stub_e1, &raw const irq_stub_e2, &raw const irq_stub_e3, &raw const irq_stub_e4, &raw const irq_stub_e5, &raw const irq_stub_e6, &raw const irq_stub_e7, &raw const irq_stub_e8, &raw const irq_stub_e9, &raw const irq_stub_ea, &raw const irq_stub_eb, &raw const irq_stub_ec, &raw const irq_stub_ed, &raw const irq_stub_ee, &raw const irq_stub_ef];
+            for (i, stub) in device_stubs.iter().enumerate() {
+                idt[crate::interrupts::DEVICE_VECTOR_BASE + i as u8]
+                    .set_handler_addr(VirtAddr::new(*stub as u64));
+            }
             idt[crate::apic::TIMER_VECTOR]
                 .set_handler_addr(VirtAddr::new(&raw const irq_stub_f0 as u64));
             idt[crate::apic::SPURIOUS_VECTOR]
