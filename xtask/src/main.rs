@@ -2,7 +2,7 @@
 //!
 //! It builds the UEFI loader, the hypervisor and the guests for their bare-metal targets,
 //! lays out an EFI system partition (ESP), boots it in QEMU or Bochs, and judges the test
-//! scenarios under `tests/scenarios/` by exit status and serial output. See `usage()` and
+//! scenarios under `tests/scenarios/` by exit status and serial output. See `USAGE` and
 //! `tests/README.md`.
 
 mod artifacts;

@@ -1,0 +1,317 @@
+//! Scenario files: `tests/scenarios/*.toml` (the format is documented in `tests/README.md`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::{Context, Result};
+
+/// An emulator a scenario runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Emulator {
+    /// QEMU with TCG (AMD SVM, VT-d, virtio-gpu).
+    Qemu,
+    /// Bochs (Intel VMX).
+    Bochs,
+}
+
+impl fmt::Display for Emulator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Emulator::Qemu => "qemu",
+            Emulator::Bochs => "bochs",
+        })
+    }
+}
+
+/// How the software under test is expected to end the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpectExit {
+    /// Through the pass port protocol.
+    Pass,
+    /// Through the fail port protocol.
+    Fail,
+}
+
+impl fmt::Display for ExpectExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ExpectExit::Pass => "pass",
+            ExpectExit::Fail => "fail",
+        })
+    }
+}
+
+/// Where QEMU boots from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootFrom {
+    /// The ESP directory as a read-only FAT disk (QEMU's `fat:` driver).
+    #[default]
+    Dir,
+    /// A GPT disk image as made by `cargo xtask image`.
+    Image,
+}
+
+/// Default QEMU timeout in seconds.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
+/// Default number of QEMU CPUs.
+pub const DEFAULT_SMP: u32 = 2;
+/// Default number of Bochs CPUs.
+pub const DEFAULT_BOCHS_SMP: u32 = 1;
+/// Default guest memory in MiB.
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+
+/// A parsed scenario file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// The file stem (`boot` for `boot.toml`).
+    #[serde(skip)]
+    pub name: String,
+    /// The file.
+    #[serde(skip)]
+    pub path: PathBuf,
+    /// What the scenario checks.
+    pub description: String,
+    /// The emulators it runs in.
+    pub emulators: Vec<Emulator>,
+    /// The kernel command line (the harness appends `harness`).
+    #[serde(default)]
+    pub cmdline: String,
+    /// Inline VM config (the text of `hv/vms.toml`).
+    #[serde(default)]
+    pub config: Option<String>,
+    /// VM config file, relative to the repository root.
+    #[serde(default)]
+    pub config_file: Option<PathBuf>,
+    /// The expected way out.
+    pub expect_exit: ExpectExit,
+    /// Substrings that must appear in the serial log, in this order.
+    #[serde(default)]
+    pub expect: Vec<String>,
+    /// Substrings that must each appear somewhere in the serial log, in any order (for
+    /// output of concurrent VMs whose interleaving depends on timing).
+    #[serde(default)]
+    pub expect_unordered: Vec<String>,
+    /// Substrings that must not appear anywhere in the serial log.
+    #[serde(default)]
+    pub forbid: Vec<String>,
+    /// Hard timeout for QEMU, seconds.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    /// Hard timeout for Bochs, seconds (default: three times `timeout_secs`).
+    #[serde(default)]
+    pub bochs_timeout_secs: Option<u64>,
+    /// QEMU CPUs.
+    #[serde(default)]
+    pub smp: Option<u32>,
+    /// Bochs CPUs.
+    #[serde(default)]
+    pub bochs_smp: Option<u32>,
+    /// Guest memory in MiB (both emulators).
+    #[serde(default)]
+    pub memory_mib: Option<u32>,
+    /// Extra QEMU arguments, appended after the standard ones.
+    #[serde(default)]
+    pub qemu_args: Vec<String>,
+    /// QEMU boots the ESP directory (`dir`) or a GPT disk image of it (`image`).
+    #[serde(default)]
+    pub boot_from: BootFrom,
+}
+
+impl Scenario {
+    /// Parses and validates scenario text; `name` and `path` are for messages.
+    pub fn parse(name: &str, path: &Path, text: &str) -> Result<Scenario> {
+        let mut s: Scenario =
+            toml::from_str(text).map_err(|e| format!("{}: {e}", path.display()))?;
+        s.name = name.to_string();
+        s.path = path.to_path_buf();
+        s.validate()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(s)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.emulators.is_empty() {
+            return Err("`emulators` is empty".into());
+        }
+        if self.config.is_some() && self.config_file.is_some() {
+            return Err("give `config` or `config_file`, not both".into());
+        }
+        if self.timeout_secs == Some(0) || self.bochs_timeout_secs == Some(0) {
+            return Err("timeouts must be positive".into());
+        }
+        if self.smp == Some(0) || self.bochs_smp == Some(0) || self.memory_mib == Some(0) {
+            return Err("`smp`, `bochs_smp` and `memory_mib` must be positive".into());
+        }
+        let all = self
+            .expect
+            .iter()
+            .chain(&self.expect_unordered)
+            .chain(&self.forbid);
+        if all.clone().any(|s| s.is_empty()) {
+            return Err(
+                "empty strings in `expect`/`expect_unordered`/`forbid` match everything".into(),
+            );
+        }
+        if self.cmdline.contains(['\n', '\r']) {
+            return Err("`cmdline` must be one line".into());
+        }
+        if self.boot_from == BootFrom::Image && self.emulators.contains(&Emulator::Bochs) {
+            return Err("`boot_from = \"image\"` is supported for qemu only".into());
+        }
+        Ok(())
+    }
+
+    /// The command line written to `hv/cmdline.txt`: the scenario's plus `harness`.
+    pub fn harness_cmdline(&self) -> String {
+        let mut tokens: Vec<&str> = self.cmdline.split_whitespace().collect();
+        if !tokens.contains(&"harness") {
+            tokens.push("harness");
+        }
+        tokens.join(" ")
+    }
+
+    /// The VM config text.
+    pub fn config_text(&self, root: &Path) -> Result<String> {
+        if let Some(c) = &self.config {
+            return Ok(c.clone());
+        }
+        let file = match &self.config_file {
+            Some(f) => root.join(f),
+            None => root.join("config").join("vms.toml"),
+        };
+        std::fs::read_to_string(&file)
+            .ctx(|| format!("{}: cannot read config {}", self.name, file.display()))
+    }
+
+    /// QEMU's hard timeout.
+    pub fn qemu_timeout_secs(&self) -> u64 {
+        self.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS)
+    }
+
+    /// Bochs's hard timeout.
+    pub fn bochs_timeout_secs(&self) -> u64 {
+        self.bochs_timeout_secs
+            .unwrap_or(3 * self.qemu_timeout_secs())
+    }
+
+    /// QEMU's CPU count.
+    pub fn qemu_smp(&self) -> u32 {
+        self.smp.unwrap_or(DEFAULT_SMP)
+    }
+
+    /// Bochs's CPU count.
+    pub fn bochs_cpus(&self) -> u32 {
+        self.bochs_smp.unwrap_or(DEFAULT_BOCHS_SMP)
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> u32 {
+        self.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB)
+    }
+}
+
+/// Loads every `*.toml` of `dir`, sorted by name.
+pub fn load_dir(dir: &Path) -> Result<Vec<Scenario>> {
+    let mut out = Vec::new();
+    let rd = std::fs::read_dir(dir)
+        .ctx(|| format!("cannot read scenario directory {}", dir.display()))?;
+    for e in rd {
+        let e = e.ctx(|| format!("cannot read {}", dir.display()))?;
+        let p = e.path();
+        if p.extension().is_none_or(|x| x != "toml") {
+            continue;
+        }
+        let Some(name) = p.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
+            continue;
+        };
+        let text = std::fs::read_to_string(&p).ctx(|| format!("cannot read {}", p.display()))?;
+        out.push(Scenario::parse(&name, &p, &text)?);
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Scenario> {
+        Scenario::parse("t", Path::new("t.toml"), text)
+    }
+
+    #[test]
+    fn minimal_and_defaults() {
+        let s =
+            parse("description = \"d\"\nemulators = [\"qemu\"]\nexpect_exit = \"pass\"\n").unwrap();
+        assert_eq!(s.harness_cmdline(), "harness");
+        assert_eq!(s.qemu_smp(), 2);
+        assert_eq!(s.bochs_cpus(), 1);
+        assert_eq!(s.memory(), 512);
+        assert_eq!(s.qemu_timeout_secs(), 60);
+        assert_eq!(s.bochs_timeout_secs(), 180);
+        assert_eq!(s.boot_from, BootFrom::Dir);
+    }
+
+    #[test]
+    fn harness_token_added_once() {
+        let s = parse("description = \"d\"\nemulators = [\"qemu\"]\nexpect_exit = \"fail\"\ncmdline = \" test=boot  harness \"\n").unwrap();
+        assert_eq!(s.harness_cmdline(), "test=boot harness");
+        let s = parse("description = \"d\"\nemulators = [\"qemu\"]\nexpect_exit = \"fail\"\ncmdline = \"test=boot\"\n").unwrap();
+        assert_eq!(s.harness_cmdline(), "test=boot harness");
+    }
+
+    #[test]
+    fn rejects_bad_files() {
+        let base = "description = \"d\"\nexpect_exit = \"pass\"\n";
+        assert!(parse(&format!("{base}emulators = []\n")).is_err());
+        assert!(parse(&format!("{base}emulators = [\"vbox\"]\n")).is_err());
+        assert!(parse(&format!("{base}emulators = [\"qemu\"]\nexpectt = []\n")).is_err());
+        assert!(parse(&format!(
+            "{base}emulators = [\"qemu\"]\nconfig = \"\"\nconfig_file = \"x\"\n"
+        ))
+        .is_err());
+        assert!(parse(&format!("{base}emulators = [\"qemu\"]\nexpect = [\"\"]\n")).is_err());
+        assert!(parse(&format!(
+            "{base}emulators = [\"qemu\"]\nexpect_unordered = [\"\"]\n"
+        ))
+        .is_err());
+        assert!(parse(&format!(
+            "{base}emulators = [\"bochs\"]\nboot_from = \"image\"\n"
+        ))
+        .is_err());
+        assert!(
+            parse("description = \"d\"\nemulators = [\"qemu\"]\nexpect_exit = \"maybe\"\n")
+                .is_err()
+        );
+    }
+
+    /// Every scenario in the repository parses, and its config is readable.
+    #[test]
+    fn repository_scenarios_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let all = load_dir(&root.join("tests/scenarios")).unwrap();
+        assert!(!all.is_empty());
+        for s in &all {
+            s.config_text(root).unwrap();
+        }
+    }
+
+    /// The default demo config is valid TOML with four VMs.
+    #[test]
+    fn default_config_is_toml() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let text = std::fs::read_to_string(root.join("config/vms.toml")).unwrap();
+        let v: toml::Table = toml::from_str(&text).unwrap();
+        let vms = v["vm"].as_array().unwrap();
+        assert_eq!(vms.len(), 4);
+        for (i, vm) in vms.iter().enumerate() {
+            assert_eq!(vm["name"].as_str().unwrap(), format!("vm{i}"));
+        }
+    }
+}
