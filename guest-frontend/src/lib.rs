@@ -1,37 +1,83 @@
-//! The guest side of GPU-PV: a small `no_std` runtime for test guests (serial output
-//! through the emulated COM1, halting) on which the paravirtual GPU frontend driver
-//! will be built. Shares the ABI (`gpu_pv::abi`, `gpu_pv::wire`) with the mediator.
+//! The guest side of GPU-PV: a small `no_std` runtime for test guests on which the
+//! paravirtual GPU frontend driver will be built. Shares the ABI (`gpu_pv::abi`,
+//! `gpu_pv::wire`) with the mediator.
+//!
+//! What a guest gets (see [`entry!`]):
+//! - an entry point that aligns the stack, installs an IDT (every exception prints
+//!   its vector and shuts the VM down with [`exit::EXCEPTION_BASE`] + vector; the
+//!   timer and spurious vectors of the virtual local APIC), reads the boot-info page
+//!   ([`boot_info::BootInfo`]) and calls the guest's `main`;
+//! - [`println!`]/[`print!`] on the emulated COM1;
+//! - hypercalls ([`hypercall`]) with VMMCALL or VMCALL chosen once from the CPU vendor;
+//! - the virtual local APIC ([`lapic`]) and a periodic tick counter on its timer
+//!   ([`timer`]);
+//! - [`cpu`] helpers: `rdtsc`, interrupt flag, halting;
+//! - a panic handler that prints and shuts down with [`exit::PANIC`].
 #![no_std]
 
 pub use gpu_pv::abi;
 
-/// COM1 as the guest sees it (emulated by the hypervisor).
-pub mod serial {
-    const COM1: u16 = 0x3f8;
+pub mod boot_info;
+pub mod cpu;
+pub mod hypercall;
+pub mod idt;
+pub mod lapic;
+pub mod serial;
+pub mod timer;
 
-    fn outb(port: u16, v: u8) {
-        // SAFETY: port output to COM1 has no memory effects; in a VM it exits to the
-        // hypervisor's serial emulation.
-        unsafe { core::arch::asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack)) };
-    }
+#[doc(hidden)]
+pub mod rt;
 
-    /// Writes `s` to COM1.
-    pub fn write(s: &str) {
-        for b in s.bytes() {
-            if b == b'\n' {
-                outb(COM1, b'\r');
-            }
-            outb(COM1, b);
-        }
-    }
+pub use cpu::halt;
+
+/// Exit codes the runtime passes to [`hypercall::shutdown`].
+pub mod exit {
+    /// The guest did what it set out to do.
+    pub const OK: u64 = 0;
+    /// The guest's own check failed.
+    pub const FAILED: u64 = 1;
+    /// The guest panicked.
+    pub const PANIC: u64 = 0xdead;
+    /// A CPU exception: the code is this plus the vector (e.g. 0x10d for #GP).
+    pub const EXCEPTION_BASE: u64 = 0x100;
 }
 
-/// Stops this vCPU for good.
-pub fn halt() -> ! {
-    loop {
-        // SAFETY: `cli; hlt` only stops this vCPU.
-        unsafe { core::arch::asm!("cli", "hlt", options(nomem, nostack)) };
-    }
+/// Defines the guest's entry point `_start` and its panic handler, and runs `main`
+/// (a `fn(&BootInfo) -> !`) once the runtime is set up.
+///
+/// ```ignore
+/// guest_frontend::entry!(main);
+/// fn main(info: &guest_frontend::boot_info::BootInfo) -> ! { ... }
+/// ```
+#[macro_export]
+macro_rules! entry {
+    ($main:path) => {
+        /// Guest entry (the guest ABI starts it in 64-bit mode with RDI = the boot-info
+        /// page and RSP = the stack top): aligns the stack as the System V ABI expects
+        /// at a call and enters the runtime with RDI untouched.
+        #[unsafe(naked)]
+        #[unsafe(no_mangle)]
+        #[unsafe(link_section = ".text.entry")]
+        pub extern "sysv64" fn _start() -> ! {
+            ::core::arch::naked_asm!(
+                "and rsp, -16",
+                "xor ebp, ebp",
+                "call {start}",
+                "ud2",
+                start = sym __guest_frontend_start,
+            )
+        }
+
+        extern "sysv64" fn __guest_frontend_start(boot_info: u64) -> ! {
+            let main: fn(&$crate::boot_info::BootInfo) -> ! = $main;
+            $crate::rt::start(boot_info, main)
+        }
+
+        #[panic_handler]
+        fn __guest_frontend_panic(info: &::core::panic::PanicInfo<'_>) -> ! {
+            $crate::rt::panic(info)
+        }
+    };
 }
 
 /// The guest heap (the shared ABI crate uses `alloc`).
@@ -44,9 +90,14 @@ pub mod heap {
     #[global_allocator]
     static HEAP: LockedHeap = LockedHeap::empty();
 
-    /// Gives the heap its arena; call once at start-up.
+    /// Gives the heap its arena; call once at start-up ([`crate::entry!`] does).
     pub fn init() {
-        // SAFETY: called once before any allocation; the arena is used by nothing else.
+        static DONE: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+        if DONE.swap(true, core::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        // SAFETY: runs once (guarded above) before any allocation; the arena is used by
+        // nothing else.
         unsafe { HEAP.lock().init((&raw mut ARENA).cast::<u8>(), HEAP_BYTES) };
     }
 }
