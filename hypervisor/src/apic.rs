@@ -37,6 +37,11 @@ pub fn ticks_per_ms() -> u64 {
     TICKS_PER_MS.load(Ordering::Relaxed)
 }
 
+/// TSC ticks per millisecond (0 before calibration).
+pub fn tsc_per_ms() -> u64 {
+    TSC_PER_MS.load(Ordering::Relaxed)
+}
+
 fn read(reg: u32) -> u32 {
     if x2apic() {
         // SAFETY: x2APIC mode is on, so the MSR range 0x800.. exists.
