@@ -12,6 +12,7 @@ mod acpi;
 mod apic;
 mod arch;
 mod exit;
+mod gpupv;
 mod interrupts;
 mod mm;
 mod pci;
@@ -87,6 +88,7 @@ fn kmain(bi: &'static BootInfo) -> ! {
     };
     info!("virtualization: {backend:?}");
     vmm::configure(bi, backend);
+    start_gpu_pv(bi);
     let run_ms = bi.option("run_ms").and_then(|v| v.parse::<u64>().ok());
     match bi.option("test") {
         Some("vm-cycles") => selftest::vm_cycles(),
@@ -103,6 +105,23 @@ fn kmain(bi: &'static BootInfo) -> ! {
     }
     info!("all VMs stopped and destroyed; frames in use {}", mm::frames::stats().allocated);
     exit::pass()
+}
+
+/// Starts the mediator over the best GPU backend available: the physical GPU when a
+/// driver for it came up, otherwise the CPU-rendered simulated GPU.
+fn start_gpu_pv(bi: &BootInfo) {
+    let top = bi
+        .memory()
+        .iter()
+        .filter(|r| r.kind != RegionKind::Reserved)
+        .map(|r| r.end())
+        .max()
+        .unwrap_or(0);
+    let n = bi.vms().len().max(1);
+    match gpupv::SimBackend::new(alloc::vec![(640, 480); n], 256 << 20, top) {
+        Some(b) => gpupv::init(alloc::boxed::Box::new(b), bi.gpu_quantum_us, bi.gpu_sched_mode, 256 << 20),
+        None => warn!("gpu-pv: no GPU backend; VMs get no paravirtual GPU"),
+    }
 }
 
 fn summary(bi: &BootInfo, platform: Option<&acpi::Platform>, devices: &[pci::Device], cpus: usize) {

@@ -12,6 +12,7 @@ use log::{info, warn};
 
 use crate::mm::{frames, phys_to_ptr};
 use crate::vdev::mmio::{self, Access};
+use crate::vdev::vgpu::{Action, VirtioGpuDevice};
 use crate::vdev::vlapic::VLapic;
 use crate::virt::npt::{Format, NestedTables, Perm};
 use crate::virt::{self, Backend, StartState, Vcpu, VmExit};
@@ -90,6 +91,10 @@ pub struct VmSpec {
     pub vcpus: u32,
     /// CPU/GPU weight.
     pub weight: u32,
+    /// GPU priority boost alpha, in tenths.
+    pub gpu_alpha_tenths: u32,
+    /// VRAM quota in MiB (0: the default).
+    pub vram_quota_mib: u32,
 }
 
 /// One virtual machine.
@@ -115,11 +120,15 @@ pub struct Vm {
     serial_line: Vec<u8>,
     /// Lines the guest printed (kept for tests that check output).
     pub lines_printed: u64,
+    /// The last line it printed.
+    pub last_line: String,
     lapics: Vec<VLapic>,
     halted: Vec<bool>,
     pci_addr: u32,
     io_window: (u64, u64),
     stuck_us: u64,
+    /// Its paravirtual GPU, when the mediator runs and a scanout is free for it.
+    gpu: Option<VirtioGpuDevice>,
 }
 
 /// Why a VM could not be created.
@@ -168,11 +177,13 @@ impl Vm {
             weight: spec.weight.max(1),
             serial_line: Vec::new(),
             lines_printed: 0,
+            last_line: String::new(),
             lapics: Vec::new(),
             halted: Vec::new(),
             pci_addr: 0,
             io_window: (0, 0),
             stuck_us: 0,
+            gpu: None,
         };
         // From here on, dropping `vm` returns its frames.
         vm.nested
@@ -188,6 +199,10 @@ impl Vm {
             gdt_base: guest::GDT,
             gdt_limit: 23,
         };
+        let mem = crate::gpupv::VmMemory { base: mem_base, size: mem_size };
+        if let Some(n) = crate::gpupv::add_vm(id, mem, spec.weight, spec.gpu_alpha_tenths, spec.vram_quota_mib) {
+            vm.gpu = Some(VirtioGpuDevice::new(n));
+        }
         let root = vm.nested.root_pointer();
         for _ in 0..spec.vcpus.max(1) {
             let v = virt::create_vcpu(backend, root, id + 1, &start).map_err(CreateError::Backend)?;
@@ -317,11 +332,46 @@ impl Vm {
         }
         let now = crate::apic::now_us();
         self.lapics[idx].tick(now);
-        self.lapics[idx].pending().is_some()
+        self.lapics[idx].pending().is_some() || (idx == 0 && crate::gpupv::has_interrupts(self.id))
+    }
+
+    /// Turns the mediator's coalesced interrupts into MSI-X messages of the VM's
+    /// virtual GPU, delivered to its bootstrap vCPU's local APIC.
+    fn collect_gpu_interrupts(&mut self) {
+        let Some(dev) = self.gpu.as_mut() else { return };
+        let bits = crate::gpupv::take_interrupts(self.id);
+        if bits == 0 {
+            return;
+        }
+        let config_entry = dev.config_vector();
+        for entry in 0..64u16 {
+            if bits & (1 << entry) == 0 {
+                continue;
+            }
+            let config = entry == config_entry;
+            if config && crate::gpupv::needs_reset(self.id) {
+                dev.needs_reset = true;
+            }
+            if let Some(vector) = dev.raise(entry, config) {
+                self.lapics[0].raise(vector);
+            }
+        }
+    }
+
+    /// When vCPU `idx` next has work (host microseconds): 0 when runnable now,
+    /// its timer deadline when halted, `u64::MAX` when halted with nothing armed.
+    pub fn wake_time(&self, idx: usize) -> u64 {
+        if !self.halted.get(idx).copied().unwrap_or(false) || self.state != VmState::Running {
+            return 0;
+        }
+        self.lapics[idx].deadline_us().unwrap_or(u64::MAX)
     }
 
     /// Delivers a pending virtual interrupt, or asks for an interrupt window.
     fn deliver_interrupts(&mut self, idx: usize, now: u64) {
+        if idx == 0 {
+            self.collect_gpu_interrupts();
+        }
         let lapic = &mut self.lapics[idx];
         lapic.tick(now);
         if let Some(vector) = lapic.pending() {
@@ -343,6 +393,10 @@ impl Vm {
             return;
         }
         vm_context::set(Some(self.log_id));
+        if self.gpu.as_ref().is_some_and(|d| d.live()) {
+            // Commands queued since the last doorbell are taken without an exit.
+            crate::gpupv::poll(self.id);
+        }
         let t0 = crate::apic::now_us();
         let deadline = if slice_us == 0 { u64::MAX } else { t0 + slice_us };
         self.stats.runs += 1;
@@ -424,18 +478,39 @@ impl Vm {
             return false;
         };
         let lapic = gpu_pv::abi::guest::LAPIC_BASE;
+        let in_ecam = (GUEST_ECAM_BASE..GUEST_ECAM_BASE + GUEST_ECAM_SIZE).contains(&gpa);
+        let ecam = |gpa: u64| {
+            let o = gpa - GUEST_ECAM_BASE;
+            ((o >> 20) as u8, ((o >> 15) & 31) as u8, ((o >> 12) & 7) as u8, (o & 0xfff) as u16)
+        };
         match access {
-            Access::Read { reg, .. } => {
+            Access::Read { reg, size } => {
                 let value = if (lapic..lapic + 4096).contains(&gpa) {
                     u64::from(self.lapics[idx].read((gpa - lapic) as u32, now))
+                } else if in_ecam {
+                    let (bus, dev, func, off) = ecam(gpa);
+                    match self.gpu.as_ref() {
+                        Some(d) if bus == 0 => u64::from(d.config_read(dev, func, off, size)),
+                        _ => u64::MAX,
+                    }
+                } else if let Some(d) = self.gpu.as_mut().filter(|d| d.claims(gpa)) {
+                    d.mmio_read(gpa, size)
                 } else {
-                    u64::MAX // empty ECAM: no device answers
+                    u64::MAX
                 };
                 mmio::complete_read(self.vcpus[idx].regs(), reg, value);
             }
-            Access::Write { value, .. } => {
+            Access::Write { value, size } => {
                 if (lapic..lapic + 4096).contains(&gpa) {
                     self.lapics[idx].write((gpa - lapic) as u32, value as u32, now);
+                } else if in_ecam {
+                    let (bus, dev, func, off) = ecam(gpa);
+                    if let (Some(d), 0) = (self.gpu.as_mut(), bus) {
+                        d.config_write(dev, func, off, size, value as u32);
+                    }
+                } else if let Some(d) = self.gpu.as_mut().filter(|d| d.claims(gpa)) {
+                    let action = d.mmio_write(gpa, size, value);
+                    self.gpu_action(action);
                 }
             }
         }
@@ -463,12 +538,12 @@ impl Vm {
                     self.stop(idx, StopReason::Unhandled(alloc::format!("string port I/O to {:#x}", io.port)));
                     return false;
                 }
-                let v = &mut self.vcpus[idx];
+                let rax = self.vcpus[idx].regs().rax;
                 if io.input {
                     let val = match io.port {
                         0x3fd => 0x60, // COM1 LSR: transmitter empty
                         0xcf8 => u64::from(self.pci_addr),
-                        // PCI data: this VM owns no device yet, so nothing answers.
+                        0xcfc..=0xcff => self.pci_port_read(io.port, io.size),
                         _ => 0xffff_ffff,
                     };
                     let mask = match io.size {
@@ -476,13 +551,13 @@ impl Vm {
                         2 => 0xffff,
                         _ => 0xffff_ffff,
                     };
-                    let r = v.regs();
-                    r.rax = (r.rax & !mask) | (val & mask);
+                    self.vcpus[idx].regs().rax = (rax & !mask) | (val & mask);
                 } else if io.port == 0x3f8 {
-                    let b = v.regs().rax as u8;
-                    self.serial_byte(b);
+                    self.serial_byte(rax as u8);
                 } else if io.port == 0xcf8 && io.size == 4 {
-                    self.pci_addr = v.regs().rax as u32;
+                    self.pci_addr = rax as u32;
+                } else if (0xcfc..=0xcff).contains(&io.port) {
+                    self.pci_port_write(io.port, io.size, rax as u32);
                 }
                 let v = &mut self.vcpus[idx];
                 v.skip(u64::from(io.len.max(1)));
@@ -548,6 +623,7 @@ impl Vm {
                 let lapic = gpu_pv::abi::guest::LAPIC_BASE;
                 if (lapic..lapic + 4096).contains(&gpa)
                     || (GUEST_ECAM_BASE..GUEST_ECAM_BASE + GUEST_ECAM_SIZE).contains(&gpa)
+                    || self.gpu.as_ref().is_some_and(|d| d.claims(gpa))
                 {
                     return self.emulate_mmio(idx, gpa);
                 }
@@ -573,6 +649,46 @@ impl Vm {
         }
     }
 
+    /// Bus/device/function/register of the PCI mechanism #1 address, if enabled.
+    fn pci_target(&self, port: u16) -> Option<(u8, u8, u8, u16)> {
+        let a = self.pci_addr;
+        if a & 0x8000_0000 == 0 {
+            return None;
+        }
+        let off = (a & 0xfc) as u16 + (port - 0xcfc);
+        Some(((a >> 16) as u8, ((a >> 11) & 31) as u8, ((a >> 8) & 7) as u8, off))
+    }
+
+    fn pci_port_read(&self, port: u16, size: u8) -> u64 {
+        match (self.pci_target(port), self.gpu.as_ref()) {
+            (Some((0, dev, func, off)), Some(d)) => u64::from(d.config_read(dev, func, off, size)),
+            _ => 0xffff_ffff,
+        }
+    }
+
+    fn pci_port_write(&mut self, port: u16, size: u8, value: u32) {
+        if let (Some((0, dev, func, off)), Some(d)) = (self.pci_target(port), self.gpu.as_mut()) {
+            d.config_write(dev, func, off, size, value);
+        }
+    }
+
+    /// Carries out what the virtual GPU asked for after a register write.
+    fn gpu_action(&mut self, action: Action) {
+        match action {
+            Action::None => {}
+            Action::Notify(q) => crate::gpupv::doorbell(self.id, q),
+            Action::Start(control, cursor) => {
+                if !crate::gpupv::start(self.id, control, cursor) {
+                    if let Some(d) = self.gpu.as_mut() {
+                        d.needs_reset = true;
+                    }
+                }
+            }
+            Action::Reset => crate::gpupv::driver_reset(self.id),
+            Action::Vector(q, entry) => crate::gpupv::set_vector(self.id, q, entry),
+        }
+    }
+
     fn serial_byte(&mut self, b: u8) {
         match b {
             b'\n' => self.flush_serial(),
@@ -593,6 +709,7 @@ impl Vm {
         self.serial_line.clear();
         self.lines_printed += 1;
         crate::println!("[{}] {}", self.name, s);
+        self.last_line = s;
     }
 
     fn hypercall(&mut self, idx: usize) -> bool {
@@ -629,6 +746,9 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        if self.gpu.is_some() {
+            crate::gpupv::remove_vm(self.id);
+        }
         self.vcpus.clear();
         frames::free(self.mem_base, (self.mem_size / 4096) as usize);
     }

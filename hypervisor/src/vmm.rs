@@ -37,6 +37,8 @@ struct Monitor {
     queue: Mutex<VecDeque<(usize, usize)>>,
     /// Each slot's virtual runtime, readable without its lock.
     vruntime: Vec<AtomicU64>,
+    /// When each slot's vCPU 0 has work again (0: now): halted vCPUs are skipped.
+    wake_at: Vec<AtomicU64>,
 }
 
 static MONITOR: spin::Once<Monitor> = spin::Once::new();
@@ -76,11 +78,14 @@ pub fn configure(bi: &BootInfo, backend: Backend) {
             memory_mib: e.memory_mib,
             vcpus: e.vcpus,
             weight: e.gpu_weight,
+            gpu_alpha_tenths: e.gpu_alpha_tenths,
+            vram_quota_mib: e.vram_quota_mib,
         };
         slots.push(Mutex::new(Slot { vruntime: 0, spec, image, vm: None }));
     }
     let vruntime = slots.iter().map(|_| AtomicU64::new(0)).collect();
-    MONITOR.call_once(|| Monitor { backend, slots, queue: Mutex::new(VecDeque::new()), vruntime });
+    let wake_at = slots.iter().map(|_| AtomicU64::new(0)).collect();
+    MONITOR.call_once(|| Monitor { backend, slots, queue: Mutex::new(VecDeque::new()), vruntime, wake_at });
     // The other CPUs turn virtualization on as soon as the monitor exists; wait for
     // them so their per-CPU state is in place before any VM (and any frame count).
     let deadline = crate::apic::now_us() + 1_000_000;
@@ -120,6 +125,7 @@ pub fn create(slot: usize) -> Result<(), CreateError> {
     // A new VM starts level with the others, neither owed nor owing CPU time.
     let start = m.vruntime.iter().map(|v| v.load(Ordering::Relaxed)).filter(|&v| v > 0).min().unwrap_or(0);
     m.vruntime[slot].store(start, Ordering::Relaxed);
+    m.wake_at[slot].store(0, Ordering::Relaxed);
     let mut q = m.queue.lock();
     for v in 0..n {
         if !q.contains(&(slot, v)) {
@@ -252,22 +258,40 @@ fn run_loop(bsp: bool) {
         if STOP_ALL.load(Ordering::SeqCst) {
             break;
         }
+        crate::gpupv::service();
+        let now = crate::apic::now_us();
         let next = {
             let mut q = m.queue.lock();
+            // The ready vCPU with the least weighted CPU time; halted ones wait for
+            // their timer or a virtual GPU interrupt.
             let best = q
                 .iter()
                 .enumerate()
+                .filter(|(_, (slot, vcpu))| {
+                    *vcpu != 0
+                        || m.wake_at[*slot].load(Ordering::Relaxed) <= now
+                        || crate::gpupv::has_interrupts(*slot as u16)
+                })
                 .min_by_key(|(_, (slot, _))| m.vruntime[*slot].load(Ordering::Relaxed))
                 .map(|(i, _)| i);
             best.and_then(|i| q.remove(i))
         };
         let Some((slot, vcpu)) = next else {
-            if !any_running(m) {
+            if m.queue.lock().is_empty() && !any_running(m) {
                 break;
             }
             core::hint::spin_loop();
             continue;
         };
+        // A vCPU waking from a long halt is not owed the time it slept.
+        let floor = m
+            .queue
+            .lock()
+            .iter()
+            .map(|(s, _)| m.vruntime[*s].load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0);
+        m.vruntime[slot].fetch_max(floor.saturating_sub(BASE_SLICE_US * 1000), Ordering::Relaxed);
         let mut g = m.slots[slot].lock();
         let again = match g.vm.as_mut() {
             Some(vm) if vm.state == VmState::Running => {
@@ -275,6 +299,9 @@ fn run_loop(bsp: bool) {
                 vm.run_slice(vcpu, BASE_SLICE_US);
                 let used = vm.stats.cpu_us - before;
                 m.vruntime[slot].fetch_add(used * 1000 / u64::from(vm.weight.max(1)), Ordering::Relaxed);
+                if vcpu == 0 {
+                    m.wake_at[slot].store(vm.wake_time(0), Ordering::Relaxed);
+                }
                 vm.state == VmState::Running
             }
             _ => false,
@@ -302,7 +329,7 @@ pub fn report() {
         let g = s.lock();
         let Some(vm) = g.vm.as_ref() else { continue };
         info!(
-            "vm {}: {:?}, {} exits ({} hypercalls, {} port I/O), {} runs, cpu {} us = {}.{}% (weight {} = {}.{}%), {} lines printed",
+            "vm {}: {:?}, {} exits ({} hypercalls, {} port I/O), {} runs, cpu {} us = {}.{}% (weight {} = {}.{}%), {} lines printed, last {:?}",
             vm.name,
             vm.state,
             vm.stats.exits,
@@ -315,7 +342,8 @@ pub fn report() {
             vm.weight,
             u64::from(vm.weight) * 100 / total_w.max(1),
             u64::from(vm.weight) * 1000 / total_w.max(1) % 10,
-            vm.lines_printed
+            vm.lines_printed,
+            vm.last_line
         );
     }
 }

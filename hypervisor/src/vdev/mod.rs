@@ -3,4 +3,5 @@
 //! software).
 
 pub mod mmio;
+pub mod vgpu;
 pub mod vlapic;

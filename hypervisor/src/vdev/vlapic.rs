@@ -171,6 +171,13 @@ impl VLapic {
         }
     }
 
+    /// Raises `vector` (an MSI from a virtual device).
+    pub fn raise(&mut self, vector: u8) {
+        if vector >= 16 {
+            set(&mut self.irr, vector, true);
+        }
+    }
+
     /// Marks `vector` as delivered (IRR -> ISR).
     pub fn acknowledge(&mut self, vector: u8) {
         if test(&self.irr, vector) {

@@ -1,0 +1,463 @@
+//! The `gpu-pv` mediator running in the kernel: it gets guest memory, time and
+//! interrupts from here, and its validated batches go to the physical GPU on the
+//! GPU time-slice schedule.
+//!
+//! - Doorbells (notify writes) and polls during a VM's slice hand the VM's virtqueues
+//!   to the mediator ([`doorbell`], [`poll`]).
+//! - [`service`] is the bottom half, run between vCPU slices on every CPU: it harvests
+//!   physical completions, hands them to the mediator (which writes responses and
+//!   signals shadow fences), queues the resulting virtual interrupts in per-VM
+//!   mailboxes (the VM injects them on its next entry, coalesced), applies IOMMU
+//!   changes, logs the Operational/Debug events, runs the watchdog, and lets the
+//!   scheduler pick whose batch goes to the GPU next.
+//!
+//! Lock order: a VM's lock, then this module's. [`service`] takes only this one.
+
+use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use gpu_pv::command;
+use gpu_pv::mediator::{
+    Batch, Channel, Completion, EventKind, IommuOp, Mediator, MediatorConfig, QueueId, ScanoutConfig,
+    VmConfig,
+};
+use gpu_pv::memory::{check_range, GuestMemory, MemError};
+use gpu_pv::ring::QueueLayout;
+use gpu_pv::sched::{Mode, SchedConfig, Scheduler, Slice, VmId, VmParams};
+use gpu_pv::sim_gpu::{CostModel, SimGpu, SimGpuConfig};
+use log::{info, warn};
+use spin::Mutex;
+
+use crate::mm::phys_to_ptr;
+
+/// Most VMs with a paravirtual GPU.
+pub const MAX_GPU_VMS: usize = 64;
+/// Commands handed to the physical ring per batch.
+pub const MAX_BATCH: usize = 32;
+
+/// A VM's RAM as the mediator sees it: guest-physical `[0, size)` at host `base`,
+/// all owned by the VM.
+#[derive(Clone, Copy, Debug)]
+pub struct VmMemory {
+    /// Host-physical base.
+    pub base: u64,
+    /// Bytes.
+    pub size: u64,
+}
+
+impl GuestMemory for VmMemory {
+    fn translate(&self, gpa: u64, len: u64) -> Result<u64, MemError> {
+        check_range(gpa, len, 0, self.size)?;
+        Ok(self.base + gpa)
+    }
+    fn read(&self, gpa: u64, out: &mut [u8]) -> Result<(), MemError> {
+        let hpa = self.translate(gpa, out.len() as u64)?;
+        // SAFETY: inside the VM's RAM, which the hypervisor owns (identity mapped) for
+        // as long as the VM is registered here.
+        unsafe { core::ptr::copy_nonoverlapping(phys_to_ptr::<u8>(hpa), out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+    fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
+        let hpa = self.translate(gpa, data.len() as u64)?;
+        // SAFETY: as in `read`.
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), phys_to_ptr::<u8>(hpa), data.len()) };
+        Ok(())
+    }
+}
+
+/// The physical GPU as the mediator's glue drives it.
+pub trait Physical: Send {
+    /// A name for logs.
+    fn name(&self) -> &str;
+    /// Sizes of its scanouts.
+    fn scanouts(&self) -> Vec<(u32, u32)>;
+    /// Copies one host command into the physical queue; `token` comes back with its
+    /// completion. Returns false when the queue is full.
+    fn submit(&mut self, queue: QueueId, bytes: &[u8], token: u64) -> bool;
+    /// Collects completions as `(token, response type)`.
+    fn poll(&mut self, out: &mut Vec<(u64, u32)>);
+}
+
+/// A CPU-rendered GPU (the `gpu-pv` simulated GPU over host memory): the backend for
+/// machines without a supported GPU, e.g. Bochs.
+pub struct SimBackend {
+    gpu: SimGpu,
+    done: Vec<(u64, u32)>,
+    host: HostMemory,
+}
+
+/// All RAM below `top`, for the simulated GPU's DMA.
+#[derive(Clone, Copy)]
+struct HostMemory {
+    top: u64,
+}
+
+impl GuestMemory for HostMemory {
+    fn translate(&self, gpa: u64, len: u64) -> Result<u64, MemError> {
+        check_range(gpa, len, 0x10_0000, self.top - 0x10_0000)?;
+        Ok(gpa)
+    }
+    fn read(&self, gpa: u64, out: &mut [u8]) -> Result<(), MemError> {
+        self.translate(gpa, out.len() as u64)?;
+        // SAFETY: RAM below the top of memory, identity mapped; the mediator only
+        // hands the GPU addresses of pages it validated as the VM's own.
+        unsafe { core::ptr::copy_nonoverlapping(phys_to_ptr::<u8>(gpa), out.as_mut_ptr(), out.len()) };
+        Ok(())
+    }
+    fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
+        self.translate(gpa, data.len() as u64)?;
+        // SAFETY: as in `read`.
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), phys_to_ptr::<u8>(gpa), data.len()) };
+        Ok(())
+    }
+}
+
+impl SimBackend {
+    /// A simulated GPU with `scanouts` displays and `vram` bytes, DMA below `top`.
+    pub fn new(scanouts: Vec<(u32, u32)>, vram: u64, top: u64) -> Option<Self> {
+        let gpu = SimGpu::new(SimGpuConfig { scanouts, vram_bytes: vram, cost: CostModel::FREE }).ok()?;
+        Some(Self { gpu, done: Vec::new(), host: HostMemory { top } })
+    }
+}
+
+impl Physical for SimBackend {
+    fn name(&self) -> &str {
+        "simulated GPU (CPU rendered)"
+    }
+    fn scanouts(&self) -> Vec<(u32, u32)> {
+        (0..self.gpu.scanout_count() as u32)
+            .filter_map(|i| self.gpu.scanout(i).map(|s| (s.width, s.height)))
+            .collect()
+    }
+    fn submit(&mut self, _queue: QueueId, bytes: &[u8], token: u64) -> bool {
+        let status = match command::decode(bytes) {
+            Ok(req) => self.gpu.execute(&req, &self.host).response.type_(),
+            Err(e) => e.response_type(),
+        };
+        self.done.push((token, status));
+        true
+    }
+    fn poll(&mut self, out: &mut Vec<(u64, u32)>) {
+        out.append(&mut self.done);
+    }
+}
+
+struct InFlight {
+    vm: VmId,
+    outstanding: usize,
+    completions: Vec<Completion>,
+}
+
+struct GpuPv {
+    mediator: Mediator,
+    sched: Scheduler,
+    backend: Box<dyn Physical>,
+    memory: BTreeMap<VmId, VmMemory>,
+    slice: Option<Slice>,
+    slice_ops: u64,
+    in_flight: Option<InFlight>,
+    scanouts: Vec<(u32, u32)>,
+    /// Token -> host fence of commands on the GPU.
+    tokens: BTreeMap<u64, u64>,
+    next_token: u64,
+}
+
+static GPUPV: Mutex<Option<GpuPv>> = Mutex::new(None);
+/// Per-VM mailbox of virtual interrupts to raise: bit i = MSI-X entry i.
+static MAILBOX: [AtomicU64; MAX_GPU_VMS] = [const { AtomicU64::new(0) }; MAX_GPU_VMS];
+
+fn now_ns() -> u64 {
+    crate::apic::now_us() * 1000
+}
+
+/// Starts the mediator over `backend` with the GPU quantum and mode from the config.
+pub fn init(backend: Box<dyn Physical>, quantum_us: u32, mode: u32, vram_total: u64) {
+    let scanouts = backend.scanouts();
+    let cfg = SchedConfig {
+        mode: match mode {
+            1 => Mode::EqualShare,
+            2 => Mode::FixedShare,
+            _ => Mode::BestEffort,
+        },
+        base_quantum_ns: u64::from(quantum_us.clamp(1000, 10_000)) * 1000,
+        adaptive: false,
+    };
+    let sched = match Scheduler::new(cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("gpu-pv: scheduler config refused ({e:?}); GPU sharing disabled");
+            return;
+        }
+    };
+    info!(
+        "gpu-pv: mediator on {} with {} scanouts, quantum {} us, {:?}",
+        backend.name(),
+        scanouts.len(),
+        cfg.base_quantum_ns / 1000,
+        cfg.mode
+    );
+    *GPUPV.lock() = Some(GpuPv {
+        mediator: Mediator::new(MediatorConfig::new(vram_total, scanouts.len() as u32)),
+        sched,
+        backend,
+        memory: BTreeMap::new(),
+        slice: None,
+        slice_ops: 0,
+        in_flight: None,
+        scanouts,
+        tokens: BTreeMap::new(),
+        next_token: 1,
+    });
+}
+
+/// Whether the mediator runs.
+pub fn enabled() -> bool {
+    GPUPV.lock().is_some()
+}
+
+/// Gives VM `vm` a paravirtual GPU on physical scanout `vm` (if there is one).
+/// Returns the number of scanouts it sees.
+pub fn add_vm(vm: VmId, mem: VmMemory, weight: u32, alpha_tenths: u32, quota_mib: u32) -> Option<u32> {
+    let mut g = GPUPV.lock();
+    let s = g.as_mut()?;
+    let (w, h) = *s.scanouts.get(vm as usize)?;
+    if s.mediator.vm(vm).is_none() {
+        let mut cfg = VmConfig::new(alloc::vec![ScanoutConfig { physical: u32::from(vm), width: w, height: h }]);
+        cfg.vram_quota = (quota_mib != 0).then_some(u64::from(quota_mib) << 20);
+        if let Err(e) = s.mediator.add_vm(vm, cfg) {
+            warn!("gpu-pv: vm {vm}: no GPU: {e:?}");
+            return None;
+        }
+        let p = VmParams { weight: weight.clamp(1, 1000), alpha_tenths: alpha_tenths.min(20) as u8 };
+        if let Err(e) = s.sched.add_vm(vm, p) {
+            warn!("gpu-pv: vm {vm}: not scheduled: {e:?}");
+        }
+    }
+    s.memory.insert(vm, mem);
+    MAILBOX[vm as usize % MAX_GPU_VMS].store(0, Ordering::Relaxed);
+    drain_events(s);
+    Some(1)
+}
+
+/// The VM is being destroyed: its channel is reset (work dropped, resources freed,
+/// mappings removed) and its memory is no longer reachable.
+pub fn remove_vm(vm: VmId) {
+    let mut g = GPUPV.lock();
+    let Some(s) = g.as_mut() else { return };
+    if s.memory.remove(&vm).is_some() {
+        if let Ok(r) = s.mediator.reset_vm(vm) {
+            info!("gpu-pv: vm {vm} gone: {} commands dropped, {} resources released", r.dropped, r.released);
+            unmap_all(&r.unmapped);
+        }
+        let _ = s.sched.set_runnable(vm, false, now_ns());
+    }
+    drain_events(s);
+}
+
+fn unmap_all(ranges: &[(u64, u64)]) {
+    // The IOMMU domain of the GPU follows the mediator's map/unmap reports when an
+    // IOMMU driver is active; without one, the mediator's own checks are the guard.
+    let _ = ranges;
+}
+
+/// The driver wrote DRIVER_OK.
+pub fn start(vm: VmId, control: QueueLayout, cursor: QueueLayout) -> bool {
+    let mut g = GPUPV.lock();
+    let Some(s) = g.as_mut() else { return false };
+    let r = s.mediator.start_queues(vm, control, cursor);
+    if let Err(e) = &r {
+        warn!("gpu-pv: vm {vm}: cannot start its queues: {e:?}");
+    }
+    drain_events(s);
+    r.is_ok()
+}
+
+/// The driver reset the device.
+pub fn driver_reset(vm: VmId) {
+    let mut g = GPUPV.lock();
+    let Some(s) = g.as_mut() else { return };
+    if let Ok(r) = s.mediator.driver_reset(vm) {
+        unmap_all(&r.unmapped);
+    }
+    drain_events(s);
+}
+
+/// The driver set a queue's (or the config) MSI-X entry.
+pub fn set_vector(vm: VmId, queue: Option<QueueId>, entry: u16) {
+    let mut g = GPUPV.lock();
+    let Some(s) = g.as_mut() else { return };
+    let _ = match queue {
+        Some(q) => s.mediator.set_vector(vm, q, entry),
+        None => s.mediator.set_config_vector(vm, entry),
+    };
+}
+
+/// A doorbell: the VM notified `queue`.
+pub fn doorbell(vm: VmId, queue: QueueId) {
+    let mut g = GPUPV.lock();
+    let Some(s) = g.as_mut() else { return };
+    let Some(mut mem) = s.memory.get(&vm).copied() else { return };
+    let _ = s.mediator.process_doorbell(vm, queue, &mut mem);
+    after_guest_work(s, vm);
+}
+
+/// Serves both queues of `vm` without a doorbell (at the start of its vCPU slice).
+pub fn poll(vm: VmId) {
+    let Some(mut g) = GPUPV.try_lock() else { return };
+    let Some(s) = g.as_mut() else { return };
+    let Some(mut mem) = s.memory.get(&vm).copied() else { return };
+    if s.mediator.vm(vm).is_some_and(|v| v.state() == gpu_pv::mediator::VmState::Active) {
+        let _ = s.mediator.poll(vm, &mut mem);
+        after_guest_work(s, vm);
+    }
+}
+
+fn after_guest_work(s: &mut GpuPv, vm: VmId) {
+    let staged = s.mediator.vm(vm).is_some_and(|v| v.staged_len() > 0);
+    if staged {
+        let _ = s.sched.set_runnable(vm, true, now_ns());
+    }
+    collect_interrupts(s);
+    drain_events(s);
+}
+
+/// Whether the VM's device shows DEVICE_NEEDS_RESET.
+pub fn needs_reset(vm: VmId) -> bool {
+    GPUPV.lock().as_ref().and_then(|s| s.mediator.device_status(vm)).is_some_and(|b| b & 0x40 != 0)
+}
+
+/// Takes the VM's pending virtual interrupts as a bitmask of MSI-X entries: all
+/// completions since the last call coalesce into one interrupt per entry.
+pub fn take_interrupts(vm: VmId) -> u64 {
+    MAILBOX[vm as usize % MAX_GPU_VMS].swap(0, Ordering::AcqRel)
+}
+
+/// Whether the VM has virtual interrupts waiting.
+pub fn has_interrupts(vm: VmId) -> bool {
+    MAILBOX[vm as usize % MAX_GPU_VMS].load(Ordering::Relaxed) != 0
+}
+
+fn collect_interrupts(s: &mut GpuPv) {
+    for (vm, entry) in s.mediator.take_interrupts() {
+        if entry < 64 {
+            MAILBOX[vm as usize % MAX_GPU_VMS].fetch_or(1u64 << entry, Ordering::AcqRel);
+        }
+    }
+}
+
+fn drain_events(s: &mut GpuPv) {
+    for e in s.mediator.take_events() {
+        let ch = match e.channel {
+            Channel::Operational => "Operational",
+            Channel::Debug => "Debug",
+        };
+        match &e.kind {
+            EventKind::Rejected { reason, cmd_type, response, .. } => warn!(
+                "gpu-pv/{ch}: vm {}: command {cmd_type:#x} rejected: {} (answered {response:#x})",
+                e.vm,
+                reason.as_str()
+            ),
+            EventKind::DmaFault { gpa, len, error } => {
+                warn!("gpu-pv/{ch}: vm {}: DMA fault: {len} bytes at guest {gpa:#x}: {error:?}", e.vm)
+            }
+            EventKind::RingFault { .. }
+            | EventKind::CommandTimeout { .. }
+            | EventKind::HostError { .. }
+            | EventKind::StaleCompletion { .. } => warn!("gpu-pv/{ch}: vm {}: {:?}", e.vm, e.kind),
+            k => info!("gpu-pv/{ch}: vm {}: {:?}", e.vm, k),
+        }
+    }
+    for op in s.mediator.take_iommu_ops() {
+        match op {
+            IommuOp::Map { .. } | IommuOp::Unmap { .. } => {}
+        }
+    }
+}
+
+/// The bottom half: completions, interrupts, events, the watchdog and the GPU
+/// schedule. Cheap when there is nothing to do; never waits for the lock.
+pub fn service() {
+    let Some(mut g) = GPUPV.try_lock() else { return };
+    let Some(s) = g.as_mut() else { return };
+    let now = now_ns();
+    crate::interrupts::take_pending(crate::interrupts::GPU_VECTOR);
+    let mut done = Vec::new();
+    s.backend.poll(&mut done);
+    for (token, status) in done {
+        let Some(fence) = s.tokens.remove(&token) else { continue };
+        if let Some(f) = s.in_flight.as_mut() {
+            f.completions.push(Completion { host_fence: fence, status });
+            f.outstanding = f.outstanding.saturating_sub(1);
+        }
+    }
+    if s.in_flight.as_ref().is_some_and(|f| f.outstanding == 0) {
+        if let Some(f) = s.in_flight.take() {
+            s.slice_ops += f.completions.len() as u64;
+            if let Some(mut mem) = s.memory.get(&f.vm).copied() {
+                let _ = s.mediator.complete_batch(f.vm, &f.completions, &mut mem);
+            }
+        }
+    }
+    for vm in s.mediator.tick(now) {
+        if let Ok(r) = s.mediator.reset_vm(vm) {
+            warn!("gpu-pv/Debug: vm {vm}: channel hung, reset: {} commands dropped", r.dropped);
+            unmap_all(&r.unmapped);
+        }
+    }
+    collect_interrupts(s);
+    drain_events(s);
+    schedule(s, now);
+}
+
+fn schedule(s: &mut GpuPv, now: u64) {
+    if s.in_flight.is_some() {
+        return;
+    }
+    // Close the slice when its time is up or its VM has nothing left.
+    if let Some(sl) = s.slice {
+        let more = s.mediator.vm(sl.vm).is_some_and(|v| v.staged_len() > 0);
+        if now >= sl.end_ns() || !more {
+            let used = now.saturating_sub(sl.start_ns).min(sl.quantum_ns);
+            let _ = s.sched.account(sl.vm, used, s.slice_ops, now);
+            let _ = s.sched.set_runnable(sl.vm, more, now);
+            let c = s.mediator.counters_mut().vm_mut(sl.vm);
+            c.record_slice(sl.quantum_ns, used, s.slice_ops, true);
+            s.slice = None;
+            s.slice_ops = 0;
+        }
+    }
+    if s.slice.is_none() {
+        s.slice = s.sched.pick(now);
+    }
+    let Some(sl) = s.slice else { return };
+    let Some(batch) = s.mediator.take_batch(sl.vm, MAX_BATCH) else { return };
+    submit(s, batch);
+}
+
+fn submit(s: &mut GpuPv, batch: Batch) {
+    let mut f = InFlight { vm: batch.vm, outstanding: 0, completions: Vec::new() };
+    for c in &batch.commands {
+        let token = s.next_token;
+        s.next_token += 1;
+        if s.backend.submit(c.queue, &c.bytes, token) {
+            s.tokens.insert(token, c.host_fence);
+            f.outstanding += 1;
+        } else {
+            // Queue full: report it as the device's error so the guest is answered.
+            f.completions.push(Completion { host_fence: c.host_fence, status: gpu_pv::wire::RESP_ERR_UNSPEC });
+        }
+    }
+    s.in_flight = Some(f);
+}
+
+/// Writes the counters of every VM and the GPU as JSON to the serial console.
+pub fn dump_counters() {
+    let g = GPUPV.lock();
+    let Some(s) = g.as_ref() else { return };
+    let mut out = alloc::string::String::new();
+    let elapsed = now_ns();
+    let _ = s.mediator.counters().write_json(&mut out, elapsed, MAX_BATCH as u64);
+    crate::println!("gpu-pv counters: {out}");
+}

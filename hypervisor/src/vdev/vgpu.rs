@@ -1,0 +1,493 @@
+//! The paravirtual GPU each VM sees: a virtio-gpu PCI function (1af4:1050) at
+//! 00:01.0 of the VM's PCI configuration space, with the modern virtio-pci
+//! capabilities in BAR4 (common 0x0, ISR 0x1000, device 0x2000, notify 0x3000) and a
+//! 3-entry MSI-X table in BAR1, all trapped through nested paging. Notify writes are
+//! doorbells into the `gpu-pv` mediator ([`crate::gpupv`]); MSI-X entries turn the
+//! mediator's interrupts into the VM's own vectors.
+//!
+//! It offers what an unmodified Linux virtio_gpu driver negotiates: VERSION_1, EDID,
+//! RING_INDIRECT_DESC, RING_EVENT_IDX, RING_RESET, and the GPU-PV protocol revision bits.
+
+use gpu_pv::abi;
+use gpu_pv::mediator::QueueId;
+use gpu_pv::ring::QueueLayout;
+use gpu_pv::wire::feature;
+use log::{info, warn};
+
+/// Guest-physical base of BAR4 (virtio structures).
+pub const BAR4_BASE: u64 = 0xc000_0000;
+/// BAR4 size.
+pub const BAR4_SIZE: u64 = 0x4000;
+/// Guest-physical base of BAR1 (MSI-X table and PBA).
+pub const BAR1_BASE: u64 = 0xc001_0000;
+/// BAR1 size.
+pub const BAR1_SIZE: u64 = 0x1000;
+/// Device number on bus 0.
+pub const DEVICE: u8 = 1;
+/// MSI-X vectors (config, control queue, cursor queue).
+pub const MSIX_VECTORS: usize = 3;
+const NOTIFY_MULTIPLIER: u32 = 4;
+const QUEUE_SIZES: [u16; 2] = [abi::limits::CONTROL_QUEUE_SIZE, abi::limits::CURSOR_QUEUE_SIZE];
+
+const STATUS_ACK: u8 = 1;
+const STATUS_DRIVER: u8 = 2;
+const STATUS_DRIVER_OK: u8 = 4;
+const STATUS_FEATURES_OK: u8 = 8;
+const STATUS_FAILED: u8 = 0x80;
+
+/// Features the device offers.
+pub fn offered_features() -> u64 {
+    feature::bit(feature::VERSION_1)
+        | feature::bit(feature::GPU_EDID)
+        | feature::bit(feature::RING_INDIRECT_DESC)
+        | feature::bit(feature::RING_EVENT_IDX)
+        | feature::bit(feature::RING_RESET)
+        | feature::bit(abi::feature::GPUPV_V1)
+        | feature::bit(abi::feature::GPUPV_V2)
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct VirtQueue {
+    size: u16,
+    msix: u16,
+    enabled: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct MsixEntry {
+    addr: u64,
+    data: u32,
+    masked: bool,
+}
+
+/// What the VM must do after an access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing more.
+    None,
+    /// A doorbell on this queue.
+    Notify(QueueId),
+    /// The driver wrote DRIVER_OK: start the context with these queues.
+    Start(QueueLayout, QueueLayout),
+    /// The driver reset the device (status 0).
+    Reset,
+    /// The driver changed a queue's MSI-X vector (or the config vector: `None`).
+    Vector(Option<QueueId>, u16),
+}
+
+/// One VM's virtual virtio-gpu.
+pub struct VirtioGpuDevice {
+    config: [u8; 256],
+    bar_mask: [u32; 6],
+    device_feature_select: u32,
+    driver_feature_select: u32,
+    driver_features: u64,
+    status: u8,
+    config_msix: u16,
+    queue_select: u16,
+    queues: [VirtQueue; 2],
+    msix: [MsixEntry; MSIX_VECTORS],
+    pba: u64,
+    isr: u8,
+    events_read: u32,
+    num_scanouts: u32,
+    /// Negotiated GPU-PV protocol revision, once FEATURES_OK is accepted.
+    pub revision: Option<u32>,
+    /// The mediator reset the channel: the status shows DEVICE_NEEDS_RESET until the
+    /// driver resets the device.
+    pub needs_reset: bool,
+}
+
+fn put16(c: &mut [u8], o: usize, v: u16) {
+    c[o..o + 2].copy_from_slice(&v.to_le_bytes());
+}
+fn put32(c: &mut [u8], o: usize, v: u32) {
+    c[o..o + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+impl VirtioGpuDevice {
+    /// A device showing `num_scanouts` displays.
+    pub fn new(num_scanouts: u32) -> Self {
+        let mut c = [0u8; 256];
+        put16(&mut c, 0x00, 0x1af4);
+        put16(&mut c, 0x02, 0x1050);
+        put16(&mut c, 0x06, 0x0010); // status: capability list
+        c[0x08] = 1; // revision
+        c[0x09] = 0x00;
+        c[0x0a] = 0x80; // display controller: other
+        c[0x0b] = 0x03;
+        put32(&mut c, 0x14, BAR1_BASE as u32); // BAR1: 32-bit memory
+        put32(&mut c, 0x20, (BAR4_BASE as u32) | 0x4 | 0x8); // BAR4: 64-bit prefetchable
+        put32(&mut c, 0x24, (BAR4_BASE >> 32) as u32);
+        put16(&mut c, 0x2c, 0x1af4);
+        put16(&mut c, 0x2e, 0x1100);
+        c[0x34] = 0x40;
+        c[0x3d] = 1; // INTA (unused: MSI-X only)
+        // MSI-X capability.
+        c[0x40] = 0x11;
+        c[0x41] = 0x50;
+        put16(&mut c, 0x42, (MSIX_VECTORS - 1) as u16);
+        put32(&mut c, 0x44, 1); // table at BAR1 + 0
+        put32(&mut c, 0x48, 0x800 | 1); // PBA at BAR1 + 0x800
+        // virtio vendor capabilities: (offset, next, length, type, bar offset, length).
+        let caps: [(usize, u8, u8, u8, u32, u32); 4] = [
+            (0x50, 0x60, 16, 1, 0x0000, 0x1000),
+            (0x60, 0x74, 20, 2, 0x3000, 0x1000),
+            (0x74, 0x84, 16, 3, 0x1000, 0x1000),
+            (0x84, 0x00, 16, 4, 0x2000, 0x1000),
+        ];
+        for (o, next, len, ty, off, size) in caps {
+            c[o] = 0x09;
+            c[o + 1] = next;
+            c[o + 2] = len;
+            c[o + 3] = ty;
+            c[o + 4] = 4; // BAR4
+            put32(&mut c, o + 8, off);
+            put32(&mut c, o + 12, size);
+            if ty == 2 {
+                put32(&mut c, o + 16, NOTIFY_MULTIPLIER);
+            }
+        }
+        let mut bar_mask = [0u32; 6];
+        bar_mask[1] = !(BAR1_SIZE as u32 - 1);
+        bar_mask[4] = !(BAR4_SIZE as u32 - 1);
+        bar_mask[5] = u32::MAX;
+        Self {
+            config: c,
+            bar_mask,
+            device_feature_select: 0,
+            driver_feature_select: 0,
+            driver_features: 0,
+            status: 0,
+            config_msix: 0xffff,
+            queue_select: 0,
+            queues: [VirtQueue::default(); 2],
+            msix: [MsixEntry { masked: true, ..MsixEntry::default() }; MSIX_VECTORS],
+            pba: 0,
+            isr: 0,
+            events_read: 0,
+            num_scanouts,
+            revision: None,
+            needs_reset: false,
+        }
+    }
+
+    fn cfg32(&self, o: usize) -> u32 {
+        u32::from_le_bytes([self.config[o], self.config[o + 1], self.config[o + 2], self.config[o + 3]])
+    }
+
+    /// Where BAR4 and BAR1 are now (the guest may move them).
+    fn bars(&self) -> (u64, u64) {
+        let bar4 = (u64::from(self.cfg32(0x20)) & !0xf) | (u64::from(self.cfg32(0x24)) << 32);
+        let bar1 = u64::from(self.cfg32(0x14)) & !0xf;
+        (bar4, bar1)
+    }
+
+    /// Whether `gpa` is one of this device's MMIO ranges.
+    pub fn claims(&self, gpa: u64) -> bool {
+        let (b4, b1) = self.bars();
+        (b4..b4 + BAR4_SIZE).contains(&gpa) || (b1..b1 + BAR1_SIZE).contains(&gpa)
+    }
+
+    /// Configuration-space read of `size` bytes at `off` for function 00:`dev`.`func`.
+    pub fn config_read(&self, dev: u8, func: u8, off: u16, size: u8) -> u32 {
+        if dev != DEVICE || func != 0 {
+            return u32::MAX;
+        }
+        let o = off as usize;
+        let mut v = 0u32;
+        for i in 0..size as usize {
+            v |= u32::from(*self.config.get(o + i).unwrap_or(&0xff)) << (8 * i);
+        }
+        v
+    }
+
+    /// Configuration-space write (command register, BARs, MSI-X enable).
+    pub fn config_write(&mut self, dev: u8, func: u8, off: u16, size: u8, v: u32) {
+        if dev != DEVICE || func != 0 {
+            return;
+        }
+        match (off, size) {
+            (0x04, 2 | 4) => put16(&mut self.config, 0x04, (v as u16) & 0x0406),
+            (0x10..=0x27, 4) if off % 4 == 0 => {
+                let i = ((off - 0x10) / 4) as usize;
+                let mask = self.bar_mask[i];
+                let flags = self.cfg32(off as usize) & !mask & 0xf;
+                let new = if mask == 0 { 0 } else { (v & mask) | flags };
+                put32(&mut self.config, off as usize, new);
+            }
+            (0x42, 2) | (0x40, 4) => {
+                let ctrl = if off == 0x40 { (v >> 16) as u16 } else { v as u16 };
+                let keep = (MSIX_VECTORS - 1) as u16;
+                put16(&mut self.config, 0x42, (ctrl & 0xc000) | keep);
+            }
+            _ => {}
+        }
+    }
+
+    fn msix_enabled(&self) -> bool {
+        self.config[0x43] & 0x80 != 0 && self.config[0x43] & 0x40 == 0
+    }
+
+    /// Reads `size` bytes at `gpa` (inside [`claims`](Self::claims)).
+    pub fn mmio_read(&mut self, gpa: u64, size: u8) -> u64 {
+        let (b4, b1) = self.bars();
+        if (b1..b1 + BAR1_SIZE).contains(&gpa) {
+            return self.msix_read(gpa - b1, size);
+        }
+        let off = gpa - b4;
+        match off {
+            0x0000..=0x0fff => self.common_read(off as u32, size),
+            0x1000..=0x1fff => {
+                let v = self.isr;
+                self.isr = 0;
+                u64::from(v)
+            }
+            0x2000..=0x2fff => {
+                let regs = [self.events_read, 0, self.num_scanouts, 0];
+                let i = ((off - 0x2000) / 4) as usize;
+                regs.get(i).map_or(0, |&r| u64::from(r))
+            }
+            _ => 0,
+        }
+    }
+
+    /// Writes `size` bytes at `gpa`; returns what the VM must do next.
+    pub fn mmio_write(&mut self, gpa: u64, size: u8, v: u64) -> Action {
+        let (b4, b1) = self.bars();
+        if (b1..b1 + BAR1_SIZE).contains(&gpa) {
+            self.msix_write(gpa - b1, size, v);
+            return Action::None;
+        }
+        let off = gpa - b4;
+        match off {
+            0x0000..=0x0fff => self.common_write(off as u32, size, v),
+            0x2000..=0x2fff => {
+                if off == 0x2004 {
+                    self.events_read &= !(v as u32);
+                }
+                Action::None
+            }
+            0x3000..=0x3fff => {
+                let q = ((off - 0x3000) / u64::from(NOTIFY_MULTIPLIER)) as u16;
+                match QueueId::from_index(q) {
+                    Some(q) if self.status & STATUS_DRIVER_OK != 0 => Action::Notify(q),
+                    _ => Action::None,
+                }
+            }
+            _ => Action::None,
+        }
+    }
+
+    fn common_read(&self, off: u32, size: u8) -> u64 {
+        let q = self.queues.get(self.queue_select as usize);
+        let v: u64 = match off {
+            0x00 => u64::from(self.device_feature_select),
+            0x04 => match self.device_feature_select {
+                0 => offered_features() & 0xffff_ffff,
+                1 => offered_features() >> 32,
+                _ => 0,
+            },
+            0x08 => u64::from(self.driver_feature_select),
+            0x0c => match self.driver_feature_select {
+                0 => self.driver_features & 0xffff_ffff,
+                1 => self.driver_features >> 32,
+                _ => 0,
+            },
+            0x10 => u64::from(self.config_msix),
+            0x12 => 2,
+            0x14 => u64::from(self.status | if self.needs_reset { 0x40 } else { 0 }),
+            0x15 => 0,
+            0x16 => u64::from(self.queue_select),
+            0x18 => q.map_or(0, |q| u64::from(q.size)),
+            0x1a => q.map_or(0xffff, |q| u64::from(q.msix)),
+            0x1c => q.map_or(0, |q| u64::from(q.enabled)),
+            0x1e => u64::from(self.queue_select),
+            0x20 => q.map_or(0, |q| q.desc),
+            0x24 => q.map_or(0, |q| q.desc >> 32),
+            0x28 => q.map_or(0, |q| q.driver),
+            0x2c => q.map_or(0, |q| q.driver >> 32),
+            0x30 => q.map_or(0, |q| q.device),
+            0x34 => q.map_or(0, |q| q.device >> 32),
+            0x3a => 0, // queue_reset: never pending
+            _ => 0,
+        };
+        match size {
+            1 => v & 0xff,
+            2 => v & 0xffff,
+            4 => v & 0xffff_ffff,
+            _ => v,
+        }
+    }
+
+    fn common_write(&mut self, off: u32, size: u8, v: u64) -> Action {
+        let sel = self.queue_select as usize;
+        match off {
+            0x00 => self.device_feature_select = v as u32,
+            0x08 => self.driver_feature_select = v as u32,
+            0x0c => {
+                if self.status & STATUS_FEATURES_OK == 0 {
+                    let shift = match self.driver_feature_select {
+                        0 => 0,
+                        1 => 32,
+                        _ => return Action::None,
+                    };
+                    self.driver_features = (self.driver_features & !(0xffff_ffffu64 << shift)) | ((v & 0xffff_ffff) << shift);
+                }
+            }
+            0x10 => {
+                self.config_msix = v as u16;
+                return Action::Vector(None, self.config_msix);
+            }
+            0x14 => return self.write_status(v as u8),
+            0x16 => self.queue_select = v as u16,
+            0x18 => {
+                if let Some(q) = self.queues.get_mut(sel) {
+                    // A power of two no larger than what the device offers.
+                    let s = v as u16;
+                    if s.is_power_of_two() && s <= QUEUE_SIZES[sel] {
+                        q.size = s;
+                    }
+                }
+            }
+            0x1a => {
+                if let (Some(q), Some(id)) = (self.queues.get_mut(sel), QueueId::from_index(sel as u16)) {
+                    q.msix = v as u16;
+                    return Action::Vector(Some(id), q.msix);
+                }
+            }
+            0x1c => {
+                if let Some(q) = self.queues.get_mut(sel) {
+                    q.enabled = v & 1 != 0;
+                }
+            }
+            0x20 | 0x24 | 0x28 | 0x2c | 0x30 | 0x34 => {
+                if let Some(q) = self.queues.get_mut(sel) {
+                    let (field, high) = match off {
+                        0x20 => (&mut q.desc, false),
+                        0x24 => (&mut q.desc, true),
+                        0x28 => (&mut q.driver, false),
+                        0x2c => (&mut q.driver, true),
+                        0x30 => (&mut q.device, false),
+                        _ => (&mut q.device, true),
+                    };
+                    if size == 8 {
+                        *field = v;
+                    } else if high {
+                        *field = (*field & 0xffff_ffff) | ((v & 0xffff_ffff) << 32);
+                    } else {
+                        *field = (*field & !0xffff_ffff) | (v & 0xffff_ffff);
+                    }
+                }
+            }
+            _ => {}
+        }
+        Action::None
+    }
+
+    fn write_status(&mut self, v: u8) -> Action {
+        if v == 0 {
+            *self = Self::new(self.num_scanouts);
+            return Action::Reset;
+        }
+        let newly = v & !self.status;
+        if newly & STATUS_FEATURES_OK != 0 {
+            let ok = self.driver_features & !offered_features() == 0
+                && self.driver_features & feature::bit(feature::VERSION_1) != 0;
+            if !ok {
+                warn!("virtio-gpu: driver accepted features {:#x} outside the offer (or without VERSION_1)", self.driver_features);
+                self.status = v & !STATUS_FEATURES_OK;
+                return Action::None;
+            }
+            self.revision = abi::negotiate_revision(offered_features(), self.driver_features);
+        }
+        self.status = v & (STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED);
+        if newly & STATUS_DRIVER_OK != 0 && self.status & STATUS_FEATURES_OK != 0 {
+            let ev = self.driver_features & feature::bit(feature::RING_EVENT_IDX) != 0;
+            let ind = self.driver_features & feature::bit(feature::RING_INDIRECT_DESC) != 0;
+            let layout = |q: &VirtQueue| QueueLayout {
+                size: q.size,
+                desc: q.desc,
+                avail: q.driver,
+                used: q.device,
+                event_idx: ev,
+                indirect: ind,
+            };
+            info!(
+                "virtio-gpu: driver ok, features {:#x}, GPU-PV protocol {}",
+                self.driver_features,
+                match self.revision {
+                    Some(r) => alloc::format!("v{r}"),
+                    None => alloc::format!("none (plain virtio-gpu)"),
+                }
+            );
+            return Action::Start(layout(&self.queues[0]), layout(&self.queues[1]));
+        }
+        Action::None
+    }
+
+    fn msix_read(&self, off: u64, size: u8) -> u64 {
+        if off >= 0x800 {
+            return if off == 0x800 { self.pba } else { 0 };
+        }
+        let (i, field) = ((off / 16) as usize, off % 16);
+        let Some(e) = self.msix.get(i) else { return 0 };
+        let v = match field {
+            0 => e.addr & 0xffff_ffff,
+            4 => e.addr >> 32,
+            8 => u64::from(e.data),
+            12 => u64::from(e.masked),
+            _ => 0,
+        };
+        if size == 8 && field == 0 { e.addr } else { v }
+    }
+
+    fn msix_write(&mut self, off: u64, size: u8, v: u64) {
+        let (i, field) = ((off / 16) as usize, off % 16);
+        let Some(e) = self.msix.get_mut(i) else { return };
+        match (field, size) {
+            (0, 8) => e.addr = v,
+            (0, _) => e.addr = (e.addr & !0xffff_ffff) | (v & 0xffff_ffff),
+            (4, _) => e.addr = (e.addr & 0xffff_ffff) | ((v & 0xffff_ffff) << 32),
+            (8, _) => e.data = v as u32,
+            (12, _) => e.masked = v & 1 != 0,
+            _ => {}
+        }
+    }
+
+    /// Raises MSI-X entry `entry` (a queue's or the config vector): returns the guest
+    /// vector to inject, or `None` if masked (then its pending bit is set) or off.
+    pub fn raise(&mut self, entry: u16, config_change: bool) -> Option<u8> {
+        self.isr |= if config_change { 2 } else { 1 };
+        if config_change {
+            self.events_read |= 1;
+        }
+        let e = self.msix.get(entry as usize)?;
+        if !self.msix_enabled() {
+            return None;
+        }
+        if e.masked {
+            self.pba |= 1 << entry;
+            return None;
+        }
+        // MSI address 0xFEEx_xxxx to this VM's (only) local APIC; data holds the vector.
+        if e.addr >> 20 != 0xfee {
+            return None;
+        }
+        let vector = (e.data & 0xff) as u8;
+        (vector >= 16).then_some(vector)
+    }
+
+    /// Whether the device is live (DRIVER_OK set).
+    pub fn live(&self) -> bool {
+        self.status & STATUS_DRIVER_OK != 0
+    }
+
+    /// The config vector entry.
+    pub fn config_vector(&self) -> u16 {
+        self.config_msix
+    }
+}
