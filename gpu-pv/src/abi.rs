@@ -128,6 +128,28 @@ pub mod guest {
     /// this many ticks per second).
     pub const APIC_TIMER_HZ: u64 = 100_000_000;
 
+    /// Background colour (0x00RRGGBB) of the test pattern VM `id` draws, so a test
+    /// harness can tell whose pixels a scanout shows.
+    pub const fn vm_color(id: u32) -> u32 {
+        const PALETTE: [u32; 8] = [
+            0x00c0_3030, // red
+            0x0030_a040, // green
+            0x0030_50c0, // blue
+            0x00c0_a020, // yellow
+            0x00a0_30a0, // magenta
+            0x0020_a0a0, // cyan
+            0x00d0_7020, // orange
+            0x0080_8080, // grey
+        ];
+        let base = PALETTE[(id % 8) as usize];
+        // Beyond eight VMs, darken per round so colours stay distinct.
+        let round = (id / 8) % 4;
+        let r = ((base >> 16) & 0xff) >> round;
+        let g = ((base >> 8) & 0xff) >> round;
+        let b = (base & 0xff) >> round;
+        (r << 16) | (g << 8) | b
+    }
+
     /// Byte offsets of the boot-info page's fields (all little endian).
     pub mod boot_info {
         /// u64 [`super::BOOT_INFO_MAGIC`].
