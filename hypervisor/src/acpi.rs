@@ -138,7 +138,7 @@ impl Table {
 /// Reads the tables from the RSDP at `rsdp` (0: none).
 pub fn init(rsdp: u64) -> Option<Platform> {
     if rsdp == 0 {
-        warn!("acpi: no RSDP");
+        log::info!("acpi: the firmware gave no RSDP (e.g. OVMF under Bochs)");
         return None;
     }
     // SAFETY: the RSDP is 36 bytes of firmware memory, identity mapped.

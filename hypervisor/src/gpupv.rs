@@ -162,6 +162,10 @@ struct GpuPv {
     /// Token -> host fence of commands on the GPU.
     tokens: BTreeMap<u64, u64>,
     next_token: u64,
+    /// VM names, for samples.
+    names: BTreeMap<VmId, alloc::string::String>,
+    /// Time and per-VM GPU time used at the previous sample.
+    last_sample: (u64, BTreeMap<VmId, u64>),
 }
 
 static GPUPV: Mutex<Option<GpuPv>> = Mutex::new(None);
@@ -209,6 +213,8 @@ pub fn init(backend: Box<dyn Physical>, quantum_us: u32, mode: u32, vram_total: 
         scanouts,
         tokens: BTreeMap::new(),
         next_token: 1,
+        names: BTreeMap::new(),
+        last_sample: (now_ns(), BTreeMap::new()),
     });
 }
 
@@ -219,9 +225,10 @@ pub fn enabled() -> bool {
 
 /// Gives VM `vm` a paravirtual GPU on physical scanout `vm` (if there is one).
 /// Returns the number of scanouts it sees.
-pub fn add_vm(vm: VmId, mem: VmMemory, weight: u32, alpha_tenths: u32, quota_mib: u32) -> Option<u32> {
+pub fn add_vm(vm: VmId, name: &str, mem: VmMemory, weight: u32, alpha_tenths: u32, quota_mib: u32) -> Option<u32> {
     let mut g = GPUPV.lock();
     let s = g.as_mut()?;
+    s.names.insert(vm, alloc::string::String::from(name));
     let (w, h) = *s.scanouts.get(vm as usize)?;
     if s.mediator.vm(vm).is_none() {
         let mut cfg = VmConfig::new(alloc::vec![ScanoutConfig { physical: u32::from(vm), width: w, height: h }]);
@@ -460,4 +467,35 @@ pub fn dump_counters() {
     let elapsed = now_ns();
     let _ = s.mediator.counters().write_json(&mut out, elapsed, MAX_BATCH as u64);
     crate::println!("gpu-pv counters: {out}");
+}
+
+/// Prints one `gpu-pv sample:` line: per-VM GPU utilization since the previous
+/// sample, completed operations and bytes copied (for the harness's plot).
+pub fn sample() {
+    let Some(mut g) = GPUPV.try_lock() else { return };
+    let Some(s) = g.as_mut() else { return };
+    let now = now_ns();
+    let window = now.saturating_sub(s.last_sample.0).max(1);
+    let mut line = alloc::format!("{{\"t_ms\":{},\"vms\":[", now / 1_000_000);
+    let mut first = true;
+    let mut used_now = BTreeMap::new();
+    for (id, c) in s.mediator.counters().vms() {
+        let before = s.last_sample.1.get(&id).copied().unwrap_or(0);
+        let util_ppm = c.used_ns.saturating_sub(before).saturating_mul(1_000_000) / window;
+        used_now.insert(id, c.used_ns);
+        let name = s.names.get(&id).map_or("?", |n| n.as_str());
+        if !first {
+            line.push(',');
+        }
+        first = false;
+        line.push_str(&alloc::format!(
+            "{{\"vm\":{id},\"name\":\"{name}\",\"util_ppm\":{},\"completed\":{},\"bytes\":{}}}",
+            util_ppm.min(1_000_000),
+            c.ops_completed,
+            c.bytes_copied
+        ));
+    }
+    line.push_str("]}");
+    s.last_sample = (now, used_now);
+    crate::println!("gpu-pv sample: {line}");
 }

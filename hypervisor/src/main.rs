@@ -100,6 +100,7 @@ fn kmain(bi: &'static BootInfo) -> ! {
     info!("{created} of {} VMs created; running them", bi.vms().len());
     vmm::run(run_ms);
     vmm::report();
+    gpupv::dump_counters();
     for i in 0..vmm::slot_count() {
         vmm::destroy(i);
     }
@@ -232,7 +233,7 @@ fn summary(bi: &BootInfo, platform: Option<&acpi::Platform>, devices: &[pci::Dev
         );
     }
     if platform.is_none() {
-        warn!("no ACPI: running degraded");
+        info!("no ACPI: one CPU, no IOMMU, legacy PCI configuration access");
     }
 }
 

@@ -200,7 +200,7 @@ impl Vm {
             gdt_limit: 23,
         };
         let mem = crate::gpupv::VmMemory { base: mem_base, size: mem_size };
-        if let Some(n) = crate::gpupv::add_vm(id, mem, spec.weight, spec.gpu_alpha_tenths, spec.vram_quota_mib) {
+        if let Some(n) = crate::gpupv::add_vm(id, &spec.name, mem, spec.weight, spec.gpu_alpha_tenths, spec.vram_quota_mib) {
             vm.gpu = Some(VirtioGpuDevice::new(n));
         }
         let root = vm.nested.root_pointer();

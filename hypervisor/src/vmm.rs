@@ -48,6 +48,8 @@ static RUNNING_CPUS: AtomicUsize = AtomicUsize::new(0);
 static DEADLINE_US: AtomicU64 = AtomicU64::new(u64::MAX);
 /// CPUs with virtualization turned on.
 static ENABLED_CPUS: AtomicUsize = AtomicUsize::new(0);
+/// Interval of the `gpu-pv sample:` lines, in microseconds.
+const SAMPLE_US: u64 = 250_000;
 
 /// Detects the virtualization backend and turns it on on this CPU.
 pub fn enable_this_cpu() -> Option<Backend> {
@@ -251,9 +253,14 @@ fn any_running(m: &Monitor) -> bool {
 fn run_loop(bsp: bool) {
     let Some(m) = MONITOR.get() else { return };
     RUNNING_CPUS.fetch_add(1, Ordering::SeqCst);
+    let mut next_sample = crate::apic::now_us() + SAMPLE_US;
     loop {
         if bsp && crate::apic::now_us() >= DEADLINE_US.load(Ordering::SeqCst) {
             STOP_ALL.store(true, Ordering::SeqCst);
+        }
+        if bsp && crate::apic::now_us() >= next_sample {
+            next_sample += SAMPLE_US;
+            crate::gpupv::sample();
         }
         if STOP_ALL.load(Ordering::SeqCst) {
             break;
