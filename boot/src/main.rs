@@ -47,8 +47,12 @@ macro_rules! say {
     }};
 }
 
+static ENTRY_TSC: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
 #[entry]
 fn main() -> Status {
+    // SAFETY: RDTSC has no side effects.
+    ENTRY_TSC.store(unsafe { core::arch::x86_64::_rdtsc() }, core::sync::atomic::Ordering::Relaxed);
     serial::init();
     match load() {
         Ok(never) => match never {},
@@ -120,6 +124,7 @@ fn load() -> Result<core::convert::Infallible, String> {
     bi.cmdline[..n].copy_from_slice(&cmdline.as_bytes()[..n]);
     bi.cmdline_len = n as u32;
     bi.gpu_quantum_us = cfg.scheduler.quantum_ms * 1000;
+    bi.loader_entry_tsc = ENTRY_TSC.load(core::sync::atomic::Ordering::Relaxed);
     bi.gpu_sched_mode = cfg.scheduler.mode.code();
 
     let elf = read_file("\\hv\\hypervisor.elf")?;

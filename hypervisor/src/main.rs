@@ -94,6 +94,7 @@ fn kmain(bi: &'static BootInfo) -> ! {
         Some("vm-cycles") => selftest::vm_cycles(),
         Some("cpu-share") => selftest::cpu_share(run_ms.unwrap_or(3_000)),
         Some("lifecycle") => selftest::lifecycle(),
+        Some("bench-vm") => selftest::bench_vm(bi, run_ms.unwrap_or(3_000)),
         _ => {}
     }
     let created = vmm::create_all();

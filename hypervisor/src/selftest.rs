@@ -84,3 +84,51 @@ pub fn lifecycle() -> ! {
     }
     exit::pass()
 }
+
+/// `test=bench-vm run_ms=N`: runs the configured VMs (a hypercall ping-pong and a
+/// heartbeat) and prints the virtualization figures as `bench:` lines: VM-exit round
+/// trips per second and hypercall cost (from the ping-pong VM), exits per heartbeat
+/// line, and boot-to-first-guest time next to the firmware's own start-up time.
+pub fn bench_vm(bi: &boot_info::BootInfo, run_ms: u64) -> ! {
+    vmm::create_all();
+    vmm::run(Some(run_ms));
+    vmm::report();
+    let backend = crate::virt::detect().map_or("none", |b| match b {
+        crate::virt::Backend::Svm => "SVM",
+        crate::virt::Backend::Vmx => "VMX",
+    });
+    for i in 0..vmm::slot_count() {
+        vmm::with_vm(i, |vm| {
+            let st = vm.stats;
+            if st.hypercalls >= 1000 && st.cpu_us > 0 {
+                info!(
+                    "bench: {backend} vm-exit round trips per second: {} ({} exits in {} us of guest CPU time)",
+                    st.exits * 1_000_000 / st.cpu_us,
+                    st.exits,
+                    st.cpu_us
+                );
+                info!("bench: {backend} hypercall round trip: {} ns", st.cpu_us * 1000 / st.hypercalls.max(1));
+            } else if vm.lines_printed > 1 {
+                info!(
+                    "bench: {backend} exits per heartbeat line: {} ({} exits, {} lines)",
+                    st.exits / vm.lines_printed,
+                    st.exits,
+                    vm.lines_printed
+                );
+            }
+        });
+    }
+    let per_ms = crate::apic::tsc_per_ms().max(1);
+    let first = crate::vm::FIRST_GUEST_LINE_TSC.load(core::sync::atomic::Ordering::Relaxed);
+    let firmware = bi.loader_entry_tsc;
+    if first > firmware && firmware > 0 {
+        let fw_ms = firmware / per_ms;
+        let hv_ms = (first - firmware) / per_ms;
+        info!(
+            "bench: {backend} boot to first guest line: {hv_ms} ms after the loader started; firmware to loader: {fw_ms} ms; ratio {}.{:02}",
+            hv_ms / fw_ms.max(1),
+            hv_ms * 100 / fw_ms.max(1) % 100
+        );
+    }
+    exit::pass()
+}

@@ -29,6 +29,9 @@ pub const STUCK_LIMIT_US: u64 = 1_000_000;
 pub const GUEST_ECAM_BASE: u64 = 0xb000_0000;
 const GUEST_ECAM_SIZE: u64 = 256 << 20;
 
+/// Time-stamp counter when any guest first printed a line (0: none yet).
+pub static FIRST_GUEST_LINE_TSC: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
 /// Why a VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StopReason {
@@ -708,6 +711,12 @@ impl Vm {
         }
         self.serial_line.clear();
         self.lines_printed += 1;
+        let _ = FIRST_GUEST_LINE_TSC.compare_exchange(
+            0,
+            crate::arch::cpu::rdtsc(),
+            core::sync::atomic::Ordering::Relaxed,
+            core::sync::atomic::Ordering::Relaxed,
+        );
         crate::println!("[{}] {}", self.name, s);
         self.last_line = s;
     }

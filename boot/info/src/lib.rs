@@ -14,7 +14,7 @@ pub mod config;
 /// `"GPUPVBI\0"` little endian: marks a valid [`BootInfo`].
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"GPUPVBI\0");
 /// Layout version of [`BootInfo`]; bumped on every incompatible change.
-pub const BOOT_INFO_VERSION: u32 = 1;
+pub const BOOT_INFO_VERSION: u32 = 2;
 /// Most memory-map entries carried.
 pub const MAX_MEMORY_REGIONS: usize = 512;
 /// Most loaded files carried.
@@ -169,6 +169,9 @@ pub struct BootInfo {
     pub hv_size: u64,
     /// Physical address of a 4 KiB page below 1 MiB for the AP start-up trampoline (0: none).
     pub ap_trampoline: u64,
+    /// Time-stamp counter when the loader started (firmware time since reset, for
+    /// the boot-time figures).
+    pub loader_entry_tsc: u64,
     /// GOP framebuffer.
     pub framebuffer: Framebuffer,
     /// Scheduler quantum from the config, in microseconds.
@@ -205,6 +208,7 @@ impl BootInfo {
             hv_virt_base: 0,
             hv_size: 0,
             ap_trampoline: 0,
+            loader_entry_tsc: 0,
             framebuffer: Framebuffer {
                 base: 0,
                 size: 0,
