@@ -6,13 +6,18 @@
 //! `tests/README.md`.
 
 mod artifacts;
+mod bench;
 mod bochs;
+mod counters;
 mod esp;
 mod gpt;
+mod image;
 mod judge;
+mod plot;
 mod process;
 mod qemu;
 mod scenario;
+mod screendump;
 mod suite;
 mod tools;
 
@@ -162,8 +167,21 @@ commands:
       --cmdline STR          kernel command line for hv/cmdline.txt (default empty)
       --smp N, --memory MIB  CPUs (default 2) and memory (default 512)
       --kvm                  use KVM (-accel kvm -cpu host) instead of TCG
+      --screenshots DIR      every few seconds, write each GPU head to DIR/head<N>.png (QMP)
+      --screenshot-secs N    the interval for --screenshots (default 3)
+                             COM1 is also logged to target/xtask/logs/run-qemu.log; its
+                             gpu-pv counters and samples become run-counters.json and
+                             run-util.png there
   qemu-test [FILTER]         run the QEMU scenarios of tests/scenarios/ (names containing FILTER)
   bochs-test [FILTER]        run the Bochs scenarios of tests/scenarios/
+  bench [FILTER]             run the benchmark scenarios of tests/bench/, print their
+                             `bench:` lines and run times as a table, then
+                             `cargo bench -p gpu-pv --bench mediator` (short settings)
+      --no-criterion         skip the criterion bench
+      --no-scenarios         only the criterion bench
+  plot LOG [NAME]            from a serial log (e.g. of a bare-metal run), write
+                             target/xtask/logs/NAME-counters.json, NAME-util.png and
+                             NAME-util.csv (NAME defaults to the log's file stem)
   test                       cargo test, fuzz smoke run, qemu-test, bochs-test (stops at the
                              first failing stage)
       --no-unit --no-fuzz --no-qemu --no-bochs   skip a stage
@@ -174,13 +192,14 @@ commands:
       --check                boot the image in QEMU and wait for the hypervisor's boot marker
       --check-marker STR     the marker to wait for (default \"hv: boot summary\")
 
-options of run, qemu-test, bochs-test, test, image:
+options of run, qemu-test, bochs-test, test, image, bench:
   --no-build                 do not run cargo; use the artifacts already in target/
   --prebuilt DIR             do not run cargo; use DIR/boot.efi, DIR/hypervisor[.elf] and
                              DIR/guests/*.elf (also $XTASK_PREBUILT); for testing the harness
 
 environment: XTASK_SCENARIOS (scenario directory, default tests/scenarios),
-  XTASK_PREBUILT, XTASK_FUZZ_SECS, CARGO, CARGO_TARGET_DIR.
+  XTASK_BENCH_SCENARIOS (default tests/bench), XTASK_PREBUILT, XTASK_FUZZ_SECS, CARGO,
+  CARGO_TARGET_DIR.
 ";
 
 /// How the bare-metal artifacts are obtained.
@@ -281,6 +300,11 @@ fn real_main(mut args: Vec<String>) -> Result<ExitCode> {
             })
         }
         "test" => cmd_test(&paths, args),
+        "plot" => cmd_plot(&paths, &args),
+        "bench" => {
+            let mode = take_build_mode(&mut args)?;
+            bench::cmd_bench(&paths, &mode, &args)
+        }
         "image" => cmd_image(&paths, args),
         other => Err(format!(
             "unknown command `{other}` (try `cargo xtask help`)"
@@ -314,6 +338,8 @@ fn cmd_run(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
     let mut smp = 2;
     let mut memory = 512;
     let mut kvm = false;
+    let mut screenshots: Option<PathBuf> = None;
+    let mut screenshot_secs: f64 = 3.0;
     let mut i = 0;
     let mut extra = Vec::new();
     while i < args.len() {
@@ -323,6 +349,18 @@ fn cmd_run(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
             "--smp" => smp = parse_num(&value(&args, &mut i, "--smp")?, "--smp")?,
             "--memory" => memory = parse_num(&value(&args, &mut i, "--memory")?, "--memory")?,
             "--kvm" => kvm = true,
+            "--screenshots" => {
+                screenshots = Some(PathBuf::from(value(&args, &mut i, "--screenshots")?))
+            }
+            "--screenshot-secs" => {
+                screenshot_secs = parse_num(
+                    &value(&args, &mut i, "--screenshot-secs")?,
+                    "--screenshot-secs",
+                )?;
+                if !(screenshot_secs.is_finite() && screenshot_secs > 0.0) {
+                    return Err("--screenshot-secs must be positive".into());
+                }
+            }
             "--" => {
                 extra.extend_from_slice(&args[i + 1..]);
                 break;
@@ -340,18 +378,60 @@ fn cmd_run(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
     let esp = paths.esp_dir("run");
     esp::make(&esp, &art, &config, &cmdline)?;
     let display = std::env::var_os("DISPLAY").is_some_and(|d| !d.is_empty());
+    let logs = paths.logs_dir();
+    std::fs::create_dir_all(&logs).ctx(|| "cannot create the log directory".to_string())?;
+    let serial_log = logs.join("run-qemu.log");
+    let _ = std::fs::remove_file(&serial_log);
+    let screenshots = match screenshots {
+        Some(d) => {
+            let d = std::env::current_dir().map(|c| c.join(&d)).unwrap_or(d);
+            std::fs::create_dir_all(&d).ctx(|| format!("cannot create {}", d.display()))?;
+            let sock = screendump::socket_path(&paths.work_dir_ensure("run")?, "run");
+            let _ = std::fs::remove_file(&sock);
+            Some((d, sock))
+        }
+        None => None,
+    };
     let opts = qemu::Opts {
         smp,
         memory_mib: memory,
         disk: qemu::Disk::Dir(esp),
-        serial: qemu::Serial::StdioWithMonitor,
+        serial: qemu::Serial::StdioWithMonitorLogged(serial_log.clone()),
         display,
         kvm,
+        qmp: screenshots.as_ref().map(|(_, sock)| sock.clone()),
         extra,
     };
     let mut cmd = qemu::command(&opts)?;
     eprintln!("+ {}", show_command(&cmd));
-    let status = cmd.status().ctx(|| "cannot start QEMU".to_string())?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let shooter = screenshots.clone().map(|(dir, sock)| {
+        eprintln!(
+            "xtask: screenshots of the {} GPU heads every {screenshot_secs} s in {}/head<N>.png",
+            qemu::GPU_HEADS,
+            dir.display()
+        );
+        let stop = stop.clone();
+        let every = std::time::Duration::from_secs_f64(screenshot_secs);
+        std::thread::spawn(move || screendump::screenshot_loop(&sock, &dir, every, &stop))
+    });
+    let status = cmd.status();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(t) = shooter {
+        let _ = t.join();
+    }
+    if let Some((_, sock)) = &screenshots {
+        let _ = std::fs::remove_file(sock);
+    }
+    let status = status.ctx(|| "cannot start QEMU".to_string())?;
+    match counters::capture(&logs, "run", &serial_log) {
+        Ok(w) => {
+            if let Some(s) = w.summary(paths) {
+                eprintln!("xtask: {s}");
+            }
+        }
+        Err(e) => eprintln!("xtask: counters: {e}"),
+    }
     let code = status.code().unwrap_or(1);
     match code {
         qemu::PASS_STATUS => eprintln!("xtask: the software reported PASS through isa-debug-exit"),
@@ -359,6 +439,40 @@ fn cmd_run(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
         _ => {}
     }
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
+fn cmd_plot(paths: &Paths, args: &[String]) -> Result<ExitCode> {
+    let (log, name) = match args {
+        [log] => {
+            let p = PathBuf::from(log);
+            let stem = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "log".into());
+            (p, stem)
+        }
+        [log, name] => (PathBuf::from(log), name.clone()),
+        _ => return Err("usage: cargo xtask plot LOG [NAME]".into()),
+    };
+    if !log.is_file() {
+        return Err(format!("{}: no such file", log.display()));
+    }
+    let logs = paths.logs_dir();
+    std::fs::create_dir_all(&logs).ctx(|| "cannot create the log directory".to_string())?;
+    let w = counters::capture(&logs, &name, &log)?;
+    match w.summary(paths) {
+        Some(s) => println!("xtask: {s}"),
+        None => {
+            println!(
+                "xtask: no `{}` or `{}` lines in {}",
+                counters::SAMPLE_PREFIX.trim(),
+                counters::COUNTERS_PREFIX.trim(),
+                log.display()
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_test(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {

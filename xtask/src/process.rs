@@ -46,6 +46,15 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
+/// What a watcher passed to [`run_watched`] wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watch {
+    /// Keep running.
+    Continue,
+    /// Kill the emulator now ([`Outcome::MarkerSeen`]).
+    Stop,
+}
+
 /// Runs `cmd` in a new process group, killing the whole group after `timeout`, on
 /// interruption, or once `marker` = (file, text) shows `text` in `file`.
 pub fn run_with_timeout(
@@ -53,11 +62,36 @@ pub fn run_with_timeout(
     timeout: Duration,
     marker: Option<(&Path, &str)>,
 ) -> Result<Outcome> {
+    let mut last_marker_check = Instant::now();
+    run_watched(cmd, timeout, &mut |_| {
+        let Some((file, text)) = marker else {
+            return Watch::Continue;
+        };
+        if last_marker_check.elapsed() < Duration::from_millis(200) {
+            return Watch::Continue;
+        }
+        last_marker_check = Instant::now();
+        match std::fs::read(file) {
+            Ok(bytes) if String::from_utf8_lossy(&bytes).contains(text) => Watch::Stop,
+            _ => Watch::Continue,
+        }
+    })
+}
+
+/// Runs `cmd` in a new process group, killing the whole group after `timeout` or on
+/// interruption. While it runs, `watch` is called about every 20 ms with the time since
+/// the start (it may take longer, e.g. to talk to the emulator); [`Watch::Stop`] kills
+/// the group and gives [`Outcome::MarkerSeen`].
+pub fn run_watched(
+    cmd: &mut Command,
+    timeout: Duration,
+    watch: &mut dyn FnMut(Duration) -> Watch,
+) -> Result<Outcome> {
     cmd.process_group(0);
     let shown = show_command(cmd);
+    let started = Instant::now();
     let mut child = cmd.spawn().ctx(|| format!("cannot start `{shown}`"))?;
-    let deadline = Instant::now() + timeout;
-    let mut last_marker_check = Instant::now();
+    let deadline = started + timeout;
     loop {
         if let Some(status) = child
             .try_wait()
@@ -79,16 +113,9 @@ pub fn run_with_timeout(
             stop(&mut child);
             return Ok(Outcome::TimedOut);
         }
-        if let Some((file, text)) = marker {
-            if last_marker_check.elapsed() >= Duration::from_millis(200) {
-                last_marker_check = Instant::now();
-                if let Ok(bytes) = std::fs::read(file) {
-                    if String::from_utf8_lossy(&bytes).contains(text) {
-                        stop(&mut child);
-                        return Ok(Outcome::MarkerSeen);
-                    }
-                }
-            }
+        if watch(started.elapsed()) == Watch::Stop {
+            stop(&mut child);
+            return Ok(Outcome::MarkerSeen);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -160,5 +187,31 @@ mod tests {
         .unwrap();
         assert_eq!(o, Outcome::MarkerSeen);
         let _ = std::fs::remove_file(f);
+    }
+
+    #[test]
+    fn watcher_sees_time_and_stops() {
+        let mut calls = 0;
+        let mut last = Duration::ZERO;
+        let o = run_watched(
+            Command::new("sh").args(["-c", "sleep 30"]),
+            Duration::from_secs(20),
+            &mut |t| {
+                calls += 1;
+                assert!(t >= last);
+                last = t;
+                if t >= Duration::from_millis(200) {
+                    Watch::Stop
+                } else {
+                    Watch::Continue
+                }
+            },
+        )
+        .unwrap();
+        assert_eq!(o, Outcome::MarkerSeen);
+        assert!(
+            calls > 2 && last < Duration::from_secs(5),
+            "{calls} {last:?}"
+        );
     }
 }

@@ -13,6 +13,10 @@ pub const QEMU: &str = "qemu-system-x86_64";
 pub const PASS_STATUS: i32 = crate::judge::QEMU_PASS;
 /// Exit status for a fail (0x11 written to port 0xf4).
 pub const FAIL_STATUS: i32 = crate::judge::QEMU_FAIL;
+/// The virtio-gpu's QEMU id (for `screendump`).
+pub const GPU_ID: &str = "gpu0";
+/// The virtio-gpu's scanouts (`max_outputs`).
+pub const GPU_HEADS: u32 = 4;
 
 /// What QEMU boots from.
 #[derive(Debug, Clone)]
@@ -28,8 +32,9 @@ pub enum Disk {
 pub enum Serial {
     /// A file (truncated at start).
     File(PathBuf),
-    /// stdio, multiplexed with the monitor (Ctrl-A X quits, Ctrl-A C the monitor).
-    StdioWithMonitor,
+    /// stdio, multiplexed with the monitor (Ctrl-A X quits, Ctrl-A C the monitor),
+    /// everything written to the terminal also logged to this file.
+    StdioWithMonitorLogged(PathBuf),
 }
 
 /// Options of one QEMU run.
@@ -47,6 +52,8 @@ pub struct Opts {
     pub display: bool,
     /// KVM instead of TCG.
     pub kvm: bool,
+    /// A QMP server on this unix socket (`-qmp unix:PATH,server=on,wait=off`).
+    pub qmp: Option<PathBuf>,
     /// Appended as they are.
     pub extra: Vec<String>,
 }
@@ -82,7 +89,7 @@ pub fn args(o: &Opts) -> Result<Vec<String>> {
     push(&["-device", "intel-iommu"]);
     push(&[
         "-device",
-        "virtio-gpu-pci,id=gpu0,iommu_platform=on,max_outputs=4",
+        &format!("virtio-gpu-pci,id={GPU_ID},iommu_platform=on,max_outputs={GPU_HEADS}"),
     ]);
     match &o.disk {
         Disk::Dir(dir) => {
@@ -105,7 +112,20 @@ pub fn args(o: &Opts) -> Result<Vec<String>> {
             let f = no_comma(f)?;
             push(&["-serial", &format!("file:{f}")]);
         }
-        Serial::StdioWithMonitor => push(&["-serial", "mon:stdio"]),
+        Serial::StdioWithMonitorLogged(f) => {
+            let f = no_comma(f)?;
+            push(&["-chardev", &format!("stdio,id=con0,mux=on,logfile={f}")]);
+            push(&[
+                "-serial",
+                "chardev:con0",
+                "-mon",
+                "chardev=con0,mode=readline",
+            ]);
+        }
+    }
+    if let Some(q) = &o.qmp {
+        let q = no_comma(q)?;
+        push(&["-qmp", &format!("unix:{q},server=on,wait=off")]);
     }
     push(&["-no-reboot"]);
     if !o.display {
@@ -119,7 +139,7 @@ pub fn args(o: &Opts) -> Result<Vec<String>> {
 pub fn command(o: &Opts) -> Result<Command> {
     let mut c = Command::new(QEMU);
     c.args(args(o)?);
-    if !matches!(o.serial, Serial::StdioWithMonitor) {
+    if matches!(o.serial, Serial::File(_)) {
         c.stdin(Stdio::null());
     }
     Ok(c)
@@ -137,6 +157,7 @@ mod tests {
             serial: Serial::File("/tmp/log".into()),
             display: false,
             kvm: false,
+            qmp: None,
             extra: vec!["-s".into()],
         }
     }
@@ -155,6 +176,22 @@ mod tests {
         assert!(joined.contains("-smp 2 -m 512M"));
         assert!(joined.contains("readonly=on,file=fat:/tmp/esp"));
         assert!(joined.contains("isa-debug-exit,iobase=0xf4"));
+        assert!(joined.contains("virtio-gpu-pci,id=gpu0,iommu_platform=on,max_outputs=4"));
+        assert!(!joined.contains("-qmp"));
+    }
+
+    #[test]
+    fn qmp_and_logged_stdio() {
+        let mut o = opts();
+        o.qmp = Some("/tmp/q.sock".into());
+        o.serial = Serial::StdioWithMonitorLogged("/tmp/run.log".into());
+        let joined = args(&o).unwrap().join(" ");
+        assert!(joined.contains("-qmp unix:/tmp/q.sock,server=on,wait=off"));
+        assert!(joined.contains(
+            "-chardev stdio,id=con0,mux=on,logfile=/tmp/run.log -serial chardev:con0 -mon chardev=con0,mode=readline"
+        ));
+        o.qmp = Some("/tmp/a,b".into());
+        assert!(args(&o).is_err());
     }
 
     #[test]

@@ -121,6 +121,195 @@ pub struct Scenario {
     /// QEMU boots the ESP directory (`dir`) or a GPT disk image of it (`image`).
     #[serde(default)]
     pub boot_from: BootFrom,
+    /// Screendumps of the GPU's heads taken while QEMU runs, with pixel checks.
+    #[serde(default)]
+    pub screendump: Vec<Screendump>,
+}
+
+/// What the heads of a [`Screendump`] must show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShotExpect {
+    /// Nothing: the dumps are only saved (and compared, with `changes_after_secs`).
+    #[default]
+    Any,
+    /// Anything but QEMU's "Guest has not initialized the display (yet)." screen.
+    Initialized,
+    /// QEMU's "Guest has not initialized the display (yet)." screen.
+    NotInitialized,
+    /// Head `heads[i]` shows VM `vms[i]`'s colour (`abi::guest::vm_color`; `vms`
+    /// defaults to `heads`) as its dominant colour, and is initialized.
+    VmColors,
+    /// Head `heads[i]` has the dominant colour `colors[i]`, and is initialized.
+    Colors,
+}
+
+impl fmt::Display for ShotExpect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ShotExpect::Any => "any",
+            ShotExpect::Initialized => "initialized",
+            ShotExpect::NotInitialized => "not-initialized",
+            ShotExpect::VmColors => "vm-colors",
+            ShotExpect::Colors => "colors",
+        })
+    }
+}
+
+/// A colour in a scenario file: `0xc03030` or `"#c03030"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ColorValue {
+    /// `0x00RRGGBB`.
+    Int(u32),
+    /// `"#rrggbb"` (the `#` is optional).
+    Text(String),
+}
+
+impl ColorValue {
+    /// `0x00RRGGBB`.
+    pub fn rgb(&self) -> Result<u32> {
+        match self {
+            ColorValue::Int(v) if *v <= 0x00ff_ffff => Ok(*v),
+            ColorValue::Int(v) => Err(format!("colour {v:#x} is more than 24 bits")),
+            ColorValue::Text(t) => {
+                let h = t.strip_prefix('#').unwrap_or(t);
+                match u32::from_str_radix(h, 16) {
+                    Ok(v) if h.len() == 6 => Ok(v),
+                    _ => Err(format!("colour {t:?} is not \"#rrggbb\"")),
+                }
+            }
+        }
+    }
+}
+
+/// Default per-channel tolerance of colour checks.
+pub const DEFAULT_TOLERANCE: u8 = 16;
+
+/// One `[[screendump]]` table: when to dump which heads, and what they must show.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Screendump {
+    /// Dump once this substring appears in the serial log ...
+    #[serde(default)]
+    pub after: Option<String>,
+    /// ... or this many seconds after QEMU started.
+    #[serde(default)]
+    pub at_secs: Option<f64>,
+    /// The heads (scanouts) to dump; default all of them.
+    #[serde(default = "all_heads")]
+    pub heads: Vec<u32>,
+    /// What they must show.
+    #[serde(default)]
+    pub expect: ShotExpect,
+    /// For `vm-colors`: the VM whose colour head `heads[i]` shows (default `heads`).
+    #[serde(default)]
+    pub vms: Option<Vec<u32>>,
+    /// For `colors`: the dominant colour of head `heads[i]`.
+    #[serde(default)]
+    pub colors: Option<Vec<ColorValue>>,
+    /// Per-channel tolerance of the colour checks (default 16).
+    #[serde(default)]
+    pub tolerance: Option<u8>,
+    /// Dump the heads again this much later and require each one to have changed.
+    #[serde(default)]
+    pub changes_after_secs: Option<f64>,
+}
+
+fn all_heads() -> Vec<u32> {
+    (0..crate::qemu::GPU_HEADS).collect()
+}
+
+impl Screendump {
+    fn validate(&self) -> Result<()> {
+        match (&self.after, self.at_secs) {
+            (Some(_), Some(_)) => return Err("give `after` or `at_secs`, not both".into()),
+            (None, None) => return Err("needs `after` (a serial substring) or `at_secs`".into()),
+            (Some(a), None) if a.is_empty() => return Err("`after` is empty".into()),
+            (None, Some(t)) if !(t.is_finite() && t >= 0.0) => {
+                return Err("`at_secs` must be a number >= 0".into())
+            }
+            _ => {}
+        }
+        if self.heads.is_empty() {
+            return Err("`heads` is empty".into());
+        }
+        for (i, h) in self.heads.iter().enumerate() {
+            if *h >= crate::qemu::GPU_HEADS {
+                return Err(format!(
+                    "head {h} does not exist (the GPU has {} heads)",
+                    crate::qemu::GPU_HEADS
+                ));
+            }
+            if self.heads[..i].contains(h) {
+                return Err(format!("head {h} is listed twice"));
+            }
+        }
+        if let Some(t) = self.changes_after_secs {
+            if !(t.is_finite() && t > 0.0) {
+                return Err("`changes_after_secs` must be a number > 0".into());
+            }
+        }
+        let n = self.heads.len();
+        match (&self.vms, self.expect) {
+            (Some(v), ShotExpect::VmColors) if v.len() != n => {
+                return Err(format!("`vms` has {} entries, `heads` {n}", v.len()))
+            }
+            (Some(_), e) if e != ShotExpect::VmColors => {
+                return Err("`vms` goes with `expect = \"vm-colors\"`".into())
+            }
+            _ => {}
+        }
+        match (&self.colors, self.expect) {
+            (Some(c), ShotExpect::Colors) => {
+                if c.len() != n {
+                    return Err(format!("`colors` has {} entries, `heads` {n}", c.len()));
+                }
+                for c in c {
+                    c.rgb()?;
+                }
+            }
+            (None, ShotExpect::Colors) => return Err("`expect = \"colors\"` needs `colors`".into()),
+            (Some(_), _) => return Err("`colors` goes with `expect = \"colors\"`".into()),
+            _ => {}
+        }
+        if self.tolerance.is_some()
+            && !matches!(self.expect, ShotExpect::VmColors | ShotExpect::Colors)
+        {
+            return Err("`tolerance` goes with `expect = \"vm-colors\"` or `\"colors\"`".into());
+        }
+        Ok(())
+    }
+
+    /// The colour head `heads[i]` must have as its dominant colour, and where that
+    /// expectation comes from (for messages); `None` when no colour is expected.
+    pub fn expected_color(&self, i: usize) -> Option<(u32, String)> {
+        match self.expect {
+            ShotExpect::VmColors => {
+                let vm = self.vms.as_ref().map_or(self.heads[i], |v| v[i]);
+                Some((crate::screendump::vm_color(vm), format!("vm_color({vm})")))
+            }
+            ShotExpect::Colors => {
+                let c = self.colors.as_ref()?.get(i)?.rgb().ok()?;
+                Some((c, format!("colors[{i}]")))
+            }
+            _ => None,
+        }
+    }
+
+    /// The per-channel tolerance of colour checks.
+    pub fn tolerance(&self) -> u8 {
+        self.tolerance.unwrap_or(DEFAULT_TOLERANCE)
+    }
+
+    /// The trigger, for messages: `after "..."` or `at 6s`.
+    pub fn trigger(&self) -> String {
+        match (&self.after, self.at_secs) {
+            (Some(a), _) => format!("after {a:?}"),
+            (None, Some(t)) => format!("at {t}s"),
+            (None, None) => "never".into(),
+        }
+    }
 }
 
 impl Scenario {
@@ -163,6 +352,13 @@ impl Scenario {
         }
         if self.boot_from == BootFrom::Image && self.emulators.contains(&Emulator::Bochs) {
             return Err("`boot_from = \"image\"` is supported for qemu only".into());
+        }
+        if !self.screendump.is_empty() && self.emulators.contains(&Emulator::Bochs) {
+            return Err("`[[screendump]]` needs QEMU's GPU: list only \"qemu\"".into());
+        }
+        for (i, d) in self.screendump.iter().enumerate() {
+            d.validate()
+                .map_err(|e| format!("[[screendump]] #{}: {e}", i + 1))?;
         }
         Ok(())
     }
@@ -289,6 +485,59 @@ mod tests {
             parse("description = \"d\"\nemulators = [\"qemu\"]\nexpect_exit = \"maybe\"\n")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn screendump_tables() {
+        let base = "description = \"d\"\nemulators = [\"qemu\"]\nexpect_exit = \"pass\"\n";
+        let s = parse(&format!(
+            "{base}[[screendump]]\nafter = \"draw vm0: frame 20\"\nheads = [0, 1, 2, 3]\n\
+             expect = \"vm-colors\"\nchanges_after_secs = 1.0\n\
+             [[screendump]]\nat_secs = 6\nexpect = \"colors\"\nheads = [2]\ncolors = [\"#0d420d\"]\ntolerance = 3\n"
+        ))
+        .unwrap();
+        assert_eq!(s.screendump.len(), 2);
+        let a = &s.screendump[0];
+        assert_eq!(a.expect, ShotExpect::VmColors);
+        assert_eq!(a.changes_after_secs, Some(1.0));
+        assert_eq!(a.expected_color(2), Some((0x3050c0, "vm_color(2)".into())));
+        assert_eq!(a.tolerance(), DEFAULT_TOLERANCE);
+        assert_eq!(a.trigger(), "after \"draw vm0: frame 20\"");
+        let b = &s.screendump[1];
+        assert_eq!(b.at_secs, Some(6.0));
+        assert_eq!(b.trigger(), "at 6s");
+        assert_eq!(b.expected_color(0), Some((0x0d420d, "colors[0]".into())));
+        assert_eq!(b.tolerance(), 3);
+        // Defaults: every head, no check.
+        let s = parse(&format!("{base}[[screendump]]\nat_secs = 1.5\n")).unwrap();
+        assert_eq!(s.screendump[0].heads, vec![0, 1, 2, 3]);
+        assert_eq!(s.screendump[0].expect, ShotExpect::Any);
+        assert_eq!(s.screendump[0].expected_color(0), None);
+        let bad = [
+            "[[screendump]]\nheads = [0]\n",
+            "[[screendump]]\nafter = \"x\"\nat_secs = 1\n",
+            "[[screendump]]\nafter = \"\"\n",
+            "[[screendump]]\nat_secs = -1\n",
+            "[[screendump]]\nat_secs = 1\nheads = []\n",
+            "[[screendump]]\nat_secs = 1\nheads = [4]\n",
+            "[[screendump]]\nat_secs = 1\nheads = [1, 1]\n",
+            "[[screendump]]\nat_secs = 1\nexpect = \"vm-colours\"\n",
+            "[[screendump]]\nat_secs = 1\nexpect = \"colors\"\n",
+            "[[screendump]]\nat_secs = 1\nexpect = \"colors\"\nheads = [0]\ncolors = [1, 2]\n",
+            "[[screendump]]\nat_secs = 1\nexpect = \"colors\"\nheads = [0]\ncolors = [\"red\"]\n",
+            "[[screendump]]\nat_secs = 1\nexpect = \"colors\"\nheads = [0]\ncolors = [0x1000000]\n",
+            "[[screendump]]\nat_secs = 1\ncolors = [1]\nheads = [0]\n",
+            "[[screendump]]\nat_secs = 1\nvms = [1]\nheads = [0]\n",
+            "[[screendump]]\nat_secs = 1\nexpect = \"vm-colors\"\nvms = [1]\nheads = [0, 1]\n",
+            "[[screendump]]\nat_secs = 1\ntolerance = 5\n",
+            "[[screendump]]\nat_secs = 1\nchanges_after_secs = 0\n",
+            "[[screendump]]\nat_secs = 1\nafterr = \"x\"\n",
+        ];
+        for b in bad {
+            assert!(parse(&format!("{base}{b}")).is_err(), "{b}");
+        }
+        let both = "description = \"d\"\nemulators = [\"qemu\", \"bochs\"]\nexpect_exit = \"pass\"\n[[screendump]]\nat_secs = 1\n";
+        assert!(parse(both).is_err());
     }
 
     /// Every scenario in the repository parses, and its config is readable.

@@ -7,15 +7,18 @@ use std::time::{Duration, Instant};
 
 use crate::artifacts::Artifacts;
 use crate::judge;
-use crate::process::{self, Outcome};
+use crate::process::{self, Outcome, Watch};
 use crate::scenario::{self, BootFrom, Emulator, Scenario};
-use crate::{bochs, esp, gpt, qemu, run_checked, show_command, tools, Context, Paths, Result};
+use crate::{
+    bochs, counters, esp, gpt, qemu, run_checked, screendump, show_command, tools, Context, Paths,
+    Result,
+};
 
 /// Serial log lines shown for a failing scenario.
 const TAIL_LINES: usize = 40;
 
 /// The scenario directory: `$XTASK_SCENARIOS` or `tests/scenarios`.
-fn scenario_dir(paths: &Paths) -> PathBuf {
+pub fn scenario_dir(paths: &Paths) -> PathBuf {
     match std::env::var_os("XTASK_SCENARIOS") {
         Some(d) if !d.is_empty() => PathBuf::from(d),
         _ => paths.root.join("tests").join("scenarios"),
@@ -28,6 +31,70 @@ struct Report {
     serial_log: PathBuf,
     other_logs: Vec<PathBuf>,
     outcome: Option<Outcome>,
+    /// Shown under the PASS/FAIL line whatever the result (files written).
+    notes: Vec<String>,
+}
+
+/// How one scenario run went.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    /// It passed.
+    pub passed: bool,
+    /// Wall-clock seconds, building the ESP included.
+    pub secs: f64,
+    /// Its serial log (absent if the harness failed before the run).
+    pub serial_log: Option<PathBuf>,
+}
+
+/// Runs scenario `s` in `emu` and prints its `PASS|FAIL` line, and why it failed.
+/// `None` when interrupted.
+pub fn run_and_print(
+    paths: &Paths,
+    art: &Artifacts,
+    emu: Emulator,
+    s: &Scenario,
+) -> Option<RunResult> {
+    let t = Instant::now();
+    let report = match emu {
+        Emulator::Qemu => run_qemu(paths, art, s),
+        Emulator::Bochs => run_bochs(paths, art, s),
+    };
+    let secs = t.elapsed().as_secs_f64();
+    if process::interrupted() {
+        return None;
+    }
+    let line = |verdict: &str| {
+        println!(
+            "{verdict} {:<24} [{emu}] {secs:6.1}s  {}",
+            s.name, s.description
+        )
+    };
+    match report {
+        Ok(r) => {
+            let passed = r.problems.is_empty();
+            line(if passed { "PASS" } else { "FAIL" });
+            for n in &r.notes {
+                println!("    {n}");
+            }
+            if !passed {
+                print_failure(paths, emu, &r);
+            }
+            Some(RunResult {
+                passed,
+                secs,
+                serial_log: Some(r.serial_log),
+            })
+        }
+        Err(e) => {
+            line("FAIL");
+            println!("    harness error: {e}");
+            Some(RunResult {
+                passed: false,
+                secs,
+                serial_log: None,
+            })
+        }
+    }
 }
 
 /// Runs the scenarios for `emu` (names containing `filter`); true when all pass.
@@ -73,32 +140,14 @@ pub fn run_suite(
         if process::interrupted() {
             break;
         }
-        let t = Instant::now();
-        let report = match emu {
-            Emulator::Qemu => run_qemu(paths, art, s),
-            Emulator::Bochs => run_bochs(paths, art, s),
-        };
-        let secs = t.elapsed().as_secs_f64();
-        if process::interrupted() {
+        let Some(r) = run_and_print(paths, art, emu, s) else {
             break;
-        }
-        match report {
-            Ok(r) if r.problems.is_empty() => {
-                passed += 1;
-                println!("PASS {:<24} [{emu}] {secs:6.1}s  {}", s.name, s.description);
-            }
-            Ok(r) => {
-                failed += 1;
-                failed_names.push(s.name.clone());
-                println!("FAIL {:<24} [{emu}] {secs:6.1}s  {}", s.name, s.description);
-                print_failure(paths, emu, &r);
-            }
-            Err(e) => {
-                failed += 1;
-                failed_names.push(s.name.clone());
-                println!("FAIL {:<24} [{emu}] {secs:6.1}s  {}", s.name, s.description);
-                println!("    harness error: {e}");
-            }
+        };
+        if r.passed {
+            passed += 1;
+        } else {
+            failed += 1;
+            failed_names.push(s.name.clone());
         }
     }
     if process::interrupted() {
@@ -244,6 +293,13 @@ fn run_qemu(paths: &Paths, art: &Artifacts, s: &Scenario) -> Result<Report> {
     let serial_log = logs.join(format!("{}-qemu.log", s.name));
     let console = logs.join(format!("{}-qemu.console.log", s.name));
     let _ = fs::remove_file(&serial_log);
+    let qmp = if s.screendump.is_empty() {
+        None
+    } else {
+        let sock = screendump::socket_path(&paths.work_dir_ensure(&s.name)?, &s.name);
+        let _ = fs::remove_file(&sock);
+        Some(sock)
+    };
     let opts = qemu::Opts {
         smp: s.qemu_smp(),
         memory_mib: s.memory(),
@@ -251,6 +307,7 @@ fn run_qemu(paths: &Paths, art: &Artifacts, s: &Scenario) -> Result<Report> {
         serial: qemu::Serial::File(serial_log.clone()),
         display: false,
         kvm: false,
+        qmp: qmp.clone(),
         extra: s.qemu_args.clone(),
     };
     let mut cmd = qemu::command(&opts)?;
@@ -264,13 +321,37 @@ fn run_qemu(paths: &Paths, art: &Artifacts, s: &Scenario) -> Result<Report> {
     )
     .ctx(|| "cannot write the QEMU command".to_string())?;
     cmd.stdout(out).stderr(err);
-    let outcome =
-        process::run_with_timeout(&mut cmd, Duration::from_secs(s.qemu_timeout_secs()), None)?;
+    let mut shots = qmp
+        .clone()
+        .map(|sock| screendump::Session::new(paths, s, sock, serial_log.clone()));
+    let outcome = process::run_watched(
+        &mut cmd,
+        Duration::from_secs(s.qemu_timeout_secs()),
+        &mut |elapsed| {
+            if let Some(sh) = shots.as_mut() {
+                sh.poll(elapsed);
+            }
+            Watch::Continue
+        },
+    )?;
+    let mut problems = judge_run(s, Emulator::Qemu, &outcome, &serial_log);
+    if let Some(sh) = shots {
+        problems.extend(sh.finish());
+    }
+    if let Some(sock) = &qmp {
+        let _ = fs::remove_file(sock);
+    }
+    let mut notes = Vec::new();
+    match counters::capture(&logs, &s.name, &serial_log) {
+        Ok(w) => notes.extend(w.summary(paths)),
+        Err(e) => notes.push(format!("counters: {e}")),
+    }
     Ok(Report {
-        problems: judge_run(s, Emulator::Qemu, &outcome, &serial_log),
+        problems,
         serial_log,
         other_logs: vec![console],
         outcome: Some(outcome),
+        notes,
     })
 }
 
@@ -307,6 +388,7 @@ fn run_bochs(paths: &Paths, art: &Artifacts, s: &Scenario) -> Result<Report> {
         serial_log,
         other_logs: vec![bochs_log, console],
         outcome: Some(outcome),
+        notes: Vec::new(),
     })
 }
 
@@ -324,6 +406,7 @@ pub fn check_image(paths: &Paths, img: &Path, marker: &str) -> Result<bool> {
         serial: qemu::Serial::File(serial_log.clone()),
         display: false,
         kvm: false,
+        qmp: None,
         extra: Vec::new(),
     };
     let mut cmd = qemu::command(&opts)?;
