@@ -39,6 +39,9 @@ pub mod hypercall {
     pub const YIELD: u64 = 2;
     /// Stops the VM with exit code RDI.
     pub const SHUTDOWN: u64 = 3;
+    /// Starts secondary vCPU RDI (1..vcpus) at RIP = RSI with RSP = RDX and RDI = RCX
+    /// (secondary vCPUs stay parked until started, like an INIT-SIPI).
+    pub const VCPU_START: u64 = 4;
     /// Registers a buffer (GPA in RDI, length in RSI) for zero-copy exchange with the GPU.
     pub const GPU_REGISTER_BUFFER: u64 = 0x100;
     /// Unregisters a buffer registered with [`GPU_REGISTER_BUFFER`] (handle in RDI).

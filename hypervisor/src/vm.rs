@@ -127,6 +127,8 @@ pub struct Vm {
     pub last_line: String,
     lapics: Vec<VLapic>,
     halted: Vec<bool>,
+    /// Secondary vCPUs stay parked until the guest starts them (VCPU_START).
+    started: Vec<bool>,
     pci_addr: u32,
     io_window: (u64, u64),
     stuck_us: u64,
@@ -183,6 +185,7 @@ impl Vm {
             last_line: String::new(),
             lapics: Vec::new(),
             halted: Vec::new(),
+            started: Vec::new(),
             pci_addr: 0,
             io_window: (0, 0),
             stuck_us: 0,
@@ -211,6 +214,7 @@ impl Vm {
             let v = virt::create_vcpu(backend, root, id + 1, &start).map_err(CreateError::Backend)?;
             vm.lapics.push(VLapic::new(vm.vcpus.len() as u32));
             vm.halted.push(false);
+            vm.started.push(vm.vcpus.is_empty());
             vm.vcpus.push(v);
         }
         Ok(vm)
@@ -330,6 +334,9 @@ impl Vm {
 
     /// Whether vCPU `idx` has something to do now (not halted, or an interrupt is due).
     pub fn ready(&mut self, idx: usize) -> bool {
+        if !self.started.get(idx).copied().unwrap_or(false) {
+            return false;
+        }
         if !self.halted.get(idx).copied().unwrap_or(false) {
             return true;
         }
@@ -741,6 +748,20 @@ impl Vm {
                 }
             }
             hypercall::YIELD => (hypercall::OK, false),
+            hypercall::VCPU_START => {
+                let target = r.rdi as usize;
+                if target == 0 || target >= self.vcpus.len() || self.started[target] {
+                    (hypercall::ERR_INVALID, true)
+                } else {
+                    let t = &mut self.vcpus[target];
+                    t.set_rip(r.rsi);
+                    t.set_rsp(r.rdx);
+                    t.regs().rdi = r.rcx;
+                    self.started[target] = true;
+                    info!("vcpu{target} started at {:#x}", r.rsi);
+                    (hypercall::OK, true)
+                }
+            }
             hypercall::SHUTDOWN => {
                 info!("guest requested shutdown with code {}", r.rdi);
                 self.state = VmState::Stopped(StopReason::Shutdown(r.rdi));

@@ -124,6 +124,8 @@ pub trait Vcpu: Send {
     fn set_rip(&mut self, rip: u64);
     /// Guest RSP.
     fn rsp(&self) -> u64;
+    /// Sets the guest RSP.
+    fn set_rsp(&mut self, rsp: u64);
     /// Guest RFLAGS.
     fn rflags(&self) -> u64;
     /// Guest CR3 (for the crash report).

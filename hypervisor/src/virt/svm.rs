@@ -317,6 +317,9 @@ impl Vcpu for SvmVcpu {
     fn rsp(&self) -> u64 {
         self.r(S_RSP)
     }
+    fn set_rsp(&mut self, rsp: u64) {
+        self.w(S_RSP, rsp);
+    }
     fn rflags(&self) -> u64 {
         self.r(S_RFLAGS)
     }

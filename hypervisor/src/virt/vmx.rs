@@ -764,6 +764,7 @@ pub struct VmxVcpu {
     rip: u64,
     rip_dirty: bool,
     rsp: u64,
+    rsp_dirty: bool,
     rflags: u64,
     cr3: u64,
     interruptibility: u64,
@@ -909,6 +910,7 @@ impl VmxVcpu {
             rip: start.rip,
             rip_dirty: false,
             rsp: start.rsp,
+            rsp_dirty: false,
             rflags: 0x2,
             cr3: start.cr3,
             interruptibility: 0,
@@ -1162,6 +1164,10 @@ impl VmxVcpu {
                 vmwrite(GUEST_RIP, self.rip)?;
                 self.rip_dirty = false;
             }
+            if self.rsp_dirty {
+                vmwrite(GUEST_RSP, self.rsp)?;
+                self.rsp_dirty = false;
+            }
             if self.interruptibility_dirty {
                 vmwrite(GUEST_INTERRUPTIBILITY, self.interruptibility)?;
                 self.interruptibility_dirty = false;
@@ -1353,6 +1359,10 @@ impl Vcpu for VmxVcpu {
         } else {
             self.rsp
         }
+    }
+    fn set_rsp(&mut self, rsp: u64) {
+        self.rsp = rsp;
+        self.rsp_dirty = true;
     }
     fn rflags(&self) -> u64 {
         self.rflags
