@@ -1,8 +1,10 @@
 //! The guest's interrupt descriptor table: every CPU exception (vectors 0-31) prints
 //! what happened and shuts the VM down with [`crate::exit::EXCEPTION_BASE`] + vector;
 //! [`TIMER_VECTOR`] counts a tick and sends EOI to the virtual local APIC;
-//! [`SPURIOUS_VECTOR`] returns at once (no EOI, as the APIC wants). Other vectors are
-//! not present: raising one is a #GP whose error code names the vector.
+//! [`SPURIOUS_VECTOR`] returns at once (no EOI, as the APIC wants); the device vectors
+//! [`DEVICE_VECTOR_BASE`]`..+`[`DEVICE_VECTORS`] (MSI-X messages of emulated devices)
+//! count the interrupt per vector ([`device_interrupts`]) and send EOI. Other vectors
+//! are not present: raising one is a #GP whose error code names the vector.
 //!
 //! The stubs are assembly (`extern "x86-interrupt"` is unstable): they save the
 //! registers the System V ABI lets a callee clobber, align the stack, call Rust and
@@ -10,12 +12,31 @@
 //! saving.
 
 use core::arch::{asm, global_asm};
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// The virtual local APIC timer's vector.
 pub const TIMER_VECTOR: u8 = 0x30;
 /// The virtual local APIC's spurious-interrupt vector.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
+
+/// First vector for device interrupts (MSI-X messages): the virtio-gpu driver uses
+/// `DEVICE_VECTOR_BASE` (configuration changes), `+1` (control queue) and `+2`
+/// (cursor queue).
+pub const DEVICE_VECTOR_BASE: u8 = 0x40;
+/// Device vectors with a counting handler.
+pub const DEVICE_VECTORS: usize = 8;
+
+/// Interrupts taken per device vector.
+static DEVICE_IRQS: [AtomicU64; DEVICE_VECTORS] = [const { AtomicU64::new(0) }; DEVICE_VECTORS];
+
+/// Interrupts taken so far on device vector `vector` (0 for a vector outside
+/// [`DEVICE_VECTOR_BASE`]`..+`[`DEVICE_VECTORS`]).
+pub fn device_interrupts(vector: u8) -> u64 {
+    vector
+        .checked_sub(DEVICE_VECTOR_BASE)
+        .and_then(|i| DEVICE_IRQS.get(usize::from(i)))
+        .map_or(0, |c| c.load(Ordering::Acquire))
+}
 
 /// Vectors whose exceptions push an error code.
 const HAS_ERROR_CODE: [u8; 10] = [8, 10, 11, 12, 13, 14, 17, 21, 29, 30];
@@ -91,6 +112,43 @@ global_asm!(
     guest_frontend_spurious_stub:
         iretq
 
+    .irp v, 0,1,2,3,4,5,6,7
+    .balign 16
+    guest_frontend_dev_\v:
+        push \v
+        jmp guest_frontend_dev_common
+    .endr
+
+    guest_frontend_dev_common:
+        push rax
+        push rcx
+        push rdx
+        push rsi
+        push rdi
+        push r8
+        push r9
+        push r10
+        push r11
+        push rbp
+        mov rbp, rsp
+        mov rdi, [rbp + 80]
+        and rsp, -16
+        cld
+        call {device}
+        mov rsp, rbp
+        pop rbp
+        pop r11
+        pop r10
+        pop r9
+        pop r8
+        pop rdi
+        pop rsi
+        pop rdx
+        pop rcx
+        pop rax
+        add rsp, 8
+        iretq
+
     .section .rodata.guest_frontend_idt,"a",@progbits
     .balign 8
     .global guest_frontend_exc_stubs
@@ -98,15 +156,23 @@ global_asm!(
     .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
         .quad guest_frontend_exc_\v
     .endr
+    .global guest_frontend_dev_stubs
+    guest_frontend_dev_stubs:
+    .irp v, 0,1,2,3,4,5,6,7
+        .quad guest_frontend_dev_\v
+    .endr
     .text
     "#,
     exception = sym exception_entry,
     timer = sym timer_entry,
+    device = sym device_entry,
 );
 
 unsafe extern "C" {
     /// Addresses of the 32 exception stubs above.
     static guest_frontend_exc_stubs: [u64; 32];
+    /// Addresses of the device-vector stubs above.
+    static guest_frontend_dev_stubs: [u64; DEVICE_VECTORS];
     fn guest_frontend_timer_stub();
     fn guest_frontend_spurious_stub();
 }
@@ -160,7 +226,7 @@ struct Pointer {
     base: u64,
 }
 
-/// Fills the IDT (exceptions, timer, spurious) and loads it. Interrupts are off while
+/// Fills the IDT (exceptions, timer, spurious, device vectors) and loads it. Interrupts are off while
 /// the gates change and restored afterwards.
 pub fn init() {
     let was_enabled = crate::cpu::interrupts_enabled();
@@ -181,6 +247,11 @@ pub fn init() {
     let stubs = unsafe { guest_frontend_exc_stubs };
     for (v, &stub) in stubs.iter().enumerate() {
         set(v as u8, stub);
+    }
+    // SAFETY: as above.
+    let dev_stubs = unsafe { guest_frontend_dev_stubs };
+    for (i, &stub) in dev_stubs.iter().enumerate() {
+        set(DEVICE_VECTOR_BASE + i as u8, stub);
     }
     set(TIMER_VECTOR, guest_frontend_timer_stub as *const () as u64);
     set(
@@ -302,4 +373,12 @@ extern "C" fn exception_entry(f: &ExceptionFrame) -> ! {
 
 extern "C" fn timer_entry() {
     crate::timer::on_tick();
+}
+
+/// Called by a device-vector stub with the vector's index: counts it and sends EOI.
+extern "C" fn device_entry(index: u64) {
+    if let Some(c) = DEVICE_IRQS.get(index as usize) {
+        c.fetch_add(1, Ordering::AcqRel);
+    }
+    crate::lapic::eoi();
 }

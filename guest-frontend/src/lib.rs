@@ -12,18 +12,29 @@
 //! - the virtual local APIC ([`lapic`]) and a periodic tick counter on its timer
 //!   ([`timer`]);
 //! - [`cpu`] helpers: `rdtsc`, interrupt flag, halting;
-//! - a panic handler that prints and shuts down with [`exit::PANIC`].
+//! - a panic handler that prints and shuts down with [`exit::PANIC`];
+//! - for the paravirtual GPU: PCI discovery through the guest ECAM window ([`pci`],
+//!   register access in [`mmio`]), guest RAM for devices ([`dma`]), the virtio-gpu
+//!   frontend driver ([`virtio_gpu`]) and the test pattern the GPU guests draw
+//!   ([`gfx`]); MSI-X messages arrive on the device vectors of [`idt`].
 #![no_std]
+
+extern crate alloc;
 
 pub use gpu_pv::abi;
 
 pub mod boot_info;
 pub mod cpu;
+pub mod dma;
+pub mod gfx;
 pub mod hypercall;
 pub mod idt;
 pub mod lapic;
+pub mod mmio;
+pub mod pci;
 pub mod serial;
 pub mod timer;
+pub mod virtio_gpu;
 
 #[doc(hidden)]
 pub mod rt;

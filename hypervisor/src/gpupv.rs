@@ -30,7 +30,10 @@ use gpu_pv::sim_gpu::{CostModel, SimGpu, SimGpuConfig};
 use log::{info, warn};
 use spin::Mutex;
 
+use crate::gpu::{GpuBackend, GpuError};
+use crate::iommu::DomainId;
 use crate::mm::phys_to_ptr;
+use crate::pci::Bdf;
 
 /// Most VMs with a paravirtual GPU.
 pub const MAX_GPU_VMS: usize = 64;
@@ -67,25 +70,13 @@ impl GuestMemory for VmMemory {
     }
 }
 
-/// The physical GPU as the mediator's glue drives it.
-pub trait Physical: Send {
-    /// A name for logs.
-    fn name(&self) -> &str;
-    /// Sizes of its scanouts.
-    fn scanouts(&self) -> Vec<(u32, u32)>;
-    /// Copies one host command into the physical queue; `token` comes back with its
-    /// completion. Returns false when the queue is full.
-    fn submit(&mut self, queue: QueueId, bytes: &[u8], token: u64) -> bool;
-    /// Collects completions as `(token, response type)`.
-    fn poll(&mut self, out: &mut Vec<(u64, u32)>);
-}
-
 /// A CPU-rendered GPU (the `gpu-pv` simulated GPU over host memory): the backend for
 /// machines without a supported GPU, e.g. Bochs.
 pub struct SimBackend {
     gpu: SimGpu,
     done: Vec<(u64, u32)>,
     host: HostMemory,
+    sizes: Vec<(u32, u32)>,
 }
 
 /// All RAM below `top`, for the simulated GPU's DMA.
@@ -117,30 +108,38 @@ impl GuestMemory for HostMemory {
 impl SimBackend {
     /// A simulated GPU with `scanouts` displays and `vram` bytes, DMA below `top`.
     pub fn new(scanouts: Vec<(u32, u32)>, vram: u64, top: u64) -> Option<Self> {
+        let sizes = scanouts.clone();
         let gpu = SimGpu::new(SimGpuConfig { scanouts, vram_bytes: vram, cost: CostModel::FREE }).ok()?;
-        Some(Self { gpu, done: Vec::new(), host: HostMemory { top } })
+        Some(Self { gpu, done: Vec::new(), host: HostMemory { top }, sizes })
     }
 }
 
-impl Physical for SimBackend {
+impl GpuBackend for SimBackend {
     fn name(&self) -> &str {
         "simulated GPU (CPU rendered)"
     }
-    fn scanouts(&self) -> Vec<(u32, u32)> {
-        (0..self.gpu.scanout_count() as u32)
-            .filter_map(|i| self.gpu.scanout(i).map(|s| (s.width, s.height)))
-            .collect()
+    fn scanouts(&self) -> &[(u32, u32)] {
+        &self.sizes
     }
-    fn submit(&mut self, _queue: QueueId, bytes: &[u8], token: u64) -> bool {
-        let status = match command::decode(bytes) {
+    fn free_slots(&self, _queue: QueueId) -> usize {
+        MAX_BATCH
+    }
+    fn submit(&mut self, _queue: QueueId, cmd: &[u8], token: u64) -> Result<(), GpuError> {
+        let status = match command::decode(cmd) {
             Ok(req) => self.gpu.execute(&req, &self.host).response.type_(),
             Err(e) => e.response_type(),
         };
         self.done.push((token, status));
-        true
+        Ok(())
     }
-    fn poll(&mut self, out: &mut Vec<(u64, u32)>) {
+    fn kick(&mut self) {}
+    fn poll(&mut self, out: &mut Vec<(u64, u32)>) -> usize {
+        let n = self.done.len();
         out.append(&mut self.done);
+        n
+    }
+    fn in_flight(&self) -> usize {
+        self.done.len()
     }
 }
 
@@ -153,7 +152,11 @@ struct InFlight {
 struct GpuPv {
     mediator: Mediator,
     sched: Scheduler,
-    backend: Box<dyn Physical>,
+    backend: Box<dyn GpuBackend>,
+    /// The GPU's IOMMU domain, when the IOMMU translates its DMA.
+    domain: Option<DomainId>,
+    /// Guest ranges mapped for the GPU, with how many attachments use each.
+    mapped: BTreeMap<(u64, u64), u32>,
     memory: BTreeMap<VmId, VmMemory>,
     slice: Option<Slice>,
     slice_ops: u64,
@@ -176,9 +179,37 @@ fn now_ns() -> u64 {
     crate::apic::now_us() * 1000
 }
 
+/// Display size a VM gets on a physical head that reports no display of its own.
+pub const DEFAULT_DISPLAY: (u32, u32) = (640, 480);
+
 /// Starts the mediator over `backend` with the GPU quantum and mode from the config.
-pub fn init(backend: Box<dyn Physical>, quantum_us: u32, mode: u32, vram_total: u64) {
-    let scanouts = backend.scanouts();
+/// `gpu` is the physical GPU's PCI function: with an IOMMU, it gets a domain of its
+/// own in which only the backend's own memory and the guest pages the mediator
+/// granted are mapped.
+pub fn init(backend: Box<dyn GpuBackend>, gpu: Option<Bdf>, quantum_us: u32, mode: u32, vram_total: u64) {
+    let scanouts: Vec<(u32, u32)> = backend
+        .scanouts()
+        .iter()
+        .map(|&(w, h)| if w == 0 || h == 0 { DEFAULT_DISPLAY } else { (w.min(DEFAULT_DISPLAY.0), h.min(DEFAULT_DISPLAY.1)) })
+        .collect();
+    let domain = match gpu {
+        Some(bdf) if crate::iommu::translating() => match crate::iommu::attach(bdf) {
+            Ok(d) => {
+                for (addr, len) in backend.dma_regions() {
+                    if let Err(e) = crate::iommu::map(d, addr, addr, len, true) {
+                        warn!("gpu-pv: cannot map the GPU driver's memory {addr:#x}+{len:#x}: {e:?}");
+                    }
+                }
+                info!("gpu-pv: GPU {bdf} isolated in IOMMU domain {}: only granted pages are reachable", d.0);
+                Some(d)
+            }
+            Err(e) => {
+                warn!("gpu-pv: GPU {bdf} not attached to the IOMMU ({e:?}): its DMA is not isolated");
+                None
+            }
+        },
+        _ => None,
+    };
     let cfg = SchedConfig {
         mode: match mode {
             1 => Mode::EqualShare,
@@ -206,6 +237,8 @@ pub fn init(backend: Box<dyn Physical>, quantum_us: u32, mode: u32, vram_total: 
         mediator: Mediator::new(MediatorConfig::new(vram_total, scanouts.len() as u32)),
         sched,
         backend,
+        domain,
+        mapped: BTreeMap::new(),
         memory: BTreeMap::new(),
         slice: None,
         slice_ops: 0,
@@ -256,17 +289,45 @@ pub fn remove_vm(vm: VmId) {
     if s.memory.remove(&vm).is_some() {
         if let Ok(r) = s.mediator.reset_vm(vm) {
             info!("gpu-pv: vm {vm} gone: {} commands dropped, {} resources released", r.dropped, r.released);
-            unmap_all(&r.unmapped);
+            unmap_all(s, &r.unmapped);
         }
         let _ = s.sched.set_runnable(vm, false, now_ns());
     }
     drain_events(s);
 }
 
-fn unmap_all(ranges: &[(u64, u64)]) {
-    // The IOMMU domain of the GPU follows the mediator's map/unmap reports when an
-    // IOMMU driver is active; without one, the mediator's own checks are the guard.
-    let _ = ranges;
+/// Removes `ranges` from the GPU's IOMMU domain (the zero-copy buffers of a VM that
+/// was reset or detached its backing). Without an IOMMU the mediator's own checks
+/// are the only guard.
+fn unmap_all(s: &mut GpuPv, ranges: &[(u64, u64)]) {
+    for &r in ranges {
+        iommu_unmap(s, r.0, r.1);
+    }
+}
+
+fn iommu_map(s: &mut GpuPv, hpa: u64, len: u64) {
+    let Some(d) = s.domain else { return };
+    let (start, end) = (hpa & !0xfff, (hpa + len + 0xfff) & !0xfff);
+    let n = s.mapped.entry((start, end)).or_insert(0);
+    *n += 1;
+    if *n == 1 {
+        if let Err(e) = crate::iommu::map(d, start, start, end - start, true) {
+            warn!("gpu-pv/Debug: IOMMU map {start:#x}..{end:#x} failed: {e:?}");
+        }
+    }
+}
+
+fn iommu_unmap(s: &mut GpuPv, hpa: u64, len: u64) {
+    let Some(d) = s.domain else { return };
+    let (start, end) = (hpa & !0xfff, (hpa + len + 0xfff) & !0xfff);
+    let Some(n) = s.mapped.get_mut(&(start, end)) else { return };
+    *n -= 1;
+    if *n == 0 {
+        s.mapped.remove(&(start, end));
+        if let Err(e) = crate::iommu::unmap(d, start, end - start) {
+            warn!("gpu-pv/Debug: IOMMU unmap {start:#x}..{end:#x} failed: {e:?}");
+        }
+    }
 }
 
 /// The driver wrote DRIVER_OK.
@@ -286,7 +347,7 @@ pub fn driver_reset(vm: VmId) {
     let mut g = GPUPV.lock();
     let Some(s) = g.as_mut() else { return };
     if let Ok(r) = s.mediator.driver_reset(vm) {
-        unmap_all(&r.unmapped);
+        unmap_all(s, &r.unmapped);
     }
     drain_events(s);
 }
@@ -378,7 +439,8 @@ fn drain_events(s: &mut GpuPv) {
     }
     for op in s.mediator.take_iommu_ops() {
         match op {
-            IommuOp::Map { .. } | IommuOp::Unmap { .. } => {}
+            IommuOp::Map { hpa, len, .. } => iommu_map(s, hpa, len),
+            IommuOp::Unmap { hpa, len, .. } => iommu_unmap(s, hpa, len),
         }
     }
 }
@@ -389,9 +451,11 @@ pub fn service() {
     let Some(mut g) = GPUPV.try_lock() else { return };
     let Some(s) = g.as_mut() else { return };
     let now = now_ns();
-    crate::interrupts::take_pending(crate::interrupts::GPU_VECTOR);
+    let irqs = crate::interrupts::take_pending(crate::interrupts::GPU_VECTOR);
     let mut done = Vec::new();
-    s.backend.poll(&mut done);
+    if s.backend.poll(&mut done) == 0 && irqs != 0 {
+        s.backend.check_device();
+    }
     for (token, status) in done {
         let Some(fence) = s.tokens.remove(&token) else { continue };
         if let Some(f) = s.in_flight.as_mut() {
@@ -410,7 +474,7 @@ pub fn service() {
     for vm in s.mediator.tick(now) {
         if let Ok(r) = s.mediator.reset_vm(vm) {
             warn!("gpu-pv/Debug: vm {vm}: channel hung, reset: {} commands dropped", r.dropped);
-            unmap_all(&r.unmapped);
+            unmap_all(s, &r.unmapped);
         }
     }
     collect_interrupts(s);
@@ -448,14 +512,19 @@ fn submit(s: &mut GpuPv, batch: Batch) {
     for c in &batch.commands {
         let token = s.next_token;
         s.next_token += 1;
-        if s.backend.submit(c.queue, &c.bytes, token) {
-            s.tokens.insert(token, c.host_fence);
-            f.outstanding += 1;
-        } else {
-            // Queue full: report it as the device's error so the guest is answered.
-            f.completions.push(Completion { host_fence: c.host_fence, status: gpu_pv::wire::RESP_ERR_UNSPEC });
+        match s.backend.submit(c.queue, &c.bytes, token) {
+            Ok(()) => {
+                s.tokens.insert(token, c.host_fence);
+                f.outstanding += 1;
+            }
+            Err(e) => {
+                // The guest is answered with the device's error; the mediator logs it.
+                warn!("gpu-pv/Debug: vm {}: physical submit failed: {e:?}", batch.vm);
+                f.completions.push(Completion { host_fence: c.host_fence, status: gpu_pv::wire::RESP_ERR_UNSPEC });
+            }
         }
     }
+    s.backend.kick();
     s.in_flight = Some(f);
 }
 

@@ -12,8 +12,10 @@ mod acpi;
 mod apic;
 mod arch;
 mod exit;
+mod gpu;
 mod gpupv;
 mod interrupts;
+mod iommu;
 mod mm;
 mod pci;
 mod selftest;
@@ -73,6 +75,16 @@ fn kmain(bi: &'static BootInfo) -> ! {
     apic::init_bsp();
     let cpus = smp::start_aps(bi, platform.as_ref());
     summary(bi, platform.as_ref(), &devices, cpus);
+    if bi.option("test") == Some("gpu-native") {
+        selftest::gpu_native(bi, &devices);
+    }
+    // The GPU driver comes up before the IOMMU translates, so its own set-up DMA
+    // needs no mapping; the mediator then isolates it in a domain of its own.
+    let physical_gpu = probe_gpu(bi, &devices);
+    iommu::init(platform.as_ref(), bi.option("iommu") != Some("off"));
+    if bi.option("test") == Some("iommu") {
+        selftest::iommu(&devices);
+    }
 
     if bi.option("test") == Some("boot") {
         let ok = cpus == platform.as_ref().map_or(1, |p| p.cpus.len().max(1));
@@ -88,7 +100,7 @@ fn kmain(bi: &'static BootInfo) -> ! {
     };
     info!("virtualization: {backend:?}");
     vmm::configure(bi, backend);
-    start_gpu_pv(bi);
+    start_gpu_pv(bi, physical_gpu);
     let run_ms = bi.option("run_ms").and_then(|v| v.parse::<u64>().ok());
     match bi.option("test") {
         Some("vm-cycles") => selftest::vm_cycles(),
@@ -109,9 +121,30 @@ fn kmain(bi: &'static BootInfo) -> ! {
     exit::pass()
 }
 
-/// Starts the mediator over the best GPU backend available: the physical GPU when a
-/// driver for it came up, otherwise the CPU-rendered simulated GPU.
-fn start_gpu_pv(bi: &BootInfo) {
+/// Brings up the physical virtio-gpu, if there is one (and `gpu=sim` does not ask
+/// for the simulated GPU).
+fn probe_gpu(bi: &BootInfo, devices: &[pci::Device]) -> Option<(gpu::virtio::VirtioGpu, pci::Bdf)> {
+    if bi.option("gpu") == Some("sim") {
+        return None;
+    }
+    for d in devices.iter().filter(|d| gpu::virtio::VirtioGpu::matches(d)) {
+        match gpu::virtio::VirtioGpu::new(d) {
+            Ok(g) => return Some((g, d.bdf)),
+            Err(e) => warn!("gpu: virtio-gpu at {} not usable ({e:?}); using the simulated GPU", d.bdf),
+        }
+    }
+    None
+}
+
+/// Starts the mediator over the best GPU backend available: the physical virtio-gpu
+/// when its driver came up, otherwise the CPU-rendered simulated GPU.
+fn start_gpu_pv(bi: &BootInfo, physical: Option<(gpu::virtio::VirtioGpu, pci::Bdf)>) {
+    let quantum = bi.gpu_quantum_us;
+    let mode = bi.gpu_sched_mode;
+    if let Some((g, bdf)) = physical {
+        gpupv::init(alloc::boxed::Box::new(g), Some(bdf), quantum, mode, 256 << 20);
+        return;
+    }
     let top = bi
         .memory()
         .iter()
@@ -120,8 +153,8 @@ fn start_gpu_pv(bi: &BootInfo) {
         .max()
         .unwrap_or(0);
     let n = bi.vms().len().max(1);
-    match gpupv::SimBackend::new(alloc::vec![(640, 480); n], 256 << 20, top) {
-        Some(b) => gpupv::init(alloc::boxed::Box::new(b), bi.gpu_quantum_us, bi.gpu_sched_mode, 256 << 20),
+    match gpupv::SimBackend::new(alloc::vec![gpupv::DEFAULT_DISPLAY; n], 256 << 20, top) {
+        Some(b) => gpupv::init(alloc::boxed::Box::new(b), None, quantum, mode, 256 << 20),
         None => warn!("gpu-pv: no GPU backend; VMs get no paravirtual GPU"),
     }
 }

@@ -85,6 +85,370 @@ pub fn lifecycle() -> ! {
     exit::pass()
 }
 
+/// Scanout size the `gpu-native` test draws on each head.
+const GPU_TEST_W: u32 = 640;
+/// See [`GPU_TEST_W`].
+const GPU_TEST_H: u32 = 480;
+
+/// `test=gpu-native [frames=N] [hold[=S]]`: the hypervisor drives the physical GPU
+/// itself, through the [`crate::gpu::GpuBackend`] trait, with no VM and no mediator:
+/// it draws a distinct test pattern (color, checkerboard, gradient, border and the
+/// head's number) on each of the first 4 scanouts, waits for every response by
+/// interrupt (GPU_VECTOR), then times N (default 200) full-frame
+/// TRANSFER_TO_HOST_2D + RESOURCE_FLUSH pairs, one frame at a time round-robin over
+/// the heads, each waited for by interrupt: the "native" baseline of the
+/// "% of native" benchmark. `hold` keeps the displays up for S (default 5) seconds
+/// before exiting, for screendumps from the QEMU monitor.
+pub fn gpu_native(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) -> ! {
+    use alloc::vec;
+    use alloc::vec::Vec;
+    use gpu_pv::command::{encode, Command, Request};
+    use gpu_pv::mediator::QueueId;
+    use gpu_pv::wire::{self, format, CtrlHdr, MemEntry, Rect};
+
+    use crate::gpu::virtio::VirtioGpu;
+    use crate::gpu::{DmaRegion, GpuBackend};
+    use crate::interrupts::{self, GPU_VECTOR};
+
+    let Some(dev) = devices.iter().find(|d| VirtioGpu::matches(d)) else {
+        error!("gpu native: no virtio-gpu found");
+        exit::fail("no gpu")
+    };
+    let mut vgpu = match VirtioGpu::new(dev) {
+        Ok(g) => g,
+        Err(e) => {
+            error!("gpu native: bring-up failed: {e}");
+            exit::fail("gpu bring-up")
+        }
+    };
+    let features = vgpu.features();
+    let gpu: &mut dyn GpuBackend = &mut vgpu;
+    let heads = gpu.scanouts().len().min(4);
+    let dma: u64 = gpu.dma_regions().iter().map(|r| r.1).sum();
+    info!(
+        "gpu native: {} (features {features:#x}), {} KiB of DMA memory for rings and commands, {} control slots",
+        gpu.name(),
+        dma / 1024,
+        gpu.free_slots(QueueId::Control)
+    );
+    // Bring-up waited by polling: an interrupt it caused is not ours to count.
+    interrupts::service_pending();
+    interrupts::take_pending(GPU_VECTOR);
+
+    let (w, h) = (GPU_TEST_W, GPU_TEST_H);
+    let bytes = w * h * 4;
+    let rect = Rect {
+        x: 0,
+        y: 0,
+        width: w,
+        height: h,
+    };
+    let mut fbs = Vec::new();
+    let mut setup = Vec::new();
+    for head in 0..heads {
+        let Some(mut fb) = DmaRegion::alloc(u64::from(bytes)) else {
+            exit::fail("no memory for the framebuffers")
+        };
+        draw_test_pattern(head, fb.as_mut_slice());
+        let resource_id = head as u32 + 1;
+        setup.extend([
+            Command::ResourceCreate2d {
+                resource_id,
+                format: format::B8G8R8X8_UNORM,
+                width: w,
+                height: h,
+            },
+            Command::ResourceAttachBacking {
+                resource_id,
+                entries: vec![MemEntry {
+                    addr: fb.device_addr(),
+                    length: bytes,
+                    padding: 0,
+                }],
+            },
+            Command::TransferToHost2d {
+                rect,
+                offset: 0,
+                resource_id,
+            },
+            Command::SetScanout {
+                rect,
+                scanout_id: head as u32,
+                resource_id,
+            },
+            Command::ResourceFlush { rect, resource_id },
+        ]);
+        fbs.push(fb);
+    }
+    let wire_of = |cmd: Command| {
+        let mut b = Vec::new();
+        encode(
+            &Request {
+                hdr: CtrlHdr::default(),
+                cmd,
+            },
+            &mut b,
+        );
+        b
+    };
+    let setup: Vec<Vec<u8>> = setup.into_iter().map(wire_of).collect();
+    let mut waiter = GpuWaiter::default();
+    let mut done = Vec::new();
+    if gpu.free_slots(QueueId::Control) < setup.len() {
+        exit::fail("control queue too small for the set-up");
+    }
+    for (token, cmd) in setup.iter().enumerate() {
+        if let Err(e) = gpu.submit(QueueId::Control, cmd, token as u64) {
+            error!("gpu native: submit {token}: {e}");
+            exit::fail("submit");
+        }
+    }
+    gpu.kick();
+    if let Err(why) = waiter.wait(gpu, setup.len(), &mut done) {
+        error!("gpu native: set-up: {why}");
+        exit::fail(why);
+    }
+    if let Some((token, status)) = done.iter().find(|d| d.1 != wire::RESP_OK_NODATA) {
+        error!("gpu native: set-up command {token} answered {status:#x}");
+        exit::fail("set-up command refused");
+    }
+    info!(
+        "gpu native: test pattern on {heads} scanouts ({} commands, all OK_NODATA), {} interrupts",
+        setup.len(),
+        waiter.irqs
+    );
+    if waiter.irqs == 0 {
+        exit::fail("no GPU interrupt");
+    }
+    // The cursor queue: one MOVE_CURSOR (no response in virtio-gpu; the backend
+    // reports OK_NODATA when the device hands it back).
+    let mv = wire_of(Command::MoveCursor {
+        pos: wire::CursorPos {
+            scanout_id: 0,
+            x: 100,
+            y: 100,
+            padding: 0,
+        },
+    });
+    done.clear();
+    let irqs_before = waiter.irqs;
+    if let Err(e) = gpu.submit(QueueId::Cursor, &mv, 1000) {
+        error!("gpu native: cursor submit: {e}");
+        exit::fail("cursor submit");
+    }
+    gpu.kick();
+    if let Err(why) = waiter.wait(gpu, 1, &mut done) {
+        error!("gpu native: cursor queue: {why}");
+        exit::fail(why);
+    }
+    if done.as_slice() != [(1000, wire::RESP_OK_NODATA)] {
+        error!("gpu native: cursor queue returned {done:?}");
+        exit::fail("cursor queue");
+    }
+    info!(
+        "gpu native: cursor queue: MOVE_CURSOR returned, {} interrupts",
+        waiter.irqs - irqs_before
+    );
+
+    let frames: u64 = bi
+        .option("frames")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+        .max(1);
+    let per_head: Vec<[Vec<u8>; 2]> = (0..heads as u32)
+        .map(|head| {
+            let resource_id = head + 1;
+            [
+                wire_of(Command::TransferToHost2d {
+                    rect,
+                    offset: 0,
+                    resource_id,
+                }),
+                wire_of(Command::ResourceFlush { rect, resource_id }),
+            ]
+        })
+        .collect();
+    // Untimed warm-up: the first pass through these code paths is slow under TCG.
+    if let Err(why) = time_frames(gpu, &mut waiter, &per_head, 20) {
+        exit::fail(why);
+    }
+    let (us, irqs) = match time_frames(gpu, &mut waiter, &per_head, frames) {
+        Ok(r) => r,
+        Err(why) => exit::fail(why),
+    };
+    let fps_x10 = frames * 10_000_000 / us;
+    info!(
+        "gpu native: {frames} frames in {us} us = {}.{} fps, {irqs} interrupts",
+        fps_x10 / 10,
+        fps_x10 % 10
+    );
+    // For comparison: the same frames with an interrupt per completion.
+    vgpu.set_coalescing(false);
+    let gpu: &mut dyn GpuBackend = &mut vgpu;
+    let (us, irqs) = match time_frames(gpu, &mut waiter, &per_head, frames) {
+        Ok(r) => r,
+        Err(why) => exit::fail(why),
+    };
+    let fps_x10 = frames * 10_000_000 / us;
+    info!(
+        "gpu native (interrupt per completion): {frames} frames in {us} us = {}.{} fps, {irqs} interrupts",
+        fps_x10 / 10,
+        fps_x10 % 10
+    );
+    crate::apic::disarm();
+    if gpu.check_device() || gpu.failed().is_some() || gpu.in_flight() != 0 {
+        error!("gpu native: the device reports a change or failure, or work is left");
+        exit::fail("gpu state after the run");
+    }
+    let hold_s = bi
+        .option("hold")
+        .and_then(|v| v.parse::<u64>().ok())
+        .or(bi.has_flag("hold").then_some(5));
+    if let Some(s) = hold_s {
+        info!("gpu native: holding the displays for {s} s");
+        crate::apic::delay_us(s * 1_000_000);
+    }
+    drop(vgpu);
+    drop(fbs);
+    exit::pass()
+}
+
+/// Submits `frames` frames (one TRANSFER+FLUSH pair each, round-robin over the
+/// heads of `per_head`), each kicked and waited for by interrupt; returns the
+/// elapsed microseconds and the interrupts taken.
+fn time_frames(
+    gpu: &mut dyn crate::gpu::GpuBackend,
+    waiter: &mut GpuWaiter,
+    per_head: &[[alloc::vec::Vec<u8>; 2]],
+    frames: u64,
+) -> Result<(u64, u64), &'static str> {
+    use gpu_pv::mediator::QueueId;
+
+    let mut done = alloc::vec::Vec::new();
+    let irqs_before = waiter.irqs;
+    let t0 = crate::apic::now_us();
+    for f in 0..frames {
+        done.clear();
+        let pair = &per_head[(f % per_head.len() as u64) as usize];
+        for (i, cmd) in pair.iter().enumerate() {
+            if let Err(e) = gpu.submit(QueueId::Control, cmd, f * 2 + i as u64) {
+                error!("gpu native: frame {f}: submit: {e}");
+                return Err("submit");
+            }
+        }
+        gpu.kick();
+        if let Err(why) = waiter.wait(gpu, 2, &mut done) {
+            error!("gpu native: frame {f}: {why}");
+            return Err(why);
+        }
+        if let Some((token, status)) = done.iter().find(|d| d.1 != gpu_pv::wire::RESP_OK_NODATA) {
+            error!("gpu native: frame {f}: command {token} answered {status:#x}");
+            return Err("frame command refused");
+        }
+    }
+    let us = (crate::apic::now_us() - t0).max(1);
+    Ok((us, waiter.irqs - irqs_before))
+}
+
+/// Waits for GPU completions by interrupt, counting the interrupts.
+#[derive(Default)]
+struct GpuWaiter {
+    irqs: u64,
+    timer_until: u64,
+}
+
+impl GpuWaiter {
+    /// Sleeps (`hlt`, with the APIC timer as a 10 ms safety net) until `done`
+    /// holds `want` completions; completions are only harvested after a GPU
+    /// interrupt, so a missing interrupt shows as a timeout.
+    fn wait(
+        &mut self,
+        gpu: &mut dyn crate::gpu::GpuBackend,
+        want: usize,
+        done: &mut alloc::vec::Vec<(u64, u32)>,
+    ) -> Result<(), &'static str> {
+        use crate::interrupts::{take_pending, GPU_VECTOR};
+        use x86_64::instructions::interrupts as cpu_irq;
+
+        let deadline = crate::apic::now_us() + 5_000_000;
+        loop {
+            cpu_irq::disable();
+            let n = take_pending(GPU_VECTOR);
+            if n > 0 {
+                self.irqs += n;
+                gpu.poll(done);
+            }
+            if done.len() >= want {
+                return Ok(());
+            }
+            if gpu.failed().is_some() {
+                return Err("the GPU failed");
+            }
+            let now = crate::apic::now_us();
+            if now >= deadline {
+                let before = done.len();
+                gpu.poll(done);
+                return Err(if done.len() > before {
+                    "GPU completions arrived without an interrupt"
+                } else {
+                    "the GPU did not answer in 5 s"
+                });
+            }
+            if now >= self.timer_until {
+                crate::apic::arm_oneshot_us(10_000);
+                self.timer_until = now + 9_000;
+            }
+            // `sti; hlt`: an interrupt that is already pending wakes the hlt.
+            cpu_irq::enable_and_hlt();
+        }
+    }
+}
+
+/// Fills `buf` (B8G8R8X8, [`GPU_TEST_W`] x [`GPU_TEST_H`]) with head `head`'s
+/// pattern: its own color (red, green, blue, yellow) as a 40-pixel checkerboard
+/// shaded left to right, a white 4-pixel border and the head's number in white.
+fn draw_test_pattern(head: usize, buf: &mut [u8]) {
+    const COLORS: [(u32, u32, u32); 4] =
+        [(230, 40, 40), (40, 200, 40), (40, 80, 230), (230, 200, 40)];
+    const FONT: [[u8; 5]; 4] = [
+        [7, 5, 5, 5, 7],
+        [2, 6, 2, 2, 7],
+        [7, 1, 7, 4, 7],
+        [7, 1, 7, 1, 7],
+    ];
+    let (w, h) = (GPU_TEST_W, GPU_TEST_H);
+    let (r, g, b) = COLORS[head % 4];
+    let glyph = &FONT[head % 4];
+    let (ox, oy, cell) = (w / 2 - 60, h / 2 - 100, 40);
+    for (i, px) in buf.chunks_exact_mut(4).take((w * h) as usize).enumerate() {
+        let (x, y) = (i as u32 % w, i as u32 / w);
+        let border = x < 4 || y < 4 || x >= w - 4 || y >= h - 4;
+        let in_glyph = x >= ox
+            && y >= oy
+            && (x - ox) / cell < 3
+            && (y - oy) / cell < 5
+            && (glyph[((y - oy) / cell) as usize] >> (2 - (x - ox) / cell)) & 1 == 1;
+        let (cr, cg, cb) = if border || in_glyph {
+            (255, 255, 255)
+        } else if ((x / 40) + (y / 40)) % 2 == 0 {
+            let shade = 96 + 159 * x / w;
+            (r * shade / 255, g * shade / 255, b * shade / 255)
+        } else {
+            (r / 3, g / 3, b / 3)
+        };
+        px.copy_from_slice(&((cr << 16) | (cg << 8) | cb).to_le_bytes());
+    }
+}
+
+/// `test=iommu`: the IOMMU confines the GPU's DMA to its domain and reports the rest
+/// (see `iommu::selftest`).
+pub fn iommu(devices: &[crate::pci::Device]) -> ! {
+    match crate::iommu::selftest::run(devices) {
+        Ok(()) => exit::pass(),
+        Err(why) => exit::fail(why),
+    }
+}
+
 /// `test=bench-vm run_ms=N`: runs the configured VMs (a hypercall ping-pong and a
 /// heartbeat) and prints the virtualization figures as `bench:` lines: VM-exit round
 /// trips per second and hypercall cost (from the ping-pong VM), exits per heartbeat

@@ -266,6 +266,9 @@ fn run_loop(bsp: bool) {
             break;
         }
         crate::gpupv::service();
+        if bsp {
+            crate::iommu::service();
+        }
         let now = crate::apic::now_us();
         let next = {
             let mut q = m.queue.lock();

@@ -196,11 +196,6 @@ impl DmaRegion {
         Some(Self { pa, pages })
     }
 
-    /// Host-physical start.
-    pub fn phys(&self) -> u64 {
-        self.pa
-    }
-
     /// Device address of the start.
     pub fn device_addr(&self) -> u64 {
         device_addr(self.pa)

@@ -164,7 +164,12 @@ impl VirtioGpuDevice {
             status: 0,
             config_msix: 0xffff,
             queue_select: 0,
-            queues: [VirtQueue::default(); 2],
+            // queue_size reads the largest size the device supports until the
+            // driver writes a smaller one (virtio 1.2, 4.1.4.3).
+            queues: [
+                VirtQueue { size: QUEUE_SIZES[0], msix: 0xffff, ..VirtQueue::default() },
+                VirtQueue { size: QUEUE_SIZES[1], msix: 0xffff, ..VirtQueue::default() },
+            ],
             msix: [MsixEntry { masked: true, ..MsixEntry::default() }; MSIX_VECTORS],
             pba: 0,
             isr: 0,

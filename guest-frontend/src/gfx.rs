@@ -1,0 +1,122 @@
+//! The test pattern the GPU guests draw: a solid background whose colour comes from
+//! the VM id, a row of marker squares counting the VM id + 1 (so two VMs can be told
+//! apart on a screenshot even with similar colours), and a vertical bar that moves
+//! across the screen, 8 pixels per frame. Pixels are B8G8R8X8 (`0x00RRGGBB` as a
+//! little-endian `u32`).
+//!
+//! Frames after the first only repaint the columns the bar left and entered, so a
+//! frame costs little guest CPU; the picture is the same as a full repaint.
+
+/// Background colours, by VM id (modulo their number).
+pub const BACKGROUNDS: [u32; 8] = [
+    0x0020_4080, // blue
+    0x0020_7040, // green
+    0x0080_2828, // red
+    0x0070_5010, // brown
+    0x0058_2878, // purple
+    0x0010_6868, // teal
+    0x0060_6060, // grey
+    0x0078_1850, // magenta
+];
+
+/// The bar's colour.
+pub const BAR: u32 = 0x00f0_f0e0;
+/// The marker squares' colour.
+pub const MARKER: u32 = 0x00ff_d000;
+/// Bar width in pixels.
+pub const BAR_WIDTH: u32 = 24;
+/// Pixels the bar moves per frame.
+pub const BAR_STEP: u32 = 8;
+
+/// The background colour of VM `vm_id`.
+pub fn background(vm_id: u32) -> u32 {
+    BACKGROUNDS[vm_id as usize % BACKGROUNDS.len()]
+}
+
+/// The animated pattern of one VM on one framebuffer.
+#[derive(Clone, Copy, Debug)]
+pub struct Pattern {
+    /// VM id (picks the background and the marker count).
+    pub vm_id: u32,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+    /// Where the bar was drawn last (its left column), if the frame was painted.
+    last_bar: Option<u32>,
+}
+
+impl Pattern {
+    /// A pattern for VM `vm_id` on a `width` x `height` framebuffer.
+    pub fn new(vm_id: u32, width: u32, height: u32) -> Self {
+        Self {
+            vm_id,
+            width,
+            height,
+            last_bar: None,
+        }
+    }
+
+    /// The bar's left column in frame `frame`.
+    pub fn bar_x(&self, frame: u64) -> u32 {
+        let span = self.width.saturating_sub(BAR_WIDTH).max(1);
+        ((frame * u64::from(BAR_STEP)) % u64::from(span)) as u32
+    }
+
+    /// Paints frame `frame` into `px` (`width * height` pixels, row by row).
+    pub fn draw(&mut self, px: &mut [u32], frame: u64) {
+        let (w, h) = (self.width as usize, self.height as usize);
+        if px.len() < w * h || w == 0 || h == 0 {
+            return;
+        }
+        let bg = background(self.vm_id);
+        let bar = self.bar_x(frame) as usize;
+        let bar_end = (bar + BAR_WIDTH as usize).min(w);
+        match self.last_bar {
+            None => {
+                for y in 0..h {
+                    let row = &mut px[y * w..(y + 1) * w];
+                    row.fill(bg);
+                    row[bar..bar_end].fill(BAR);
+                }
+            }
+            Some(old) => {
+                let old = old as usize;
+                let old_end = (old + BAR_WIDTH as usize).min(w);
+                for y in 0..h {
+                    let row = &mut px[y * w..(y + 1) * w];
+                    row[old..old_end].fill(bg);
+                    row[bar..bar_end].fill(BAR);
+                }
+            }
+        }
+        self.markers(px);
+        self.last_bar = Some(bar as u32);
+    }
+
+    /// The marker squares (16x16, 8 apart) in the top-left corner: VM id + 1 of
+    /// them, at most 16.
+    fn markers(&self, px: &mut [u32]) {
+        let w = self.width as usize;
+        let n = (self.vm_id as usize + 1).min(16);
+        for i in 0..n {
+            let x0 = 8 + i * 24;
+            if x0 + 16 > w || 24 > self.height as usize {
+                break;
+            }
+            for y in 8..24 {
+                px[y * w + x0..y * w + x0 + 16].fill(MARKER);
+            }
+        }
+    }
+}
+
+/// 64-bit FNV-1a of `bytes`.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}

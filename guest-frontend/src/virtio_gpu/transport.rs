@@ -1,0 +1,328 @@
+//! The modern virtio-pci transport (virtio 1.2, section 4.1): the vendor
+//! capabilities that locate the common, notify, ISR and device-specific regions,
+//! and accessors for the common configuration registers.
+//!
+//! Registers are accessed with their own width, one `mov` each ([`crate::mmio`]);
+//! 64-bit queue addresses are written as two 32-bit halves, low first, as Linux's
+//! `vp_iowrite64_twopart` does (virtio 1.2, 4.1.3.1: the driver may use 32-bit
+//! accesses for 64-bit fields).
+
+use core::fmt;
+
+use crate::mmio;
+use crate::pci::{self, Bar, Bdf, Capability, Msix};
+
+/// `VIRTIO_PCI_CAP_COMMON_CFG`.
+pub const CAP_COMMON: u8 = 1;
+/// `VIRTIO_PCI_CAP_NOTIFY_CFG`.
+pub const CAP_NOTIFY: u8 = 2;
+/// `VIRTIO_PCI_CAP_ISR_CFG`.
+pub const CAP_ISR: u8 = 3;
+/// `VIRTIO_PCI_CAP_DEVICE_CFG`.
+pub const CAP_DEVICE: u8 = 4;
+/// `VIRTIO_PCI_CAP_PCI_CFG` (the alternative access window; not used).
+pub const CAP_PCI_CFG: u8 = 5;
+
+/// `VIRTIO_MSI_NO_VECTOR`.
+pub const NO_VECTOR: u16 = 0xffff;
+
+/// Offsets in the common configuration structure (`struct virtio_pci_common_cfg`).
+pub mod common {
+    /// u32 device_feature_select.
+    pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
+    /// u32 device_feature.
+    pub const DEVICE_FEATURE: u64 = 0x04;
+    /// u32 driver_feature_select.
+    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
+    /// u32 driver_feature.
+    pub const DRIVER_FEATURE: u64 = 0x0c;
+    /// u16 config_msix_vector.
+    pub const MSIX_CONFIG: u64 = 0x10;
+    /// u16 num_queues.
+    pub const NUM_QUEUES: u64 = 0x12;
+    /// u8 device_status.
+    pub const DEVICE_STATUS: u64 = 0x14;
+    /// u8 config_generation.
+    pub const CONFIG_GENERATION: u64 = 0x15;
+    /// u16 queue_select.
+    pub const QUEUE_SELECT: u64 = 0x16;
+    /// u16 queue_size.
+    pub const QUEUE_SIZE: u64 = 0x18;
+    /// u16 queue_msix_vector.
+    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
+    /// u16 queue_enable.
+    pub const QUEUE_ENABLE: u64 = 0x1c;
+    /// u16 queue_notify_off.
+    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
+    /// u64 queue_desc.
+    pub const QUEUE_DESC: u64 = 0x20;
+    /// u64 queue_driver (available ring).
+    pub const QUEUE_DRIVER: u64 = 0x28;
+    /// u64 queue_device (used ring).
+    pub const QUEUE_DEVICE: u64 = 0x30;
+}
+
+/// One virtio vendor capability as read from configuration space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioCap {
+    /// Offset of the capability in configuration space.
+    pub cap_offset: u16,
+    /// `cfg_type`.
+    pub cfg_type: u8,
+    /// BAR index.
+    pub bar: u8,
+    /// Offset in the BAR.
+    pub offset: u32,
+    /// Length of the region.
+    pub length: u32,
+    /// `notify_off_multiplier` (notify capability only).
+    pub notify_multiplier: u32,
+}
+
+/// Why the transport could not be set up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportError {
+    /// A required capability is missing (its `cfg_type`).
+    MissingCapability(u8),
+    /// A capability names a BAR that is not memory (BAR index).
+    BadBar(u8),
+    /// A capability's region does not fit in its BAR (`cfg_type`).
+    RegionOutsideBar(u8),
+    /// No MSI-X capability.
+    NoMsix,
+}
+
+impl fmt::Display for TransportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TransportError::MissingCapability(t) => {
+                write!(f, "virtio capability of type {t} missing")
+            }
+            TransportError::BadBar(b) => write!(f, "BAR{b} is not a memory BAR"),
+            TransportError::RegionOutsideBar(t) => {
+                write!(f, "virtio region of type {t} lies outside its BAR")
+            }
+            TransportError::NoMsix => write!(f, "no MSI-X capability"),
+        }
+    }
+}
+
+/// A modern virtio-pci function with its regions located.
+#[derive(Clone, Copy, Debug)]
+pub struct VirtioPci {
+    /// The PCI function.
+    pub bdf: Bdf,
+    /// Its BARs (sized).
+    pub bars: [Bar; 6],
+    /// Guest-physical address of the common configuration.
+    pub common: u64,
+    /// Guest-physical address of the notification area.
+    pub notify: u64,
+    /// `notify_off_multiplier`.
+    pub notify_multiplier: u32,
+    /// Length of the notification area.
+    pub notify_len: u32,
+    /// Guest-physical address of the ISR status byte.
+    pub isr: u64,
+    /// Guest-physical address of the device-specific configuration.
+    pub device: u64,
+    /// Length of the device-specific configuration.
+    pub device_len: u32,
+    /// The MSI-X capability.
+    pub msix: Msix,
+    /// Guest-physical address of the MSI-X table.
+    pub msix_table: u64,
+    /// The virtio capabilities found, in list order.
+    pub caps: [Option<VirtioCap>; 8],
+}
+
+/// Reads the virtio vendor capability at `cap`.
+fn read_cap(bdf: Bdf, cap: &Capability) -> VirtioCap {
+    let o = cap.offset;
+    let cfg_type = bdf.read8(o + 3);
+    let cap_len = bdf.read8(o + 2);
+    VirtioCap {
+        cap_offset: o,
+        cfg_type,
+        bar: bdf.read8(o + 4),
+        offset: bdf.read32(o + 8),
+        length: bdf.read32(o + 12),
+        notify_multiplier: if cfg_type == CAP_NOTIFY && cap_len >= 20 {
+            bdf.read32(o + 16)
+        } else {
+            0
+        },
+    }
+}
+
+impl VirtioPci {
+    /// Locates the regions of the modern virtio function `bdf` from its vendor
+    /// capabilities (the first of each type whose BAR is a memory BAR, as the
+    /// specification asks drivers to pick), sizes its BARs and finds MSI-X.
+    pub fn probe(bdf: Bdf) -> Result<VirtioPci, TransportError> {
+        let bars = pci::read_bars(bdf);
+        let mut caps = [None; 8];
+        let mut n = 0;
+        let mut pick: [Option<VirtioCap>; 6] = [None; 6];
+        for c in pci::capabilities(bdf)
+            .iter()
+            .filter(|c| c.id == pci::CAP_VENDOR)
+        {
+            let vc = read_cap(bdf, c);
+            if n < caps.len() {
+                caps[n] = Some(vc);
+                n += 1;
+            }
+            let usable = matches!(bars.get(usize::from(vc.bar)), Some(Bar::Memory { .. }));
+            if let Some(slot) = pick.get_mut(usize::from(vc.cfg_type)) {
+                if slot.is_none() && usable {
+                    *slot = Some(vc);
+                }
+            }
+        }
+        let region = |t: u8| -> Result<(u64, VirtioCap), TransportError> {
+            let c = pick[usize::from(t)].ok_or(TransportError::MissingCapability(t))?;
+            let Some(Bar::Memory { addr, size, .. }) = bars.get(usize::from(c.bar)).copied() else {
+                return Err(TransportError::BadBar(c.bar));
+            };
+            if u64::from(c.offset) + u64::from(c.length) > size {
+                return Err(TransportError::RegionOutsideBar(t));
+            }
+            Ok((addr + u64::from(c.offset), c))
+        };
+        let (common, _) = region(CAP_COMMON)?;
+        let (notify, ncap) = region(CAP_NOTIFY)?;
+        let (isr, _) = region(CAP_ISR)?;
+        let (device, dcap) = region(CAP_DEVICE)?;
+        let msix = Msix::find(bdf).ok_or(TransportError::NoMsix)?;
+        let msix_table = match bars.get(usize::from(msix.table_bar)).copied() {
+            Some(Bar::Memory { addr, .. }) => addr + u64::from(msix.table_offset),
+            _ => return Err(TransportError::BadBar(msix.table_bar)),
+        };
+        Ok(VirtioPci {
+            bdf,
+            bars,
+            common,
+            notify,
+            notify_multiplier: ncap.notify_multiplier,
+            notify_len: ncap.length,
+            isr,
+            device,
+            device_len: dcap.length,
+            msix,
+            msix_table,
+            caps,
+        })
+    }
+
+    /// Reads a byte of the common configuration.
+    pub fn read8(&self, off: u64) -> u8 {
+        // SAFETY: the common configuration is device MMIO inside the BAR the probe
+        // located and sized; reads have no effect on guest memory.
+        unsafe { mmio::read8(self.common + off) }
+    }
+    /// Reads a `u16` of the common configuration.
+    pub fn read16(&self, off: u64) -> u16 {
+        // SAFETY: as in `read8`.
+        unsafe { mmio::read16(self.common + off) }
+    }
+    /// Reads a `u32` of the common configuration.
+    pub fn read32(&self, off: u64) -> u32 {
+        // SAFETY: as in `read8`.
+        unsafe { mmio::read32(self.common + off) }
+    }
+    /// Writes a byte of the common configuration.
+    pub fn write8(&self, off: u64, v: u8) {
+        // SAFETY: device MMIO, not guest memory.
+        unsafe { mmio::write8(self.common + off, v) }
+    }
+    /// Writes a `u16` of the common configuration.
+    pub fn write16(&self, off: u64, v: u16) {
+        // SAFETY: as in `write8`.
+        unsafe { mmio::write16(self.common + off, v) }
+    }
+    /// Writes a `u32` of the common configuration.
+    pub fn write32(&self, off: u64, v: u32) {
+        // SAFETY: as in `write8`.
+        unsafe { mmio::write32(self.common + off, v) }
+    }
+    /// Writes a 64-bit field as two 32-bit halves, low half first.
+    pub fn write64_split(&self, off: u64, v: u64) {
+        self.write32(off, v as u32);
+        self.write32(off + 4, (v >> 32) as u32);
+    }
+    /// Reads a 64-bit field as two 32-bit halves.
+    pub fn read64_split(&self, off: u64) -> u64 {
+        u64::from(self.read32(off)) | (u64::from(self.read32(off + 4)) << 32)
+    }
+
+    /// The device status byte.
+    pub fn status(&self) -> u8 {
+        self.read8(common::DEVICE_STATUS)
+    }
+    /// Writes the device status byte.
+    pub fn set_status(&self, v: u8) {
+        self.write8(common::DEVICE_STATUS, v)
+    }
+
+    /// The 64 feature bits the device offers.
+    pub fn device_features(&self) -> u64 {
+        self.write32(common::DEVICE_FEATURE_SELECT, 0);
+        let lo = self.read32(common::DEVICE_FEATURE);
+        self.write32(common::DEVICE_FEATURE_SELECT, 1);
+        let hi = self.read32(common::DEVICE_FEATURE);
+        (u64::from(hi) << 32) | u64::from(lo)
+    }
+
+    /// Writes the 64 feature bits the driver accepts.
+    pub fn set_driver_features(&self, f: u64) {
+        self.write32(common::DRIVER_FEATURE_SELECT, 0);
+        self.write32(common::DRIVER_FEATURE, f as u32);
+        self.write32(common::DRIVER_FEATURE_SELECT, 1);
+        self.write32(common::DRIVER_FEATURE, (f >> 32) as u32);
+    }
+
+    /// Reads back the driver features the device recorded.
+    pub fn driver_features(&self) -> u64 {
+        self.write32(common::DRIVER_FEATURE_SELECT, 0);
+        let lo = self.read32(common::DRIVER_FEATURE);
+        self.write32(common::DRIVER_FEATURE_SELECT, 1);
+        let hi = self.read32(common::DRIVER_FEATURE);
+        (u64::from(hi) << 32) | u64::from(lo)
+    }
+
+    /// Selects queue `q` for the `QUEUE_*` registers.
+    pub fn select_queue(&self, q: u16) {
+        self.write16(common::QUEUE_SELECT, q)
+    }
+
+    /// The notification address of a queue whose `queue_notify_off` is `off`.
+    pub fn notify_addr(&self, off: u16) -> u64 {
+        self.notify + u64::from(off) * u64::from(self.notify_multiplier)
+    }
+
+    /// Notifies the device of new buffers in queue `q` (the queue index, as a 16-bit
+    /// write to its notification address, without `VIRTIO_F_NOTIFICATION_DATA`).
+    pub fn notify_queue(&self, addr: u64, q: u16) {
+        // SAFETY: `addr` is in the notification area of the device's BAR.
+        unsafe { mmio::write16(addr, q) }
+    }
+
+    /// Reads the `u32` at `off` of the device-specific configuration.
+    pub fn device_read32(&self, off: u64) -> u32 {
+        // SAFETY: device MMIO inside the device configuration region.
+        unsafe { mmio::read32(self.device + off) }
+    }
+
+    /// Writes the `u32` at `off` of the device-specific configuration.
+    pub fn device_write32(&self, off: u64, v: u32) {
+        // SAFETY: as in `device_read32`.
+        unsafe { mmio::write32(self.device + off, v) }
+    }
+
+    /// Reads (and so clears) the ISR status byte.
+    pub fn read_isr(&self) -> u8 {
+        // SAFETY: device MMIO; the read only clears the device's ISR.
+        unsafe { mmio::read8(self.isr) }
+    }
+}
