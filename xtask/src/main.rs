@@ -407,8 +407,8 @@ fn cmd_run(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let shooter = screenshots.clone().map(|(dir, sock)| {
         eprintln!(
-            "xtask: screenshots of the {} GPU heads every {screenshot_secs} s in {}/head<N>.png",
-            qemu::GPU_HEADS,
+            "xtask: screenshots of the first {} GPU heads every {screenshot_secs} s in {}/head<N>.png",
+            qemu::SHOWN_HEADS,
             dir.display()
         );
         let stop = stop.clone();

@@ -16,7 +16,10 @@ pub const FAIL_STATUS: i32 = crate::judge::QEMU_FAIL;
 /// The virtio-gpu's QEMU id (for `screendump`).
 pub const GPU_ID: &str = "gpu0";
 /// The virtio-gpu's scanouts (`max_outputs`).
-pub const GPU_HEADS: u32 = 4;
+pub const GPU_HEADS: u32 = 16;
+/// Heads screenshots and screendump checks look at unless told otherwise (the demo's
+/// four VMs).
+pub const SHOWN_HEADS: u32 = 4;
 
 /// What QEMU boots from.
 #[derive(Debug, Clone)]
@@ -176,7 +179,7 @@ mod tests {
         assert!(joined.contains("-smp 2 -m 512M"));
         assert!(joined.contains("readonly=on,file=fat:/tmp/esp"));
         assert!(joined.contains("isa-debug-exit,iobase=0xf4"));
-        assert!(joined.contains("virtio-gpu-pci,id=gpu0,iommu_platform=on,max_outputs=4"));
+        assert!(joined.contains("virtio-gpu-pci,id=gpu0,iommu_platform=on,max_outputs=16"));
         assert!(!joined.contains("-qmp"));
     }
 

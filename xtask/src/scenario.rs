@@ -217,7 +217,7 @@ pub struct Screendump {
 }
 
 fn all_heads() -> Vec<u32> {
-    (0..crate::qemu::GPU_HEADS).collect()
+    (0..crate::qemu::SHOWN_HEADS).collect()
 }
 
 impl Screendump {
@@ -519,7 +519,7 @@ mod tests {
             "[[screendump]]\nafter = \"\"\n",
             "[[screendump]]\nat_secs = -1\n",
             "[[screendump]]\nat_secs = 1\nheads = []\n",
-            "[[screendump]]\nat_secs = 1\nheads = [4]\n",
+            "[[screendump]]\nat_secs = 1\nheads = [16]\n",
             "[[screendump]]\nat_secs = 1\nheads = [1, 1]\n",
             "[[screendump]]\nat_secs = 1\nexpect = \"vm-colours\"\n",
             "[[screendump]]\nat_secs = 1\nexpect = \"colors\"\n",

@@ -455,10 +455,10 @@ pub fn screenshot_loop(socket: &Path, dir: &Path, every: Duration, stop: &Atomic
             return;
         }
     };
-    let mut warned = vec![false; qemu::GPU_HEADS as usize];
+    let mut warned = vec![false; qemu::SHOWN_HEADS as usize];
     loop {
         let round = Instant::now();
-        for h in 0..qemu::GPU_HEADS {
+        for h in 0..qemu::SHOWN_HEADS {
             let ppm = dir.join(format!(".head{h}.ppm"));
             let r = qmp.screendump(&ppm, h).and_then(|()| {
                 let bytes = fs::read(&ppm).ctx(|| format!("cannot read {}", ppm.display()))?;
