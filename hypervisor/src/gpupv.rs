@@ -172,6 +172,16 @@ struct GpuPv {
 }
 
 static GPUPV: Mutex<Option<GpuPv>> = Mutex::new(None);
+/// Test-only (`test=iommu-bypass`): the next ATTACH_BACKING that reaches the
+/// physical GPU gets one backing address the mediator never granted, standing in for
+/// a mediator bug, so the IOMMU's isolation can be seen to hold on its own.
+static INJECT_BAD_DMA: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Arms the test-only fault injection described at [`INJECT_BAD_DMA`].
+pub fn inject_bad_dma_once() {
+    INJECT_BAD_DMA.store(true, Ordering::SeqCst);
+}
+
 /// Per-VM mailbox of virtual interrupts to raise: bit i = MSI-X entry i.
 static MAILBOX: [AtomicU64; MAX_GPU_VMS] = [const { AtomicU64::new(0) }; MAX_GPU_VMS];
 
@@ -512,7 +522,25 @@ fn submit(s: &mut GpuPv, batch: Batch) {
     for c in &batch.commands {
         let token = s.next_token;
         s.next_token += 1;
-        match s.backend.submit(c.queue, &c.bytes, token) {
+        let mut bytes = alloc::borrow::Cow::Borrowed(c.bytes.as_slice());
+        if let gpu_pv::command::Command::ResourceAttachBacking { resource_id, entries } = &c.request.cmd {
+            if INJECT_BAD_DMA.swap(false, Ordering::SeqCst) {
+                if let Some(bad) = crate::mm::frames::alloc() {
+                    let mut req = c.request.clone();
+                    let mut e = entries.clone();
+                    e[0].addr = bad;
+                    req.cmd = gpu_pv::command::Command::ResourceAttachBacking { resource_id: *resource_id, entries: e };
+                    let mut out = Vec::new();
+                    command::encode(&req, &mut out);
+                    warn!(
+                        "gpu-pv: TEST ONLY: letting ungranted address {bad:#x} through to the GPU (vm {} resource {resource_id})",
+                        batch.vm
+                    );
+                    bytes = alloc::borrow::Cow::Owned(out);
+                }
+            }
+        }
+        match s.backend.submit(c.queue, &bytes, token) {
             Ok(()) => {
                 s.tokens.insert(token, c.host_fence);
                 f.outstanding += 1;
@@ -567,4 +595,11 @@ pub fn sample() {
     line.push_str("]}");
     s.last_sample = (now, used_now);
     crate::println!("gpu-pv sample: {line}");
+}
+
+/// Frames the GPU's IOMMU page tables use now (they grow with zero-copy mappings and
+/// are kept, empty, until the GPU is detached).
+pub fn iommu_table_frames() -> usize {
+    let g = GPUPV.lock();
+    g.as_ref().and_then(|s| s.domain).and_then(crate::iommu::table_frames).unwrap_or(0)
 }

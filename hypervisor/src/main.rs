@@ -107,6 +107,8 @@ fn kmain(bi: &'static BootInfo) -> ! {
         Some("cpu-share") => selftest::cpu_share(run_ms.unwrap_or(3_000)),
         Some("lifecycle") => selftest::lifecycle(),
         Some("bench-vm") => selftest::bench_vm(bi, run_ms.unwrap_or(3_000)),
+        Some("iommu-bypass") => gpupv::inject_bad_dma_once(),
+        Some("gpu-restart") => selftest::gpu_restart(),
         _ => {}
     }
     let created = vmm::create_all();
