@@ -1,23 +1,14 @@
 //! The test pattern the GPU guests draw: a solid background whose colour comes from
-//! the VM id, a row of marker squares counting the VM id + 1 (so two VMs can be told
-//! apart on a screenshot even with similar colours), and a vertical bar that moves
-//! across the screen, 8 pixels per frame. Pixels are B8G8R8X8 (`0x00RRGGBB` as a
+//! the VM id (`abi::guest::vm_color`, which screendump checks look for), a row of
+//! marker squares counting the VM id + 1 (so two VMs can be told apart on a
+//! screenshot even with similar colours), and a vertical bar that moves across the
+//! screen, 8 pixels per frame. Pixels are B8G8R8X8 (`0x00RRGGBB` as a
 //! little-endian `u32`).
 //!
 //! Frames after the first only repaint the columns the bar left and entered, so a
 //! frame costs little guest CPU; the picture is the same as a full repaint.
 
-/// Background colours, by VM id (modulo their number).
-pub const BACKGROUNDS: [u32; 8] = [
-    0x0020_4080, // blue
-    0x0020_7040, // green
-    0x0080_2828, // red
-    0x0070_5010, // brown
-    0x0058_2878, // purple
-    0x0010_6868, // teal
-    0x0060_6060, // grey
-    0x0078_1850, // magenta
-];
+use crate::abi::guest::vm_color;
 
 /// The bar's colour.
 pub const BAR: u32 = 0x00f0_f0e0;
@@ -28,9 +19,10 @@ pub const BAR_WIDTH: u32 = 24;
 /// Pixels the bar moves per frame.
 pub const BAR_STEP: u32 = 8;
 
-/// The background colour of VM `vm_id`.
+/// The background colour of VM `vm_id`: [`vm_color`], the colour a test harness
+/// looks for on the VM's scanout.
 pub fn background(vm_id: u32) -> u32 {
-    BACKGROUNDS[vm_id as usize % BACKGROUNDS.len()]
+    vm_color(vm_id)
 }
 
 /// The animated pattern of one VM on one framebuffer.

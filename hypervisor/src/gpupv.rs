@@ -169,6 +169,32 @@ struct GpuPv {
     names: BTreeMap<VmId, alloc::string::String>,
     /// Time and per-VM GPU time used at the previous sample.
     last_sample: (u64, BTreeMap<VmId, u64>),
+    /// Per-VM measured figures for the benchmarks.
+    figures: BTreeMap<VmId, Figures>,
+    /// Per VM: when the oldest doorbell not yet followed by a submission rang.
+    doorbell_at: BTreeMap<VmId, u64>,
+}
+
+/// What the glue measured for one VM.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Figures {
+    /// Host commands submitted to the physical GPU.
+    pub commands: u64,
+    /// Commands completed by the physical GPU.
+    pub completed: u64,
+    /// Batches submitted.
+    pub batches: u64,
+    /// Virtual interrupts raised (after coalescing).
+    pub interrupts: u64,
+    /// Sum of doorbell-to-submission delays, in microseconds.
+    pub doorbell_to_submit_us: u64,
+    /// Number of such delays.
+    pub doorbell_samples: u64,
+}
+
+/// The figures measured for `vm`.
+pub fn figures(vm: VmId) -> Option<Figures> {
+    GPUPV.lock().as_ref().and_then(|s| s.figures.get(&vm).copied())
 }
 
 static GPUPV: Mutex<Option<GpuPv>> = Mutex::new(None);
@@ -258,6 +284,8 @@ pub fn init(backend: Box<dyn GpuBackend>, gpu: Option<Bdf>, quantum_us: u32, mod
         next_token: 1,
         names: BTreeMap::new(),
         last_sample: (now_ns(), BTreeMap::new()),
+        figures: BTreeMap::new(),
+        doorbell_at: BTreeMap::new(),
     });
 }
 
@@ -377,8 +405,11 @@ pub fn doorbell(vm: VmId, queue: QueueId) {
     let mut g = GPUPV.lock();
     let Some(s) = g.as_mut() else { return };
     let Some(mut mem) = s.memory.get(&vm).copied() else { return };
+    s.doorbell_at.entry(vm).or_insert_with(crate::apic::now_us);
     let _ = s.mediator.process_doorbell(vm, queue, &mut mem);
     after_guest_work(s, vm);
+    // An idle GPU takes the work at once rather than at the next slice boundary.
+    schedule(s, now_ns());
 }
 
 /// Serves both queues of `vm` without a doorbell (at the start of its vCPU slice).
@@ -419,6 +450,7 @@ pub fn has_interrupts(vm: VmId) -> bool {
 
 fn collect_interrupts(s: &mut GpuPv) {
     for (vm, entry) in s.mediator.take_interrupts() {
+        s.figures.entry(vm).or_default().interrupts += 1;
         if entry < 64 {
             MAILBOX[vm as usize % MAX_GPU_VMS].fetch_or(1u64 << entry, Ordering::AcqRel);
         }
@@ -476,6 +508,7 @@ pub fn service() {
     if s.in_flight.as_ref().is_some_and(|f| f.outstanding == 0) {
         if let Some(f) = s.in_flight.take() {
             s.slice_ops += f.completions.len() as u64;
+            s.figures.entry(f.vm).or_default().completed += f.completions.len() as u64;
             if let Some(mut mem) = s.memory.get(&f.vm).copied() {
                 let _ = s.mediator.complete_batch(f.vm, &f.completions, &mut mem);
             }
@@ -518,6 +551,14 @@ fn schedule(s: &mut GpuPv, now: u64) {
 }
 
 fn submit(s: &mut GpuPv, batch: Batch) {
+    let now_us = crate::apic::now_us();
+    let fig = s.figures.entry(batch.vm).or_default();
+    fig.batches += 1;
+    fig.commands += batch.commands.len() as u64;
+    if let Some(t) = s.doorbell_at.remove(&batch.vm) {
+        fig.doorbell_to_submit_us += now_us.saturating_sub(t);
+        fig.doorbell_samples += 1;
+    }
     let mut f = InFlight { vm: batch.vm, outstanding: 0, completions: Vec::new() };
     for c in &batch.commands {
         let token = s.next_token;

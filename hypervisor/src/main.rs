@@ -80,6 +80,11 @@ fn kmain(bi: &'static BootInfo) -> ! {
     }
     // The GPU driver comes up before the IOMMU translates, so its own set-up DMA
     // needs no mapping; the mediator then isolates it in a domain of its own.
+    let native_fps_x10 = if bi.option("test") == Some("bench-gpu") {
+        selftest::gpu_native_run(bi, &devices)
+    } else {
+        0
+    };
     let physical_gpu = probe_gpu(bi, &devices);
     iommu::init(platform.as_ref(), bi.option("iommu") != Some("off"));
     if bi.option("test") == Some("iommu") {
@@ -109,11 +114,13 @@ fn kmain(bi: &'static BootInfo) -> ! {
         Some("bench-vm") => selftest::bench_vm(bi, run_ms.unwrap_or(3_000)),
         Some("iommu-bypass") => gpupv::inject_bad_dma_once(),
         Some("gpu-restart") => selftest::gpu_restart(),
+        Some("bench-gpu") => selftest::bench_gpu(native_fps_x10, run_ms.unwrap_or(5_000)),
         _ => {}
     }
     let created = vmm::create_all();
     info!("{created} of {} VMs created; running them", bi.vms().len());
     vmm::run(run_ms);
+    iommu::service();
     vmm::report();
     gpupv::dump_counters();
     for i in 0..vmm::slot_count() {

@@ -100,6 +100,13 @@ const GPU_TEST_H: u32 = 480;
 /// "% of native" benchmark. `hold` keeps the displays up for S (default 5) seconds
 /// before exiting, for screendumps from the QEMU monitor.
 pub fn gpu_native(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) -> ! {
+    gpu_native_run(bi, devices);
+    exit::pass()
+}
+
+/// The body of `test=gpu-native`; returns the native frame rate (x10, interrupt
+/// coalescing on) for the benchmarks that compare the mediated path against it.
+pub fn gpu_native_run(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) -> u64 {
     use alloc::vec;
     use alloc::vec::Vec;
     use gpu_pv::command::{encode, Command, Request};
@@ -277,6 +284,7 @@ pub fn gpu_native(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) -> !
         Err(why) => exit::fail(why),
     };
     let fps_x10 = frames * 10_000_000 / us;
+    let native_fps_x10 = fps_x10;
     info!(
         "gpu native: {frames} frames in {us} us = {}.{} fps, {irqs} interrupts",
         fps_x10 / 10,
@@ -310,7 +318,7 @@ pub fn gpu_native(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) -> !
     }
     drop(vgpu);
     drop(fbs);
-    exit::pass()
+    native_fps_x10
 }
 
 /// Submits `frames` frames (one TRANSFER+FLUSH pair each, round-robin over the
@@ -525,5 +533,52 @@ pub fn gpu_restart() -> ! {
     if before != after {
         exit::fail("frames leaked");
     }
+    exit::pass()
+}
+
+/// `test=bench-gpu run_ms=N`: in one run, the native frame rate of the physical GPU
+/// driven by the hypervisor alone, then the same frames (640x480 full-frame
+/// TRANSFER+FLUSH) drawn by a guest through the mediator; prints the GPU-PV figures
+/// as `bench:` lines.
+pub fn bench_gpu(native_fps_x10: u64, run_ms: u64) -> ! {
+    vmm::create_all();
+    let t0 = crate::apic::now_us();
+    vmm::run(Some(run_ms));
+    let elapsed_us = crate::apic::now_us() - t0;
+    vmm::report();
+    let Some(f) = crate::gpupv::figures(0) else {
+        exit::fail("no GPU figures for VM 0");
+    };
+    let exits = vmm::with_vm(0, |vm| vm.stats.exits).unwrap_or(0);
+    let frames = f.completed / 2;
+    let fps_x10 = frames * 10_000_000 / elapsed_us.max(1);
+    info!(
+        "bench: native fps: {}.{} (hypervisor alone, same frames)",
+        native_fps_x10 / 10,
+        native_fps_x10 % 10
+    );
+    info!("bench: mediated fps: {}.{} ({frames} frames in {elapsed_us} us)", fps_x10 / 10, fps_x10 % 10);
+    let pct_x10 = fps_x10 * 1000 / native_fps_x10.max(1);
+    info!("bench: % of native: {}.{}%", pct_x10 / 10, pct_x10 % 10);
+    let cmds = f.commands.max(1);
+    info!(
+        "bench: VM exits per command: {}.{:03} ({exits} exits, {} commands)",
+        exits / cmds,
+        exits * 1000 / cmds % 1000,
+        f.commands
+    );
+    info!(
+        "bench: virtual interrupts per completion batch: {}.{:02} ({} interrupts, {} batches)",
+        f.interrupts / f.batches.max(1),
+        f.interrupts * 100 / f.batches.max(1) % 100,
+        f.interrupts,
+        f.batches
+    );
+    info!(
+        "bench: doorbell to physical submission: {} us on average ({} samples)",
+        f.doorbell_to_submit_us / f.doorbell_samples.max(1),
+        f.doorbell_samples
+    );
+    info!("bench: commands per second through the mediator: {}", f.commands * 1_000_000 / elapsed_us.max(1));
     exit::pass()
 }

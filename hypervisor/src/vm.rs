@@ -624,7 +624,12 @@ impl Vm {
                 self.vcpus[idx].set_interrupt_window(false);
                 true
             }
-            VmExit::ExternalInterrupt | VmExit::Preempted => true,
+            VmExit::ExternalInterrupt | VmExit::Preempted => {
+                // The interrupt may be the GPU's: its bottom half runs now, not at the
+                // end of this slice.
+                crate::gpupv::service();
+                true
+            }
             VmExit::Shutdown => {
                 self.stop(idx, StopReason::TripleFault);
                 false

@@ -41,7 +41,7 @@ use crate::abi;
 use crate::dma::{self, GuestRam};
 use crate::idt::{self, DEVICE_VECTOR_BASE};
 use crate::pci::{self, Function};
-use crate::{cpu, lapic, println, timer};
+use crate::{cpu, println, timer};
 
 pub use transport::{TransportError, VirtioPci};
 
@@ -1361,9 +1361,4 @@ pub fn cursor_pos(x: u32, y: u32) -> CursorPos {
         y,
         padding: 0,
     }
-}
-
-/// Enables the local APIC (for the MSI-X vectors) without a timer.
-pub fn enable_apic() {
-    lapic::enable(idt::SPURIOUS_VECTOR);
 }
