@@ -400,9 +400,17 @@ pub fn set_vector(vm: VmId, queue: Option<QueueId>, entry: u16) {
     };
 }
 
-/// A doorbell: the VM notified `queue`.
+/// Doorbells rung while the mediator was busy, per VM (bit = queue index), served by
+/// the next [`service`] on any CPU.
+static PENDING_DOORBELLS: [AtomicU64; MAX_GPU_VMS] = [const { AtomicU64::new(0) }; MAX_GPU_VMS];
+
+/// A doorbell: the VM notified `queue`. Never waits for the mediator: when another
+/// CPU holds it, the doorbell is marked pending and served by that CPU's bottom half.
 pub fn doorbell(vm: VmId, queue: QueueId) {
-    let mut g = GPUPV.lock();
+    let Some(mut g) = GPUPV.try_lock() else {
+        PENDING_DOORBELLS[vm as usize % MAX_GPU_VMS].fetch_or(1 << queue.index(), Ordering::AcqRel);
+        return;
+    };
     let Some(s) = g.as_mut() else { return };
     let Some(mut mem) = s.memory.get(&vm).copied() else { return };
     s.doorbell_at.entry(vm).or_insert_with(crate::apic::now_us);
@@ -492,6 +500,21 @@ fn drain_events(s: &mut GpuPv) {
 pub fn service() {
     let Some(mut g) = GPUPV.try_lock() else { return };
     let Some(s) = g.as_mut() else { return };
+    for (vm, pending) in PENDING_DOORBELLS.iter().enumerate() {
+        let bits = pending.swap(0, Ordering::AcqRel);
+        if bits == 0 {
+            continue;
+        }
+        let vm = vm as VmId;
+        let Some(mut mem) = s.memory.get(&vm).copied() else { continue };
+        s.doorbell_at.entry(vm).or_insert_with(crate::apic::now_us);
+        for q in QueueId::ALL {
+            if bits & (1 << q.index()) != 0 {
+                let _ = s.mediator.process_doorbell(vm, q, &mut mem);
+            }
+        }
+        after_guest_work(s, vm);
+    }
     let now = now_ns();
     let irqs = crate::interrupts::take_pending(crate::interrupts::GPU_VECTOR);
     let mut done = Vec::new();

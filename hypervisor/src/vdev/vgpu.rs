@@ -344,7 +344,7 @@ impl VirtioGpuDevice {
                 }
             }
             0x10 => {
-                self.config_msix = v as u16;
+                self.config_msix = if (v as usize) < MSIX_VECTORS { v as u16 } else { 0xffff };
                 return Action::Vector(None, self.config_msix);
             }
             0x14 => return self.write_status(v as u8),
@@ -360,7 +360,8 @@ impl VirtioGpuDevice {
             }
             0x1a => {
                 if let (Some(q), Some(id)) = (self.queues.get_mut(sel), QueueId::from_index(sel as u16)) {
-                    q.msix = v as u16;
+                    // An entry past the table reads back as NO_VECTOR (virtio 1.2, 4.1.4.3).
+                    q.msix = if (v as usize) < MSIX_VECTORS { v as u16 } else { 0xffff };
                     return Action::Vector(Some(id), q.msix);
                 }
             }
@@ -395,7 +396,21 @@ impl VirtioGpuDevice {
 
     fn write_status(&mut self, v: u8) -> Action {
         if v == 0 {
-            *self = Self::new(self.num_scanouts);
+            // A virtio reset resets the virtio state only: PCI config space, the
+            // BARs and the MSI-X table stay as the driver programmed them (a Linux
+            // driver does not re-enable MSI-X after a reset).
+            let fresh = Self::new(self.num_scanouts);
+            self.device_feature_select = 0;
+            self.driver_feature_select = 0;
+            self.driver_features = 0;
+            self.status = 0;
+            self.config_msix = fresh.config_msix;
+            self.queue_select = 0;
+            self.queues = fresh.queues;
+            self.isr = 0;
+            self.events_read = 0;
+            self.revision = None;
+            self.needs_reset = false;
             return Action::Reset;
         }
         let newly = v & !self.status;
