@@ -6,7 +6,9 @@
 //! mediator's interrupts into the VM's own vectors.
 //!
 //! It offers what an unmodified Linux virtio_gpu driver negotiates: VERSION_1, EDID,
-//! RING_INDIRECT_DESC, RING_EVENT_IDX, RING_RESET, and the GPU-PV protocol revision bits.
+//! RING_INDIRECT_DESC, RING_EVENT_IDX and the GPU-PV protocol revision bits. Not
+//! RING_RESET: per-queue reset is not implemented (a whole-device reset is), and a
+//! feature is offered only when it works.
 
 use gpu_pv::abi;
 use gpu_pv::mediator::QueueId;
@@ -41,7 +43,6 @@ pub fn offered_features() -> u64 {
         | feature::bit(feature::GPU_EDID)
         | feature::bit(feature::RING_INDIRECT_DESC)
         | feature::bit(feature::RING_EVENT_IDX)
-        | feature::bit(feature::RING_RESET)
         | feature::bit(abi::feature::GPUPV_V1)
         | feature::bit(abi::feature::GPUPV_V2)
 }
