@@ -113,7 +113,7 @@ pub mod guest {
     pub const PD: u64 = 0x3000;
     /// Guest GDT.
     pub const GDT: u64 = 0x7000;
-    /// The boot-info page ([`BootInfoPage`] layout).
+    /// The boot-info page (layout in [`boot_info`]).
     pub const BOOT_INFO: u64 = 0x8000;
     /// Initial stack pointer (the stack grows down from the image base).
     pub const STACK_TOP: u64 = 0x20_0000;

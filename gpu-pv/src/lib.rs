@@ -21,5 +21,6 @@ pub mod mediator;
 pub mod memory;
 pub mod ring;
 pub mod sched;
+pub mod sim;
 pub mod sim_gpu;
 pub mod wire;

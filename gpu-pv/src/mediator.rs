@@ -530,7 +530,11 @@ impl Shared {
             },
             cmd,
         };
-        let mut bytes = Vec::new();
+        let entries = match &request.cmd {
+            Command::ResourceAttachBacking { entries, .. } => entries.len(),
+            _ => 0,
+        };
+        let mut bytes = Vec::with_capacity(wire::size::CURSOR + 16 * entries);
         command::encode(&request, &mut bytes);
         v.staged.push_back(HostCommand {
             host_fence,

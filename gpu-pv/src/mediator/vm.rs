@@ -317,6 +317,13 @@ impl VmGpu {
         self.staged.len()
     }
 
+    /// The staged host commands, in the order [`super::Mediator::take_batch`]
+    /// hands them out (read-only: lets a GPU scheduler size a batch to the time
+    /// left in a slice before taking it).
+    pub fn staged(&self) -> impl Iterator<Item = &HostCommand> + '_ {
+        self.staged.iter()
+    }
+
     /// Whether a batch of this VM is on the physical ring.
     pub fn has_batch_in_flight(&self) -> bool {
         self.in_flight.is_some()
