@@ -52,7 +52,10 @@ static ENTRY_TSC: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64:
 #[entry]
 fn main() -> Status {
     // SAFETY: RDTSC has no side effects.
-    ENTRY_TSC.store(unsafe { core::arch::x86_64::_rdtsc() }, core::sync::atomic::Ordering::Relaxed);
+    ENTRY_TSC.store(
+        unsafe { core::arch::x86_64::_rdtsc() },
+        core::sync::atomic::Ordering::Relaxed,
+    );
     serial::init();
     match load() {
         Ok(never) => match never {},

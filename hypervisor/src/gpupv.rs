@@ -20,8 +20,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use gpu_pv::command;
 use gpu_pv::mediator::{
-    Batch, Channel, Completion, EventKind, IommuOp, Mediator, MediatorConfig, QueueId, ScanoutConfig,
-    VmConfig,
+    Batch, Channel, Completion, EventKind, IommuOp, Mediator, MediatorConfig, QueueId,
+    ScanoutConfig, VmConfig,
 };
 use gpu_pv::memory::{check_range, GuestMemory, MemError};
 use gpu_pv::ring::QueueLayout;
@@ -59,13 +59,17 @@ impl GuestMemory for VmMemory {
         let hpa = self.translate(gpa, out.len() as u64)?;
         // SAFETY: inside the VM's RAM, which the hypervisor owns (identity mapped) for
         // as long as the VM is registered here.
-        unsafe { core::ptr::copy_nonoverlapping(phys_to_ptr::<u8>(hpa), out.as_mut_ptr(), out.len()) };
+        unsafe {
+            core::ptr::copy_nonoverlapping(phys_to_ptr::<u8>(hpa), out.as_mut_ptr(), out.len())
+        };
         Ok(())
     }
     fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
         let hpa = self.translate(gpa, data.len() as u64)?;
         // SAFETY: as in `read`.
-        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), phys_to_ptr::<u8>(hpa), data.len()) };
+        unsafe {
+            core::ptr::copy_nonoverlapping(data.as_ptr(), phys_to_ptr::<u8>(hpa), data.len())
+        };
         Ok(())
     }
 }
@@ -94,13 +98,17 @@ impl GuestMemory for HostMemory {
         self.translate(gpa, out.len() as u64)?;
         // SAFETY: RAM below the top of memory, identity mapped; the mediator only
         // hands the GPU addresses of pages it validated as the VM's own.
-        unsafe { core::ptr::copy_nonoverlapping(phys_to_ptr::<u8>(gpa), out.as_mut_ptr(), out.len()) };
+        unsafe {
+            core::ptr::copy_nonoverlapping(phys_to_ptr::<u8>(gpa), out.as_mut_ptr(), out.len())
+        };
         Ok(())
     }
     fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
         self.translate(gpa, data.len() as u64)?;
         // SAFETY: as in `read`.
-        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), phys_to_ptr::<u8>(gpa), data.len()) };
+        unsafe {
+            core::ptr::copy_nonoverlapping(data.as_ptr(), phys_to_ptr::<u8>(gpa), data.len())
+        };
         Ok(())
     }
 }
@@ -109,8 +117,18 @@ impl SimBackend {
     /// A simulated GPU with `scanouts` displays and `vram` bytes, DMA below `top`.
     pub fn new(scanouts: Vec<(u32, u32)>, vram: u64, top: u64) -> Option<Self> {
         let sizes = scanouts.clone();
-        let gpu = SimGpu::new(SimGpuConfig { scanouts, vram_bytes: vram, cost: CostModel::FREE }).ok()?;
-        Some(Self { gpu, done: Vec::new(), host: HostMemory { top }, sizes })
+        let gpu = SimGpu::new(SimGpuConfig {
+            scanouts,
+            vram_bytes: vram,
+            cost: CostModel::FREE,
+        })
+        .ok()?;
+        Some(Self {
+            gpu,
+            done: Vec::new(),
+            host: HostMemory { top },
+            sizes,
+        })
     }
 }
 
@@ -194,7 +212,10 @@ pub struct Figures {
 
 /// The figures measured for `vm`.
 pub fn figures(vm: VmId) -> Option<Figures> {
-    GPUPV.lock().as_ref().and_then(|s| s.figures.get(&vm).copied())
+    GPUPV
+        .lock()
+        .as_ref()
+        .and_then(|s| s.figures.get(&vm).copied())
 }
 
 static GPUPV: Mutex<Option<GpuPv>> = Mutex::new(None);
@@ -222,28 +243,42 @@ pub const DEFAULT_DISPLAY: (u32, u32) = (640, 480);
 /// `gpu` is the physical GPU's PCI function: with an IOMMU, it gets a domain of its
 /// own in which only the backend's own memory and the guest pages the mediator
 /// granted are mapped.
-pub fn init(backend: Box<dyn GpuBackend>, gpu: Option<Bdf>, quantum_us: u32, mode: u32, vram_total: u64) {
+pub fn init(
+    backend: Box<dyn GpuBackend>,
+    gpu: Option<Bdf>,
+    quantum_us: u32,
+    mode: u32,
+    vram_total: u64,
+) {
     let scanouts: Vec<(u32, u32)> = backend
         .scanouts()
         .iter()
-        .map(|&(w, h)| if w == 0 || h == 0 { DEFAULT_DISPLAY } else { (w.min(DEFAULT_DISPLAY.0), h.min(DEFAULT_DISPLAY.1)) })
+        .map(|&(w, h)| {
+            if w == 0 || h == 0 {
+                DEFAULT_DISPLAY
+            } else {
+                (w.min(DEFAULT_DISPLAY.0), h.min(DEFAULT_DISPLAY.1))
+            }
+        })
         .collect();
     let domain = match gpu {
-        Some(bdf) if crate::iommu::translating() => match crate::iommu::attach(bdf) {
-            Ok(d) => {
-                for (addr, len) in backend.dma_regions() {
-                    if let Err(e) = crate::iommu::map(d, addr, addr, len, true) {
-                        warn!("gpu-pv: cannot map the GPU driver's memory {addr:#x}+{len:#x}: {e:?}");
+        Some(bdf) if crate::iommu::translating() => {
+            match crate::iommu::attach(bdf) {
+                Ok(d) => {
+                    for (addr, len) in backend.dma_regions() {
+                        if let Err(e) = crate::iommu::map(d, addr, addr, len, true) {
+                            warn!("gpu-pv: cannot map the GPU driver's memory {addr:#x}+{len:#x}: {e:?}");
+                        }
                     }
+                    info!("gpu-pv: GPU {bdf} isolated in IOMMU domain {}: only granted pages are reachable", d.0);
+                    Some(d)
                 }
-                info!("gpu-pv: GPU {bdf} isolated in IOMMU domain {}: only granted pages are reachable", d.0);
-                Some(d)
+                Err(e) => {
+                    warn!("gpu-pv: GPU {bdf} not attached to the IOMMU ({e:?}): its DMA is not isolated");
+                    None
+                }
             }
-            Err(e) => {
-                warn!("gpu-pv: GPU {bdf} not attached to the IOMMU ({e:?}): its DMA is not isolated");
-                None
-            }
-        },
+        }
         _ => None,
     };
     let cfg = SchedConfig {
@@ -296,19 +331,33 @@ pub fn enabled() -> bool {
 
 /// Gives VM `vm` a paravirtual GPU on physical scanout `vm` (if there is one).
 /// Returns the number of scanouts it sees.
-pub fn add_vm(vm: VmId, name: &str, mem: VmMemory, weight: u32, alpha_tenths: u32, quota_mib: u32) -> Option<u32> {
+pub fn add_vm(
+    vm: VmId,
+    name: &str,
+    mem: VmMemory,
+    weight: u32,
+    alpha_tenths: u32,
+    quota_mib: u32,
+) -> Option<u32> {
     let mut g = GPUPV.lock();
     let s = g.as_mut()?;
     s.names.insert(vm, alloc::string::String::from(name));
     let (w, h) = *s.scanouts.get(vm as usize)?;
     if s.mediator.vm(vm).is_none() {
-        let mut cfg = VmConfig::new(alloc::vec![ScanoutConfig { physical: u32::from(vm), width: w, height: h }]);
+        let mut cfg = VmConfig::new(alloc::vec![ScanoutConfig {
+            physical: u32::from(vm),
+            width: w,
+            height: h
+        }]);
         cfg.vram_quota = (quota_mib != 0).then_some(u64::from(quota_mib) << 20);
         if let Err(e) = s.mediator.add_vm(vm, cfg) {
             warn!("gpu-pv: vm {vm}: no GPU: {e:?}");
             return None;
         }
-        let p = VmParams { weight: weight.clamp(1, 1000), alpha_tenths: alpha_tenths.min(20) as u8 };
+        let p = VmParams {
+            weight: weight.clamp(1, 1000),
+            alpha_tenths: alpha_tenths.min(20) as u8,
+        };
         if let Err(e) = s.sched.add_vm(vm, p) {
             warn!("gpu-pv: vm {vm}: not scheduled: {e:?}");
         }
@@ -326,7 +375,10 @@ pub fn remove_vm(vm: VmId) {
     let Some(s) = g.as_mut() else { return };
     if s.memory.remove(&vm).is_some() {
         if let Ok(r) = s.mediator.reset_vm(vm) {
-            info!("gpu-pv: vm {vm} gone: {} commands dropped, {} resources released", r.dropped, r.released);
+            info!(
+                "gpu-pv: vm {vm} gone: {} commands dropped, {} resources released",
+                r.dropped, r.released
+            );
             unmap_all(s, &r.unmapped);
         }
         let _ = s.sched.set_runnable(vm, false, now_ns());
@@ -358,7 +410,9 @@ fn iommu_map(s: &mut GpuPv, hpa: u64, len: u64) {
 fn iommu_unmap(s: &mut GpuPv, hpa: u64, len: u64) {
     let Some(d) = s.domain else { return };
     let (start, end) = (hpa & !0xfff, (hpa + len + 0xfff) & !0xfff);
-    let Some(n) = s.mapped.get_mut(&(start, end)) else { return };
+    let Some(n) = s.mapped.get_mut(&(start, end)) else {
+        return;
+    };
     *n -= 1;
     if *n == 0 {
         s.mapped.remove(&(start, end));
@@ -412,7 +466,9 @@ pub fn doorbell(vm: VmId, queue: QueueId) {
         return;
     };
     let Some(s) = g.as_mut() else { return };
-    let Some(mut mem) = s.memory.get(&vm).copied() else { return };
+    let Some(mut mem) = s.memory.get(&vm).copied() else {
+        return;
+    };
     s.doorbell_at.entry(vm).or_insert_with(crate::apic::now_us);
     let _ = s.mediator.process_doorbell(vm, queue, &mut mem);
     after_guest_work(s, vm);
@@ -422,10 +478,17 @@ pub fn doorbell(vm: VmId, queue: QueueId) {
 
 /// Serves both queues of `vm` without a doorbell (at the start of its vCPU slice).
 pub fn poll(vm: VmId) {
-    let Some(mut g) = GPUPV.try_lock() else { return };
+    let Some(mut g) = GPUPV.try_lock() else {
+        return;
+    };
     let Some(s) = g.as_mut() else { return };
-    let Some(mut mem) = s.memory.get(&vm).copied() else { return };
-    if s.mediator.vm(vm).is_some_and(|v| v.state() == gpu_pv::mediator::VmState::Active) {
+    let Some(mut mem) = s.memory.get(&vm).copied() else {
+        return;
+    };
+    if s.mediator
+        .vm(vm)
+        .is_some_and(|v| v.state() == gpu_pv::mediator::VmState::Active)
+    {
         let _ = s.mediator.poll(vm, &mut mem);
         after_guest_work(s, vm);
     }
@@ -442,7 +505,11 @@ fn after_guest_work(s: &mut GpuPv, vm: VmId) {
 
 /// Whether the VM's device shows DEVICE_NEEDS_RESET.
 pub fn needs_reset(vm: VmId) -> bool {
-    GPUPV.lock().as_ref().and_then(|s| s.mediator.device_status(vm)).is_some_and(|b| b & 0x40 != 0)
+    GPUPV
+        .lock()
+        .as_ref()
+        .and_then(|s| s.mediator.device_status(vm))
+        .is_some_and(|b| b & 0x40 != 0)
 }
 
 /// Takes the VM's pending virtual interrupts as a bitmask of MSI-X entries: all
@@ -472,13 +539,21 @@ fn drain_events(s: &mut GpuPv) {
             Channel::Debug => "Debug",
         };
         match &e.kind {
-            EventKind::Rejected { reason, cmd_type, response, .. } => warn!(
+            EventKind::Rejected {
+                reason,
+                cmd_type,
+                response,
+                ..
+            } => warn!(
                 "gpu-pv/{ch}: vm {}: command {cmd_type:#x} rejected: {} (answered {response:#x})",
                 e.vm,
                 reason.as_str()
             ),
             EventKind::DmaFault { gpa, len, error } => {
-                warn!("gpu-pv/{ch}: vm {}: DMA fault: {len} bytes at guest {gpa:#x}: {error:?}", e.vm)
+                warn!(
+                    "gpu-pv/{ch}: vm {}: DMA fault: {len} bytes at guest {gpa:#x}: {error:?}",
+                    e.vm
+                )
             }
             EventKind::RingFault { .. }
             | EventKind::CommandTimeout { .. }
@@ -498,7 +573,9 @@ fn drain_events(s: &mut GpuPv) {
 /// The bottom half: completions, interrupts, events, the watchdog and the GPU
 /// schedule. Cheap when there is nothing to do; never waits for the lock.
 pub fn service() {
-    let Some(mut g) = GPUPV.try_lock() else { return };
+    let Some(mut g) = GPUPV.try_lock() else {
+        return;
+    };
     let Some(s) = g.as_mut() else { return };
     for (vm, pending) in PENDING_DOORBELLS.iter().enumerate() {
         let bits = pending.swap(0, Ordering::AcqRel);
@@ -506,7 +583,9 @@ pub fn service() {
             continue;
         }
         let vm = vm as VmId;
-        let Some(mut mem) = s.memory.get(&vm).copied() else { continue };
+        let Some(mut mem) = s.memory.get(&vm).copied() else {
+            continue;
+        };
         s.doorbell_at.entry(vm).or_insert_with(crate::apic::now_us);
         for q in QueueId::ALL {
             if bits & (1 << q.index()) != 0 {
@@ -522,9 +601,14 @@ pub fn service() {
         s.backend.check_device();
     }
     for (token, status) in done {
-        let Some(fence) = s.tokens.remove(&token) else { continue };
+        let Some(fence) = s.tokens.remove(&token) else {
+            continue;
+        };
         if let Some(f) = s.in_flight.as_mut() {
-            f.completions.push(Completion { host_fence: fence, status });
+            f.completions.push(Completion {
+                host_fence: fence,
+                status,
+            });
             f.outstanding = f.outstanding.saturating_sub(1);
         }
     }
@@ -539,7 +623,10 @@ pub fn service() {
     }
     for vm in s.mediator.tick(now) {
         if let Ok(r) = s.mediator.reset_vm(vm) {
-            warn!("gpu-pv/Debug: vm {vm}: channel hung, reset: {} commands dropped", r.dropped);
+            warn!(
+                "gpu-pv/Debug: vm {vm}: channel hung, reset: {} commands dropped",
+                r.dropped
+            );
             unmap_all(s, &r.unmapped);
         }
     }
@@ -569,7 +656,9 @@ fn schedule(s: &mut GpuPv, now: u64) {
         s.slice = s.sched.pick(now);
     }
     let Some(sl) = s.slice else { return };
-    let Some(batch) = s.mediator.take_batch(sl.vm, MAX_BATCH) else { return };
+    let Some(batch) = s.mediator.take_batch(sl.vm, MAX_BATCH) else {
+        return;
+    };
     submit(s, batch);
 }
 
@@ -582,18 +671,29 @@ fn submit(s: &mut GpuPv, batch: Batch) {
         fig.doorbell_to_submit_us += now_us.saturating_sub(t);
         fig.doorbell_samples += 1;
     }
-    let mut f = InFlight { vm: batch.vm, outstanding: 0, completions: Vec::new() };
+    let mut f = InFlight {
+        vm: batch.vm,
+        outstanding: 0,
+        completions: Vec::new(),
+    };
     for c in &batch.commands {
         let token = s.next_token;
         s.next_token += 1;
         let mut bytes = alloc::borrow::Cow::Borrowed(c.bytes.as_slice());
-        if let gpu_pv::command::Command::ResourceAttachBacking { resource_id, entries } = &c.request.cmd {
+        if let gpu_pv::command::Command::ResourceAttachBacking {
+            resource_id,
+            entries,
+        } = &c.request.cmd
+        {
             if INJECT_BAD_DMA.swap(false, Ordering::SeqCst) {
                 if let Some(bad) = crate::mm::frames::alloc() {
                     let mut req = c.request.clone();
                     let mut e = entries.clone();
                     e[0].addr = bad;
-                    req.cmd = gpu_pv::command::Command::ResourceAttachBacking { resource_id: *resource_id, entries: e };
+                    req.cmd = gpu_pv::command::Command::ResourceAttachBacking {
+                        resource_id: *resource_id,
+                        entries: e,
+                    };
                     let mut out = Vec::new();
                     command::encode(&req, &mut out);
                     warn!(
@@ -611,8 +711,14 @@ fn submit(s: &mut GpuPv, batch: Batch) {
             }
             Err(e) => {
                 // The guest is answered with the device's error; the mediator logs it.
-                warn!("gpu-pv/Debug: vm {}: physical submit failed: {e:?}", batch.vm);
-                f.completions.push(Completion { host_fence: c.host_fence, status: gpu_pv::wire::RESP_ERR_UNSPEC });
+                warn!(
+                    "gpu-pv/Debug: vm {}: physical submit failed: {e:?}",
+                    batch.vm
+                );
+                f.completions.push(Completion {
+                    host_fence: c.host_fence,
+                    status: gpu_pv::wire::RESP_ERR_UNSPEC,
+                });
             }
         }
     }
@@ -626,14 +732,19 @@ pub fn dump_counters() {
     let Some(s) = g.as_ref() else { return };
     let mut out = alloc::string::String::new();
     let elapsed = now_ns();
-    let _ = s.mediator.counters().write_json(&mut out, elapsed, MAX_BATCH as u64);
+    let _ = s
+        .mediator
+        .counters()
+        .write_json(&mut out, elapsed, MAX_BATCH as u64);
     crate::println!("gpu-pv counters: {out}");
 }
 
 /// Prints one `gpu-pv sample:` line: per-VM GPU utilization since the previous
 /// sample, completed operations and bytes copied (for the harness's plot).
 pub fn sample() {
-    let Some(mut g) = GPUPV.try_lock() else { return };
+    let Some(mut g) = GPUPV.try_lock() else {
+        return;
+    };
     let Some(s) = g.as_mut() else { return };
     let now = now_ns();
     let window = now.saturating_sub(s.last_sample.0).max(1);
@@ -665,5 +776,8 @@ pub fn sample() {
 /// are kept, empty, until the GPU is detached).
 pub fn iommu_table_frames() -> usize {
     let g = GPUPV.lock();
-    g.as_ref().and_then(|s| s.domain).and_then(crate::iommu::table_frames).unwrap_or(0)
+    g.as_ref()
+        .and_then(|s| s.domain)
+        .and_then(crate::iommu::table_frames)
+        .unwrap_or(0)
 }

@@ -21,8 +21,8 @@ mod pci;
 mod selftest;
 mod serial;
 mod smp;
-mod virt;
 mod vdev;
+mod virt;
 mod vm;
 mod vm_context;
 mod vmm;
@@ -126,7 +126,10 @@ fn kmain(bi: &'static BootInfo) -> ! {
     for i in 0..vmm::slot_count() {
         vmm::destroy(i);
     }
-    info!("all VMs stopped and destroyed; frames in use {}", mm::frames::stats().allocated);
+    info!(
+        "all VMs stopped and destroyed; frames in use {}",
+        mm::frames::stats().allocated
+    );
     exit::pass()
 }
 
@@ -136,10 +139,16 @@ fn probe_gpu(bi: &BootInfo, devices: &[pci::Device]) -> Option<(gpu::virtio::Vir
     if bi.option("gpu") == Some("sim") {
         return None;
     }
-    for d in devices.iter().filter(|d| gpu::virtio::VirtioGpu::matches(d)) {
+    for d in devices
+        .iter()
+        .filter(|d| gpu::virtio::VirtioGpu::matches(d))
+    {
         match gpu::virtio::VirtioGpu::new(d) {
             Ok(g) => return Some((g, d.bdf)),
-            Err(e) => warn!("gpu: virtio-gpu at {} not usable ({e:?}); using the simulated GPU", d.bdf),
+            Err(e) => warn!(
+                "gpu: virtio-gpu at {} not usable ({e:?}); using the simulated GPU",
+                d.bdf
+            ),
         }
     }
     None
@@ -151,7 +160,13 @@ fn start_gpu_pv(bi: &BootInfo, physical: Option<(gpu::virtio::VirtioGpu, pci::Bd
     let quantum = bi.gpu_quantum_us;
     let mode = bi.gpu_sched_mode;
     if let Some((g, bdf)) = physical {
-        gpupv::init(alloc::boxed::Box::new(g), Some(bdf), quantum, mode, 256 << 20);
+        gpupv::init(
+            alloc::boxed::Box::new(g),
+            Some(bdf),
+            quantum,
+            mode,
+            256 << 20,
+        );
         return;
     }
     let top = bi

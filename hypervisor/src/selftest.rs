@@ -4,8 +4,8 @@
 
 use log::{error, info};
 
-use crate::{exit, mm, vmm};
 use crate::vm::VmState;
+use crate::{exit, mm, vmm};
 
 /// `test=vm-cycles`: creates, runs and destroys the first configured VM 100 times;
 /// the frame count must come back to where it started.
@@ -24,7 +24,9 @@ pub fn vm_cycles() -> ! {
         vmm::destroy(0);
     }
     let after = mm::frames::stats().allocated;
-    info!("vm cycles: 100 create/run/destroy cycles, frames allocated before {before}, after {after}");
+    info!(
+        "vm cycles: 100 create/run/destroy cycles, frames allocated before {before}, after {after}"
+    );
     if before == after {
         info!("vm cycles: no frame leaked");
         exit::pass()
@@ -41,7 +43,13 @@ pub fn cpu_share(run_ms: u64) -> ! {
     let mut ok = true;
     for (name, got, want) in vmm::shares() {
         let diff = got.abs_diff(want);
-        info!("cpu share {name}: {}.{}% of VM time for a weight share of {}.{}%", got / 10, got % 10, want / 10, want % 10);
+        info!(
+            "cpu share {name}: {}.{}% of VM time for a weight share of {}.{}%",
+            got / 10,
+            got % 10,
+            want / 10,
+            want % 10
+        );
         ok &= diff <= 50;
     }
     if ok {
@@ -479,7 +487,10 @@ pub fn bench_vm(bi: &boot_info::BootInfo, run_ms: u64) -> ! {
                     st.exits,
                     st.cpu_us
                 );
-                info!("bench: {backend} hypercall round trip: {} ns", st.cpu_us * 1000 / st.hypercalls.max(1));
+                info!(
+                    "bench: {backend} hypercall round trip: {} ns",
+                    st.cpu_us * 1000 / st.hypercalls.max(1)
+                );
             } else if vm.lines_printed > 1 {
                 info!(
                     "bench: {backend} exits per heartbeat line: {} ({} exits, {} lines)",
@@ -557,7 +568,11 @@ pub fn bench_gpu(native_fps_x10: u64, run_ms: u64) -> ! {
         native_fps_x10 / 10,
         native_fps_x10 % 10
     );
-    info!("bench: mediated fps: {}.{} ({frames} frames in {elapsed_us} us)", fps_x10 / 10, fps_x10 % 10);
+    info!(
+        "bench: mediated fps: {}.{} ({frames} frames in {elapsed_us} us)",
+        fps_x10 / 10,
+        fps_x10 % 10
+    );
     let pct_x10 = fps_x10 * 1000 / native_fps_x10.max(1);
     info!("bench: % of native: {}.{}%", pct_x10 / 10, pct_x10 % 10);
     let cmds = f.commands.max(1);
@@ -579,6 +594,9 @@ pub fn bench_gpu(native_fps_x10: u64, run_ms: u64) -> ! {
         f.doorbell_to_submit_us / f.doorbell_samples.max(1),
         f.doorbell_samples
     );
-    info!("bench: commands per second through the mediator: {}", f.commands * 1_000_000 / elapsed_us.max(1));
+    info!(
+        "bench: commands per second through the mediator: {}",
+        f.commands * 1_000_000 / elapsed_us.max(1)
+    );
     exit::pass()
 }

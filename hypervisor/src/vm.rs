@@ -30,7 +30,8 @@ pub const GUEST_ECAM_BASE: u64 = 0xb000_0000;
 const GUEST_ECAM_SIZE: u64 = 256 << 20;
 
 /// Time-stamp counter when any guest first printed a line (0: none yet).
-pub static FIRST_GUEST_LINE_TSC: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+pub static FIRST_GUEST_LINE_TSC: core::sync::atomic::AtomicU64 =
+    core::sync::atomic::AtomicU64::new(0);
 
 /// Why a VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -152,9 +153,16 @@ pub enum CreateError {
 impl Vm {
     /// Creates a VM: allocates and scrubs its RAM, builds nested paging, loads `image`,
     /// writes the guest ABI structures, and creates its vCPUs (only the first starts).
-    pub fn create(backend: Backend, id: u16, spec: &VmSpec, image: &[u8]) -> Result<Vm, CreateError> {
+    pub fn create(
+        backend: Backend,
+        id: u16,
+        spec: &VmSpec,
+        image: &[u8],
+    ) -> Result<Vm, CreateError> {
         if spec.memory_mib < guest::MIN_MEMORY_MIB {
-            return Err(CreateError::BadConfig("memory below the guest ABI minimum (4 MiB)"));
+            return Err(CreateError::BadConfig(
+                "memory below the guest ABI minimum (4 MiB)",
+            ));
         }
         let mem_size = u64::from(spec.memory_mib) << 20;
         let pages = (mem_size / 4096) as usize;
@@ -193,7 +201,15 @@ impl Vm {
         };
         // From here on, dropping `vm` returns its frames.
         vm.nested
-            .map(0, mem_base, mem_size, Perm { write: true, exec: true })
+            .map(
+                0,
+                mem_base,
+                mem_size,
+                Perm {
+                    write: true,
+                    exec: true,
+                },
+            )
             .ok_or(CreateError::OutOfMemory)?;
         let entry = vm.load_elf(image)?;
         vm.write_guest_abi(spec);
@@ -205,13 +221,24 @@ impl Vm {
             gdt_base: guest::GDT,
             gdt_limit: 23,
         };
-        let mem = crate::gpupv::VmMemory { base: mem_base, size: mem_size };
-        if let Some(n) = crate::gpupv::add_vm(id, &spec.name, mem, spec.weight, spec.gpu_alpha_tenths, spec.vram_quota_mib) {
+        let mem = crate::gpupv::VmMemory {
+            base: mem_base,
+            size: mem_size,
+        };
+        if let Some(n) = crate::gpupv::add_vm(
+            id,
+            &spec.name,
+            mem,
+            spec.weight,
+            spec.gpu_alpha_tenths,
+            spec.vram_quota_mib,
+        ) {
             vm.gpu = Some(VirtioGpuDevice::new(n));
         }
         let root = vm.nested.root_pointer();
         for _ in 0..spec.vcpus.max(1) {
-            let v = virt::create_vcpu(backend, root, id + 1, &start).map_err(CreateError::Backend)?;
+            let v =
+                virt::create_vcpu(backend, root, id + 1, &start).map_err(CreateError::Backend)?;
             vm.lapics.push(VLapic::new(vm.vcpus.len() as u32));
             vm.halted.push(false);
             vm.started.push(vm.vcpus.is_empty());
@@ -226,7 +253,9 @@ impl Vm {
             return None;
         }
         // SAFETY: inside this VM's RAM, which the hypervisor owns and identity maps.
-        Some(unsafe { core::slice::from_raw_parts_mut(phys_to_ptr::<u8>(self.mem_base + gpa), len as usize) })
+        Some(unsafe {
+            core::slice::from_raw_parts_mut(phys_to_ptr::<u8>(self.mem_base + gpa), len as usize)
+        })
     }
 
     /// Copies guest memory out, checked against the VM's RAM.
@@ -258,10 +287,15 @@ impl Vm {
         if file.ehdr.class != elf::file::Class::ELF64 || file.ehdr.e_machine != EM_X86_64 {
             return Err(CreateError::BadImage("not an x86_64 ELF64 image"));
         }
-        let segs = file.segments().ok_or(CreateError::BadImage("no program headers"))?;
+        let segs = file
+            .segments()
+            .ok_or(CreateError::BadImage("no program headers"))?;
         let mut loaded = false;
         for p in segs.iter().filter(|p| p.p_type == PT_LOAD && p.p_memsz > 0) {
-            let end = p.p_paddr.checked_add(p.p_memsz).ok_or(CreateError::BadImage("segment overflows"))?;
+            let end = p
+                .p_paddr
+                .checked_add(p.p_memsz)
+                .ok_or(CreateError::BadImage("segment overflows"))?;
             if p.p_paddr < guest::IMAGE_BASE || end > self.mem_size || p.p_filesz > p.p_memsz {
                 return Err(CreateError::BadImage("segment outside the VM's RAM"));
             }
@@ -408,7 +442,11 @@ impl Vm {
             crate::gpupv::poll(self.id);
         }
         let t0 = crate::apic::now_us();
-        let deadline = if slice_us == 0 { u64::MAX } else { t0 + slice_us };
+        let deadline = if slice_us == 0 {
+            u64::MAX
+        } else {
+            t0 + slice_us
+        };
         self.stats.runs += 1;
         while self.state == VmState::Running {
             let now = crate::apic::now_us();
@@ -417,9 +455,15 @@ impl Vm {
                 break;
             }
             self.deliver_interrupts(idx, now);
-            let until_timer = self.lapics[idx].deadline_us().map_or(u64::MAX, |d| d.saturating_sub(now));
+            let until_timer = self.lapics[idx]
+                .deadline_us()
+                .map_or(u64::MAX, |d| d.saturating_sub(now));
             let v = &mut self.vcpus[idx];
-            v.set_time_slice(if slice_us == 0 { 0 } else { left.min(until_timer).max(50) });
+            v.set_time_slice(if slice_us == 0 {
+                0
+            } else {
+                left.min(until_timer).max(50)
+            });
             let exit = v.run();
             self.stats.exits += 1;
             let after = crate::apic::now_us();
@@ -491,7 +535,12 @@ impl Vm {
         let in_ecam = (GUEST_ECAM_BASE..GUEST_ECAM_BASE + GUEST_ECAM_SIZE).contains(&gpa);
         let ecam = |gpa: u64| {
             let o = gpa - GUEST_ECAM_BASE;
-            ((o >> 20) as u8, ((o >> 15) & 31) as u8, ((o >> 12) & 7) as u8, (o & 0xfff) as u16)
+            (
+                (o >> 20) as u8,
+                ((o >> 15) & 31) as u8,
+                ((o >> 12) & 7) as u8,
+                (o & 0xfff) as u16,
+            )
         };
         match access {
             Access::Read { reg, size } => {
@@ -545,7 +594,10 @@ impl Vm {
                     }
                 }
                 if io.string || io.rep {
-                    self.stop(idx, StopReason::Unhandled(alloc::format!("string port I/O to {:#x}", io.port)));
+                    self.stop(
+                        idx,
+                        StopReason::Unhandled(alloc::format!("string port I/O to {:#x}", io.port)),
+                    );
                     return false;
                 }
                 let rax = self.vcpus[idx].regs().rax;
@@ -645,7 +697,12 @@ impl Vm {
                 if gpa >= self.mem_size {
                     self.stop(idx, StopReason::OutsideMemory(gpa));
                 } else {
-                    self.stop(idx, StopReason::Unhandled(alloc::format!("nested fault inside RAM at {gpa:#x}")));
+                    self.stop(
+                        idx,
+                        StopReason::Unhandled(alloc::format!(
+                            "nested fault inside RAM at {gpa:#x}"
+                        )),
+                    );
                 }
                 false
             }
@@ -658,7 +715,10 @@ impl Vm {
                 false
             }
             VmExit::Other(code) => {
-                self.stop(idx, StopReason::Unhandled(alloc::format!("exit code {code:#x}")));
+                self.stop(
+                    idx,
+                    StopReason::Unhandled(alloc::format!("exit code {code:#x}")),
+                );
                 false
             }
         }
@@ -671,7 +731,12 @@ impl Vm {
             return None;
         }
         let off = (a & 0xfc) as u16 + (port - 0xcfc);
-        Some(((a >> 16) as u8, ((a >> 11) & 31) as u8, ((a >> 8) & 7) as u8, off))
+        Some((
+            (a >> 16) as u8,
+            ((a >> 11) & 31) as u8,
+            ((a >> 8) & 7) as u8,
+            off,
+        ))
     }
 
     fn pci_port_read(&self, port: u16, size: u8) -> u64 {
@@ -719,7 +784,11 @@ impl Vm {
     fn flush_serial(&mut self) {
         let mut s = String::new();
         for &c in &self.serial_line {
-            let _ = s.write_char(if (0x20..0x7f).contains(&c) { c as char } else { '.' });
+            let _ = s.write_char(if (0x20..0x7f).contains(&c) {
+                c as char
+            } else {
+                '.'
+            });
         }
         self.serial_line.clear();
         self.lines_printed += 1;

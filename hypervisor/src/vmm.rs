@@ -70,7 +70,9 @@ pub fn enable_this_cpu() -> Option<Backend> {
 pub fn configure(bi: &BootInfo, backend: Backend) {
     let mut slots = Vec::new();
     for e in bi.vms() {
-        let Some(m) = bi.modules().get(e.image_module as usize) else { continue };
+        let Some(m) = bi.modules().get(e.image_module as usize) else {
+            continue;
+        };
         // SAFETY: the loader placed the module's bytes at `phys` (identity mapped, in a
         // Module region the frame allocator never hands out); they live forever.
         let image: &'static [u8] =
@@ -83,11 +85,22 @@ pub fn configure(bi: &BootInfo, backend: Backend) {
             gpu_alpha_tenths: e.gpu_alpha_tenths,
             vram_quota_mib: e.vram_quota_mib,
         };
-        slots.push(Mutex::new(Slot { vruntime: 0, spec, image, vm: None }));
+        slots.push(Mutex::new(Slot {
+            vruntime: 0,
+            spec,
+            image,
+            vm: None,
+        }));
     }
     let vruntime = slots.iter().map(|_| AtomicU64::new(0)).collect();
     let wake_at = slots.iter().map(|_| AtomicU64::new(0)).collect();
-    MONITOR.call_once(|| Monitor { backend, slots, queue: Mutex::new(VecDeque::new()), vruntime, wake_at });
+    MONITOR.call_once(|| Monitor {
+        backend,
+        slots,
+        queue: Mutex::new(VecDeque::new()),
+        vruntime,
+        wake_at,
+    });
     // The other CPUs turn virtualization on as soon as the monitor exists; wait for
     // them so their per-CPU state is in place before any VM (and any frame count).
     let deadline = crate::apic::now_us() + 1_000_000;
@@ -105,8 +118,13 @@ pub fn slot_count() -> usize {
 
 /// Creates VM `slot` (if not already there) and queues its vCPUs.
 pub fn create(slot: usize) -> Result<(), CreateError> {
-    let m = MONITOR.get().ok_or(CreateError::BadConfig("monitor not configured"))?;
-    let s = m.slots.get(slot).ok_or(CreateError::BadConfig("no such VM"))?;
+    let m = MONITOR
+        .get()
+        .ok_or(CreateError::BadConfig("monitor not configured"))?;
+    let s = m
+        .slots
+        .get(slot)
+        .ok_or(CreateError::BadConfig("no such VM"))?;
     let mut g = s.lock();
     if g.vm.is_some() {
         return Ok(());
@@ -125,7 +143,13 @@ pub fn create(slot: usize) -> Result<(), CreateError> {
     g.vm = Some(vm);
     drop(g);
     // A new VM starts level with the others, neither owed nor owing CPU time.
-    let start = m.vruntime.iter().map(|v| v.load(Ordering::Relaxed)).filter(|&v| v > 0).min().unwrap_or(0);
+    let start = m
+        .vruntime
+        .iter()
+        .map(|v| v.load(Ordering::Relaxed))
+        .filter(|&v| v > 0)
+        .min()
+        .unwrap_or(0);
     m.vruntime[slot].store(start, Ordering::Relaxed);
     m.wake_at[slot].store(0, Ordering::Relaxed);
     let mut q = m.queue.lock();
@@ -197,7 +221,11 @@ pub fn destroy(slot: usize) {
         if vm.state == VmState::Running || vm.state == VmState::Paused {
             vm.state = VmState::Stopped(StopReason::Destroyed);
         }
-        info!("vm {} destroyed ({} frames returned)", vm.name, vm.frames_held());
+        info!(
+            "vm {} destroyed ({} frames returned)",
+            vm.name,
+            vm.frames_held()
+        );
     }
 }
 
@@ -247,7 +275,12 @@ pub fn ap_loop() -> ! {
 }
 
 fn any_running(m: &Monitor) -> bool {
-    m.slots.iter().any(|s| s.lock().vm.as_ref().is_some_and(|vm| vm.state == VmState::Running))
+    m.slots.iter().any(|s| {
+        s.lock()
+            .vm
+            .as_ref()
+            .is_some_and(|vm| vm.state == VmState::Running)
+    })
 }
 
 fn run_loop(bsp: bool) {
@@ -301,14 +334,18 @@ fn run_loop(bsp: bool) {
             .map(|(s, _)| m.vruntime[*s].load(Ordering::Relaxed))
             .min()
             .unwrap_or(0);
-        m.vruntime[slot].fetch_max(floor.saturating_sub(BASE_SLICE_US * 1000), Ordering::Relaxed);
+        m.vruntime[slot].fetch_max(
+            floor.saturating_sub(BASE_SLICE_US * 1000),
+            Ordering::Relaxed,
+        );
         let mut g = m.slots[slot].lock();
         let again = match g.vm.as_mut() {
             Some(vm) if vm.state == VmState::Running => {
                 let before = vm.stats.cpu_us;
                 vm.run_slice(vcpu, BASE_SLICE_US);
                 let used = vm.stats.cpu_us - before;
-                m.vruntime[slot].fetch_add(used * 1000 / u64::from(vm.weight.max(1)), Ordering::Relaxed);
+                m.vruntime[slot]
+                    .fetch_add(used * 1000 / u64::from(vm.weight.max(1)), Ordering::Relaxed);
                 if vcpu == 0 {
                     m.wake_at[slot].store(vm.wake_time(0), Ordering::Relaxed);
                 }
@@ -361,7 +398,9 @@ pub fn report() {
 /// CPU time shares (VM name, share of all VM time in per mille, weight share in per
 /// mille) of the VMs that exist.
 pub fn shares() -> Vec<(String, u64, u64)> {
-    let Some(m) = MONITOR.get() else { return Vec::new() };
+    let Some(m) = MONITOR.get() else {
+        return Vec::new();
+    };
     let mut rows = Vec::new();
     let (mut total_us, mut total_w) = (0u64, 0u64);
     for s in &m.slots {

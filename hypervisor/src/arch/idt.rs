@@ -349,7 +349,24 @@ pub fn init_this_cpu() {
         set_err!(security_exception, 30, gdt::IST_EXCEPTION);
         // SAFETY: the stubs save the interrupted context and return with IRETQ.
         unsafe {
-            let device_stubs: [*const u8; 16] = [&raw const irq_stub_e0, &raw const irq_stub_e1, &raw const irq_stub_e2, &raw const irq_stub_e3, &raw const irq_stub_e4, &raw const irq_stub_e5, &raw const irq_stub_e6, &raw const irq_stub_e7, &raw const irq_stub_e8, &raw const irq_stub_e9, &raw const irq_stub_ea, &raw const irq_stub_eb, &raw const irq_stub_ec, &raw const irq_stub_ed, &raw const irq_stub_ee, &raw const irq_stub_ef];
+            let device_stubs: [*const u8; 16] = [
+                &raw const irq_stub_e0,
+                &raw const irq_stub_e1,
+                &raw const irq_stub_e2,
+                &raw const irq_stub_e3,
+                &raw const irq_stub_e4,
+                &raw const irq_stub_e5,
+                &raw const irq_stub_e6,
+                &raw const irq_stub_e7,
+                &raw const irq_stub_e8,
+                &raw const irq_stub_e9,
+                &raw const irq_stub_ea,
+                &raw const irq_stub_eb,
+                &raw const irq_stub_ec,
+                &raw const irq_stub_ed,
+                &raw const irq_stub_ee,
+                &raw const irq_stub_ef,
+            ];
             for (i, stub) in device_stubs.iter().enumerate() {
                 idt[crate::interrupts::DEVICE_VECTOR_BASE + i as u8]
                     .set_handler_addr(VirtAddr::new(*stub as u64));

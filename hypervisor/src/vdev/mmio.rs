@@ -58,7 +58,9 @@ fn slot(regs: &mut GuestRegs, full: Register) -> Option<&mut u64> {
 fn reg_value(regs: &mut GuestRegs, r: Register) -> Option<u64> {
     let v = *slot(regs, r.full_register())?;
     Some(match r.size() {
-        1 if matches!(r, Register::AH | Register::BH | Register::CH | Register::DH) => (v >> 8) & 0xff,
+        1 if matches!(r, Register::AH | Register::BH | Register::CH | Register::DH) => {
+            (v >> 8) & 0xff
+        }
         1 => v & 0xff,
         2 => v & 0xffff,
         4 => v & 0xffff_ffff,
@@ -82,16 +84,40 @@ pub fn decode(bytes: &[u8], regs: &mut GuestRegs) -> Result<(Access, usize), Mmi
         (OpKind::Register, OpKind::Memory) => {
             let reg = ins.op0_register();
             slot(regs, reg.full_register()).ok_or(MmioError::Unsupported(ins.mnemonic()))?;
-            Ok((Access::Read { reg, size: reg.size() as u8 }, len))
+            Ok((
+                Access::Read {
+                    reg,
+                    size: reg.size() as u8,
+                },
+                len,
+            ))
         }
         (OpKind::Memory, OpKind::Register) => {
             let reg = ins.op1_register();
             let value = reg_value(regs, reg).ok_or(MmioError::Unsupported(ins.mnemonic()))?;
-            Ok((Access::Write { value, size: reg.size() as u8 }, len))
+            Ok((
+                Access::Write {
+                    value,
+                    size: reg.size() as u8,
+                },
+                len,
+            ))
         }
-        (OpKind::Memory, OpKind::Immediate8 | OpKind::Immediate16 | OpKind::Immediate32 | OpKind::Immediate32to64) => {
+        (
+            OpKind::Memory,
+            OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate32to64,
+        ) => {
             let size = ins.memory_size().size() as u8;
-            Ok((Access::Write { value: ins.immediate(1), size }, len))
+            Ok((
+                Access::Write {
+                    value: ins.immediate(1),
+                    size,
+                },
+                len,
+            ))
         }
         _ => Err(MmioError::Unsupported(ins.mnemonic())),
     }
@@ -100,9 +126,14 @@ pub fn decode(bytes: &[u8], regs: &mut GuestRegs) -> Result<(Access, usize), Mmi
 /// Completes a read: writes `value` into `reg` as the CPU would (32-bit destinations
 /// zero-extend, 8/16-bit ones merge).
 pub fn complete_read(regs: &mut GuestRegs, reg: Register, value: u64) {
-    let high8 = matches!(reg, Register::AH | Register::BH | Register::CH | Register::DH);
+    let high8 = matches!(
+        reg,
+        Register::AH | Register::BH | Register::CH | Register::DH
+    );
     let size = reg.size();
-    let Some(s) = slot(regs, reg.full_register()) else { return };
+    let Some(s) = slot(regs, reg.full_register()) else {
+        return;
+    };
     *s = match size {
         1 if high8 => (*s & !0xff00) | ((value & 0xff) << 8),
         1 => (*s & !0xff) | (value & 0xff),

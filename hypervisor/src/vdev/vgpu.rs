@@ -29,7 +29,10 @@ pub const DEVICE: u8 = 1;
 /// MSI-X vectors (config, control queue, cursor queue).
 pub const MSIX_VECTORS: usize = 3;
 const NOTIFY_MULTIPLIER: u32 = 4;
-const QUEUE_SIZES: [u16; 2] = [abi::limits::CONTROL_QUEUE_SIZE, abi::limits::CURSOR_QUEUE_SIZE];
+const QUEUE_SIZES: [u16; 2] = [
+    abi::limits::CONTROL_QUEUE_SIZE,
+    abi::limits::CURSOR_QUEUE_SIZE,
+];
 
 const STATUS_ACK: u8 = 1;
 const STATUS_DRIVER: u8 = 2;
@@ -127,13 +130,13 @@ impl VirtioGpuDevice {
         put16(&mut c, 0x2e, 0x1100);
         c[0x34] = 0x40;
         c[0x3d] = 1; // INTA (unused: MSI-X only)
-        // MSI-X capability.
+                     // MSI-X capability.
         c[0x40] = 0x11;
         c[0x41] = 0x50;
         put16(&mut c, 0x42, (MSIX_VECTORS - 1) as u16);
         put32(&mut c, 0x44, 1); // table at BAR1 + 0
         put32(&mut c, 0x48, 0x800 | 1); // PBA at BAR1 + 0x800
-        // virtio vendor capabilities: (offset, next, length, type, bar offset, length).
+                                        // virtio vendor capabilities: (offset, next, length, type, bar offset, length).
         let caps: [(usize, u8, u8, u8, u32, u32); 4] = [
             (0x50, 0x60, 16, 1, 0x0000, 0x1000),
             (0x60, 0x74, 20, 2, 0x3000, 0x1000),
@@ -168,10 +171,21 @@ impl VirtioGpuDevice {
             // queue_size reads the largest size the device supports until the
             // driver writes a smaller one (virtio 1.2, 4.1.4.3).
             queues: [
-                VirtQueue { size: QUEUE_SIZES[0], msix: 0xffff, ..VirtQueue::default() },
-                VirtQueue { size: QUEUE_SIZES[1], msix: 0xffff, ..VirtQueue::default() },
+                VirtQueue {
+                    size: QUEUE_SIZES[0],
+                    msix: 0xffff,
+                    ..VirtQueue::default()
+                },
+                VirtQueue {
+                    size: QUEUE_SIZES[1],
+                    msix: 0xffff,
+                    ..VirtQueue::default()
+                },
             ],
-            msix: [MsixEntry { masked: true, ..MsixEntry::default() }; MSIX_VECTORS],
+            msix: [MsixEntry {
+                masked: true,
+                ..MsixEntry::default()
+            }; MSIX_VECTORS],
             pba: 0,
             isr: 0,
             events_read: 0,
@@ -182,7 +196,12 @@ impl VirtioGpuDevice {
     }
 
     fn cfg32(&self, o: usize) -> u32 {
-        u32::from_le_bytes([self.config[o], self.config[o + 1], self.config[o + 2], self.config[o + 3]])
+        u32::from_le_bytes([
+            self.config[o],
+            self.config[o + 1],
+            self.config[o + 2],
+            self.config[o + 3],
+        ])
     }
 
     /// Where BAR4 and BAR1 are now (the guest may move them).
@@ -226,7 +245,11 @@ impl VirtioGpuDevice {
                 put32(&mut self.config, off as usize, new);
             }
             (0x42, 2) | (0x40, 4) => {
-                let ctrl = if off == 0x40 { (v >> 16) as u16 } else { v as u16 };
+                let ctrl = if off == 0x40 {
+                    (v >> 16) as u16
+                } else {
+                    v as u16
+                };
                 let keep = (MSIX_VECTORS - 1) as u16;
                 put16(&mut self.config, 0x42, (ctrl & 0xc000) | keep);
             }
@@ -341,11 +364,16 @@ impl VirtioGpuDevice {
                         1 => 32,
                         _ => return Action::None,
                     };
-                    self.driver_features = (self.driver_features & !(0xffff_ffffu64 << shift)) | ((v & 0xffff_ffff) << shift);
+                    self.driver_features = (self.driver_features & !(0xffff_ffffu64 << shift))
+                        | ((v & 0xffff_ffff) << shift);
                 }
             }
             0x10 => {
-                self.config_msix = if (v as usize) < MSIX_VECTORS { v as u16 } else { 0xffff };
+                self.config_msix = if (v as usize) < MSIX_VECTORS {
+                    v as u16
+                } else {
+                    0xffff
+                };
                 return Action::Vector(None, self.config_msix);
             }
             0x14 => return self.write_status(v as u8),
@@ -360,9 +388,15 @@ impl VirtioGpuDevice {
                 }
             }
             0x1a => {
-                if let (Some(q), Some(id)) = (self.queues.get_mut(sel), QueueId::from_index(sel as u16)) {
+                if let (Some(q), Some(id)) =
+                    (self.queues.get_mut(sel), QueueId::from_index(sel as u16))
+                {
                     // An entry past the table reads back as NO_VECTOR (virtio 1.2, 4.1.4.3).
-                    q.msix = if (v as usize) < MSIX_VECTORS { v as u16 } else { 0xffff };
+                    q.msix = if (v as usize) < MSIX_VECTORS {
+                        v as u16
+                    } else {
+                        0xffff
+                    };
                     return Action::Vector(Some(id), q.msix);
                 }
             }
@@ -425,7 +459,8 @@ impl VirtioGpuDevice {
             }
             self.revision = abi::negotiate_revision(offered_features(), self.driver_features);
         }
-        self.status = v & (STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED);
+        self.status = v
+            & (STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED);
         if newly & STATUS_DRIVER_OK != 0 && self.status & STATUS_FEATURES_OK != 0 {
             let ev = self.driver_features & feature::bit(feature::RING_EVENT_IDX) != 0;
             let ind = self.driver_features & feature::bit(feature::RING_INDIRECT_DESC) != 0;
@@ -463,12 +498,18 @@ impl VirtioGpuDevice {
             12 => u64::from(e.masked),
             _ => 0,
         };
-        if size == 8 && field == 0 { e.addr } else { v }
+        if size == 8 && field == 0 {
+            e.addr
+        } else {
+            v
+        }
     }
 
     fn msix_write(&mut self, off: u64, size: u8, v: u64) {
         let (i, field) = ((off / 16) as usize, off % 16);
-        let Some(e) = self.msix.get_mut(i) else { return };
+        let Some(e) = self.msix.get_mut(i) else {
+            return;
+        };
         match (field, size) {
             (0, 8) => e.addr = v,
             (0, _) => e.addr = (e.addr & !0xffff_ffff) | (v & 0xffff_ffff),

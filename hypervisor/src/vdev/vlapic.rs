@@ -49,7 +49,10 @@ fn set(bits: &mut [u64; 4], v: u8, on: bool) {
     }
 }
 fn highest(bits: &[u64; 4]) -> Option<u8> {
-    (0..4).rev().find(|&i| bits[i] != 0).map(|i| (i * 64 + 63 - bits[i].leading_zeros() as usize) as u8)
+    (0..4)
+        .rev()
+        .find(|&i| bits[i] != 0)
+        .map(|i| (i * 64 + 63 - bits[i].leading_zeros() as usize) as u8)
 }
 
 impl VLapic {
@@ -71,7 +74,11 @@ impl VLapic {
 
     fn divider(&self) -> u64 {
         let v = ((self.divide_reg & 8) >> 1) | (self.divide_reg & 3);
-        if v == 7 { 1 } else { 2 << v }
+        if v == 7 {
+            1
+        } else {
+            2 << v
+        }
     }
 
     /// Microseconds one timer period lasts (0 when stopped).
@@ -142,7 +149,9 @@ impl VLapic {
 
     /// Advances time: raises the timer vector if its deadline passed.
     pub fn tick(&mut self, now_us: u64) {
-        let Some(deadline) = self.deadline_us() else { return };
+        let Some(deadline) = self.deadline_us() else {
+            return;
+        };
         if now_us < deadline {
             return;
         }

@@ -41,7 +41,11 @@ impl NestedTables {
         let root = frames::alloc()?;
         let mut tables = Vec::new();
         tables.push(root);
-        Some(Self { format, root, tables })
+        Some(Self {
+            format,
+            root,
+            tables,
+        })
     }
 
     /// What the hardware takes: nCR3 for NPT, the EPT pointer for EPT.

@@ -141,7 +141,11 @@ impl SvmVcpu {
     /// A vCPU starting in 64-bit mode at `start`, with nested tables `ncr3` and ASID `asid`.
     pub fn new(ncr3: u64, asid: u16, start: &StartState) -> Result<Self, &'static str> {
         let vmcb = frames::alloc().ok_or("no memory for a VMCB")?;
-        let mut v = Self { vmcb, regs: GuestRegs::default(), slice_us: 0 };
+        let mut v = Self {
+            vmcb,
+            regs: GuestRegs::default(),
+            slice_us: 0,
+        };
         v.w::<u32>(C_INTERCEPT_EXC, 1 << 18); // #MC
         v.w::<u32>(
             C_INTERCEPT_MISC1,
@@ -195,7 +199,10 @@ impl SvmVcpu {
             0x40..=0x5f => {
                 let vector = (code - 0x40) as u8;
                 let has_err = matches!(vector, 8 | 10..=14 | 17 | 21 | 29 | 30);
-                VmExit::Exception { vector, error_code: has_err.then_some(info1 as u32) }
+                VmExit::Exception {
+                    vector,
+                    error_code: has_err.then_some(info1 as u32),
+                }
             }
             0x60 => VmExit::ExternalInterrupt,
             0x61 => VmExit::ExternalInterrupt,
@@ -243,16 +250,29 @@ unsafe extern "sysv64" {
 core::arch::global_asm!(
     ".global svm_run",
     "svm_run:",
-    " push rbx", " push rbp", " push r12", " push r13", " push r14", " push r15",
+    " push rbx",
+    " push rbp",
+    " push r12",
+    " push r13",
+    " push r14",
+    " push r15",
     " push rdi",
     " push rsi",
     " mov rax, rdx",
     " vmsave rax",
     " push rdx",
-    " mov rbx, [rdi + 8]", " mov rcx, [rdi + 16]", " mov rdx, [rdi + 24]",
-    " mov rsi, [rdi + 32]", " mov rbp, [rdi + 48]", " mov r8, [rdi + 56]",
-    " mov r9, [rdi + 64]", " mov r10, [rdi + 72]", " mov r11, [rdi + 80]",
-    " mov r12, [rdi + 88]", " mov r13, [rdi + 96]", " mov r14, [rdi + 104]",
+    " mov rbx, [rdi + 8]",
+    " mov rcx, [rdi + 16]",
+    " mov rdx, [rdi + 24]",
+    " mov rsi, [rdi + 32]",
+    " mov rbp, [rdi + 48]",
+    " mov r8, [rdi + 56]",
+    " mov r9, [rdi + 64]",
+    " mov r10, [rdi + 72]",
+    " mov r11, [rdi + 80]",
+    " mov r12, [rdi + 88]",
+    " mov r13, [rdi + 96]",
+    " mov r14, [rdi + 104]",
     " mov r15, [rdi + 112]",
     " mov rax, [rsp + 8]",
     " mov rdi, [rdi + 40]",
@@ -264,10 +284,18 @@ core::arch::global_asm!(
     " cli",
     // Stack: [rsp] host vmcb, [rsp+8] guest vmcb, [rsp+16] regs pointer.
     " xchg rdi, [rsp + 16]",
-    " mov [rdi + 8], rbx", " mov [rdi + 16], rcx", " mov [rdi + 24], rdx",
-    " mov [rdi + 32], rsi", " mov [rdi + 48], rbp", " mov [rdi + 56], r8",
-    " mov [rdi + 64], r9", " mov [rdi + 72], r10", " mov [rdi + 80], r11",
-    " mov [rdi + 88], r12", " mov [rdi + 96], r13", " mov [rdi + 104], r14",
+    " mov [rdi + 8], rbx",
+    " mov [rdi + 16], rcx",
+    " mov [rdi + 24], rdx",
+    " mov [rdi + 32], rsi",
+    " mov [rdi + 48], rbp",
+    " mov [rdi + 56], r8",
+    " mov [rdi + 64], r9",
+    " mov [rdi + 72], r10",
+    " mov [rdi + 80], r11",
+    " mov [rdi + 88], r12",
+    " mov [rdi + 96], r13",
+    " mov [rdi + 104], r14",
     " mov [rdi + 112], r15",
     " mov rax, [rsp + 16]",
     " mov [rdi + 40], rax",
@@ -275,7 +303,12 @@ core::arch::global_asm!(
     " vmload rax",
     " stgi",
     " add rsp, 16",
-    " pop r15", " pop r14", " pop r13", " pop r12", " pop rbp", " pop rbx",
+    " pop r15",
+    " pop r14",
+    " pop r13",
+    " pop r12",
+    " pop rbp",
+    " pop rbx",
     " ret",
 );
 
