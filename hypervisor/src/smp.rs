@@ -113,9 +113,6 @@ fn off(sym: *const u8) -> u64 {
 
 /// Starts every enabled CPU the MADT lists; returns how many CPUs are online.
 pub fn start_aps(bi: &BootInfo, platform: Option<&Platform>) -> usize {
-    let Some(p) = platform else {
-        return cpu::ONLINE.load(Ordering::SeqCst);
-    };
     let t = bi.ap_trampoline;
     if t == 0 || t >= 0x10_0000 {
         warn!("smp: no trampoline page below 1 MiB; application processors stay off");
@@ -145,8 +142,15 @@ pub fn start_aps(bi: &BootInfo, platform: Option<&Platform>) -> usize {
     );
 
     let me = apic::id();
+    // The MADT lists the CPUs. Without ACPI (OVMF under Bochs), APIC ids are probed
+    // upwards until one does not answer.
+    let (ids, probing): (alloc::vec::Vec<u32>, bool) = match platform {
+        Some(p) => (p.cpus.clone(), false),
+        None => ((0..MAX_CPUS as u32).collect(), true),
+    };
+    let wait_us = if probing { 500_000 } else { 2_000_000 };
     let mut index = 1usize;
-    for &id in p.cpus.iter().filter(|&&id| id != me) {
+    for &id in ids.iter().filter(|&&id| id != me) {
         if index >= MAX_CPUS {
             warn!("smp: more than {MAX_CPUS} CPUs; the rest stay off");
             break;
@@ -169,12 +173,18 @@ pub fn start_aps(bi: &BootInfo, platform: Option<&Platform>) -> usize {
             apic::send_ipi(id, 0x0000_4600 | vector);
             apic::delay_us(200);
         }
-        // Wait up to 2 s (emulators are slow) for it to log in.
-        let deadline = apic::now_us() + 2_000_000;
+        // Wait (emulators are slow) for it to log in.
+        let deadline = apic::now_us() + wait_us;
         while cpu::ONLINE.load(Ordering::SeqCst) == before && apic::now_us() < deadline {
             core::hint::spin_loop();
         }
         if cpu::ONLINE.load(Ordering::SeqCst) == before {
+            // The stack stays allocated: a CPU that starts late must not land on
+            // memory someone else owns.
+            if probing {
+                info!("smp: no ACPI; probing found no CPU with APIC id {id}, so {index} CPU(s)");
+                break;
+            }
             warn!("smp: cpu with APIC id {id} did not start");
         }
         index += 1;

@@ -48,6 +48,8 @@ static RUNNING_CPUS: AtomicUsize = AtomicUsize::new(0);
 static DEADLINE_US: AtomicU64 = AtomicU64::new(u64::MAX);
 /// CPUs with virtualization turned on.
 static ENABLED_CPUS: AtomicUsize = AtomicUsize::new(0);
+/// vCPU slices run per physical CPU.
+static SLICES: [AtomicU64; cpu::MAX_CPUS] = [const { AtomicU64::new(0) }; cpu::MAX_CPUS];
 /// Interval of the `gpu-pv sample:` lines, in microseconds.
 const SAMPLE_US: u64 = 250_000;
 
@@ -341,6 +343,7 @@ fn run_loop(bsp: bool) {
         let mut g = m.slots[slot].lock();
         let again = match g.vm.as_mut() {
             Some(vm) if vm.state == VmState::Running => {
+                SLICES[cpu::current_index()].fetch_add(1, Ordering::Relaxed);
                 let before = vm.stats.cpu_us;
                 vm.run_slice(vcpu, BASE_SLICE_US);
                 let used = vm.stats.cpu_us - before;
@@ -361,9 +364,16 @@ fn run_loop(bsp: bool) {
     RUNNING_CPUS.fetch_sub(1, Ordering::SeqCst);
 }
 
-/// One line per VM: state, exits, CPU time and its share against its weight.
+/// One line per VM: state, exits, CPU time and its share against its weight; and
+/// how the vCPU slices spread over the physical CPUs.
 pub fn report() {
     let Some(m) = MONITOR.get() else { return };
+    let per_cpu: alloc::vec::Vec<u64> = SLICES.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    let used = per_cpu.iter().filter(|&&n| n > 0).count();
+    info!(
+        "vCPUs ran on {used} CPU(s): slices per CPU {:?}",
+        &per_cpu[..cpu::ONLINE.load(Ordering::SeqCst).min(cpu::MAX_CPUS)]
+    );
     let mut total_us = 0u64;
     let mut total_w = 0u64;
     for s in &m.slots {
