@@ -7,11 +7,11 @@
 
 /// Device-specific virtio feature bits (0..=23 are the device's own range).
 pub mod feature {
-    /// Protocol revision 1 of the GPU-PV extensions (hypercall buffer registration,
-    /// per-VM counters readable through a hypercall).
+    /// Protocol revision 1 of the GPU-PV extensions: zero-copy buffer registration
+    /// ([`super::hypercall::GPU_REGISTER_BUFFER`]).
     pub const GPUPV_V1: u32 = 23;
-    /// Protocol revision 2: adds the fence-batching hint (completions of one batch
-    /// arrive as one interrupt, see [`super::hypercall::GPU_SET_COALESCE`]).
+    /// Protocol revision 2: adds the promise that completions of one batch arrive as
+    /// one interrupt per queue, so a driver may wait for a batch instead of a command.
     pub const GPUPV_V2: u32 = 22;
     /// All protocol revisions, newest first.
     pub const REVISIONS: [(u32, u32); 2] = [(GPUPV_V2, 2), (GPUPV_V1, 1)];
@@ -42,14 +42,11 @@ pub mod hypercall {
     /// Starts secondary vCPU RDI (1..vcpus) at RIP = RSI with RSP = RDX and RDI = RCX
     /// (secondary vCPUs stay parked until started, like an INIT-SIPI).
     pub const VCPU_START: u64 = 4;
-    /// Registers a buffer (GPA in RDI, length in RSI) for zero-copy exchange with the GPU.
+    /// Registers a page-aligned buffer of the caller's RAM (GPA in RDI, length in RSI) in
+    /// the GPU's IOMMU domain for zero-copy exchange; returns OK and the handle in RDI.
     pub const GPU_REGISTER_BUFFER: u64 = 0x100;
     /// Unregisters a buffer registered with [`GPU_REGISTER_BUFFER`] (handle in RDI).
     pub const GPU_UNREGISTER_BUFFER: u64 = 0x101;
-    /// Copies the VM's GPU counters to guest-physical RDI (RSI bytes available).
-    pub const GPU_READ_COUNTERS: u64 = 0x102;
-    /// Sets interrupt coalescing on (RDI = 1) or off (RDI = 0).
-    pub const GPU_SET_COALESCE: u64 = 0x103;
 
     /// Hypercall status: success.
     pub const OK: u64 = 0;

@@ -191,6 +191,9 @@ struct GpuPv {
     figures: BTreeMap<VmId, Figures>,
     /// Per VM: when the oldest doorbell not yet followed by a submission rang.
     doorbell_at: BTreeMap<VmId, u64>,
+    /// Buffers VMs registered for zero-copy exchange: (vm, handle) -> (hpa, len).
+    buffers: BTreeMap<(VmId, u64), (u64, u64)>,
+    next_handle: u64,
 }
 
 /// What the glue measured for one VM.
@@ -321,6 +324,8 @@ pub fn init(
         last_sample: (now_ns(), BTreeMap::new()),
         figures: BTreeMap::new(),
         doorbell_at: BTreeMap::new(),
+        buffers: BTreeMap::new(),
+        next_handle: 1,
     });
 }
 
@@ -368,11 +373,69 @@ pub fn add_vm(
     Some(1)
 }
 
+/// Most bytes one registered buffer may span.
+pub const MAX_BUFFER_BYTES: u64 = 64 << 20;
+/// Most buffers one VM may hold registered.
+pub const MAX_BUFFERS_PER_VM: usize = 64;
+
+/// Zero-copy buffer exchange (hypercall GPU_REGISTER_BUFFER): the VM names a
+/// page-aligned range of its RAM; after the validity and ownership checks it is
+/// registered in the GPU's IOMMU domain until unregistered or the VM goes. Returns
+/// the handle, or `None` when a check fails.
+pub fn register_buffer(vm: VmId, gpa: u64, len: u64) -> Option<u64> {
+    let mut g = GPUPV.lock();
+    let s = g.as_mut()?;
+    let mem = *s.memory.get(&vm)?;
+    if len == 0 || len > MAX_BUFFER_BYTES || gpa % 4096 != 0 || len % 4096 != 0 {
+        return None;
+    }
+    let hpa = mem.translate(gpa, len).ok()?;
+    if s.buffers.keys().filter(|(v, _)| *v == vm).count() >= MAX_BUFFERS_PER_VM {
+        return None;
+    }
+    let handle = s.next_handle;
+    s.next_handle += 1;
+    s.buffers.insert((vm, handle), (hpa, len));
+    iommu_map(s, hpa, len);
+    info!("gpu-pv/Operational: vm {vm}: buffer {handle} registered for zero-copy: guest {gpa:#x}+{len:#x}");
+    Some(handle)
+}
+
+/// Unregisters buffer `handle` of `vm` (hypercall GPU_UNREGISTER_BUFFER).
+pub fn unregister_buffer(vm: VmId, handle: u64) -> bool {
+    let mut g = GPUPV.lock();
+    let Some(s) = g.as_mut() else { return false };
+    let Some((hpa, len)) = s.buffers.remove(&(vm, handle)) else {
+        return false;
+    };
+    iommu_unmap(s, hpa, len);
+    info!("gpu-pv/Operational: vm {vm}: buffer {handle} unregistered");
+    true
+}
+
+/// Whether `[hpa, hpa+len)` is reachable by the GPU now (for tests).
+pub fn gpu_can_reach(hpa: u64) -> Option<bool> {
+    let g = GPUPV.lock();
+    let d = g.as_ref()?.domain?;
+    Some(crate::iommu::translate(d, hpa).is_some())
+}
+
 /// The VM is being destroyed: its channel is reset (work dropped, resources freed,
 /// mappings removed) and its memory is no longer reachable.
 pub fn remove_vm(vm: VmId) {
     let mut g = GPUPV.lock();
     let Some(s) = g.as_mut() else { return };
+    let handles: Vec<(VmId, u64)> = s
+        .buffers
+        .keys()
+        .filter(|(v, _)| *v == vm)
+        .copied()
+        .collect();
+    for key in handles {
+        if let Some((hpa, len)) = s.buffers.remove(&key) {
+            iommu_unmap(s, hpa, len);
+        }
+    }
     if s.memory.remove(&vm).is_some() {
         if let Ok(r) = s.mediator.reset_vm(vm) {
             info!(

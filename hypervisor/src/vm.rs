@@ -822,6 +822,27 @@ impl Vm {
                 }
             }
             hypercall::YIELD => (hypercall::OK, false),
+            hypercall::GPU_REGISTER_BUFFER => {
+                match crate::gpupv::register_buffer(self.id, r.rdi, r.rsi) {
+                    Some(handle) => {
+                        self.vcpus[idx].regs().rdi = handle;
+                        let reach = crate::gpupv::gpu_can_reach(self.mem_base + r.rdi);
+                        info!("zero-copy buffer {handle}: GPU can reach it: {reach:?}");
+                        (hypercall::OK, true)
+                    }
+                    None => {
+                        warn!("zero-copy buffer refused: guest {:#x}+{:#x}", r.rdi, r.rsi);
+                        (hypercall::ERR_INVALID, true)
+                    }
+                }
+            }
+            hypercall::GPU_UNREGISTER_BUFFER => {
+                if crate::gpupv::unregister_buffer(self.id, r.rdi) {
+                    (hypercall::OK, true)
+                } else {
+                    (hypercall::ERR_INVALID, true)
+                }
+            }
             hypercall::VCPU_START => {
                 let target = r.rdi as usize;
                 if target == 0 || target >= self.vcpus.len() || self.started[target] {
