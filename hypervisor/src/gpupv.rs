@@ -173,8 +173,8 @@ struct GpuPv {
     backend: Box<dyn GpuBackend>,
     /// The GPU's IOMMU domain, when the IOMMU translates its DMA.
     domain: Option<DomainId>,
-    /// Guest ranges mapped for the GPU, with how many attachments use each.
-    mapped: BTreeMap<(u64, u64), u32>,
+    /// Guest pages mapped for the GPU, with how many grants use each.
+    mapped: BTreeMap<u64, u32>,
     memory: BTreeMap<VmId, VmMemory>,
     slice: Option<Slice>,
     slice_ops: u64,
@@ -409,7 +409,10 @@ pub fn unregister_buffer(vm: VmId, handle: u64) -> bool {
         return false;
     };
     iommu_unmap(s, hpa, len);
-    info!("gpu-pv/Operational: vm {vm}: buffer {handle} unregistered");
+    let reach = s.domain.map(|d| crate::iommu::translate(d, hpa).is_some());
+    info!(
+        "gpu-pv/Operational: vm {vm}: buffer {handle} unregistered; GPU still reaches its first page (another grant holds it): {reach:?}"
+    );
     true
 }
 
@@ -458,30 +461,74 @@ fn unmap_all(s: &mut GpuPv, ranges: &[(u64, u64)]) {
     }
 }
 
+/// The page frames `[hpa, hpa+len)` touches, rounded out to whole pages.
+fn page_span(hpa: u64, len: u64) -> (u64, u64) {
+    (
+        hpa & !0xfff,
+        hpa.saturating_add(len).saturating_add(0xfff) & !0xfff,
+    )
+}
+
+/// Grants the GPU `[hpa, hpa+len)`. Grants overlap (two resources may share pages,
+/// a buffer may be registered twice), so each page is counted and mapped when its
+/// count leaves zero; runs of such pages are mapped together.
 fn iommu_map(s: &mut GpuPv, hpa: u64, len: u64) {
     let Some(d) = s.domain else { return };
-    let (start, end) = (hpa & !0xfff, (hpa + len + 0xfff) & !0xfff);
-    let n = s.mapped.entry((start, end)).or_insert(0);
-    *n += 1;
-    if *n == 1 {
-        if let Err(e) = crate::iommu::map(d, start, start, end - start, true) {
-            warn!("gpu-pv/Debug: IOMMU map {start:#x}..{end:#x} failed: {e:?}");
+    let (start, end) = page_span(hpa, len);
+    let mut run: Option<u64> = None;
+    let mut page = start;
+    while page <= end {
+        let newly = page < end && {
+            let n = s.mapped.entry(page).or_insert(0);
+            *n += 1;
+            *n == 1
+        };
+        match (newly, run) {
+            (true, None) => run = Some(page),
+            (false, Some(first)) => {
+                if let Err(e) = crate::iommu::map(d, first, first, page - first, true) {
+                    warn!("gpu-pv/Debug: IOMMU map {first:#x}..{page:#x} failed: {e:?}");
+                }
+                run = None;
+            }
+            _ => {}
         }
+        page += 4096;
     }
 }
 
+/// Takes back a grant made by [`iommu_map`]: pages whose count drops to zero are
+/// unmapped (in runs), pages another grant still uses stay.
 fn iommu_unmap(s: &mut GpuPv, hpa: u64, len: u64) {
     let Some(d) = s.domain else { return };
-    let (start, end) = (hpa & !0xfff, (hpa + len + 0xfff) & !0xfff);
-    let Some(n) = s.mapped.get_mut(&(start, end)) else {
-        return;
-    };
-    *n -= 1;
-    if *n == 0 {
-        s.mapped.remove(&(start, end));
-        if let Err(e) = crate::iommu::unmap(d, start, end - start) {
-            warn!("gpu-pv/Debug: IOMMU unmap {start:#x}..{end:#x} failed: {e:?}");
+    let (start, end) = page_span(hpa, len);
+    let mut run: Option<u64> = None;
+    let mut page = start;
+    while page <= end {
+        let gone = page < end
+            && match s.mapped.get_mut(&page) {
+                Some(n) => {
+                    *n -= 1;
+                    if *n == 0 {
+                        s.mapped.remove(&page);
+                        true
+                    } else {
+                        false
+                    }
+                }
+                None => false,
+            };
+        match (gone, run) {
+            (true, None) => run = Some(page),
+            (false, Some(first)) => {
+                if let Err(e) = crate::iommu::unmap(d, first, page - first) {
+                    warn!("gpu-pv/Debug: IOMMU unmap {first:#x}..{page:#x} failed: {e:?}");
+                }
+                run = None;
+            }
+            _ => {}
         }
+        page += 4096;
     }
 }
 
