@@ -13,7 +13,7 @@ pub fn vm_cycles() -> ! {
     let before = mm::frames::stats().allocated;
     for i in 0..100 {
         if let Err(e) = vmm::create(0) {
-            error!("cycle {i}: create failed: {e:?}");
+            error!("cycle {i}: create failed: {e}");
             exit::fail("create");
         }
         vmm::run(Some(2_000));
@@ -76,7 +76,7 @@ pub fn lifecycle() -> ! {
     vmm::resume(0);
     vmm::run(Some(500));
     if let Err(e) = vmm::restart(0) {
-        error!("restart failed: {e:?}");
+        error!("restart failed: {e}");
         exit::fail("restart");
     }
     info!("lifecycle: VM restarted");
@@ -525,7 +525,7 @@ pub fn gpu_restart() -> ! {
     vmm::run(Some(3_000));
     info!("gpu restart: restarting VM 0");
     if let Err(e) = vmm::restart(0) {
-        error!("restart failed: {e:?}");
+        error!("restart failed: {e}");
         exit::fail("restart");
     }
     vmm::run(Some(4_000));

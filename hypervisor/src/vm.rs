@@ -8,9 +8,10 @@ use alloc::vec::Vec;
 use core::fmt::Write;
 
 use gpu_pv::abi::{guest, hypercall};
+use gpu_pv::memory::GuestMemory;
 use log::{info, warn};
 
-use crate::mm::{frames, phys_to_ptr};
+use crate::mm::frames;
 use crate::vdev::mmio::{self, Access};
 use crate::vdev::vgpu::{Action, VirtioGpuDevice};
 use crate::vdev::vlapic::VLapic;
@@ -150,6 +151,17 @@ pub enum CreateError {
     Backend(&'static str),
 }
 
+impl core::fmt::Display for CreateError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            CreateError::OutOfMemory => write!(f, "not enough memory"),
+            CreateError::BadImage(why) => write!(f, "bad guest image: {why}"),
+            CreateError::BadConfig(why) => write!(f, "bad configuration: {why}"),
+            CreateError::Backend(why) => write!(f, "virtualization backend: {why}"),
+        }
+    }
+}
+
 impl Vm {
     /// Creates a VM: allocates and scrubs its RAM, builds nested paging, loads `image`,
     /// writes the guest ABI structures, and creates its vCPUs (only the first starts).
@@ -221,10 +233,7 @@ impl Vm {
             gdt_base: guest::GDT,
             gdt_limit: 23,
         };
-        let mem = crate::gpupv::VmMemory {
-            base: mem_base,
-            size: mem_size,
-        };
+        let mem = vm.memory();
         if let Some(n) = crate::gpupv::add_vm(
             id,
             &spec.name,
@@ -247,36 +256,21 @@ impl Vm {
         Ok(vm)
     }
 
-    fn guest_slice(&mut self, gpa: u64, len: u64) -> Option<&mut [u8]> {
-        let end = gpa.checked_add(len)?;
-        if end > self.mem_size {
-            return None;
+    /// The VM's RAM as a checked guest-memory view (what the mediator gets too).
+    pub fn memory(&self) -> crate::gpupv::VmMemory {
+        crate::gpupv::VmMemory {
+            base: self.mem_base,
+            size: self.mem_size,
         }
-        // SAFETY: inside this VM's RAM, which the hypervisor owns and identity maps.
-        Some(unsafe {
-            core::slice::from_raw_parts_mut(phys_to_ptr::<u8>(self.mem_base + gpa), len as usize)
-        })
     }
 
     /// Copies guest memory out, checked against the VM's RAM.
     pub fn read_guest(&mut self, gpa: u64, out: &mut [u8]) -> bool {
-        match self.guest_slice(gpa, out.len() as u64) {
-            Some(s) => {
-                out.copy_from_slice(s);
-                true
-            }
-            None => false,
-        }
+        GuestMemory::read(&self.memory(), gpa, out).is_ok()
     }
 
     fn write_guest(&mut self, gpa: u64, data: &[u8]) -> bool {
-        match self.guest_slice(gpa, data.len() as u64) {
-            Some(s) => {
-                s.copy_from_slice(data);
-                true
-            }
-            None => false,
-        }
+        GuestMemory::write(&mut self.memory(), gpa, data).is_ok()
     }
 
     fn load_elf(&mut self, image: &[u8]) -> Result<u64, CreateError> {

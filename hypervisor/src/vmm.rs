@@ -22,9 +22,6 @@ pub const BASE_SLICE_US: u64 = 2_000;
 
 /// A configured VM: what it is made from, and the running instance if any.
 struct Slot {
-    /// CPU time used divided by weight (us * 1000 / weight): the vCPU with the least
-    /// runs next, so CPU time follows the weights (stride scheduling).
-    vruntime: u64,
     spec: VmSpec,
     image: &'static [u8],
     vm: Option<Vm>,
@@ -35,7 +32,9 @@ struct Monitor {
     slots: Vec<Mutex<Slot>>,
     /// Runnable vCPUs (slot, vcpu).
     queue: Mutex<VecDeque<(usize, usize)>>,
-    /// Each slot's virtual runtime, readable without its lock.
+    /// Each slot's CPU time divided by its weight (us * 1000 / weight): the ready
+    /// vCPU with the least runs next, so CPU time follows the weights (stride
+    /// scheduling). Readable without the slot's lock.
     vruntime: Vec<AtomicU64>,
     /// When each slot's vCPU 0 has work again (0: now): halted vCPUs are skipped.
     wake_at: Vec<AtomicU64>,
@@ -88,7 +87,6 @@ pub fn configure(bi: &BootInfo, backend: Backend) {
             vram_quota_mib: e.vram_quota_mib,
         };
         slots.push(Mutex::new(Slot {
-            vruntime: 0,
             spec,
             image,
             vm: None,
@@ -169,7 +167,7 @@ pub fn create_all() -> usize {
         .filter(|&i| match create(i) {
             Ok(()) => true,
             Err(e) => {
-                error!("vm #{i}: not created: {e:?}");
+                error!("vm #{i}: not created: {e}");
                 false
             }
         })

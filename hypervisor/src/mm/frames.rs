@@ -18,14 +18,11 @@ struct Bitmap {
 
 static FRAMES: Mutex<Option<Bitmap>> = Mutex::new(None);
 static FREE: AtomicUsize = AtomicUsize::new(0);
-static TOTAL_USABLE: AtomicUsize = AtomicUsize::new(0);
 static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
 
 /// Frame counts.
 #[derive(Clone, Copy, Debug)]
 pub struct FrameStats {
-    /// Usable frames at boot.
-    pub usable: usize,
     /// Frames free now.
     pub free: usize,
     /// Frames handed out since boot and not returned.
@@ -35,7 +32,6 @@ pub struct FrameStats {
 /// Current counts.
 pub fn stats() -> FrameStats {
     FrameStats {
-        usable: TOTAL_USABLE.load(Ordering::Relaxed),
         free: FREE.load(Ordering::Relaxed),
         allocated: ALLOCATED.load(Ordering::Relaxed),
     }
@@ -77,7 +73,6 @@ pub fn init(bi: &BootInfo) {
         }
     }
     FREE.store(free, Ordering::Relaxed);
-    TOTAL_USABLE.store(free, Ordering::Relaxed);
     *FRAMES.lock() = Some(Bitmap {
         bits,
         frames,

@@ -9,6 +9,9 @@ use crate::mm::{frames, phys_to_ptr, PAGE_SIZE};
 
 const TWO_MIB: u64 = 2 << 20;
 const ADDR: u64 = 0x000f_ffff_ffff_f000;
+/// Non-leaf entries allow everything (the leaf decides): NPT present + write + user,
+/// EPT read + write + execute — the same three low bits.
+const TABLE_BITS: u64 = 0b111;
 
 /// Entry format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,13 +65,6 @@ impl NestedTables {
         self.tables.len()
     }
 
-    fn table_bits(&self) -> u64 {
-        match self.format {
-            Format::Npt => 0b111,
-            Format::Ept => 0b111,
-        }
-    }
-
     fn leaf_bits(&self, p: Perm, huge: bool) -> u64 {
         match self.format {
             Format::Npt => {
@@ -107,7 +103,7 @@ impl NestedTables {
         let n = frames::alloc()?;
         self.tables.push(n);
         // SAFETY: as above.
-        unsafe { e.write_volatile(n | self.table_bits()) };
+        unsafe { e.write_volatile(n | TABLE_BITS) };
         Some(n)
     }
 
@@ -133,23 +129,6 @@ impl NestedTables {
             off += PAGE_SIZE;
         }
         Some(())
-    }
-
-    /// Host-physical address `gpa` maps to, if any.
-    pub fn translate(&self, gpa: u64) -> Option<u64> {
-        let mut t = self.root;
-        for (level, shift) in [(4, 39u64), (3, 30), (2, 21), (1, 12)] {
-            // SAFETY: `t` is one of our frames; index < 512.
-            let v = unsafe { phys_to_ptr::<u64>(t + ((gpa >> shift) & 511) * 8).read_volatile() };
-            if v & 0b111 == 0 {
-                return None;
-            }
-            if level == 2 && v & (1 << 7) != 0 {
-                return Some((v & ADDR & !(TWO_MIB - 1)) + (gpa & (TWO_MIB - 1)));
-            }
-            t = v & ADDR;
-        }
-        Some(t + (gpa & (PAGE_SIZE - 1)))
     }
 }
 
