@@ -200,11 +200,12 @@ fn summary(bi: &BootInfo, platform: Option<&acpi::Platform>, devices: &[pci::Dev
     let f = mm::frames::stats();
     println!("hv: boot summary");
     println!(
-        "  memory: {} MiB RAM, {} MiB usable, {} KiB hypervisor image+boot data, {} KiB in frames used now, {} KiB heap in use",
+        "  memory: {} MiB RAM, {} MiB usable, {} KiB hypervisor image+boot data, {} KiB in frames used now ({} KiB free), {} KiB heap in use",
         total * 4 / 1024,
         pages(RegionKind::Usable) * 4 / 1024,
         pages(RegionKind::Hypervisor) * 4,
         f.allocated * 4,
+        f.free * 4,
         mm::heap::in_use() / 1024
     );
     match platform {
@@ -234,6 +235,16 @@ fn summary(bi: &BootInfo, platform: Option<&acpi::Platform>, devices: &[pci::Dev
                             },
                             u.scopes.len()
                         );
+                        let scopes: alloc::vec::Vec<alloc::string::String> = u
+                            .scopes
+                            .iter()
+                            .map(|sc| match sc.kind {
+                                3 => alloc::format!("ioapic {}", sc.enum_id),
+                                4 => alloc::format!("hpet {}", sc.enum_id),
+                                _ => alloc::format!("{:02x}:{:02x}.{}", sc.bus, sc.dev, sc.func),
+                            })
+                            .collect();
+                        println!("    scopes: {}", scopes.join(", "));
                     }
                     for r in &d.rmrrs {
                         println!("  iommu: RMRR {:#x}..{:#x}", r.base, r.limit);
