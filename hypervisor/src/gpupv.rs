@@ -194,7 +194,13 @@ struct GpuPv {
     /// Buffers VMs registered for zero-copy exchange: (vm, handle) -> (hpa, len).
     buffers: BTreeMap<(VmId, u64), (u64, u64)>,
     next_handle: u64,
+    /// Whether "every VM has reached the GPU" was announced.
+    all_reached: bool,
 }
+
+/// Completions every VM must have before the glue announces that all of them reach
+/// the GPU (a causal trigger for tests that look at every VM's display).
+pub const REACHED_COMPLETIONS: u64 = 20;
 
 /// What the glue measured for one VM.
 #[derive(Clone, Copy, Debug, Default)]
@@ -326,12 +332,8 @@ pub fn init(
         doorbell_at: BTreeMap::new(),
         buffers: BTreeMap::new(),
         next_handle: 1,
+        all_reached: false,
     });
-}
-
-/// Whether the mediator runs.
-pub fn enabled() -> bool {
-    GPUPV.lock().is_some()
 }
 
 /// Gives VM `vm` a paravirtual GPU on physical scanout `vm` (if there is one).
@@ -742,6 +744,20 @@ pub fn service() {
     }
     collect_interrupts(s);
     drain_events(s);
+    if !s.all_reached
+        && !s.memory.is_empty()
+        && s.memory.keys().all(|vm| {
+            s.figures
+                .get(vm)
+                .is_some_and(|f| f.completed >= REACHED_COMPLETIONS)
+        })
+    {
+        s.all_reached = true;
+        info!(
+            "gpu-pv: all {} VMs reach the GPU ({REACHED_COMPLETIONS} or more commands completed each)",
+            s.memory.len()
+        );
+    }
     schedule(s, now);
 }
 

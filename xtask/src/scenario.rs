@@ -183,6 +183,27 @@ impl ColorValue {
     }
 }
 
+/// A screendump trigger: one serial substring, or several that must all have appeared
+/// (for displays of VMs that run concurrently, where no single line comes last).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum After {
+    /// One substring.
+    One(String),
+    /// Every one of these substrings.
+    All(Vec<String>),
+}
+
+impl After {
+    /// The substrings.
+    pub fn lines(&self) -> &[String] {
+        match self {
+            After::One(s) => core::slice::from_ref(s),
+            After::All(v) => v,
+        }
+    }
+}
+
 /// Default per-channel tolerance of colour checks.
 pub const DEFAULT_TOLERANCE: u8 = 16;
 
@@ -190,9 +211,10 @@ pub const DEFAULT_TOLERANCE: u8 = 16;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Screendump {
-    /// Dump once this substring appears in the serial log ...
+    /// Dump once this substring (or every one of these substrings, in any order)
+    /// appears in the serial log ...
     #[serde(default)]
-    pub after: Option<String>,
+    pub after: Option<After>,
     /// ... or this many seconds after QEMU started.
     #[serde(default)]
     pub at_secs: Option<f64>,
@@ -225,7 +247,12 @@ impl Screendump {
         match (&self.after, self.at_secs) {
             (Some(_), Some(_)) => return Err("give `after` or `at_secs`, not both".into()),
             (None, None) => return Err("needs `after` (a serial substring) or `at_secs`".into()),
-            (Some(a), None) if a.is_empty() => return Err("`after` is empty".into()),
+            (Some(a), None) if a.lines().is_empty() || a.lines().iter().any(|l| l.is_empty()) => {
+                return Err("`after` is empty".into())
+            }
+            (Some(a), None) if a.lines().len() > 64 => {
+                return Err("`after` lists more than 64 lines".into())
+            }
             (None, Some(t)) if !(t.is_finite() && t >= 0.0) => {
                 return Err("`at_secs` must be a number >= 0".into())
             }
@@ -305,7 +332,8 @@ impl Screendump {
     /// The trigger, for messages: `after "..."` or `at 6s`.
     pub fn trigger(&self) -> String {
         match (&self.after, self.at_secs) {
-            (Some(a), _) => format!("after {a:?}"),
+            (Some(After::One(a)), _) => format!("after {a:?}"),
+            (Some(After::All(v)), _) => format!("after all of {v:?}"),
             (None, Some(t)) => format!("at {t}s"),
             (None, None) => "never".into(),
         }
@@ -517,6 +545,8 @@ mod tests {
             "[[screendump]]\nheads = [0]\n",
             "[[screendump]]\nafter = \"x\"\nat_secs = 1\n",
             "[[screendump]]\nafter = \"\"\n",
+            "[[screendump]]\nafter = []\n",
+            "[[screendump]]\nafter = [\"a\", \"\"]\n",
             "[[screendump]]\nat_secs = -1\n",
             "[[screendump]]\nat_secs = 1\nheads = []\n",
             "[[screendump]]\nat_secs = 1\nheads = [16]\n",

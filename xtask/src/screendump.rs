@@ -183,7 +183,8 @@ pub fn check_changed(first: &Image, second: &Image, secs: f64) -> Option<String>
 
 enum State {
     Waiting {
-        searched: usize,
+        /// Bit k: line k of the `after` trigger has appeared in the log.
+        seen: u64,
     },
     Changing {
         due: Instant,
@@ -247,7 +248,7 @@ impl<'a> Session<'a> {
             states: scenario
                 .screendump
                 .iter()
-                .map(|_| State::Waiting { searched: 0 })
+                .map(|_| State::Waiting { seen: 0 })
                 .collect(),
             scenario,
             root: paths.root.clone(),
@@ -346,12 +347,14 @@ impl<'a> Session<'a> {
         for i in 0..self.states.len() {
             let spec = &sc.screendump[i];
             let fire = match &mut self.states[i] {
-                State::Waiting { searched } => match (&spec.after, spec.at_secs) {
+                State::Waiting { seen } => match (&spec.after, spec.at_secs) {
                     (Some(a), _) => {
-                        let from = searched.saturating_sub(a.len());
-                        let hit = find(&self.log[from..], a.as_bytes()).is_some();
-                        *searched = self.log.len();
-                        hit
+                        for (k, line) in a.lines().iter().enumerate() {
+                            if *seen & (1 << k) == 0 && find(&self.log, line.as_bytes()).is_some() {
+                                *seen |= 1 << k;
+                            }
+                        }
+                        (0..a.lines().len()).all(|k| *seen & (1 << k) != 0)
                     }
                     (None, Some(t)) => elapsed.as_secs_f64() >= t,
                     (None, None) => false,
