@@ -19,6 +19,7 @@ pub mod command;
 pub mod counters;
 pub mod mediator;
 pub mod memory;
+pub mod msix;
 pub mod ring;
 pub mod sched;
 pub mod sim;

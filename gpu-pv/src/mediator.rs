@@ -57,6 +57,8 @@ mod e2e;
 #[cfg(test)]
 mod harness;
 #[cfg(test)]
+mod polling_tests;
+#[cfg(test)]
 mod proptests;
 #[cfg(test)]
 mod tests;
@@ -262,6 +264,21 @@ pub enum EventKind {
         /// How long it had been on the GPU.
         waited_ns: u64,
     },
+    /// The driver reset one virtqueue (`VIRTIO_F_RING_RESET`): its chains were
+    /// dropped unanswered (see [`Mediator::reset_queue`]).
+    QueueReset {
+        /// The queue.
+        queue: QueueId,
+        /// Guest chains taken from it and dropped unanswered.
+        dropped: usize,
+    },
+    /// The driver re-enabled a reset virtqueue, possibly at a new place and size.
+    QueueRestarted {
+        /// The queue.
+        queue: QueueId,
+        /// Its new size.
+        size: u16,
+    },
     /// The VM's GPU channel was reset.
     ChannelReset {
         /// Guest commands dropped unanswered.
@@ -417,6 +434,9 @@ pub enum MediatorError {
     WrongState(VmState),
     /// A queue layout the device cannot use.
     BadQueue(RingError),
+    /// The queue is live: only a queue reset by [`Mediator::reset_queue`] can be
+    /// restarted.
+    QueueNotReset(QueueId),
 }
 
 /// The GPU-PV mediator: every VM's GPU context and the host-side state they share.
@@ -667,6 +687,80 @@ impl Mediator {
         Ok(())
     }
 
+    /// The driver reset one virtqueue of `vm` (`VIRTIO_F_RING_RESET`, virtio 1.2
+    /// 2.6.1): the queue stops being served until [`restart_queue`](Self::restart_queue),
+    /// and every chain the mediator took from it and had not returned is dropped: no
+    /// response is written into the guest and no used entry is published for it, and
+    /// the guest fences those chains carried are no longer waited for. Returns the
+    /// number of chains dropped.
+    ///
+    /// Host commands already validated for those chains (staged, or on the GPU) are
+    /// still carried out as the mediator's own, with their bookkeeping (VRAM, host
+    /// ids, IOMMU mappings) applied at completion: the driver cannot tell them from
+    /// commands the device executed just before the reset, and dropping them would
+    /// leave the mediator's view of the device state (a resource created, a backing
+    /// detached) out of step with the GPU's. The other queue, and every other VM,
+    /// are untouched. Allowed only on a live context ([`VmState::Active`]); a queue
+    /// already reset is left as it is.
+    pub fn reset_queue(&mut self, vm: VmId, queue: QueueId) -> Result<usize, MediatorError> {
+        let v = self.vms.get_mut(&vm).ok_or(MediatorError::UnknownVm(vm))?;
+        if v.state != VmState::Active {
+            return Err(MediatorError::WrongState(v.state));
+        }
+        let dropped = core::mem::take(&mut v.replies[queue.index()]);
+        for r in &dropped {
+            if let ReplyState::Waiting(host_fence) = r.state {
+                if let Some(t) = v.tracked.get_mut(&host_fence) {
+                    t.reply = None;
+                }
+            }
+            if r.hdr.flags & wire::FLAG_FENCE != 0 {
+                let fence = r.hdr.fence_id;
+                v.fences.outstanding.retain(|&(g, _)| g != fence);
+            }
+        }
+        v.queues[queue.index()] = None;
+        self.sh.event(
+            vm,
+            Channel::Debug,
+            EventKind::QueueReset {
+                queue,
+                dropped: dropped.len(),
+            },
+        );
+        Ok(dropped.len())
+    }
+
+    /// The driver re-enabled `queue` of `vm` after a [`reset_queue`](Self::reset_queue):
+    /// it is served again at `layout` (which may differ from the old one), with both
+    /// ring indices at zero. Fails, changing nothing, on a context that is not live,
+    /// a queue that was not reset, or a layout the device cannot use.
+    pub fn restart_queue(
+        &mut self,
+        vm: VmId,
+        queue: QueueId,
+        layout: QueueLayout,
+    ) -> Result<(), MediatorError> {
+        let v = self.vm_mut(vm)?;
+        if v.state != VmState::Active {
+            return Err(MediatorError::WrongState(v.state));
+        }
+        if v.queues[queue.index()].is_some() {
+            return Err(MediatorError::QueueNotReset(queue));
+        }
+        let q = DeviceQueue::new(layout).map_err(MediatorError::BadQueue)?;
+        v.queues[queue.index()] = Some(q);
+        self.sh.event(
+            vm,
+            Channel::Debug,
+            EventKind::QueueRestarted {
+                queue,
+                size: layout.size,
+            },
+        );
+        Ok(())
+    }
+
     /// Sets the MSI-X vector of `queue` (from the VM's virtual MSI-X table;
     /// [`NO_VECTOR`] silences the queue).
     pub fn set_vector(
@@ -743,6 +837,46 @@ impl Mediator {
             total.deferred |= r.deferred;
         }
         Ok(total)
+    }
+
+    /// Turns polling of `vm`'s queues on or off. While on (the VM's vCPU runs and
+    /// the hypervisor calls [`poll`](Self::poll) often), the guest is asked not to
+    /// kick (event idx `avail_event` held behind, or `VIRTQ_USED_F_NO_NOTIFY`), so a
+    /// steady stream of commands causes no VM exits. Turning it off asks for a kick
+    /// at the next chain again and then serves what is already there.
+    pub fn set_polled(
+        &mut self,
+        vm: VmId,
+        on: bool,
+        mem: &mut dyn GuestMemory,
+    ) -> Result<DoorbellReport, MediatorError> {
+        let v = self.vms.get_mut(&vm).ok_or(MediatorError::UnknownVm(vm))?;
+        if v.polled == on {
+            return Ok(DoorbellReport::default());
+        }
+        v.polled = on;
+        if v.state != VmState::Active {
+            return Ok(DoorbellReport::default());
+        }
+        for q in QueueId::ALL {
+            let Some(dq) = v.queues[q.index()].as_ref() else {
+                continue;
+            };
+            let r = if on {
+                dq.suppress_notifications(mem)
+            } else {
+                dq.resume_notifications(mem)
+            };
+            if let Err(error) = r {
+                self.sh.ring_fault(v, q, error);
+                return Ok(DoorbellReport::default());
+            }
+        }
+        if on {
+            Ok(DoorbellReport::default())
+        } else {
+            self.poll(vm, mem)
+        }
     }
 
     /// Hands out up to `max` staged host commands of `vm` as one batch for the
@@ -957,6 +1091,7 @@ impl Shared {
             }
             match q.pop(mem)? {
                 Some(chain) => self.handle_chain(v, queue, chain, mem, report),
+                None if v.polled => return Ok(()),
                 None => {
                     // Ask for a kick at the next chain, then look once more: the
                     // driver may have added one before it saw the new event index.

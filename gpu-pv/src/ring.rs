@@ -514,6 +514,38 @@ impl DeviceQueue {
         fence(Ordering::SeqCst);
         Ok(())
     }
+
+    /// Asks the driver for no kicks while the device polls this queue: with event
+    /// idx, `avail_event` is put one behind what the device has taken, so no index
+    /// the driver moves to from here on passes it (until 2^16 chains later);
+    /// otherwise `VIRTQ_USED_F_NO_NOTIFY` is set. Undone by
+    /// [`resume_notifications`](Self::resume_notifications).
+    pub fn suppress_notifications(&self, mem: &mut dyn GuestMemory) -> Result<(), RingError> {
+        if self.layout.event_idx {
+            write_u16(
+                mem,
+                self.layout.avail_event_addr(),
+                self.last_avail_idx.wrapping_sub(1),
+            )?;
+        } else {
+            write_u16(mem, self.layout.used_flags_addr(), USED_F_NO_NOTIFY)?;
+        }
+        fence(Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Asks for a kick at the next chain again (event idx: `avail_event` = what
+    /// the device has taken; otherwise `VIRTQ_USED_F_NO_NOTIFY` cleared). Callers
+    /// check [`pending`](Self::pending) afterwards, as for
+    /// [`set_avail_event`](Self::set_avail_event).
+    pub fn resume_notifications(&self, mem: &mut dyn GuestMemory) -> Result<(), RingError> {
+        if self.layout.event_idx {
+            return self.set_avail_event(mem);
+        }
+        write_u16(mem, self.layout.used_flags_addr(), 0)?;
+        fence(Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 /// Follows an indirect table (virtio 1.2, 2.7.5.3): read once, whole, then walked

@@ -59,18 +59,63 @@ impl GuestMemory for VmMemory {
         let hpa = self.translate(gpa, out.len() as u64)?;
         // SAFETY: inside the VM's RAM, which the hypervisor owns (identity mapped) for
         // as long as the VM is registered here.
-        unsafe {
-            core::ptr::copy_nonoverlapping(phys_to_ptr::<u8>(hpa), out.as_mut_ptr(), out.len())
-        };
+        unsafe { read_shared(hpa, out) };
         Ok(())
     }
     fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
         let hpa = self.translate(gpa, data.len() as u64)?;
         // SAFETY: as in `read`.
-        unsafe {
-            core::ptr::copy_nonoverlapping(data.as_ptr(), phys_to_ptr::<u8>(hpa), data.len())
-        };
+        unsafe { write_shared(hpa, data) };
         Ok(())
+    }
+}
+
+/// Copies `out.len()` bytes from host-physical `hpa`, memory another CPU (a running
+/// guest) may write at the same time: an aligned 2-, 4- or 8-byte field is read
+/// with one access, so a ring index is never seen half old, half new.
+///
+/// # Safety
+/// `[hpa, hpa + out.len())` must be RAM identity mapped for the hypervisor.
+unsafe fn read_shared(hpa: u64, out: &mut [u8]) {
+    let p = phys_to_ptr::<u8>(hpa);
+    // SAFETY: the caller vouches for the range; each wide access is aligned.
+    unsafe {
+        match out.len() {
+            2 if hpa.is_multiple_of(2) => {
+                out.copy_from_slice(&p.cast::<u16>().read_volatile().to_le_bytes())
+            }
+            4 if hpa.is_multiple_of(4) => {
+                out.copy_from_slice(&p.cast::<u32>().read_volatile().to_le_bytes())
+            }
+            8 if hpa.is_multiple_of(8) => {
+                out.copy_from_slice(&p.cast::<u64>().read_volatile().to_le_bytes())
+            }
+            n => core::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), n),
+        }
+    }
+}
+
+/// Copies `data` to host-physical `hpa` (shared with a running guest, as in
+/// [`read_shared`]): an aligned 2-, 4- or 8-byte field is written with one access.
+///
+/// # Safety
+/// As for [`read_shared`].
+unsafe fn write_shared(hpa: u64, data: &[u8]) {
+    let p = phys_to_ptr::<u8>(hpa);
+    // SAFETY: as in `read_shared`.
+    unsafe {
+        match *data {
+            [a, b] if hpa.is_multiple_of(2) => {
+                p.cast::<u16>().write_volatile(u16::from_le_bytes([a, b]))
+            }
+            [a, b, c, d] if hpa.is_multiple_of(4) => p
+                .cast::<u32>()
+                .write_volatile(u32::from_le_bytes([a, b, c, d])),
+            [a, b, c, d, e, f, g, h] if hpa.is_multiple_of(8) => p
+                .cast::<u64>()
+                .write_volatile(u64::from_le_bytes([a, b, c, d, e, f, g, h])),
+            _ => core::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()),
+        }
     }
 }
 
@@ -165,7 +210,15 @@ struct InFlight {
     vm: VmId,
     outstanding: usize,
     completions: Vec<Completion>,
+    /// The batch's tokens on the physical GPU.
+    tokens: Vec<u64>,
+    /// Commands in the batch and when it went to the GPU.
+    commands: usize,
+    submitted_ns: u64,
 }
+
+/// First guess of the GPU time of one command, before any was measured.
+const FIRST_COST_NS: u64 = 100_000;
 
 struct GpuPv {
     mediator: Mediator,
@@ -189,13 +242,19 @@ struct GpuPv {
     last_sample: (u64, BTreeMap<VmId, u64>),
     /// Per-VM measured figures for the benchmarks.
     figures: BTreeMap<VmId, Figures>,
-    /// Per VM: when the oldest doorbell not yet followed by a submission rang.
+    /// Per VM: when commands not yet submitted were first taken from its ring (by a
+    /// doorbell or a poll).
     doorbell_at: BTreeMap<VmId, u64>,
     /// Buffers VMs registered for zero-copy exchange: (vm, handle) -> (hpa, len).
     buffers: BTreeMap<(VmId, u64), (u64, u64)>,
     next_handle: u64,
     /// Whether "every VM has reached the GPU" was announced.
     all_reached: bool,
+    /// Per VM: measured GPU time per command (moving average), to size a batch to
+    /// the time left in its slice.
+    cost_per_cmd_ns: BTreeMap<VmId, u64>,
+    /// GPU time the open slice's batches took so far.
+    slice_busy_ns: u64,
 }
 
 /// Completions every VM must have before the glue announces that all of them reach
@@ -213,10 +272,15 @@ pub struct Figures {
     pub batches: u64,
     /// Virtual interrupts raised (after coalescing).
     pub interrupts: u64,
-    /// Sum of doorbell-to-submission delays, in microseconds.
+    /// Sum of delays from taking commands off the guest's ring (doorbell or poll)
+    /// to their physical submission, in microseconds.
     pub doorbell_to_submit_us: u64,
     /// Number of such delays.
     pub doorbell_samples: u64,
+    /// GPU time of its batches (submission to last completion), in microseconds.
+    pub gpu_busy_us: u64,
+    /// Longest GPU time one of its slices took, in microseconds.
+    pub max_slice_us: u64,
 }
 
 /// The figures measured for `vm`.
@@ -232,6 +296,19 @@ static GPUPV: Mutex<Option<GpuPv>> = Mutex::new(None);
 /// physical GPU gets one backing address the mediator never granted, standing in for
 /// a mediator bug, so the IOMMU's isolation can be seen to hold on its own.
 static INJECT_BAD_DMA: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Test-only (`hang_vm=N`): once VM N has had [`REACHED_COMPLETIONS`] commands
+/// completed, the GPU's completions of its commands are withheld, standing in for a
+/// GPU that hangs on that VM's work (QEMU's virtio-gpu always completes), so the
+/// watchdog and the channel reset can be seen end to end; disarmed by the reset.
+static HANG_VM: AtomicU64 = AtomicU64::new(u64::MAX);
+/// Whether the injected hang has started (announced once).
+static HANGING: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+
+/// Arms the test-only hang described at [`HANG_VM`].
+pub fn inject_hang(vm: VmId) {
+    HANG_VM.store(u64::from(vm), Ordering::SeqCst);
+}
 
 /// Arms the test-only fault injection described at [`INJECT_BAD_DMA`].
 pub fn inject_bad_dma_once() {
@@ -333,6 +410,8 @@ pub fn init(
         buffers: BTreeMap::new(),
         next_handle: 1,
         all_reached: false,
+        cost_per_cmd_ns: BTreeMap::new(),
+        slice_busy_ns: 0,
     });
 }
 
@@ -428,6 +507,8 @@ pub fn gpu_can_reach(hpa: u64) -> Option<bool> {
 /// The VM is being destroyed: its channel is reset (work dropped, resources freed,
 /// mappings removed) and its memory is no longer reachable.
 pub fn remove_vm(vm: VmId) {
+    IN_SLICE[vm as usize % MAX_GPU_VMS].store(false, Ordering::Release);
+    RUNNING_ON[vm as usize % MAX_GPU_VMS].store(0, Ordering::Release);
     let mut g = GPUPV.lock();
     let Some(s) = g.as_mut() else { return };
     let handles: Vec<(VmId, u64)> = s
@@ -581,34 +662,67 @@ pub fn doorbell(vm: VmId, queue: QueueId) {
     let Some(mut mem) = s.memory.get(&vm).copied() else {
         return;
     };
-    s.doorbell_at.entry(vm).or_insert_with(crate::apic::now_us);
     let _ = s.mediator.process_doorbell(vm, queue, &mut mem);
     after_guest_work(s, vm);
     // An idle GPU takes the work at once rather than at the next slice boundary.
     schedule(s, now_ns());
 }
 
-/// Serves both queues of `vm` without a doorbell (at the start of its vCPU slice).
-pub fn poll(vm: VmId) {
-    let Some(mut g) = GPUPV.try_lock() else {
-        return;
-    };
+/// VMs whose vCPU is running now: their queues are polled (by the bottom half on
+/// idle CPUs, and at their own exits), and the guest is asked not to kick.
+static IN_SLICE: [core::sync::atomic::AtomicBool; MAX_GPU_VMS] =
+    [const { core::sync::atomic::AtomicBool::new(false) }; MAX_GPU_VMS];
+
+/// Per VM: 1 + the CPU running its vCPU 0 (which takes the GPU's virtual
+/// interrupts), 0 when it does not run. A CPU that posts an interrupt for it sends
+/// that CPU a wake IPI, so the guest exits and takes it at once.
+static RUNNING_ON: [core::sync::atomic::AtomicUsize; MAX_GPU_VMS] =
+    [const { core::sync::atomic::AtomicUsize::new(0) }; MAX_GPU_VMS];
+
+/// `vm`'s vCPU starts a slice on this CPU (`takes_interrupts`: it is vCPU 0): its
+/// queues are served now and polled until [`slice_end`], with the guest's kicks
+/// suppressed.
+pub fn slice_begin(vm: VmId, takes_interrupts: bool) {
+    let mut g = GPUPV.lock();
     let Some(s) = g.as_mut() else { return };
     let Some(mut mem) = s.memory.get(&vm).copied() else {
         return;
     };
+    IN_SLICE[vm as usize % MAX_GPU_VMS].store(true, Ordering::Release);
+    if takes_interrupts {
+        RUNNING_ON[vm as usize % MAX_GPU_VMS]
+            .store(crate::arch::cpu::current_index() + 1, Ordering::Release);
+    }
+    let _ = s.mediator.set_polled(vm, true, &mut mem);
     if s.mediator
         .vm(vm)
         .is_some_and(|v| v.state() == gpu_pv::mediator::VmState::Active)
     {
         let _ = s.mediator.poll(vm, &mut mem);
-        after_guest_work(s, vm);
     }
+    after_guest_work(s, vm);
+    schedule(s, now_ns());
+}
+
+/// `vm`'s vCPU stopped running: what it queued is served, and the guest is asked
+/// to kick again (nobody polls a VM that does not run).
+pub fn slice_end(vm: VmId) {
+    IN_SLICE[vm as usize % MAX_GPU_VMS].store(false, Ordering::Release);
+    RUNNING_ON[vm as usize % MAX_GPU_VMS].store(0, Ordering::Release);
+    let mut g = GPUPV.lock();
+    let Some(s) = g.as_mut() else { return };
+    let Some(mut mem) = s.memory.get(&vm).copied() else {
+        return;
+    };
+    let _ = s.mediator.set_polled(vm, false, &mut mem);
+    after_guest_work(s, vm);
+    schedule(s, now_ns());
 }
 
 fn after_guest_work(s: &mut GpuPv, vm: VmId) {
     let staged = s.mediator.vm(vm).is_some_and(|v| v.staged_len() > 0);
     if staged {
+        s.doorbell_at.entry(vm).or_insert_with(crate::apic::now_us);
         let _ = s.sched.set_runnable(vm, true, now_ns());
     }
     collect_interrupts(s);
@@ -639,7 +753,12 @@ fn collect_interrupts(s: &mut GpuPv) {
     for (vm, entry) in s.mediator.take_interrupts() {
         s.figures.entry(vm).or_default().interrupts += 1;
         if entry < 64 {
-            MAILBOX[vm as usize % MAX_GPU_VMS].fetch_or(1u64 << entry, Ordering::AcqRel);
+            let slot = vm as usize % MAX_GPU_VMS;
+            let before = MAILBOX[slot].fetch_or(1u64 << entry, Ordering::AcqRel);
+            let on = RUNNING_ON[slot].load(Ordering::Acquire);
+            if before == 0 && on != 0 {
+                crate::vmm::wake_cpu(on - 1);
+            }
         }
     }
 }
@@ -683,12 +802,20 @@ fn drain_events(s: &mut GpuPv) {
 }
 
 /// The bottom half: completions, interrupts, events, the watchdog and the GPU
-/// schedule. Cheap when there is nothing to do; never waits for the lock.
-pub fn service() {
+/// schedule. Cheap when there is nothing to do; never waits for the lock. Returns
+/// whether it moved any work (commands taken from a guest, completions, a batch
+/// submitted), so an idle CPU can keep polling while work flows.
+pub fn service() -> bool {
     let Some(mut g) = GPUPV.try_lock() else {
-        return;
+        return false;
     };
-    let Some(s) = g.as_mut() else { return };
+    let Some(s) = g.as_mut() else { return false };
+    let staged_before: usize = s
+        .mediator
+        .vm_ids()
+        .filter_map(|vm| s.mediator.vm(vm).map(|v| v.staged_len()))
+        .sum();
+    let batches_before = s.next_token;
     for (vm, pending) in PENDING_DOORBELLS.iter().enumerate() {
         let bits = pending.swap(0, Ordering::AcqRel);
         if bits == 0 {
@@ -698,7 +825,6 @@ pub fn service() {
         let Some(mut mem) = s.memory.get(&vm).copied() else {
             continue;
         };
-        s.doorbell_at.entry(vm).or_insert_with(crate::apic::now_us);
         for q in QueueId::ALL {
             if bits & (1 << q.index()) != 0 {
                 let _ = s.mediator.process_doorbell(vm, q, &mut mem);
@@ -706,17 +832,48 @@ pub fn service() {
         }
         after_guest_work(s, vm);
     }
+    // Polling: the queues of every VM that is running now.
+    for (vm, on) in IN_SLICE.iter().enumerate() {
+        if !on.load(Ordering::Acquire) {
+            continue;
+        }
+        let vm = vm as VmId;
+        let Some(mut mem) = s.memory.get(&vm).copied() else {
+            continue;
+        };
+        if s.mediator
+            .vm(vm)
+            .is_some_and(|v| v.state() == gpu_pv::mediator::VmState::Active && v.polled())
+        {
+            let _ = s.mediator.poll(vm, &mut mem);
+            after_guest_work(s, vm);
+        }
+    }
     let now = now_ns();
     let irqs = crate::interrupts::take_pending(crate::interrupts::GPU_VECTOR);
     let mut done = Vec::new();
     if s.backend.poll(&mut done) == 0 && irqs != 0 {
         s.backend.check_device();
     }
+    let harvested = !done.is_empty();
     for (token, status) in done {
         let Some(fence) = s.tokens.remove(&token) else {
             continue;
         };
         if let Some(f) = s.in_flight.as_mut() {
+            if u64::from(f.vm) == HANG_VM.load(Ordering::Relaxed)
+                && s.figures
+                    .get(&f.vm)
+                    .is_some_and(|g| g.completed >= REACHED_COMPLETIONS)
+            {
+                if !HANGING.swap(true, Ordering::SeqCst) {
+                    warn!(
+                        "gpu-pv: TEST ONLY: the GPU's completions of vm {}'s commands are withheld from now on (a hung channel)",
+                        f.vm
+                    );
+                }
+                continue;
+            }
             f.completions.push(Completion {
                 host_fence: fence,
                 status,
@@ -724,22 +881,54 @@ pub fn service() {
             f.outstanding = f.outstanding.saturating_sub(1);
         }
     }
-    if s.in_flight.as_ref().is_some_and(|f| f.outstanding == 0) {
-        if let Some(f) = s.in_flight.take() {
-            s.slice_ops += f.completions.len() as u64;
-            s.figures.entry(f.vm).or_default().completed += f.completions.len() as u64;
-            if let Some(mut mem) = s.memory.get(&f.vm).copied() {
-                let _ = s.mediator.complete_batch(f.vm, &f.completions, &mut mem);
+    // Completions go to the guest as they come, not once the whole batch is done:
+    // a streaming guest refills its queue while the rest of the batch runs.
+    if let Some(f) = s.in_flight.as_mut() {
+        if !f.completions.is_empty() {
+            let vm = f.vm;
+            let completions = core::mem::take(&mut f.completions);
+            s.slice_ops += completions.len() as u64;
+            s.figures.entry(vm).or_default().completed += completions.len() as u64;
+            if let Some(mut mem) = s.memory.get(&vm).copied() {
+                let _ = s.mediator.complete_batch(vm, &completions, &mut mem);
             }
         }
     }
-    for vm in s.mediator.tick(now) {
+    if s.in_flight.as_ref().is_some_and(|f| f.outstanding == 0) {
+        if let Some(f) = s.in_flight.take() {
+            let busy = now_ns().saturating_sub(f.submitted_ns);
+            s.slice_busy_ns += busy;
+            s.figures.entry(f.vm).or_default().gpu_busy_us += busy / 1000;
+            if f.commands > 0 {
+                let sample = busy / f.commands as u64;
+                let avg = s.cost_per_cmd_ns.entry(f.vm).or_insert(sample);
+                *avg = (*avg * 3 + sample) / 4;
+            }
+        }
+    }
+    let hung = s.mediator.tick(now);
+    // The timeout events first, then the resets they cause.
+    drain_events(s);
+    for vm in hung {
+        // Its batch will never complete: the GPU's slot is free for the others, and
+        // a late completion finds no token.
+        if s.in_flight.as_ref().is_some_and(|f| f.vm == vm) {
+            if let Some(f) = s.in_flight.take() {
+                for t in &f.tokens {
+                    s.tokens.remove(t);
+                }
+                s.slice_busy_ns += now.saturating_sub(f.submitted_ns);
+            }
+        }
         if let Ok(r) = s.mediator.reset_vm(vm) {
             warn!(
                 "gpu-pv/Debug: vm {vm}: channel hung, reset: {} commands dropped",
                 r.dropped
             );
             unmap_all(s, &r.unmapped);
+        }
+        if HANG_VM.load(Ordering::Relaxed) == u64::from(vm) {
+            HANG_VM.store(u64::MAX, Ordering::SeqCst);
         }
     }
     collect_interrupts(s);
@@ -759,16 +948,34 @@ pub fn service() {
         );
     }
     schedule(s, now);
+    let staged_after: usize = s
+        .mediator
+        .vm_ids()
+        .filter_map(|vm| s.mediator.vm(vm).map(|v| v.staged_len()))
+        .sum();
+    harvested || s.next_token != batches_before || staged_after != staged_before
 }
 
 fn schedule(s: &mut GpuPv, now: u64) {
     if s.in_flight.is_some() {
         return;
     }
-    // Close the slice when its time is up or its VM has nothing left.
+    // Close the slice when its time is up, its VM has nothing left, or not even one
+    // more command fits in the time left (by the VM's measured cost per command).
+    let cost = |s: &GpuPv, vm: VmId| {
+        s.cost_per_cmd_ns
+            .get(&vm)
+            .copied()
+            .unwrap_or(FIRST_COST_NS)
+            .max(1)
+    };
     if let Some(sl) = s.slice {
         let more = s.mediator.vm(sl.vm).is_some_and(|v| v.staged_len() > 0);
-        if now >= sl.end_ns() || !more {
+        let left = sl.end_ns().saturating_sub(now);
+        if left == 0 || !more || left < cost(s, sl.vm) {
+            let fig = s.figures.entry(sl.vm).or_default();
+            fig.max_slice_us = fig.max_slice_us.max(s.slice_busy_ns / 1000);
+            s.slice_busy_ns = 0;
             let used = now.saturating_sub(sl.start_ns).min(sl.quantum_ns);
             let _ = s.sched.account(sl.vm, used, s.slice_ops, now);
             let _ = s.sched.set_runnable(sl.vm, more, now);
@@ -782,7 +989,9 @@ fn schedule(s: &mut GpuPv, now: u64) {
         s.slice = s.sched.pick(now);
     }
     let Some(sl) = s.slice else { return };
-    let Some(batch) = s.mediator.take_batch(sl.vm, MAX_BATCH) else {
+    // A batch sized to the time left in the slice (at least one command).
+    let fit = (sl.end_ns().saturating_sub(now) / cost(s, sl.vm)).clamp(1, MAX_BATCH as u64);
+    let Some(batch) = s.mediator.take_batch(sl.vm, fit as usize) else {
         return;
     };
     submit(s, batch);
@@ -801,6 +1010,9 @@ fn submit(s: &mut GpuPv, batch: Batch) {
         vm: batch.vm,
         outstanding: 0,
         completions: Vec::new(),
+        tokens: Vec::new(),
+        commands: batch.commands.len(),
+        submitted_ns: now_ns(),
     };
     for c in &batch.commands {
         let token = s.next_token;
@@ -833,6 +1045,7 @@ fn submit(s: &mut GpuPv, batch: Batch) {
         match s.backend.submit(c.queue, &bytes, token) {
             Ok(()) => {
                 s.tokens.insert(token, c.host_fence);
+                f.tokens.push(token);
                 f.outstanding += 1;
             }
             Err(e) => {
@@ -906,4 +1119,40 @@ pub fn iommu_table_frames() -> usize {
         .and_then(|s| s.domain)
         .and_then(crate::iommu::table_frames)
         .unwrap_or(0)
+}
+
+/// The driver reset queue `queue` of `vm` alone (`VIRTIO_F_RING_RESET`): the
+/// mediator drops the chains it took from that queue and had not answered (no
+/// response, no used entry; commands already validated still run as the mediator's
+/// own and their completions are applied without reaching the guest). Logged with
+/// the number of chains dropped; a refusal (context not live) is logged too.
+pub fn reset_queue(vm: VmId, queue: QueueId) {
+    let mut g = GPUPV.lock();
+    let Some(s) = g.as_mut() else { return };
+    match s.mediator.reset_queue(vm, queue) {
+        Ok(dropped) => info!(
+            "gpu-pv: vm {vm}: {queue:?} queue reset by the driver (RING_RESET): {dropped} chains dropped unanswered"
+        ),
+        Err(e) => warn!("gpu-pv: vm {vm}: {queue:?} queue reset refused: {e:?}"),
+    }
+    drain_events(s);
+}
+
+/// The driver re-enabled `queue` of `vm` after a queue reset, at `layout`: the
+/// mediator serves it again from index 0. Returns false (logged) when the mediator
+/// refuses (bad layout, queue not reset, context not live): the device then needs a
+/// reset.
+pub fn restart_queue(vm: VmId, queue: QueueId, layout: QueueLayout) -> bool {
+    let mut g = GPUPV.lock();
+    let Some(s) = g.as_mut() else { return false };
+    let r = s.mediator.restart_queue(vm, queue, layout);
+    match &r {
+        Ok(()) => info!(
+            "gpu-pv: vm {vm}: {queue:?} queue re-enabled after its reset: {} entries, desc {:#x} avail {:#x} used {:#x}",
+            layout.size, layout.desc, layout.avail, layout.used
+        ),
+        Err(e) => warn!("gpu-pv: vm {vm}: cannot restart its {queue:?} queue: {e:?}"),
+    }
+    drain_events(s);
+    r.is_ok()
 }

@@ -15,6 +15,9 @@ pub const DEVICE_VECTOR_BASE: u8 = 0xe0;
 pub const GPU_VECTOR: u8 = 0xe0;
 /// Device vector of the IOMMU's fault event.
 pub const IOMMU_FAULT_VECTOR: u8 = 0xe8;
+/// Vector of the IPI that wakes an idle CPU or makes a running guest exit (so it
+/// sees work posted for it): nothing to do in the top half beyond the count.
+pub const WAKE_VECTOR: u8 = 0xef;
 
 /// Device interrupts seen per vector (0xE0..=0xEF); bottom halves compare and consume.
 pub static DEVICE_PENDING: [AtomicU64; 16] = [const { AtomicU64::new(0) }; 16];

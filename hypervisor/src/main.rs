@@ -80,11 +80,8 @@ fn kmain(bi: &'static BootInfo) -> ! {
     }
     // The GPU driver comes up before the IOMMU translates, so its own set-up DMA
     // needs no mapping; the mediator then isolates it in a domain of its own.
-    let native_fps_x10 = if bi.option("test") == Some("bench-gpu") {
-        selftest::gpu_native_run(bi, &devices)
-    } else {
-        0
-    };
+    let native_fps =
+        (bi.option("test") == Some("bench-gpu")).then(|| selftest::gpu_native_run(bi, &devices));
     let physical_gpu = probe_gpu(bi, &devices);
     iommu::init(platform.as_ref(), bi.option("iommu") != Some("off"));
     if bi.option("test") == Some("iommu") {
@@ -114,8 +111,15 @@ fn kmain(bi: &'static BootInfo) -> ! {
         Some("bench-vm") => selftest::bench_vm(bi, run_ms.unwrap_or(3_000)),
         Some("iommu-bypass") => gpupv::inject_bad_dma_once(),
         Some("gpu-restart") => selftest::gpu_restart(),
-        Some("bench-gpu") => selftest::bench_gpu(native_fps_x10, run_ms.unwrap_or(5_000)),
+        Some("gpu-share") => selftest::gpu_share(bi, run_ms.unwrap_or(6_000)),
+        Some("bench-gpu") => match native_fps {
+            Some(n) => selftest::bench_gpu(bi, n, run_ms.unwrap_or(5_000)),
+            None => exit::fail("no native figures"),
+        },
         _ => {}
+    }
+    if let Some(vm) = bi.option("hang_vm").and_then(|v| v.parse().ok()) {
+        gpupv::inject_hang(vm);
     }
     let created = vmm::create_all();
     info!("{created} of {} VMs created; running them", bi.vms().len());

@@ -107,14 +107,27 @@ const GPU_TEST_H: u32 = 480;
 /// the heads, each waited for by interrupt: the "native" baseline of the
 /// "% of native" benchmark. `hold` keeps the displays up for S (default 5) seconds
 /// before exiting, for screendumps from the QEMU monitor.
+/// Native frame rates (x10) of the physical GPU driven by the hypervisor alone.
+#[derive(Clone, Copy, Debug)]
+pub struct NativeFps {
+    /// One frame at a time, each waited for by interrupt (as the `draw` guest does).
+    pub serial_x10: u64,
+    /// [`STREAM_DEPTH`] frames kept in flight, completions polled (as the
+    /// `gpu-stream` guest does).
+    pub stream_x10: u64,
+}
+
+/// Frames the streaming workload keeps in flight (the `gpu-stream` guest's depth).
+pub const STREAM_DEPTH: usize = 4;
+
 pub fn gpu_native(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) -> ! {
     gpu_native_run(bi, devices);
     exit::pass()
 }
 
-/// The body of `test=gpu-native`; returns the native frame rate (x10, interrupt
-/// coalescing on) for the benchmarks that compare the mediated path against it.
-pub fn gpu_native_run(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) -> u64 {
+/// The body of `test=gpu-native`; returns the native frame rates (interrupt
+/// coalescing on) for the benchmarks that compare the mediated path against them.
+pub fn gpu_native_run(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) -> NativeFps {
     use alloc::vec;
     use alloc::vec::Vec;
     use gpu_pv::command::{encode, Command, Request};
@@ -283,20 +296,44 @@ pub fn gpu_native_run(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) 
             ]
         })
         .collect();
+    // Each measurement runs for about `native_ms` (default 1500; at least `frames`
+    // frames), so a busy host machine blurs it less.
+    let native_ms: u64 = bi
+        .option("native_ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_500);
     // Untimed warm-up: the first pass through these code paths is slow under TCG.
-    if let Err(why) = time_frames(gpu, &mut waiter, &per_head, 20) {
-        exit::fail(why);
-    }
+    let warm_us = match time_frames(gpu, &mut waiter, &per_head, 20) {
+        Ok((us, _)) => us,
+        Err(why) => exit::fail(why),
+    };
+    let frames = frames.max(native_ms * 1000 * 20 / warm_us.max(1));
     let (us, irqs) = match time_frames(gpu, &mut waiter, &per_head, frames) {
         Ok(r) => r,
         Err(why) => exit::fail(why),
     };
     let fps_x10 = frames * 10_000_000 / us;
-    let native_fps_x10 = fps_x10;
+    let serial_x10 = fps_x10;
     info!(
         "gpu native: {frames} frames in {us} us = {}.{} fps, {irqs} interrupts",
         fps_x10 / 10,
         fps_x10 % 10
+    );
+    // The streaming workload: head 0's frames, STREAM_DEPTH in flight, polled.
+    let warm_us = match stream_frames(gpu, &per_head[0], 20) {
+        Ok(us) => us,
+        Err(why) => exit::fail(why),
+    };
+    let stream_frames_n = native_ms * 1000 * 20 / warm_us.max(1);
+    let us = match stream_frames(gpu, &per_head[0], stream_frames_n) {
+        Ok(us) => us,
+        Err(why) => exit::fail(why),
+    };
+    let stream_x10 = stream_frames_n * 10_000_000 / us;
+    info!(
+        "gpu native (stream, {STREAM_DEPTH} frames in flight, polled): {stream_frames_n} frames in {us} us = {}.{} fps",
+        stream_x10 / 10,
+        stream_x10 % 10
     );
     // For comparison: the same frames with an interrupt per completion.
     vgpu.set_coalescing(false);
@@ -326,7 +363,59 @@ pub fn gpu_native_run(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) 
     }
     drop(vgpu);
     drop(fbs);
-    native_fps_x10
+    NativeFps {
+        serial_x10,
+        stream_x10,
+    }
+}
+
+/// Streams `frames` frames of one head (`pair`: TRANSFER + FLUSH), keeping
+/// [`STREAM_DEPTH`] in flight (one notify per refill) with completions polled, as
+/// the `gpu-stream` guest does; returns the elapsed microseconds.
+fn stream_frames(
+    gpu: &mut dyn crate::gpu::GpuBackend,
+    pair: &[alloc::vec::Vec<u8>; 2],
+    frames: u64,
+) -> Result<u64, &'static str> {
+    use gpu_pv::mediator::QueueId;
+
+    let mut done = alloc::vec::Vec::new();
+    let (mut submitted, mut completed_cmds) = (0u64, 0u64);
+    let t0 = crate::apic::now_us();
+    let deadline = t0 + 30_000_000;
+    while completed_cmds < frames * 2 {
+        let before = submitted;
+        while submitted < frames && submitted * 2 - completed_cmds < STREAM_DEPTH as u64 * 2 {
+            for (i, cmd) in pair.iter().enumerate() {
+                if let Err(e) = gpu.submit(QueueId::Control, cmd, submitted * 2 + i as u64) {
+                    error!("gpu native: stream frame {submitted}: submit: {e}");
+                    return Err("submit");
+                }
+            }
+            submitted += 1;
+        }
+        // One notify for what was added (the mediator, too, kicks once per batch).
+        if submitted != before {
+            gpu.kick();
+        }
+        done.clear();
+        gpu.poll(&mut done);
+        if let Some((token, status)) = done.iter().find(|d| d.1 != gpu_pv::wire::RESP_OK_NODATA) {
+            error!("gpu native: stream command {token} answered {status:#x}");
+            return Err("stream command refused");
+        }
+        completed_cmds += done.len() as u64;
+        if gpu.failed().is_some() {
+            return Err("the GPU failed");
+        }
+        if crate::apic::now_us() > deadline {
+            return Err("the stream did not finish in 30 s");
+        }
+    }
+    // Interrupts the stream raised are not anybody's to count.
+    crate::interrupts::service_pending();
+    crate::interrupts::take_pending(crate::interrupts::GPU_VECTOR);
+    Ok((crate::apic::now_us() - t0).max(1))
 }
 
 /// Submits `frames` frames (one TRANSFER+FLUSH pair each, round-robin over the
@@ -547,56 +636,151 @@ pub fn gpu_restart() -> ! {
     exit::pass()
 }
 
-/// `test=bench-gpu run_ms=N`: in one run, the native frame rate of the physical GPU
-/// driven by the hypervisor alone, then the same frames (640x480 full-frame
-/// TRANSFER+FLUSH) drawn by a guest through the mediator; prints the GPU-PV figures
-/// as `bench:` lines.
-pub fn bench_gpu(native_fps_x10: u64, run_ms: u64) -> ! {
-    vmm::create_all();
-    let t0 = crate::apic::now_us();
-    vmm::run(Some(run_ms));
-    let elapsed_us = crate::apic::now_us() - t0;
-    vmm::report();
-    let Some(f) = crate::gpupv::figures(0) else {
-        exit::fail("no GPU figures for VM 0");
+/// `test=bench-gpu run_ms=N [workload=serial]`: in one run, the native frame rates
+/// of the physical GPU driven by the hypervisor alone, then the same frames (640x480
+/// full-frame TRANSFER+FLUSH) from the guest through the mediator, measured in steady
+/// state (after a warm-up of `warmup_ms`, default 1500); prints the GPU-PV figures
+/// as `bench:` lines. The default workload is the stream (`gpu-stream` guest,
+/// [`STREAM_DEPTH`] frames in flight, polled); `workload=serial` compares one frame
+/// at a time waited for by interrupt (`gpu-serial` guest).
+pub fn bench_gpu(bi: &boot_info::BootInfo, native: NativeFps, run_ms: u64) -> ! {
+    let serial = bi.option("workload") == Some("serial");
+    let warmup_ms = bi
+        .option("warmup_ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_500);
+    let (native_fps_x10, workload) = if serial {
+        (
+            native.serial_x10,
+            "one frame at a time, waited by interrupt",
+        )
+    } else {
+        (native.stream_x10, "4 frames in flight, completions polled")
     };
-    let exits = vmm::with_vm(0, |vm| vm.stats.exits).unwrap_or(0);
-    let frames = f.completed / 2;
-    let fps_x10 = frames * 10_000_000 / elapsed_us.max(1);
+    vmm::create_all();
+    vmm::run(Some(warmup_ms));
+    let snapshot = || {
+        let f = crate::gpupv::figures(0).unwrap_or_default();
+        let exits = vmm::with_vm(0, |vm| vm.stats.exits).unwrap_or(0);
+        (crate::apic::now_us(), f, exits)
+    };
+    let (t0, f0, exits0) = snapshot();
+    vmm::run(Some(run_ms));
+    let (t1, f1, exits1) = snapshot();
+    vmm::report();
+    if vmm::state(0) != Some(crate::vm::VmState::Running) {
+        exit::fail("the benchmark guest stopped");
+    }
+    let elapsed_us = (t1 - t0).max(1);
+    let completed = f1.completed - f0.completed;
+    let commands = f1.commands - f0.commands;
+    let exits = exits1 - exits0;
+    let interrupts = f1.interrupts - f0.interrupts;
+    let batches = f1.batches - f0.batches;
+    let frames = completed / 2;
+    if frames == 0 {
+        exit::fail("no frame completed in the measured window");
+    }
+    let fps_x10 = frames * 10_000_000 / elapsed_us;
+    info!("bench: workload: {workload}");
     info!(
         "bench: native fps: {}.{} (hypervisor alone, same frames)",
         native_fps_x10 / 10,
         native_fps_x10 % 10
     );
     info!(
-        "bench: mediated fps: {}.{} ({frames} frames in {elapsed_us} us)",
+        "bench: mediated fps: {}.{} ({frames} frames in {elapsed_us} us of steady state)",
         fps_x10 / 10,
         fps_x10 % 10
     );
     let pct_x10 = fps_x10 * 1000 / native_fps_x10.max(1);
     info!("bench: % of native: {}.{}%", pct_x10 / 10, pct_x10 % 10);
-    let cmds = f.commands.max(1);
+    let cmds = commands.max(1);
     info!(
-        "bench: VM exits per command: {}.{:03} ({exits} exits, {} commands)",
+        "bench: VM exits per command: {}.{:03} ({exits} exits, {commands} commands)",
         exits / cmds,
         exits * 1000 / cmds % 1000,
-        f.commands
     );
     info!(
-        "bench: virtual interrupts per completion batch: {}.{:02} ({} interrupts, {} batches)",
-        f.interrupts / f.batches.max(1),
-        f.interrupts * 100 / f.batches.max(1) % 100,
-        f.interrupts,
-        f.batches
+        "bench: virtual interrupts per completion batch: {}.{:02} ({interrupts} interrupts, {batches} batches)",
+        interrupts / batches.max(1),
+        interrupts * 100 / batches.max(1) % 100,
     );
+    let samples = f1.doorbell_samples - f0.doorbell_samples;
     info!(
-        "bench: doorbell to physical submission: {} us on average ({} samples)",
-        f.doorbell_to_submit_us / f.doorbell_samples.max(1),
-        f.doorbell_samples
+        "bench: guest ring to physical submission: {} us on average ({samples} samples; taken by doorbell or poll)",
+        (f1.doorbell_to_submit_us - f0.doorbell_to_submit_us) / samples.max(1),
     );
     info!(
         "bench: commands per second through the mediator: {}",
-        f.commands * 1_000_000 / elapsed_us.max(1)
+        commands * 1_000_000 / elapsed_us
     );
+    exit::pass()
+}
+
+/// `test=gpu-share run_ms=N [warmup_ms=M]`: the configured VMs (guests that keep
+/// the GPU saturated, with different weights) run; in steady state each VM's
+/// measured GPU time (its batches, submission to completion) as a share of all of
+/// it must match its weight share within the stride-scheduling bound that the
+/// `gpu-pv` simulation asserts: `|share_i - w_i| <= (Q_i + sum(Q) * w_i + 2 max(Q)) / T`
+/// with `Q` the longest GPU slice each VM was measured to take and `T` the window.
+pub fn gpu_share(bi: &boot_info::BootInfo, run_ms: u64) -> ! {
+    use alloc::vec::Vec;
+
+    let warmup_ms = bi
+        .option("warmup_ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_500);
+    let n = vmm::create_all();
+    if n == 0 {
+        exit::fail("no VM");
+    }
+    vmm::run(Some(warmup_ms));
+    let busy = |i: usize| crate::gpupv::figures(i as u16).map_or(0, |f| f.gpu_busy_us);
+    let before: Vec<u64> = (0..n).map(busy).collect();
+    let t0 = crate::apic::now_us();
+    vmm::run(Some(run_ms));
+    let window_us = (crate::apic::now_us() - t0).max(1);
+    vmm::report();
+    let used: Vec<u64> = (0..n).map(|i| busy(i) - before[i]).collect();
+    let total: u64 = used.iter().sum::<u64>().max(1);
+    let weights: Vec<u64> = (0..n)
+        .map(|i| vmm::with_vm(i, |vm| u64::from(vm.weight)).unwrap_or(0))
+        .collect();
+    let total_w: u64 = weights.iter().sum::<u64>().max(1);
+    let q: Vec<u64> = (0..n)
+        .map(|i| crate::gpupv::figures(i as u16).map_or(0, |f| f.max_slice_us))
+        .collect();
+    let (sum_q, max_q) = (q.iter().sum::<u64>(), q.iter().copied().max().unwrap_or(0));
+    info!(
+        "gpu share: {n} VMs, GPU busy {}.{}% of {window_us} us",
+        total * 100 / window_us,
+        total * 1000 / window_us % 10
+    );
+    let mut ok = true;
+    for i in 0..n {
+        // Per million, to keep to integers.
+        let share = used[i] * 1_000_000 / total;
+        let ws = weights[i] * 1_000_000 / total_w;
+        let tol = (q[i] * 1_000_000 + sum_q * ws + 2 * max_q * 1_000_000) / window_us;
+        let within = share.abs_diff(ws) <= tol;
+        ok &= within && vmm::state(i) == Some(crate::vm::VmState::Running);
+        info!(
+            "gpu share vm{i}: weight {} = {}.{:02}%, measured {}.{:02}% of the GPU time, bound +-{}.{:02}% (longest slice {} us): {}",
+            weights[i],
+            ws / 10_000,
+            ws / 100 % 100,
+            share / 10_000,
+            share / 100 % 100,
+            tol / 10_000,
+            tol / 100 % 100,
+            q[i],
+            if within { "within" } else { "OUTSIDE" }
+        );
+    }
+    if !ok {
+        exit::fail("GPU shares outside the bound, or a VM stopped");
+    }
+    info!("gpu shares follow the weights");
     exit::pass()
 }

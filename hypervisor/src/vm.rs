@@ -370,13 +370,21 @@ impl Vm {
         }
         let now = crate::apic::now_us();
         self.lapics[idx].tick(now);
-        self.lapics[idx].pending().is_some() || (idx == 0 && crate::gpupv::has_interrupts(self.id))
+        self.lapics[idx].pending().is_some()
+            || (idx == 0
+                && (crate::gpupv::has_interrupts(self.id)
+                    || self.gpu.as_ref().is_some_and(|d| d.has_released())))
     }
 
     /// Turns the mediator's coalesced interrupts into MSI-X messages of the VM's
     /// virtual GPU, delivered to its bootstrap vCPU's local APIC.
     fn collect_gpu_interrupts(&mut self) {
         let Some(dev) = self.gpu.as_mut() else { return };
+        // Messages held pending while their MSI-X entry (or the function) was masked,
+        // released by the driver's unmask.
+        for vector in dev.take_released() {
+            self.lapics[0].raise(vector);
+        }
         let bits = crate::gpupv::take_interrupts(self.id);
         if bits == 0 {
             return;
@@ -431,9 +439,10 @@ impl Vm {
             return;
         }
         vm_context::set(Some(self.log_id));
-        if self.gpu.as_ref().is_some_and(|d| d.live()) {
-            // Commands queued since the last doorbell are taken without an exit.
-            crate::gpupv::poll(self.id);
+        // While the vCPU runs, its GPU queues are polled instead of trapping kicks.
+        let polled = self.gpu.as_ref().is_some_and(|d| d.live());
+        if polled {
+            crate::gpupv::slice_begin(self.id, idx == 0);
         }
         let t0 = crate::apic::now_us();
         let deadline = if slice_us == 0 {
@@ -478,6 +487,9 @@ impl Vm {
         }
         if let Some(v) = self.vcpus.get_mut(idx) {
             v.put();
+        }
+        if polled {
+            crate::gpupv::slice_end(self.id);
         }
         self.stats.cpu_us += crate::apic::now_us().saturating_sub(t0);
         vm_context::set(None);
@@ -673,7 +685,7 @@ impl Vm {
             VmExit::ExternalInterrupt | VmExit::Preempted => {
                 // The interrupt may be the GPU's: its bottom half runs now, not at the
                 // end of this slice.
-                crate::gpupv::service();
+                let _ = crate::gpupv::service();
                 true
             }
             VmExit::Shutdown => {
@@ -760,6 +772,14 @@ impl Vm {
             }
             Action::Reset => crate::gpupv::driver_reset(self.id),
             Action::Vector(q, entry) => crate::gpupv::set_vector(self.id, q, entry),
+            Action::QueueReset(q) => crate::gpupv::reset_queue(self.id, q),
+            Action::QueueRestart(q, layout) => {
+                if !crate::gpupv::restart_queue(self.id, q, layout) {
+                    if let Some(d) = self.gpu.as_mut() {
+                        d.needs_reset = true;
+                    }
+                }
+            }
         }
     }
 

@@ -19,6 +19,19 @@ use crate::vm::{CreateError, StopReason, Vm, VmSpec, VmState};
 
 /// vCPU time slice in microseconds.
 pub const BASE_SLICE_US: u64 = 2_000;
+/// Slice of a vCPU nobody else waits for, when another CPU serves the GPU
+/// meanwhile: fewer exits for a lone busy guest; stops and deadlines are still
+/// noticed this often.
+pub const LONE_SLICE_US: u64 = 20_000;
+/// How long an idle CPU sleeps between looks at the run queue and the GPU; a GPU
+/// interrupt or a wake IPI ends the sleep early.
+const IDLE_POLL_US: u64 = 100;
+/// How long an idle CPU keeps polling (without sleeping) after the GPU path last
+/// moved work: the guest or the GPU usually answers within that time (halt polling).
+const IDLE_SPIN_US: u64 = 50;
+/// The CPU that takes the physical GPU's interrupts (the BSP): it leaves vCPUs to
+/// idle CPUs, so a running guest is not interrupted by the GPU.
+const GPU_IRQ_CPU: usize = 0;
 
 /// A configured VM: what it is made from, and the running instance if any.
 struct Slot {
@@ -38,19 +51,50 @@ struct Monitor {
     vruntime: Vec<AtomicU64>,
     /// When each slot's vCPU 0 has work again (0: now): halted vCPUs are skipped.
     wake_at: Vec<AtomicU64>,
+    /// When each slot's vCPU was last put back on the run queue.
+    queued_at: Vec<AtomicU64>,
 }
 
 static MONITOR: spin::Once<Monitor> = spin::Once::new();
 static STARTED: AtomicBool = AtomicBool::new(false);
+/// Counts the calls of [`run`].
+static RUN_GENERATION: AtomicU64 = AtomicU64::new(0);
 static STOP_ALL: AtomicBool = AtomicBool::new(false);
 static RUNNING_CPUS: AtomicUsize = AtomicUsize::new(0);
 static DEADLINE_US: AtomicU64 = AtomicU64::new(u64::MAX);
 /// CPUs with virtualization turned on.
 static ENABLED_CPUS: AtomicUsize = AtomicUsize::new(0);
+/// Idle sleeps per physical CPU.
+static IDLE_SLEEPS: [AtomicU64; cpu::MAX_CPUS] = [const { AtomicU64::new(0) }; cpu::MAX_CPUS];
 /// vCPU slices run per physical CPU.
 static SLICES: [AtomicU64; cpu::MAX_CPUS] = [const { AtomicU64::new(0) }; cpu::MAX_CPUS];
 /// Interval of the `gpu-pv sample:` lines, in microseconds.
 const SAMPLE_US: u64 = 250_000;
+/// When the next `gpu-pv sample:` line is due (any CPU prints it).
+static NEXT_SAMPLE_US: AtomicU64 = AtomicU64::new(0);
+/// CPUs (bit = index) sleeping in the idle loop.
+static IDLE_CPUS: AtomicU64 = AtomicU64::new(0);
+/// Local APIC id of each CPU in the run loop (for wake IPIs).
+static APIC_IDS: [core::sync::atomic::AtomicU32; cpu::MAX_CPUS] =
+    [const { core::sync::atomic::AtomicU32::new(0) }; cpu::MAX_CPUS];
+
+/// Wakes CPU `index` (sleeping idle, or running a guest, which then exits) with
+/// an IPI on [`crate::interrupts::WAKE_VECTOR`].
+pub fn wake_cpu(index: usize) {
+    if index == cpu::current_index() || index >= cpu::MAX_CPUS {
+        return;
+    }
+    let id = APIC_IDS[index].load(Ordering::Relaxed);
+    // Fixed delivery, physical destination, edge.
+    crate::apic::send_ipi(id, u32::from(crate::interrupts::WAKE_VECTOR));
+}
+
+/// Sleeps until an interrupt or about `us` microseconds.
+fn idle_sleep(us: u64) {
+    crate::apic::arm_oneshot_us(us);
+    x86_64::instructions::interrupts::enable_and_hlt();
+    x86_64::instructions::interrupts::disable();
+}
 
 /// Detects the virtualization backend and turns it on on this CPU.
 pub fn enable_this_cpu() -> Option<Backend> {
@@ -94,12 +138,14 @@ pub fn configure(bi: &BootInfo, backend: Backend) {
     }
     let vruntime = slots.iter().map(|_| AtomicU64::new(0)).collect();
     let wake_at = slots.iter().map(|_| AtomicU64::new(0)).collect();
+    let queued_at = slots.iter().map(|_| AtomicU64::new(0)).collect();
     MONITOR.call_once(|| Monitor {
         backend,
         slots,
         queue: Mutex::new(VecDeque::new()),
         vruntime,
         wake_at,
+        queued_at,
     });
     // The other CPUs turn virtualization on as soon as the monitor exists; wait for
     // them so their per-CPU state is in place before any VM (and any frame count).
@@ -241,7 +287,9 @@ pub fn run(run_ms: Option<u64>) {
     if let Some(ms) = run_ms {
         DEADLINE_US.store(crate::apic::now_us() + ms * 1000, Ordering::SeqCst);
     }
+    NEXT_SAMPLE_US.store(crate::apic::now_us() + SAMPLE_US, Ordering::SeqCst);
     STOP_ALL.store(false, Ordering::SeqCst);
+    RUN_GENERATION.fetch_add(1, Ordering::SeqCst);
     STARTED.store(true, Ordering::SeqCst);
     run_loop(true);
     while RUNNING_CPUS.load(Ordering::SeqCst) != 0 {
@@ -263,46 +311,63 @@ pub fn ap_loop() -> ! {
         cpu::halt_forever();
     }
     ENABLED_CPUS.fetch_add(1, Ordering::SeqCst);
+    // Each `run` has its own generation, so a CPU that slept through the end of one
+    // run and the start of the next still joins the next.
+    let mut joined = 0;
     loop {
-        while !STARTED.load(Ordering::SeqCst) {
-            core::hint::spin_loop();
+        let generation = RUN_GENERATION.load(Ordering::SeqCst);
+        if !STARTED.load(Ordering::SeqCst) || generation == joined {
+            idle_sleep(1_000);
+            continue;
         }
+        joined = generation;
         run_loop(false);
-        while STARTED.load(Ordering::SeqCst) {
-            core::hint::spin_loop();
-        }
     }
 }
 
 fn any_running(m: &Monitor) -> bool {
+    // A slot locked by another CPU is running a vCPU: never wait for it here.
     m.slots.iter().any(|s| {
-        s.lock()
-            .vm
-            .as_ref()
-            .is_some_and(|vm| vm.state == VmState::Running)
+        s.try_lock()
+            .is_none_or(|g| g.vm.as_ref().is_some_and(|vm| vm.state == VmState::Running))
     })
 }
 
 fn run_loop(bsp: bool) {
     let Some(m) = MONITOR.get() else { return };
     RUNNING_CPUS.fetch_add(1, Ordering::SeqCst);
-    let mut next_sample = crate::apic::now_us() + SAMPLE_US;
+    let me = cpu::current_index();
+    let my_bit = 1u64 << me;
+    APIC_IDS[me].store(crate::apic::id(), Ordering::Relaxed);
+    let several_cpus = cpu::ONLINE.load(Ordering::SeqCst) > 1;
+    let mut last_work = 0u64;
     loop {
-        if bsp && crate::apic::now_us() >= DEADLINE_US.load(Ordering::SeqCst) {
+        let now = crate::apic::now_us();
+        if now >= DEADLINE_US.load(Ordering::SeqCst) {
             STOP_ALL.store(true, Ordering::SeqCst);
         }
-        if bsp && crate::apic::now_us() >= next_sample {
-            next_sample += SAMPLE_US;
+        let due = NEXT_SAMPLE_US.load(Ordering::Relaxed);
+        if now >= due
+            && NEXT_SAMPLE_US
+                .compare_exchange(due, due + SAMPLE_US, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
             crate::gpupv::sample();
         }
         if STOP_ALL.load(Ordering::SeqCst) {
             break;
         }
-        crate::gpupv::service();
+        if crate::gpupv::service() {
+            last_work = crate::apic::now_us();
+        }
         if bsp {
             crate::iommu::service();
         }
         let now = crate::apic::now_us();
+        // The GPU's interrupt CPU takes a vCPU only once the other CPUs have left
+        // it waiting for half a slice, so a lone guest is not interrupted by the GPU.
+        let gpu_cpu = me == GPU_IRQ_CPU && several_cpus;
+        let mut left_waiting = false;
         let next = {
             let mut q = m.queue.lock();
             // The ready vCPU with the least weighted CPU time; halted ones wait for
@@ -315,16 +380,41 @@ fn run_loop(bsp: bool) {
                         || m.wake_at[*slot].load(Ordering::Relaxed) <= now
                         || crate::gpupv::has_interrupts(*slot as u16)
                 })
+                .filter(|(_, (slot, _))| {
+                    let waited = now.saturating_sub(m.queued_at[*slot].load(Ordering::Relaxed));
+                    let ok = !gpu_cpu || waited >= BASE_SLICE_US / 2;
+                    left_waiting |= !ok;
+                    ok
+                })
                 .min_by_key(|(_, (slot, _))| m.vruntime[*slot].load(Ordering::Relaxed))
                 .map(|(i, _)| i);
-            best.and_then(|i| q.remove(i))
+            best.and_then(|i| q.remove(i).map(|e| (e, q.is_empty())))
         };
-        let Some((slot, vcpu)) = next else {
+        if next.is_none() && left_waiting {
+            let idle = IDLE_CPUS.load(Ordering::Acquire) & !my_bit;
+            if idle != 0 {
+                wake_cpu(idle.trailing_zeros() as usize);
+            }
+        }
+        let Some(((slot, vcpu), alone)) = next else {
             if m.queue.lock().is_empty() && !any_running(m) {
                 break;
             }
-            core::hint::spin_loop();
+            if now.saturating_sub(last_work) < IDLE_SPIN_US {
+                // Work just moved: the guest is likely to answer within microseconds.
+                core::hint::spin_loop();
+                continue;
+            }
+            IDLE_CPUS.fetch_or(my_bit, Ordering::AcqRel);
+            IDLE_SLEEPS[me].fetch_add(1, Ordering::Relaxed);
+            idle_sleep(IDLE_POLL_US);
+            IDLE_CPUS.fetch_and(!my_bit, Ordering::AcqRel);
             continue;
+        };
+        let slice_us = if alone && several_cpus {
+            LONE_SLICE_US
+        } else {
+            BASE_SLICE_US
         };
         // A vCPU waking from a long halt is not owed the time it slept.
         let floor = m
@@ -343,7 +433,7 @@ fn run_loop(bsp: bool) {
             Some(vm) if vm.state == VmState::Running => {
                 SLICES[cpu::current_index()].fetch_add(1, Ordering::Relaxed);
                 let before = vm.stats.cpu_us;
-                vm.run_slice(vcpu, BASE_SLICE_US);
+                vm.run_slice(vcpu, slice_us);
                 let used = vm.stats.cpu_us - before;
                 m.vruntime[slot]
                     .fetch_add(used * 1000 / u64::from(vm.weight.max(1)), Ordering::Relaxed);
@@ -356,6 +446,7 @@ fn run_loop(bsp: bool) {
         };
         drop(g);
         if again {
+            m.queued_at[slot].store(crate::apic::now_us(), Ordering::Relaxed);
             m.queue.lock().push_back((slot, vcpu));
         }
     }
@@ -368,9 +459,14 @@ pub fn report() {
     let Some(m) = MONITOR.get() else { return };
     let per_cpu: alloc::vec::Vec<u64> = SLICES.iter().map(|c| c.load(Ordering::Relaxed)).collect();
     let used = per_cpu.iter().filter(|&&n| n > 0).count();
+    let online = cpu::ONLINE.load(Ordering::SeqCst).min(cpu::MAX_CPUS);
+    let idle: Vec<u64> = IDLE_SLEEPS[..online]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .collect();
     info!(
-        "vCPUs ran on {used} CPU(s): slices per CPU {:?}",
-        &per_cpu[..cpu::ONLINE.load(Ordering::SeqCst).min(cpu::MAX_CPUS)]
+        "vCPUs ran on {used} CPU(s): slices per CPU {:?}, idle sleeps per CPU {idle:?}",
+        &per_cpu[..online]
     );
     let mut total_us = 0u64;
     let mut total_w = 0u64;

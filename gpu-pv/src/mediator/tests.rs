@@ -1470,3 +1470,210 @@ fn restore_checks_everything_and_changes_nothing_when_it_refuses() {
         Err(SnapshotError::WrongState(VmState::Active))
     );
 }
+
+/// The control queue somewhere else, smaller: where a driver re-enables it after a
+/// queue reset.
+fn moved_control_layout() -> QueueLayout {
+    QueueLayout {
+        size: 32,
+        desc: 0x3000,
+        avail: 0x3400,
+        used: 0x3600,
+        event_idx: true,
+        indirect: true,
+    }
+}
+
+fn completions_of(batch: &Batch) -> Vec<Completion> {
+    batch
+        .commands
+        .iter()
+        .map(|c| Completion {
+            host_fence: c.host_fence,
+            status: wire::RESP_OK_NODATA,
+        })
+        .collect()
+}
+
+#[test]
+fn a_queue_reset_drops_its_chains_and_nothing_reaches_the_guest() {
+    let mut w = World::new(2, true);
+    make_resource(&mut w, 0, 2, 64, 64, FB);
+    make_resource(&mut w, 1, 2, 64, 64, FB);
+    w.med.take_events();
+    // One fenced flush on the GPU, one staged behind it, one emulated answer queued
+    // behind both, and a cursor command staged on the other queue.
+    w.send(0, QueueId::Control, &fenced(flush(2, 64, 64), 1));
+    let on_gpu = w.med.take_batch(1, 16).expect("a batch");
+    w.send(0, QueueId::Control, &fenced(flush(2, 64, 64), 2));
+    w.send(0, QueueId::Control, &req(Command::GetDisplayInfo));
+    w.send(
+        0,
+        QueueId::Cursor,
+        &req(Command::MoveCursor {
+            pos: CursorPos::default(),
+        }),
+    );
+    // The neighbour has work of its own.
+    w.send(1, QueueId::Control, &fenced(flush(2, 64, 64), 7));
+    assert_eq!(w.med.vm(1).unwrap().unanswered(), 4);
+
+    assert_eq!(w.med.reset_queue(1, QueueId::Control), Ok(3));
+    assert!(w.med.vm(1).unwrap().queue(QueueId::Control).is_none());
+    assert!(w.med.vm(1).unwrap().queue(QueueId::Cursor).is_some());
+    assert_eq!(w.med.vm(1).unwrap().state(), VmState::Active);
+    assert_eq!(
+        w.med.vm(1).unwrap().unanswered(),
+        1,
+        "the cursor chain stays"
+    );
+    assert!(w.med.take_events().iter().any(|e| e.vm == 1
+        && e.channel == Channel::Debug
+        && e.kind
+            == EventKind::QueueReset {
+                queue: QueueId::Control,
+                dropped: 3
+            }));
+
+    // The batch on the GPU completes: its effects apply, but no response and no
+    // used entry reach the guest's memory, and it is not a stale completion.
+    let ram_before = w.guests[0].mem.bytes.clone();
+    let r = w
+        .med
+        .complete_batch(1, &completions_of(&on_gpu), &mut w.guests[0].mem)
+        .unwrap();
+    assert_eq!((r.completed, r.stale, r.returned), (1, 0, 0));
+    assert!(r.batch_done);
+    // The staged flush still runs (as the mediator's own), then the cursor command.
+    w.run_all(0, &mut NullGpu);
+    // Neither the control rings (used ring included) nor the response buffers (in
+    // the scratch area) changed.
+    let ram = &w.guests[0].mem.bytes;
+    assert!(ram[..0x2000] == ram_before[..0x2000]);
+    assert!(ram[0x1_0000..0x10_0000] == ram_before[0x1_0000..0x10_0000]);
+    assert!(w.guests[0].take_used(QueueId::Control).is_empty());
+    assert_eq!(w.guests[0].take_used(QueueId::Cursor).len(), 1);
+    assert_eq!(w.med.vm(1).unwrap().unanswered(), 0);
+    assert_eq!(w.med.vm(1).unwrap().last_fence_signalled(), 0);
+
+    // A doorbell on the reset queue takes nothing from the old ring.
+    w.send(0, QueueId::Control, &req(flush(2, 64, 64)));
+    assert_eq!(w.med.vm(1).unwrap().staged_len(), 0);
+    assert_eq!(w.med.vm(1).unwrap().unanswered(), 0);
+
+    // The neighbour was never touched.
+    w.run_all(1, &mut NullGpu);
+    let used = w.guests[1].take_used(QueueId::Control);
+    assert_eq!(used.len(), 1);
+    let (h, resp) = used[0].resp.clone().unwrap();
+    assert_eq!((resp, h.fence_id), (Response::OkNoData, 7));
+}
+
+#[test]
+fn a_reset_queue_restarts_from_index_zero_at_its_new_place() {
+    let mut w = World::new(1, true);
+    make_resource(&mut w, 0, 2, 64, 64, FB);
+    w.send(0, QueueId::Control, &fenced(flush(2, 64, 64), 5));
+    assert_eq!(w.med.reset_queue(1, QueueId::Control), Ok(1));
+    w.run_all(0, &mut NullGpu);
+    w.med.take_events();
+
+    let layout = moved_control_layout();
+    w.guests[0].ctrl = DriverQueue::new(&mut w.guests[0].mem, layout).unwrap();
+    assert_eq!(w.med.restart_queue(1, QueueId::Control, layout), Ok(()));
+    let q = w.med.vm(1).unwrap().queue(QueueId::Control).unwrap();
+    assert_eq!((q.last_avail_idx(), q.used_idx()), (0, 0));
+    assert_eq!(*q.layout(), layout);
+    assert!(w.med.take_events().iter().any(|e| e.kind
+        == EventKind::QueueRestarted {
+            queue: QueueId::Control,
+            size: 32
+        }));
+
+    // The context survived: the resource is still there, and fences go on above
+    // the last one accepted (the dropped fence 5 is not waited for).
+    assert_eq!(w.med.vm(1).unwrap().resource_count(), 1);
+    assert_eq!(
+        w.call(0, &fenced(flush(2, 64, 64), 6), &mut NullGpu),
+        Response::OkNoData
+    );
+    assert_eq!(w.med.vm(1).unwrap().last_fence_signalled(), 6);
+    for _ in 0..40 {
+        // More chains than the new ring has entries: the indices wrap in the new size.
+        assert_eq!(
+            w.call(0, &req(flush(2, 64, 64)), &mut NullGpu),
+            Response::OkNoData
+        );
+    }
+    let q = w.med.vm(1).unwrap().queue(QueueId::Control).unwrap();
+    assert_eq!(q.used_idx(), 41);
+}
+
+#[test]
+fn queue_reset_and_restart_refuse_what_they_cannot_do() {
+    let mut w = World::new(1, true);
+    let layout = moved_control_layout();
+    assert_eq!(
+        w.med.restart_queue(1, QueueId::Cursor, cursor_layout(true)),
+        Err(MediatorError::QueueNotReset(QueueId::Cursor))
+    );
+    assert_eq!(
+        w.med.reset_queue(9, QueueId::Control),
+        Err(MediatorError::UnknownVm(9))
+    );
+    assert_eq!(w.med.reset_queue(1, QueueId::Control), Ok(0));
+    // Not quiescent while a queue is held in reset: no snapshot of half a device.
+    assert_eq!(w.med.snapshot(1), Err(SnapshotError::Busy));
+    let bad = QueueLayout { size: 24, ..layout };
+    assert!(matches!(
+        w.med.restart_queue(1, QueueId::Control, bad),
+        Err(MediatorError::BadQueue(_))
+    ));
+    let misaligned = QueueLayout {
+        desc: 0x3008,
+        ..layout
+    };
+    assert!(matches!(
+        w.med.restart_queue(1, QueueId::Control, misaligned),
+        Err(MediatorError::BadQueue(_))
+    ));
+    assert!(w.med.vm(1).unwrap().queue(QueueId::Control).is_none());
+    assert_eq!(w.med.restart_queue(1, QueueId::Control, layout), Ok(()));
+    assert_eq!(
+        w.med.restart_queue(1, QueueId::Control, layout),
+        Err(MediatorError::QueueNotReset(QueueId::Control))
+    );
+    // A context that is not live has no queue to reset or restart.
+    w.med.driver_reset(1).unwrap();
+    assert_eq!(
+        w.med.reset_queue(1, QueueId::Control),
+        Err(MediatorError::WrongState(VmState::Reset))
+    );
+    assert_eq!(
+        w.med.restart_queue(1, QueueId::Control, layout),
+        Err(MediatorError::WrongState(VmState::Reset))
+    );
+}
+
+#[test]
+fn work_of_a_reset_queue_still_gives_back_what_it_held() {
+    let mut w = World::new(1, true);
+    make_resource(&mut w, 0, 2, 64, 64, FB);
+    assert!(w.iommu.of(1) > 0);
+    let vram = w.med.vm(1).unwrap().vram_used();
+    assert!(vram > 0);
+    // An UNREF (frees a host id, unmaps the backing at completion) taken from the
+    // ring, then the queue is reset before it reached the GPU.
+    w.send(
+        0,
+        QueueId::Control,
+        &req(Command::ResourceUnref { resource_id: 2 }),
+    );
+    assert_eq!(w.med.reset_queue(1, QueueId::Control), Ok(1));
+    w.run_all(0, &mut NullGpu);
+    assert_eq!(w.iommu.of(1), 0, "the backing was unmapped");
+    assert_eq!(w.med.vm(1).unwrap().host_resources().count(), 0);
+    assert_eq!(w.med.vm(1).unwrap().vram_used(), 0);
+    assert!(w.faults.is_empty());
+    assert!(w.guests[0].take_used(QueueId::Control).is_empty());
+}

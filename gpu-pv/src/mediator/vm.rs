@@ -230,6 +230,8 @@ pub struct VmGpu {
     pub(super) in_flight: Option<InFlight>,
     /// Whether the guest has shown a cursor image (a reset then hides it).
     pub(super) cursor_shown: bool,
+    /// Whether the hypervisor polls the queues now (the guest was asked not to kick).
+    pub(super) polled: bool,
 }
 
 impl VmGpu {
@@ -254,6 +256,7 @@ impl VmGpu {
             tracked: BTreeMap::new(),
             in_flight: None,
             cursor_shown: false,
+            polled: false,
         }
     }
 
@@ -329,6 +332,12 @@ impl VmGpu {
         self.in_flight.is_some()
     }
 
+    /// Whether the hypervisor polls the VM's queues now (see
+    /// [`super::Mediator::set_polled`]).
+    pub fn polled(&self) -> bool {
+        self.polled
+    }
+
     /// Chains taken from the guest and not yet returned to it.
     pub fn unanswered(&self) -> usize {
         self.replies.iter().map(VecDeque::len).sum()
@@ -345,8 +354,10 @@ impl VmGpu {
         self.staged.len() + self.in_flight.as_ref().map_or(0, |b| b.remaining.len())
     }
 
-    /// Nothing staged, in flight or unanswered: the state a snapshot needs.
+    /// Nothing staged, in flight or unanswered, and no queue held in a queue reset:
+    /// the state a snapshot needs.
     pub fn is_quiescent(&self) -> bool {
-        self.staged.is_empty() && self.in_flight.is_none() && self.unanswered() == 0
+        let queues_whole = self.state != VmState::Active || self.queues.iter().all(Option::is_some);
+        self.staged.is_empty() && self.in_flight.is_none() && self.unanswered() == 0 && queues_whole
     }
 }

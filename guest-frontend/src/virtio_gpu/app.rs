@@ -224,6 +224,77 @@ impl App {
         }
     }
 
+    /// The benchmark workload, forever: the pattern drawn once, then full-frame
+    /// TRANSFER_TO_HOST_2D + fenced RESOURCE_FLUSH pairs kept `depth` frames deep.
+    /// `polled`: completions are taken from the used ring without interrupts or
+    /// halts (and the guest's tick is stopped); otherwise each frame is waited for
+    /// by interrupt. Kicks follow the device's event index. Prints `<tag>: <n>
+    /// frames` every `report_every` frames; any error stops the VM.
+    pub fn stream(&mut self, depth: usize, polled: bool, report_every: u64) -> ! {
+        use super::{fenced, plain, Ticket};
+        use alloc::collections::VecDeque;
+
+        let Some(mut fb) = self.fb else {
+            self.fail(&Error::NoScanout)
+        };
+        self.pattern.draw(fb.pixels(), 0);
+        println!(
+            "{}: streaming {}x{}, {depth} frame(s) deep, completions {}",
+            self.tag,
+            self.width,
+            self.height,
+            if polled { "polled" } else { "by interrupt" }
+        );
+        if polled {
+            crate::timer::stop();
+        }
+        let depth = depth.max(1);
+        // (transfer, flush) tickets of the frames on the queue, oldest first.
+        let mut in_flight: VecDeque<(Ticket, Ticket)> = VecDeque::new();
+        let mut frames = 0u64;
+        loop {
+            let r = (|| -> Result<(), Error> {
+                while in_flight.len() < depth {
+                    let transfer = self.gpu.submit(&plain(fb.transfer_cmd()))?;
+                    let fence = self.gpu.next_fence();
+                    let flush = self.gpu.submit(&fenced(fb.flush_cmd(), fence))?;
+                    in_flight.push_back((transfer, flush));
+                    self.gpu.kick(0)?;
+                }
+                if polled {
+                    self.gpu.poll()?;
+                }
+                while let Some(&(transfer, flush)) = in_flight.front() {
+                    if polled && !(self.gpu.is_done(transfer) && self.gpu.is_done(flush)) {
+                        break;
+                    }
+                    in_flight.pop_front();
+                    for t in [transfer, flush] {
+                        let c = self.gpu.wait(t)?;
+                        if c.hdr.type_ != wire::RESP_OK_NODATA {
+                            println!(
+                                "{}: frame {frames}: answered {}",
+                                self.tag,
+                                response_name(c.hdr.type_)
+                            );
+                            hypercall::shutdown(exit::FAILED)
+                        }
+                    }
+                    frames += 1;
+                    if frames.is_multiple_of(report_every.max(1)) {
+                        // One exit for the line (CONSOLE_WRITE), not one per byte.
+                        let line = alloc::format!("{}: {frames} frames\n", self.tag);
+                        hypercall::console_write(line.as_bytes());
+                    }
+                }
+                Ok(())
+            })();
+            if let Err(e) = r {
+                self.fail(&e);
+            }
+        }
+    }
+
     /// Prints `<tag>: error: <e>` and stops the VM with [`exit::FAILED`].
     pub fn fail(&self, e: &Error) -> ! {
         println!("{}: error: {e}", self.tag);

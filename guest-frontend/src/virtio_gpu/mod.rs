@@ -1011,6 +1011,13 @@ impl VirtioGpu {
         Ok(self.reap(CONTROL_QUEUE)? + self.reap(CURSOR_QUEUE)?)
     }
 
+    /// Takes the used entries of both queues without waiting (for a guest that polls
+    /// its completions instead of sleeping on interrupts); returns how many. The
+    /// used-event index is left alone, so a polling guest gets no interrupts.
+    pub fn poll(&mut self) -> Result<usize, Error> {
+        self.reap_all()
+    }
+
     /// Whether the device announced a configuration change (config interrupt) since
     /// the last look; if so reads the status and the display events (acknowledging
     /// them) and fails with [`Error::NeedsReset`] when the device wants a reset.

@@ -6,8 +6,16 @@
 //! 64-bit queue addresses are written as two 32-bit halves, low first, as Linux's
 //! `vp_iowrite64_twopart` does (virtio 1.2, 4.1.3.1: the driver may use 32-bit
 //! accesses for 64-bit fields).
+//!
+//! With `VIRTIO_F_RING_RESET` negotiated, one queue can be reset and re-enabled on
+//! its own while the device stays live (virtio 1.2, 2.6.1), as Linux's
+//! `vp_modern_set_queue_reset` / `vp_modern_set_queue_enable` do:
+//! [`VirtioPci::reset_queue`], then [`VirtioPci::program_queue`] and
+//! [`VirtioPci::enable_queue`].
 
 use core::fmt;
+
+use gpu_pv::ring::QueueLayout;
 
 use crate::mmio;
 use crate::pci::{self, Bar, Bdf, Capability, Msix};
@@ -60,6 +68,56 @@ pub mod common {
     pub const QUEUE_DRIVER: u64 = 0x28;
     /// u64 queue_device (used ring).
     pub const QUEUE_DEVICE: u64 = 0x30;
+    /// u16 queue_notify_data (`VIRTIO_F_NOTIF_CONFIG_DATA`; not used).
+    pub const QUEUE_NOTIFY_DATA: u64 = 0x38;
+    /// u16 queue_reset (`VIRTIO_F_RING_RESET`).
+    pub const QUEUE_RESET: u64 = 0x3a;
+}
+
+/// Reads of `queue_reset` a queue reset may take before it counts as stuck.
+pub const QUEUE_RESET_POLLS: u32 = 100_000;
+
+/// Why a queue reset or re-enable did not happen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueResetError {
+    /// After the reset write, `queue_reset` still read 1 or `queue_enable` still
+    /// read non-zero after [`QUEUE_RESET_POLLS`] reads (the values last read).
+    Stuck {
+        /// The queue.
+        queue: u16,
+        /// `queue_reset` last read.
+        queue_reset: u16,
+        /// `queue_enable` last read.
+        queue_enable: u16,
+    },
+    /// A queue register did not read back what was written (the register offset).
+    Refused {
+        /// The queue.
+        queue: u16,
+        /// Offset in the common configuration of the register that refused.
+        register: u64,
+    },
+    /// `queue_enable` did not read 1 after the re-enable.
+    NotEnabled(u16),
+}
+
+impl fmt::Display for QueueResetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            QueueResetError::Stuck {
+                queue,
+                queue_reset,
+                queue_enable,
+            } => write!(
+                f,
+                "queue {queue} reset did not complete (queue_reset {queue_reset}, queue_enable {queue_enable})"
+            ),
+            QueueResetError::Refused { queue, register } => {
+                write!(f, "queue {queue}: register {register:#x} refused the value written")
+            }
+            QueueResetError::NotEnabled(q) => write!(f, "queue {q} did not come back enabled"),
+        }
+    }
 }
 
 /// One virtio vendor capability as read from configuration space.
@@ -324,5 +382,106 @@ impl VirtioPci {
     pub fn read_isr(&self) -> u8 {
         // SAFETY: device MMIO; the read only clears the device's ISR.
         unsafe { mmio::read8(self.isr) }
+    }
+
+    /// Resets queue `q` alone (`VIRTIO_F_RING_RESET`, virtio 1.2, 2.6.1): selects it,
+    /// writes 1 to `queue_reset` and waits until the device reports the reset done
+    /// (`queue_reset` and `queue_enable` both read 0). The driver then owns every
+    /// buffer it had given the queue; the device will not use them, nor write a used
+    /// entry for them.
+    pub fn reset_queue(&self, q: u16) -> Result<(), QueueResetError> {
+        self.select_queue(q);
+        self.write16(common::QUEUE_RESET, 1);
+        let (mut reset, mut enable) = (1, 1);
+        for _ in 0..QUEUE_RESET_POLLS {
+            reset = self.read16(common::QUEUE_RESET);
+            enable = self.read16(common::QUEUE_ENABLE);
+            if reset == 0 && enable == 0 {
+                return Ok(());
+            }
+            core::hint::spin_loop();
+        }
+        Err(QueueResetError::Stuck {
+            queue: q,
+            queue_reset: reset,
+            queue_enable: enable,
+        })
+    }
+
+    /// Programs queue `q` (not enabled: before DRIVER_OK, or after
+    /// [`reset_queue`](Self::reset_queue)) with `layout`'s size and ring addresses
+    /// and MSI-X entry `msix_entry`, checking that each reads back. Returns the
+    /// queue's notification address.
+    pub fn program_queue(
+        &self,
+        q: u16,
+        layout: &QueueLayout,
+        msix_entry: u16,
+    ) -> Result<u64, QueueResetError> {
+        let refused = |register| QueueResetError::Refused { queue: q, register };
+        self.select_queue(q);
+        self.write16(common::QUEUE_SIZE, layout.size);
+        if self.read16(common::QUEUE_SIZE) != layout.size {
+            return Err(refused(common::QUEUE_SIZE));
+        }
+        self.write16(common::QUEUE_MSIX_VECTOR, msix_entry);
+        if self.read16(common::QUEUE_MSIX_VECTOR) != msix_entry {
+            return Err(refused(common::QUEUE_MSIX_VECTOR));
+        }
+        for (reg, v) in [
+            (common::QUEUE_DESC, layout.desc),
+            (common::QUEUE_DRIVER, layout.avail),
+            (common::QUEUE_DEVICE, layout.used),
+        ] {
+            self.write64_split(reg, v);
+            if self.read64_split(reg) != v {
+                return Err(refused(reg));
+            }
+        }
+        let off = self.read16(common::QUEUE_NOTIFY_OFF);
+        if u64::from(off) * u64::from(self.notify_multiplier) + 2 > u64::from(self.notify_len) {
+            return Err(refused(common::QUEUE_NOTIFY_OFF));
+        }
+        Ok(self.notify_addr(off))
+    }
+
+    /// Enables queue `q` (writes 1 to `queue_enable`) and checks it reads back 1.
+    pub fn enable_queue(&self, q: u16) -> Result<(), QueueResetError> {
+        self.select_queue(q);
+        self.write16(common::QUEUE_ENABLE, 1);
+        if self.read16(common::QUEUE_ENABLE) != 1 {
+            return Err(QueueResetError::NotEnabled(q));
+        }
+        Ok(())
+    }
+
+    /// `queue_enable` and `queue_reset` of queue `q`, as read now.
+    pub fn queue_state(&self, q: u16) -> (u16, u16) {
+        self.select_queue(q);
+        (
+            self.read16(common::QUEUE_ENABLE),
+            self.read16(common::QUEUE_RESET),
+        )
+    }
+
+    /// Guest-physical address of the MSI-X Pending Bit Array, if its BAR is memory.
+    pub fn msix_pba(&self) -> Option<u64> {
+        match self.bars.get(usize::from(self.msix.pba_bar)).copied() {
+            Some(Bar::Memory { addr, .. }) => Some(addr + u64::from(self.msix.pba_offset)),
+            _ => None,
+        }
+    }
+
+    /// The first 64 pending bits of the MSI-X PBA (bit `i`: table entry `i` has a
+    /// message held back by its mask); 0 without a PBA.
+    pub fn read_pba(&self) -> u64 {
+        match self.msix_pba() {
+            // SAFETY: the PBA is device MMIO in a BAR the probe sized; reading it has
+            // no side effect.
+            Some(pba) => unsafe {
+                u64::from(mmio::read32(pba)) | (u64::from(mmio::read32(pba + 4)) << 32)
+            },
+            None => 0,
+        }
     }
 }

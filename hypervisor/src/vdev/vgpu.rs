@@ -6,12 +6,24 @@
 //! mediator's interrupts into the VM's own vectors.
 //!
 //! It offers what an unmodified Linux virtio_gpu driver negotiates: VERSION_1, EDID,
-//! RING_INDIRECT_DESC, RING_EVENT_IDX and the GPU-PV protocol revision bits. Not
-//! RING_RESET: per-queue reset is not implemented (a whole-device reset is), and a
-//! feature is offered only when it works.
+//! RING_INDIRECT_DESC, RING_EVENT_IDX and the GPU-PV protocol revision bits, and
+//! RING_RESET (virtio 1.2, 2.6.1): once DRIVER_OK is set, writing 1 to `queue_reset`
+//! resets the selected queue alone. The reset is done by the time the write
+//! completes (the mediator drops the queue's unanswered chains: no response and no
+//! used entry reach the guest for them), so `queue_reset` reads 0 again at once and
+//! `queue_enable` reads 0 until the driver, after setting the queue's size and
+//! addresses anew, writes 1 to `queue_enable`: the queue then restarts from index 0
+//! at its new layout. A `queue_reset` write before DRIVER_OK, without RING_RESET
+//! negotiated or naming no queue is ignored and logged.
+//!
+//! MSI-X follows the PCI rules ([`gpu_pv::msix`]): a message for a masked entry (or
+//! a masked function) sets the entry's bit in the Pending Bit Array (BAR1 + 0x800)
+//! and is sent when the driver unmasks it; the VM collects such released vectors
+//! with [`VirtioGpuDevice::take_released`] and injects them like any other.
 
 use gpu_pv::abi;
 use gpu_pv::mediator::QueueId;
+use gpu_pv::msix::{MsixTable, Signal};
 use gpu_pv::ring::QueueLayout;
 use gpu_pv::wire::feature;
 use log::{info, warn};
@@ -28,6 +40,8 @@ pub const BAR1_SIZE: u64 = 0x1000;
 pub const DEVICE: u8 = 1;
 /// MSI-X vectors (config, control queue, cursor queue).
 pub const MSIX_VECTORS: usize = 3;
+/// Offset of the Pending Bit Array in BAR1.
+const PBA_OFFSET: u64 = 0x800;
 const NOTIFY_MULTIPLIER: u32 = 4;
 const QUEUE_SIZES: [u16; 2] = [
     abi::limits::CONTROL_QUEUE_SIZE,
@@ -46,6 +60,7 @@ pub fn offered_features() -> u64 {
         | feature::bit(feature::GPU_EDID)
         | feature::bit(feature::RING_INDIRECT_DESC)
         | feature::bit(feature::RING_EVENT_IDX)
+        | feature::bit(feature::RING_RESET)
         | feature::bit(abi::feature::GPUPV_V1)
         | feature::bit(abi::feature::GPUPV_V2)
 }
@@ -55,16 +70,11 @@ struct VirtQueue {
     size: u16,
     msix: u16,
     enabled: bool,
+    /// Reset by the driver (`queue_reset`) and not re-enabled since.
+    reset: bool,
     desc: u64,
     driver: u64,
     device: u64,
-}
-
-#[derive(Clone, Copy, Debug, Default)]
-struct MsixEntry {
-    addr: u64,
-    data: u32,
-    masked: bool,
 }
 
 /// What the VM must do after an access.
@@ -80,6 +90,10 @@ pub enum Action {
     Reset,
     /// The driver changed a queue's MSI-X vector (or the config vector: `None`).
     Vector(Option<QueueId>, u16),
+    /// The driver reset this queue alone (`queue_reset`, RING_RESET).
+    QueueReset(QueueId),
+    /// The driver re-enabled a reset queue at this layout.
+    QueueRestart(QueueId, QueueLayout),
 }
 
 /// One VM's virtual virtio-gpu.
@@ -93,8 +107,9 @@ pub struct VirtioGpuDevice {
     config_msix: u16,
     queue_select: u16,
     queues: [VirtQueue; 2],
-    msix: [MsixEntry; MSIX_VECTORS],
-    pba: u64,
+    msix: MsixTable<MSIX_VECTORS>,
+    /// MSI-X entries whose pending message an unmask released, not yet injected.
+    released: u64,
     isr: u8,
     events_read: u32,
     num_scanouts: u32,
@@ -182,11 +197,8 @@ impl VirtioGpuDevice {
                     ..VirtQueue::default()
                 },
             ],
-            msix: [MsixEntry {
-                masked: true,
-                ..MsixEntry::default()
-            }; MSIX_VECTORS],
-            pba: 0,
+            msix: MsixTable::new(),
+            released: 0,
             isr: 0,
             events_read: 0,
             num_scanouts,
@@ -252,13 +264,14 @@ impl VirtioGpuDevice {
                 };
                 let keep = (MSIX_VECTORS - 1) as u16;
                 put16(&mut self.config, 0x42, (ctrl & 0xc000) | keep);
+                // Enabling MSI-X or clearing the function mask may release pending
+                // messages.
+                self.released |= self
+                    .msix
+                    .set_control(ctrl & 0x8000 != 0, ctrl & 0x4000 != 0);
             }
             _ => {}
         }
-    }
-
-    fn msix_enabled(&self) -> bool {
-        self.config[0x43] & 0x80 != 0 && self.config[0x43] & 0x40 == 0
     }
 
     /// Reads `size` bytes at `gpa` (inside [`claims`](Self::claims)).
@@ -303,7 +316,13 @@ impl VirtioGpuDevice {
             0x3000..=0x3fff => {
                 let q = ((off - 0x3000) / u64::from(NOTIFY_MULTIPLIER)) as u16;
                 match QueueId::from_index(q) {
-                    Some(q) if self.status & STATUS_DRIVER_OK != 0 => Action::Notify(q),
+                    // A queue being reset is not served until it is enabled again.
+                    Some(q)
+                        if self.live()
+                            && self.queues.get(q.index()).is_some_and(|vq| !vq.reset) =>
+                    {
+                        Action::Notify(q)
+                    }
                     _ => Action::None,
                 }
             }
@@ -341,7 +360,8 @@ impl VirtioGpuDevice {
             0x2c => q.map_or(0, |q| q.driver >> 32),
             0x30 => q.map_or(0, |q| q.device),
             0x34 => q.map_or(0, |q| q.device >> 32),
-            0x3a => 0, // queue_reset: never pending
+            // queue_reset: a reset completes within the write that asks for it.
+            0x3a => 0,
             _ => 0,
         };
         match size {
@@ -400,11 +420,8 @@ impl VirtioGpuDevice {
                     return Action::Vector(Some(id), q.msix);
                 }
             }
-            0x1c => {
-                if let Some(q) = self.queues.get_mut(sel) {
-                    q.enabled = v & 1 != 0;
-                }
-            }
+            0x1c => return self.write_queue_enable(v & 1 != 0),
+            0x3a => return self.write_queue_reset(v),
             0x20 | 0x24 | 0x28 | 0x2c | 0x30 | 0x34 => {
                 if let Some(q) = self.queues.get_mut(sel) {
                     let (field, high) = match off {
@@ -427,6 +444,75 @@ impl VirtioGpuDevice {
             _ => {}
         }
         Action::None
+    }
+
+    fn negotiated(&self, bit: u32) -> bool {
+        self.status & STATUS_FEATURES_OK != 0 && self.driver_features & feature::bit(bit) != 0
+    }
+
+    fn layout(&self, q: &VirtQueue) -> QueueLayout {
+        QueueLayout {
+            size: q.size,
+            desc: q.desc,
+            avail: q.driver,
+            used: q.device,
+            event_idx: self.driver_features & feature::bit(feature::RING_EVENT_IDX) != 0,
+            indirect: self.driver_features & feature::bit(feature::RING_INDIRECT_DESC) != 0,
+        }
+    }
+
+    /// `queue_enable`: before DRIVER_OK it records the driver's choice; after it, only
+    /// a queue reset by `queue_reset` may be enabled (again), which restarts it.
+    fn write_queue_enable(&mut self, on: bool) -> Action {
+        let sel = self.queue_select;
+        let live = self.live();
+        let Some(q) = self.queues.get_mut(sel as usize) else {
+            warn!("virtio-gpu: queue_enable of queue {sel}, which does not exist: ignored");
+            return Action::None;
+        };
+        if !live {
+            q.enabled = on;
+            return Action::None;
+        }
+        if !on || !q.reset {
+            warn!(
+                "virtio-gpu: queue_enable={} on live queue {sel} (not reset): ignored",
+                u8::from(on)
+            );
+            return Action::None;
+        }
+        q.enabled = true;
+        q.reset = false;
+        let q = *q;
+        match QueueId::from_index(sel) {
+            Some(id) => Action::QueueRestart(id, self.layout(&q)),
+            None => Action::None,
+        }
+    }
+
+    /// `queue_reset` (RING_RESET): 1 resets the selected queue, once the device is
+    /// live and the feature negotiated.
+    fn write_queue_reset(&mut self, v: u64) -> Action {
+        let sel = self.queue_select;
+        if v & 1 == 0 {
+            return Action::None;
+        }
+        if !self.live() {
+            warn!("virtio-gpu: queue_reset of queue {sel} before DRIVER_OK: ignored");
+            return Action::None;
+        }
+        if !self.negotiated(feature::RING_RESET) {
+            warn!("virtio-gpu: queue_reset of queue {sel} without RING_RESET negotiated: ignored");
+            return Action::None;
+        }
+        let (Some(q), Some(id)) = (self.queues.get_mut(sel as usize), QueueId::from_index(sel))
+        else {
+            warn!("virtio-gpu: queue_reset of queue {sel}, which does not exist: ignored");
+            return Action::None;
+        };
+        q.enabled = false;
+        q.reset = true;
+        Action::QueueReset(id)
     }
 
     fn write_status(&mut self, v: u8) -> Action {
@@ -462,16 +548,6 @@ impl VirtioGpuDevice {
         self.status = v
             & (STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED);
         if newly & STATUS_DRIVER_OK != 0 && self.status & STATUS_FEATURES_OK != 0 {
-            let ev = self.driver_features & feature::bit(feature::RING_EVENT_IDX) != 0;
-            let ind = self.driver_features & feature::bit(feature::RING_INDIRECT_DESC) != 0;
-            let layout = |q: &VirtQueue| QueueLayout {
-                size: q.size,
-                desc: q.desc,
-                avail: q.driver,
-                used: q.device,
-                event_idx: ev,
-                indirect: ind,
-            };
             info!(
                 "virtio-gpu: driver ok, features {:#x}, GPU-PV protocol {}",
                 self.driver_features,
@@ -480,67 +556,66 @@ impl VirtioGpuDevice {
                     None => alloc::format!("none (plain virtio-gpu)"),
                 }
             );
-            return Action::Start(layout(&self.queues[0]), layout(&self.queues[1]));
+            return Action::Start(self.layout(&self.queues[0]), self.layout(&self.queues[1]));
         }
         Action::None
     }
 
     fn msix_read(&self, off: u64, size: u8) -> u64 {
-        if off >= 0x800 {
-            return if off == 0x800 { self.pba } else { 0 };
+        if off >= PBA_OFFSET {
+            return self.msix.read_pba(off - PBA_OFFSET, size);
         }
-        let (i, field) = ((off / 16) as usize, off % 16);
-        let Some(e) = self.msix.get(i) else { return 0 };
-        let v = match field {
-            0 => e.addr & 0xffff_ffff,
-            4 => e.addr >> 32,
-            8 => u64::from(e.data),
-            12 => u64::from(e.masked),
-            _ => 0,
-        };
-        if size == 8 && field == 0 {
-            e.addr
-        } else {
-            v
-        }
+        self.msix.read(off, size)
     }
 
     fn msix_write(&mut self, off: u64, size: u8, v: u64) {
-        let (i, field) = ((off / 16) as usize, off % 16);
-        let Some(e) = self.msix.get_mut(i) else {
+        if off >= PBA_OFFSET {
+            warn!(
+                "virtio-gpu: write of {v:#x} to the read-only MSI-X PBA at +{:#x}: ignored",
+                off - PBA_OFFSET
+            );
             return;
-        };
-        match (field, size) {
-            (0, 8) => e.addr = v,
-            (0, _) => e.addr = (e.addr & !0xffff_ffff) | (v & 0xffff_ffff),
-            (4, _) => e.addr = (e.addr & 0xffff_ffff) | ((v & 0xffff_ffff) << 32),
-            (8, _) => e.data = v as u32,
-            (12, _) => e.masked = v & 1 != 0,
-            _ => {}
         }
+        self.released |= self.msix.write(off, size, v);
+    }
+
+    /// The guest vector MSI-X entry `entry`'s message stands for, if it is one this
+    /// VM's local APIC takes: address 0xFEEx_xxxx, vector (data bits 0-7) 16 or above.
+    /// Anything else is dropped without a log line (it would be one per completion).
+    fn vector_of(&self, entry: usize) -> Option<u8> {
+        let (addr, data) = self.msix.message(entry)?;
+        let vector = (data & 0xff) as u8;
+        (addr >> 20 == 0xfee && vector >= 16).then_some(vector)
     }
 
     /// Raises MSI-X entry `entry` (a queue's or the config vector): returns the guest
-    /// vector to inject, or `None` if masked (then its pending bit is set) or off.
+    /// vector to inject, or `None` if the message is held pending (entry or function
+    /// masked: it is sent by the unmask, see [`take_released`](Self::take_released)),
+    /// MSI-X is off, or the entry is not programmed with a usable message.
     pub fn raise(&mut self, entry: u16, config_change: bool) -> Option<u8> {
         self.isr |= if config_change { 2 } else { 1 };
         if config_change {
             self.events_read |= 1;
         }
-        let e = self.msix.get(entry as usize)?;
-        if !self.msix_enabled() {
-            return None;
+        match self.msix.signal(entry as usize) {
+            Signal::Send(..) => self.vector_of(entry as usize),
+            Signal::Pending | Signal::Dropped => None,
         }
-        if e.masked {
-            self.pba |= 1 << entry;
-            return None;
-        }
-        // MSI address 0xFEEx_xxxx to this VM's (only) local APIC; data holds the vector.
-        if e.addr >> 20 != 0xfee {
-            return None;
-        }
-        let vector = (e.data & 0xff) as u8;
-        (vector >= 16).then_some(vector)
+    }
+
+    /// Whether an unmask released pending messages not yet taken.
+    pub fn has_released(&self) -> bool {
+        self.released != 0
+    }
+
+    /// Takes the guest vectors of the pending messages that an unmask (of an entry,
+    /// of the function, or MSI-X enable) released since the last call, to inject.
+    pub fn take_released(&mut self) -> alloc::vec::Vec<u8> {
+        let bits = core::mem::take(&mut self.released);
+        (0..MSIX_VECTORS)
+            .filter(|i| bits & (1 << i) != 0)
+            .filter_map(|i| self.vector_of(i))
+            .collect()
     }
 
     /// Whether the device is live (DRIVER_OK set).
