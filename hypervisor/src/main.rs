@@ -102,6 +102,9 @@ fn kmain(bi: &'static BootInfo) -> ! {
     };
     info!("virtualization: {backend:?}");
     vmm::configure(bi, backend);
+    if let Some(ms) = bi.option("sample_ms").and_then(|v| v.parse().ok()) {
+        vmm::set_sample_interval_ms(ms);
+    }
     start_gpu_pv(bi, physical_gpu);
     let run_ms = bi.option("run_ms").and_then(|v| v.parse::<u64>().ok());
     match bi.option("test") {
