@@ -1,10 +1,18 @@
-//! Building the bare-metal artifacts: the UEFI loader, the hypervisor and the guests.
+//! Building the bare-metal artifacts: the UEFI loader, the hypervisor and the guests;
+//! and hypervisors built with the cargo features scenarios ask for (`hv_features`).
+//!
+//! A featured hypervisor is built in a target directory of its own,
+//! `<target>/xtask/hv-features/<key>/` (`key`: the features sorted and joined by `+`),
+//! so the ordinary build in `<target>/x86_64-unknown-none/release/hypervisor` is never
+//! replaced by a featured one.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde::Deserialize;
 
+use crate::scenario::Scenario;
 use crate::{cargo, show_command, BuildMode, Context, Paths, Result};
 
 /// The files that go onto an ESP.
@@ -16,9 +24,62 @@ pub struct Artifacts {
     pub hypervisor: PathBuf,
     /// Guest binaries by name, installed as `hv/guests/<name>.elf`.
     pub guests: Vec<(String, PathBuf)>,
+    /// How these were obtained; hypervisors with features are obtained the same way.
+    pub mode: BuildMode,
+    /// Hypervisor ELFs built with cargo features, by feature key
+    /// ([`Scenario::hv_features_key`]); see [`Artifacts::prepare_features`].
+    pub featured: BTreeMap<String, PathBuf>,
 }
 
 impl Artifacts {
+    /// Obtains, once per feature set, the hypervisor of every scenario in `scenarios`
+    /// that asks for `hv_features`, the way these artifacts were obtained: built with
+    /// cargo (in a target directory of its own), taken from that directory
+    /// (`--no-build`) or from `DIR/hypervisor-<key>` (`--prebuilt DIR`). Feature sets
+    /// obtained before are not obtained again.
+    pub fn prepare_features<'s>(
+        &mut self,
+        paths: &Paths,
+        scenarios: impl IntoIterator<Item = &'s Scenario>,
+    ) -> Result<()> {
+        for s in scenarios {
+            let Some(key) = s.hv_features_key() else {
+                continue;
+            };
+            if self.featured.contains_key(&key) {
+                continue;
+            }
+            let elf = featured(paths, &self.mode, &key, &s.hv_features).map_err(|e| {
+                format!(
+                    "scenario {}: the hypervisor with features {key}: {e}",
+                    s.name
+                )
+            })?;
+            eprintln!(
+                "xtask: hypervisor with features {key}: {}",
+                paths.show(&elf)
+            );
+            self.featured.insert(key, elf);
+        }
+        Ok(())
+    }
+
+    /// The artifacts scenario `s` boots: these, with the hypervisor built with its
+    /// `hv_features` when it has some (which [`Artifacts::prepare_features`] must have
+    /// obtained).
+    pub fn for_scenario(&self, s: &Scenario) -> Result<Artifacts> {
+        let mut art = self.clone();
+        if let Some(key) = s.hv_features_key() {
+            art.hypervisor = self.featured.get(&key).cloned().ok_or_else(|| {
+                format!(
+                    "the hypervisor with features {key} was not obtained before the run \
+                     (harness bug)"
+                )
+            })?;
+        }
+        Ok(art)
+    }
+
     /// Prints where the artifacts are.
     pub fn print(&self, paths: &Paths) {
         println!("boot:       {}", paths.show(&self.boot_efi));
@@ -63,10 +124,12 @@ struct TargetInfo {
 }
 
 /// The executables a cargo build produced: (manifest path, bin name, executable).
+/// `extra` goes after the standard arguments (`--features`, `--target-dir`).
 fn cargo_build(
     paths: &Paths,
     target: &str,
     packages: &[&str],
+    extra: &[&str],
 ) -> Result<Vec<(PathBuf, String, PathBuf)>> {
     let mut cmd = cargo();
     cmd.current_dir(&paths.root)
@@ -79,6 +142,7 @@ fn cargo_build(
     for p in packages {
         cmd.args(["-p", p]);
     }
+    cmd.args(extra);
     cmd.stdout(Stdio::piped());
     let shown = show_command(&cmd);
     eprintln!("+ {shown}");
@@ -111,14 +175,14 @@ pub fn build(paths: &Paths) -> Result<Artifacts> {
     let hv_manifest = paths.root.join("hypervisor/Cargo.toml");
     let guest_manifest = paths.root.join("guest-frontend/Cargo.toml");
 
-    let uefi = cargo_build(paths, UEFI_TARGET, &["boot"])?;
+    let uefi = cargo_build(paths, UEFI_TARGET, &["boot"], &[])?;
     let boot_efi = uefi
         .iter()
         .find(|(m, name, _)| same_file(m, &boot_manifest) && name == "boot")
         .map(|(_, _, exe)| exe.clone())
         .ok_or("cargo built no `boot` executable for x86_64-unknown-uefi")?;
 
-    let none = cargo_build(paths, NONE_TARGET, &["hypervisor", "guest-frontend"])?;
+    let none = cargo_build(paths, NONE_TARGET, &["hypervisor", "guest-frontend"], &[])?;
     let hypervisor = none
         .iter()
         .find(|(m, name, _)| same_file(m, &hv_manifest) && name == "hypervisor")
@@ -135,7 +199,74 @@ pub fn build(paths: &Paths) -> Result<Artifacts> {
         boot_efi,
         hypervisor,
         guests,
+        mode: BuildMode::Build,
+        featured: BTreeMap::new(),
     })
+}
+
+/// The target directory of the hypervisor built with the features of `key`.
+pub fn featured_target_dir(paths: &Paths, key: &str) -> PathBuf {
+    paths.xtask.join("hv-features").join(key)
+}
+
+/// The `--prebuilt DIR` file names of the hypervisor with the features of `key`, in
+/// the order they are looked for.
+pub fn prebuilt_featured_names(key: &str) -> [String; 2] {
+    [format!("hypervisor-{key}.elf"), format!("hypervisor-{key}")]
+}
+
+/// The hypervisor with `features` (whose key is `key`), obtained as `mode` says.
+fn featured(paths: &Paths, mode: &BuildMode, key: &str, features: &[String]) -> Result<PathBuf> {
+    let hv_manifest = paths.root.join("hypervisor/Cargo.toml");
+    let dir = featured_target_dir(paths, key);
+    match mode {
+        BuildMode::Build => {
+            let dir_arg = dir.to_string_lossy();
+            let list = features.join(",");
+            let built = cargo_build(
+                paths,
+                NONE_TARGET,
+                &["hypervisor"],
+                &["--features", &list, "--target-dir", &dir_arg],
+            )?;
+            built
+                .into_iter()
+                .find(|(m, name, _)| same_file(m, &hv_manifest) && name == "hypervisor")
+                .map(|(_, _, exe)| exe)
+                .ok_or_else(|| {
+                    format!("cargo built no `hypervisor` executable with features {list}")
+                })
+        }
+        BuildMode::NoBuild => {
+            let elf = dir.join(NONE_TARGET).join("release").join("hypervisor");
+            if elf.is_file() {
+                Ok(elf)
+            } else {
+                Err(format!(
+                    "{} does not exist (--no-build uses the featured build of an earlier run; \
+                     run once without --no-build)",
+                    elf.display()
+                ))
+            }
+        }
+        BuildMode::Prebuilt(pre) => {
+            let names = prebuilt_featured_names(key);
+            names
+                .iter()
+                .map(|n| pre.join(n))
+                .find(|p| p.is_file())
+                .ok_or_else(|| {
+                    format!(
+                        "--prebuilt {}: neither {} nor {} exists (a hypervisor built with \
+                         `--features {}`)",
+                        pre.display(),
+                        names[1],
+                        names[0],
+                        features.join(",")
+                    )
+                })
+        }
+    }
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -189,6 +320,8 @@ fn existing(paths: &Paths) -> Result<Artifacts> {
         boot_efi,
         hypervisor,
         guests,
+        mode: BuildMode::NoBuild,
+        featured: BTreeMap::new(),
     };
     check_exist(&art, "run `cargo xtask build` first, or drop --no-build")?;
     Ok(art)
@@ -218,6 +351,8 @@ fn prebuilt(dir: &Path) -> Result<Artifacts> {
         boot_efi,
         hypervisor,
         guests,
+        mode: BuildMode::Prebuilt(dir.to_path_buf()),
+        featured: BTreeMap::new(),
     };
     check_exist(
         &art,
@@ -236,4 +371,108 @@ fn check_exist(art: &Artifacts, hint: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn scenario(name: &str, features: &str) -> Scenario {
+        let text = format!(
+            "description = \"d\"\nemulators = [\"qemu\"]\nexpect_exit = \"pass\"\n{features}\n"
+        );
+        Scenario::parse(name, Path::new("s.toml"), &text).unwrap()
+    }
+
+    fn artifacts(dir: &Path, mode: BuildMode) -> Artifacts {
+        Artifacts {
+            boot_efi: dir.join("boot.efi"),
+            hypervisor: dir.join("hypervisor"),
+            guests: Vec::new(),
+            mode,
+            featured: BTreeMap::new(),
+        }
+    }
+
+    fn temp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("xtask-art-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn prebuilt_featured_hypervisors() {
+        let dir = temp("pre");
+        let paths = Paths {
+            root: dir.clone(),
+            target: dir.join("target"),
+            xtask: dir.join("target/xtask"),
+        };
+        let plain = scenario("plain", "");
+        let ab = scenario("ab", "hv_features = [\"b\", \"a\"]");
+        let ab2 = scenario("ab2", "hv_features = [\"a\", \"b\"]");
+        let inject = scenario("inject", "hv_features = [\"test-inject\"]");
+        fs::write(dir.join("hypervisor-a+b"), "ab").unwrap();
+        fs::write(dir.join("hypervisor-test-inject.elf"), "ti").unwrap();
+        let mut art = artifacts(&dir, BuildMode::Prebuilt(dir.clone()));
+        // Not obtained yet.
+        let e = art.for_scenario(&ab).unwrap_err();
+        assert!(e.contains("features a+b was not obtained"), "{e}");
+        art.prepare_features(&paths, [&plain, &ab, &ab2, &inject])
+            .unwrap();
+        assert_eq!(art.featured.len(), 2);
+        assert_eq!(
+            art.for_scenario(&plain).unwrap().hypervisor,
+            dir.join("hypervisor")
+        );
+        assert_eq!(
+            art.for_scenario(&ab).unwrap().hypervisor,
+            dir.join("hypervisor-a+b")
+        );
+        assert_eq!(
+            art.for_scenario(&ab2).unwrap().hypervisor,
+            dir.join("hypervisor-a+b")
+        );
+        assert_eq!(
+            art.for_scenario(&inject).unwrap().hypervisor,
+            dir.join("hypervisor-test-inject.elf")
+        );
+        // The default hypervisor is untouched.
+        assert_eq!(art.hypervisor, dir.join("hypervisor"));
+        // A missing file names the file, the features and the scenario.
+        let other = scenario("needs-x", "hv_features = [\"x\"]");
+        let e = art.prepare_features(&paths, [&other]).unwrap_err();
+        assert!(
+            e.contains("hypervisor-x nor hypervisor-x.elf exists"),
+            "{e}"
+        );
+        assert!(e.contains("`--features x`"), "{e}");
+        assert!(e.contains("scenario needs-x"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn no_build_uses_the_featured_target_dir() {
+        let dir = temp("nobuild");
+        let paths = Paths {
+            root: dir.clone(),
+            target: dir.join("target"),
+            xtask: dir.join("target/xtask"),
+        };
+        let s = scenario("inject", "hv_features = [\"test-inject\"]");
+        let mut art = artifacts(&paths.target, BuildMode::NoBuild);
+        let e = art.prepare_features(&paths, [&s]).unwrap_err();
+        assert!(e.contains("run once without --no-build"), "{e}");
+        let elf = featured_target_dir(&paths, "test-inject")
+            .join("x86_64-unknown-none/release/hypervisor");
+        assert!(elf.starts_with(dir.join("target/xtask/hv-features/test-inject")));
+        fs::create_dir_all(elf.parent().unwrap()).unwrap();
+        fs::write(&elf, "elf").unwrap();
+        art.prepare_features(&paths, [&s]).unwrap();
+        assert_eq!(art.for_scenario(&s).unwrap().hypervisor, elf);
+        assert_ne!(art.hypervisor, elf);
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

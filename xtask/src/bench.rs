@@ -150,7 +150,8 @@ pub fn cmd_bench(paths: &Paths, mode: &BuildMode, args: &[String]) -> Result<Exi
                 Emulator::Bochs => tools::BOCHS_TOOLS,
             })?;
         }
-        let art = artifacts::obtain(paths, mode)?;
+        let mut art = artifacts::obtain(paths, mode)?;
+        art.prepare_features(paths, selected.iter().copied())?;
         fs::create_dir_all(paths.logs_dir()).ctx(|| "cannot create the log directory".into())?;
         println!(
             "bench: {} scenario(s) from {}",

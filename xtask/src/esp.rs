@@ -99,6 +99,8 @@ mod tests {
             boot_efi: src.join("boot.efi"),
             hypervisor: src.join("hypervisor"),
             guests: vec![("hello".into(), src.join("hello"))],
+            mode: crate::BuildMode::NoBuild,
+            featured: Default::default(),
         };
         let esp = tmp.join("esp");
         fs::create_dir_all(esp.join("stale")).unwrap();

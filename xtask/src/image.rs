@@ -245,6 +245,20 @@ impl Image {
         text > 0 && text * 50 < self.pixels()
     }
 
+    /// Band `band` of `bands` equal horizontal bands (counted from the top): rows
+    /// `band * h .. (band + 1) * h` with `h = height / bands`, so the rows left over when
+    /// the height is not a multiple of `bands` (at the bottom) belong to no band.
+    /// `None` when `band >= bands` or the image has fewer rows than `bands`.
+    pub fn band(&self, band: u32, bands: u32) -> Option<Image> {
+        let (y0, y1) = band_rows(self.height, band, bands)?;
+        let row = self.width as usize * 3;
+        Some(Image {
+            width: self.width,
+            height: y1 - y0,
+            rgb: self.rgb[y0 as usize * row..y1 as usize * row].to_vec(),
+        })
+    }
+
     /// Pixels that differ between two images of the same size (`None` if the sizes
     /// differ).
     pub fn differing_pixels(&self, other: &Image) -> Option<u64> {
@@ -259,6 +273,16 @@ impl Image {
             .count();
         Some(n as u64)
     }
+}
+
+/// The rows `y0..y1` of band `band` of `bands` equal horizontal bands of an image
+/// `height` rows high (see [`Image::band`]); `None` when there is no such band.
+pub fn band_rows(height: u32, band: u32, bands: u32) -> Option<(u32, u32)> {
+    if bands == 0 || band >= bands || height < bands {
+        return None;
+    }
+    let h = height / bands;
+    Some((band * h, (band + 1) * h))
 }
 
 fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
@@ -520,5 +544,29 @@ pub(crate) mod tests {
         assert_eq!(p.differing_pixels(&p), Some(0));
         assert_eq!(p.differing_pixels(&drawn), Some(1));
         assert_eq!(p.differing_pixels(&Image::new(1, 1, 0)), None);
+    }
+
+    #[test]
+    fn bands() {
+        // 4 x 10 pixels, row y coloured y.
+        let mut img = Image::new(4, 10, 0);
+        for y in 0..10 {
+            for x in 0..4 {
+                img.set(x, y, y as u32);
+            }
+        }
+        let b = img.band(1, 2).unwrap();
+        assert_eq!((b.width, b.height), (4, 5));
+        assert_eq!(b.get(0, 0), Some(5));
+        assert_eq!(b.get(3, 4), Some(9));
+        assert_eq!(img.band(0, 1).unwrap(), img);
+        // 10 rows in 3 bands: 3 rows each, row 9 in none.
+        assert_eq!(band_rows(10, 0, 3), Some((0, 3)));
+        assert_eq!(band_rows(10, 2, 3), Some((6, 9)));
+        assert_eq!(img.band(2, 3).unwrap().get(0, 2), Some(8));
+        assert_eq!(band_rows(10, 3, 3), None);
+        assert_eq!(band_rows(2, 0, 3), None);
+        assert_eq!(band_rows(2, 0, 0), None);
+        assert_eq!(img.band(0, 11), None);
     }
 }

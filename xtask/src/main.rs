@@ -193,9 +193,12 @@ commands:
       --check-marker STR     the marker to wait for (default \"hv: boot summary\")
 
 options of run, qemu-test, bochs-test, test, image, bench:
-  --no-build                 do not run cargo; use the artifacts already in target/
+  --no-build                 do not run cargo; use the artifacts already in target/ (and the
+                             hypervisors of `hv_features` scenarios in target/xtask/hv-features/)
   --prebuilt DIR             do not run cargo; use DIR/boot.efi, DIR/hypervisor[.elf] and
-                             DIR/guests/*.elf (also $XTASK_PREBUILT); for testing the harness
+                             DIR/guests/*.elf (also $XTASK_PREBUILT); for testing the harness.
+                             A scenario with hv_features = [\"a\", \"b\"] boots
+                             DIR/hypervisor-a+b[.elf] (features sorted, joined by '+')
 
 environment: XTASK_SCENARIOS (scenario directory, default tests/scenarios),
   XTASK_BENCH_SCENARIOS (default tests/bench), XTASK_PREBUILT, XTASK_FUZZ_SECS, CARGO,
@@ -291,8 +294,8 @@ fn real_main(mut args: Vec<String>) -> Result<ExitCode> {
                 scenario::Emulator::Bochs
             };
             process::install_interrupt_handler();
-            let art = artifacts::obtain(&paths, &mode)?;
-            let ok = suite::run_suite(&paths, &art, emu, filter.as_deref())?;
+            let mut art = artifacts::obtain(&paths, &mode)?;
+            let ok = suite::run_suite(&paths, &mut art, emu, filter.as_deref())?;
             Ok(if ok {
                 ExitCode::SUCCESS
             } else {
@@ -511,8 +514,8 @@ fn cmd_test(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
     let mut art = None;
     if qemu {
         stage("qemu-test");
-        let a = artifacts::obtain(paths, &mode)?;
-        let ok = suite::run_suite(paths, &a, scenario::Emulator::Qemu, None)?;
+        let mut a = artifacts::obtain(paths, &mode)?;
+        let ok = suite::run_suite(paths, &mut a, scenario::Emulator::Qemu, None)?;
         if !ok {
             return Err("stage `qemu-test` failed (see above)".into());
         }
@@ -520,11 +523,11 @@ fn cmd_test(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
     }
     if bochs {
         stage("bochs-test");
-        let a = match art {
+        let mut a = match art {
             Some(a) => a,
             None => artifacts::obtain(paths, &mode)?,
         };
-        let ok = suite::run_suite(paths, &a, scenario::Emulator::Bochs, None)?;
+        let ok = suite::run_suite(paths, &mut a, scenario::Emulator::Bochs, None)?;
         if !ok {
             return Err("stage `bochs-test` failed (see above)".into());
         }

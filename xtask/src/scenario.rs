@@ -124,6 +124,10 @@ pub struct Scenario {
     /// Screendumps of the GPU's heads taken while QEMU runs, with pixel checks.
     #[serde(default)]
     pub screendump: Vec<Screendump>,
+    /// Cargo features of the `hypervisor` package to build the booted hypervisor with
+    /// (default none: the ordinary build).
+    #[serde(default)]
+    pub hv_features: Vec<String>,
 }
 
 /// What the heads of a [`Screendump`] must show.
@@ -138,9 +142,11 @@ pub enum ShotExpect {
     /// QEMU's "Guest has not initialized the display (yet)." screen.
     NotInitialized,
     /// Head `heads[i]` shows VM `vms[i]`'s colour (`abi::guest::vm_color`; `vms`
-    /// defaults to `heads`) as its dominant colour, and is initialized.
+    /// defaults to `heads`) as its dominant colour, and is initialized. With `bands`,
+    /// the same for each band, `vms` listing one VM per band.
     VmColors,
-    /// Head `heads[i]` has the dominant colour `colors[i]`, and is initialized.
+    /// Head `heads[i]` has the dominant colour `colors[i]`, and is initialized. With
+    /// `bands`, the same for each band, `colors` listing one colour per band.
     Colors,
 }
 
@@ -207,6 +213,9 @@ impl After {
 /// Default per-channel tolerance of colour checks.
 pub const DEFAULT_TOLERANCE: u8 = 16;
 
+/// Most horizontal bands a head can be split into (the loader's VM limit).
+pub const MAX_BANDS: u32 = 32;
+
 /// One `[[screendump]]` table: when to dump which heads, and what they must show.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -224,10 +233,16 @@ pub struct Screendump {
     /// What they must show.
     #[serde(default)]
     pub expect: ShotExpect,
-    /// For `vm-colors`: the VM whose colour head `heads[i]` shows (default `heads`).
+    /// Each head shows this many VMs stacked vertically: its image is split into as
+    /// many equal horizontal bands, each checked like a whole head (default 1).
+    #[serde(default)]
+    pub bands: Option<u32>,
+    /// For `vm-colors`: the VM whose colour head `heads[i]` shows (default `heads`);
+    /// with `bands = N`, one VM per band, head-major (default `heads[i] * N + b`).
     #[serde(default)]
     pub vms: Option<Vec<u32>>,
-    /// For `colors`: the dominant colour of head `heads[i]`.
+    /// For `colors`: the dominant colour of head `heads[i]` (with `bands`, of each
+    /// band, head-major).
     #[serde(default)]
     pub colors: Option<Vec<ColorValue>>,
     /// Per-channel tolerance of the colour checks (default 16).
@@ -277,10 +292,38 @@ impl Screendump {
                 return Err("`changes_after_secs` must be a number > 0".into());
             }
         }
-        let n = self.heads.len();
+        let bands = self.bands();
+        if !(1..=MAX_BANDS).contains(&bands) {
+            return Err(format!("`bands` must be 1 to {MAX_BANDS}, not {bands}"));
+        }
+        if bands > 1 {
+            match self.expect {
+                ShotExpect::VmColors | ShotExpect::Colors => {}
+                ShotExpect::Any if self.changes_after_secs.is_some() => {}
+                ShotExpect::Any => {
+                    return Err(format!(
+                        "`bands = {bands}` with `expect = \"any\"` checks nothing: add \
+                         `changes_after_secs` (each band must change) or a colour check"
+                    ))
+                }
+                e @ (ShotExpect::Initialized | ShotExpect::NotInitialized) => {
+                    return Err(format!(
+                        "`bands = {bands}` goes with `expect = \"vm-colors\"`, `\"colors\"` \
+                         or `\"any\"`, not `\"{e}\"` (QEMU's not-initialized screen covers \
+                         a whole head; check it with a table without `bands`)"
+                    ))
+                }
+            }
+        }
+        let n = self.heads.len() * bands as usize;
+        let per = if bands > 1 {
+            format!("`heads` x `bands` = {n} (one per band, head-major)")
+        } else {
+            format!("`heads` {n}")
+        };
         match (&self.vms, self.expect) {
             (Some(v), ShotExpect::VmColors) if v.len() != n => {
-                return Err(format!("`vms` has {} entries, `heads` {n}", v.len()))
+                return Err(format!("`vms` has {} entries, {per}", v.len()))
             }
             (Some(_), e) if e != ShotExpect::VmColors => {
                 return Err("`vms` goes with `expect = \"vm-colors\"`".into())
@@ -290,7 +333,7 @@ impl Screendump {
         match (&self.colors, self.expect) {
             (Some(c), ShotExpect::Colors) => {
                 if c.len() != n {
-                    return Err(format!("`colors` has {} entries, `heads` {n}", c.len()));
+                    return Err(format!("`colors` has {} entries, {per}", c.len()));
                 }
                 for c in c {
                     c.rgb()?;
@@ -308,17 +351,36 @@ impl Screendump {
         Ok(())
     }
 
-    /// The colour head `heads[i]` must have as its dominant colour, and where that
-    /// expectation comes from (for messages); `None` when no colour is expected.
-    pub fn expected_color(&self, i: usize) -> Option<(u32, String)> {
+    /// The number of horizontal bands each head is split into (`bands`, default 1).
+    pub fn bands(&self) -> u32 {
+        self.bands.unwrap_or(1)
+    }
+
+    /// The index of band `band` of head `heads[i]` in the head-major list of bands
+    /// (`vms`, `colors`): `i * bands + band`.
+    pub fn slot(&self, i: usize, band: u32) -> usize {
+        i * self.bands() as usize + band as usize
+    }
+
+    /// The colour band `slot` (see [`Screendump::slot`]; without bands, head
+    /// `heads[slot]`) must have as its dominant colour, and where that expectation
+    /// comes from (for messages); `None` when no colour is expected.
+    pub fn expected_color(&self, slot: usize) -> Option<(u32, String)> {
         match self.expect {
             ShotExpect::VmColors => {
-                let vm = self.vms.as_ref().map_or(self.heads[i], |v| v[i]);
+                let vm = match &self.vms {
+                    Some(v) => *v.get(slot)?,
+                    None => {
+                        let bands = self.bands() as usize;
+                        let head = *self.heads.get(slot / bands)?;
+                        head * self.bands() + (slot % bands) as u32
+                    }
+                };
                 Some((crate::screendump::vm_color(vm), format!("vm_color({vm})")))
             }
             ShotExpect::Colors => {
-                let c = self.colors.as_ref()?.get(i)?.rgb().ok()?;
-                Some((c, format!("colors[{i}]")))
+                let c = self.colors.as_ref()?.get(slot)?.rgb().ok()?;
+                Some((c, format!("colors[{slot}]")))
             }
             _ => None,
         }
@@ -388,7 +450,35 @@ impl Scenario {
             d.validate()
                 .map_err(|e| format!("[[screendump]] #{}: {e}", i + 1))?;
         }
+        for (i, f) in self.hv_features.iter().enumerate() {
+            let mut chars = f.chars();
+            let ok = chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !ok {
+                return Err(format!(
+                    "`hv_features`: {f:?} is not a feature name of the hypervisor package \
+                     (letters, digits, '_' and '-', not starting with '-')"
+                ));
+            }
+            if self.hv_features[..i].contains(f) {
+                return Err(format!("`hv_features`: {f:?} is listed twice"));
+            }
+        }
         Ok(())
+    }
+
+    /// The hypervisor build this scenario boots: `None` for the ordinary one, else its
+    /// `hv_features` sorted by name and joined by `+` (`a+b`), which names the build's
+    /// directory and the `--prebuilt` file (`hypervisor-a+b`).
+    pub fn hv_features_key(&self) -> Option<String> {
+        if self.hv_features.is_empty() {
+            return None;
+        }
+        let mut f: Vec<&str> = self.hv_features.iter().map(String::as_str).collect();
+        f.sort_unstable();
+        Some(f.join("+"))
     }
 
     /// The command line written to `hv/cmdline.txt`: the scenario's plus `harness`.
@@ -570,14 +660,133 @@ mod tests {
         assert!(parse(both).is_err());
     }
 
-    /// Every scenario in the repository parses, and its config is readable.
+    #[test]
+    fn screendump_bands() {
+        let base = "description = \"d\"\nemulators = [\"qemu\"]\nexpect_exit = \"pass\"\n";
+        let s = parse(&format!(
+            "{base}[[screendump]]\nat_secs = 1\nheads = [1, 3]\nbands = 2\nexpect = \"vm-colors\"\n\
+             [[screendump]]\nat_secs = 1\nheads = [0, 1]\nbands = 3\nexpect = \"vm-colors\"\n\
+             vms = [7, 6, 5, 4, 3, 2]\nchanges_after_secs = 0.5\n\
+             [[screendump]]\nat_secs = 1\nheads = [2]\nbands = 2\nexpect = \"colors\"\n\
+             colors = [0x102030, \"#405060\"]\n\
+             [[screendump]]\nat_secs = 1\nbands = 4\nchanges_after_secs = 1\n\
+             [[screendump]]\nat_secs = 1\nheads = [2]\nbands = 1\nexpect = \"initialized\"\n"
+        ))
+        .unwrap();
+        let d = &s.screendump;
+        // Default VMs: heads[i] * bands + band, head-major.
+        assert_eq!(d[0].bands(), 2);
+        assert_eq!(d[0].slot(1, 0), 2);
+        let vms: Vec<String> = (0..4).map(|k| d[0].expected_color(k).unwrap().1).collect();
+        assert_eq!(
+            vms,
+            ["vm_color(2)", "vm_color(3)", "vm_color(6)", "vm_color(7)"]
+        );
+        assert_eq!(d[0].expected_color(4), None);
+        // Explicit VMs, one per band.
+        assert_eq!(d[1].slot(1, 2), 5);
+        assert_eq!(
+            d[1].expected_color(d[1].slot(1, 2)),
+            Some((crate::screendump::vm_color(2), "vm_color(2)".into()))
+        );
+        assert_eq!(d[2].expected_color(1), Some((0x405060, "colors[1]".into())));
+        assert_eq!(d[3].expect, ShotExpect::Any);
+        assert_eq!(d[3].heads, vec![0, 1, 2, 3]);
+        assert_eq!(d[4].bands(), 1);
+        // Without bands nothing changes: one slot per head.
+        let s = parse(&format!(
+            "{base}[[screendump]]\nat_secs = 1\nexpect = \"vm-colors\"\n"
+        ))
+        .unwrap();
+        assert_eq!(s.screendump[0].bands(), 1);
+        assert_eq!(s.screendump[0].slot(3, 0), 3);
+        assert_eq!(s.screendump[0].expected_color(3).unwrap().1, "vm_color(3)");
+        let bad = [
+            (
+                "bands = 0\nexpect = \"vm-colors\"\n",
+                "`bands` must be 1 to 32, not 0",
+            ),
+            ("bands = 33\nexpect = \"vm-colors\"\n", "not 33"),
+            ("bands = -1\nexpect = \"vm-colors\"\n", "bands"),
+            ("bands = 2\n", "checks nothing"),
+            ("bands = 2\nexpect = \"any\"\n", "checks nothing"),
+            (
+                "bands = 2\nexpect = \"initialized\"\n",
+                "not `\"initialized\"`",
+            ),
+            (
+                "bands = 2\nexpect = \"not-initialized\"\nchanges_after_secs = 1\n",
+                "not `\"not-initialized\"`",
+            ),
+            (
+                "bands = 2\nheads = [0, 1]\nexpect = \"vm-colors\"\nvms = [0, 1]\n",
+                "`vms` has 2 entries, `heads` x `bands` = 4 (one per band, head-major)",
+            ),
+            (
+                "bands = 3\nheads = [0]\nexpect = \"colors\"\ncolors = [1, 2]\n",
+                "`colors` has 2 entries, `heads` x `bands` = 3",
+            ),
+            ("bandz = 2\n", "bandz"),
+        ];
+        for (b, msg) in bad {
+            let e = parse(&format!("{base}[[screendump]]\nat_secs = 1\n{b}")).unwrap_err();
+            assert!(e.contains(msg), "{b}: {e}");
+            assert!(e.starts_with("t.toml: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn hv_features() {
+        let base = "description = \"d\"\nemulators = [\"qemu\"]\nexpect_exit = \"pass\"\n";
+        let s = parse(base).unwrap();
+        assert!(s.hv_features.is_empty());
+        assert_eq!(s.hv_features_key(), None);
+        let s = parse(&format!("{base}hv_features = []\n")).unwrap();
+        assert_eq!(s.hv_features_key(), None);
+        let s = parse(&format!("{base}hv_features = [\"test-inject\"]\n")).unwrap();
+        assert_eq!(s.hv_features, ["test-inject"]);
+        assert_eq!(s.hv_features_key().as_deref(), Some("test-inject"));
+        // The key is canonical: sorted, so the same set is built once.
+        let s = parse(&format!("{base}hv_features = [\"zz\", \"a_b\", \"m-1\"]\n")).unwrap();
+        assert_eq!(s.hv_features_key().as_deref(), Some("a_b+m-1+zz"));
+        for (b, msg) in [
+            ("hv_features = \"test-inject\"", "invalid type"),
+            ("hv_features = [\"\"]", "is not a feature name"),
+            ("hv_features = [\"-x\"]", "is not a feature name"),
+            ("hv_features = [\"a+b\"]", "is not a feature name"),
+            ("hv_features = [\"a,b\"]", "is not a feature name"),
+            ("hv_features = [\"gpu-pv/std\"]", "is not a feature name"),
+            ("hv_features = [\"dep:x\"]", "is not a feature name"),
+            (
+                "hv_features = [\"a\", \"b\", \"a\"]",
+                "\"a\" is listed twice",
+            ),
+            ("hv_feature = [\"a\"]", "unknown field"),
+        ] {
+            let e = parse(&format!("{base}{b}\n")).unwrap_err();
+            assert!(e.contains(msg), "{b}: {e}");
+        }
+    }
+
+    /// Every scenario in the repository parses, its config is readable and the
+    /// hypervisor features it asks for exist.
     #[test]
     fn repository_scenarios_parse() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
         let all = load_dir(&root.join("tests/scenarios")).unwrap();
         assert!(!all.is_empty());
+        let manifest = std::fs::read_to_string(root.join("hypervisor/Cargo.toml")).unwrap();
+        let manifest: toml::Table = toml::from_str(&manifest).unwrap();
+        let features = manifest.get("features").and_then(toml::Value::as_table);
         for s in &all {
             s.config_text(root).unwrap();
+            for f in &s.hv_features {
+                assert!(
+                    features.is_some_and(|t| t.contains_key(f)),
+                    "{}: hv_features: hypervisor/Cargo.toml has no feature {f:?}",
+                    s.name
+                );
+            }
         }
     }
 

@@ -137,7 +137,8 @@ pub fn facts(img: &Image) -> String {
     s
 }
 
-/// Checks head `spec.heads[i]`'s dump against `spec.expect`; the problem, if any.
+/// Checks head `spec.heads[i]`'s dump against `spec.expect` as one picture (`bands`
+/// is not looked at; see [`check_shot`]); the problem, if any.
 pub fn check_head(spec: &Screendump, i: usize, img: &Image) -> Option<String> {
     let placeholder = img.is_qemu_placeholder();
     match spec.expect {
@@ -152,22 +153,76 @@ pub fn check_head(spec: &Screendump, i: usize, img: &Image) -> Option<String> {
             facts(img)
         )),
         ShotExpect::NotInitialized => None,
-        ShotExpect::VmColors | ShotExpect::Colors => {
-            let (want, why) = spec.expected_color(i)?;
-            let tol = spec.tolerance();
-            let d = img.dominant();
-            if !placeholder && image::colors_match(d.color, want, tol) {
-                return None;
-            }
-            Some(format!(
-                "expected dominant colour {} ({why}) ±{tol}, got {}; {:.1} % of the pixels are within ±{tol} of {}",
-                image::hex(want),
-                facts(img),
-                img.share_near(want, tol) * 100.0,
-                image::hex(want)
-            ))
+        ShotExpect::VmColors | ShotExpect::Colors => check_color(spec, i, img, false),
+    }
+}
+
+/// The colour check of `expected_color(slot)` on `img` (a head or one band of it);
+/// `whole_placeholder`: the head `img` is a band of is QEMU's not-initialized screen.
+fn check_color(
+    spec: &Screendump,
+    slot: usize,
+    img: &Image,
+    whole_placeholder: bool,
+) -> Option<String> {
+    let (want, why) = spec.expected_color(slot)?;
+    let tol = spec.tolerance();
+    let d = img.dominant();
+    let own_placeholder = img.is_qemu_placeholder();
+    if !own_placeholder && !whole_placeholder && image::colors_match(d.color, want, tol) {
+        return None;
+    }
+    let whole = if whole_placeholder && !own_placeholder {
+        " (the whole head is QEMU's \"Guest has not initialized the display\" screen)"
+    } else {
+        ""
+    };
+    Some(format!(
+        "expected dominant colour {} ({why}) ±{tol}, got {}{whole}; {:.1} % of the pixels are within ±{tol} of {}",
+        image::hex(want),
+        facts(img),
+        img.share_near(want, tol) * 100.0,
+        image::hex(want)
+    ))
+}
+
+/// `band b (rows y0-y1)`, for messages.
+fn band_label(height: u32, band: u32, bands: u32) -> String {
+    match image::band_rows(height, band, bands) {
+        Some((y0, y1)) => format!("band {band} (rows {y0}-{})", y1 - 1),
+        None => format!("band {band}"),
+    }
+}
+
+/// Checks head `spec.heads[i]`'s dump against `spec.expect`: the whole image, or with
+/// `bands = N > 1` each of its N equal horizontal bands on its own (band `b` against
+/// `expected_color(slot(i, b))`, and none may be part of QEMU's not-initialized
+/// screen). The problems; with bands, each starts with `band b (rows y0-y1): `.
+pub fn check_shot(spec: &Screendump, i: usize, img: &Image) -> Vec<String> {
+    let bands = spec.bands();
+    if bands <= 1 {
+        return check_head(spec, i, img).into_iter().collect();
+    }
+    if img.height < bands {
+        return vec![format!(
+            "{}x{} has fewer rows than `bands = {bands}`",
+            img.width, img.height
+        )];
+    }
+    if !matches!(spec.expect, ShotExpect::VmColors | ShotExpect::Colors) {
+        return Vec::new();
+    }
+    let whole_placeholder = img.is_qemu_placeholder();
+    let mut out = Vec::new();
+    for b in 0..bands {
+        let Some(band) = img.band(b, bands) else {
+            continue;
+        };
+        if let Some(p) = check_color(spec, spec.slot(i, b), &band, whole_placeholder) {
+            out.push(format!("{}: {p}", band_label(img.height, b, bands)));
         }
     }
+    out
 }
 
 /// Checks that a head changed between two dumps; the problem, if any.
@@ -179,6 +234,34 @@ pub fn check_changed(first: &Image, second: &Image, secs: f64) -> Option<String>
         )),
         _ => None,
     }
+}
+
+/// [`check_changed`] for each of `bands` equal horizontal bands (a head showing several
+/// VMs, each animating): every band must differ in at least one pixel. The problems,
+/// each starting with `band b (rows y0-y1): ` when `bands > 1`. Dumps of different
+/// sizes count as changed.
+pub fn check_changed_bands(first: &Image, second: &Image, secs: f64, bands: u32) -> Vec<String> {
+    if bands <= 1 {
+        return check_changed(first, second, secs).into_iter().collect();
+    }
+    if (first.width, first.height) != (second.width, second.height) {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for b in 0..bands {
+        let (Some(x), Some(y)) = (first.band(b, bands), second.band(b, bands)) else {
+            continue;
+        };
+        if x.differing_pixels(&y) == Some(0) {
+            out.push(format!(
+                "{}: did not change in {secs} s (two identical {}x{} bands)",
+                band_label(first.height, b, bands),
+                x.width,
+                x.height
+            ));
+        }
+    }
+    out
 }
 
 enum State {
@@ -373,7 +456,7 @@ impl<'a> Session<'a> {
                         let Some((_, img)) = shots.iter().find(|(hh, _)| hh == h) else {
                             continue;
                         };
-                        if let Some(p) = check_head(spec, k, img) {
+                        for p in check_shot(spec, k, img) {
                             let png = self.png_of(i, *h, "");
                             self.problem(i, format!("head {h}: {p} ({png})"));
                         }
@@ -392,7 +475,7 @@ impl<'a> Session<'a> {
                         let Some((_, b)) = shots.iter().find(|(hh, _)| hh == h) else {
                             continue;
                         };
-                        if let Some(p) = check_changed(a, b, secs) {
+                        for p in check_changed_bands(a, b, secs, spec.bands()) {
                             let png = self.png_of(i, *h, "-b");
                             self.problem(i, format!("head {h}: {p} ({png})"));
                         }
@@ -579,6 +662,155 @@ mod tests {
         b.set(5, 5, 0x123456);
         assert_eq!(check_changed(&a, &b, 1.0), None);
         assert_eq!(check_changed(&a, &Image::new(1, 1, 0), 1.0), None);
+    }
+
+    /// Images of equal width stacked top to bottom: one head showing several VMs.
+    fn stack(parts: &[Image]) -> Image {
+        Image {
+            width: parts[0].width,
+            height: parts.iter().map(|p| p.height).sum(),
+            rgb: parts.iter().flat_map(|p| p.rgb.iter().copied()).collect(),
+        }
+    }
+
+    #[test]
+    fn vm_colours_per_band() {
+        let s = scenario(
+            "[[screendump]]\nat_secs = 1\nheads = [0, 1]\nbands = 2\nexpect = \"vm-colors\"\n\
+             [[screendump]]\nat_secs = 1\nheads = [3]\nbands = 3\nexpect = \"vm-colors\"\nvms = [9, 4, 0]\n\
+             [[screendump]]\nat_secs = 1\nheads = [2]\nbands = 2\nexpect = \"colors\"\ncolors = [0x4c0d0d, \"#0d420d\"]\n",
+        );
+        let d = &s.screendump;
+        // Head 0 shows VMs 0 and 1, head 1 VMs 2 and 3 (the defaults).
+        assert_eq!(
+            check_shot(&d[0], 0, &stack(&[pattern(0), pattern(1)])),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            check_shot(&d[0], 1, &stack(&[pattern(2), pattern(3)])),
+            Vec::<String>::new()
+        );
+        // The bands of head 1 swapped: both fail, each naming its band and its VM.
+        let p = check_shot(&d[0], 1, &stack(&[pattern(3), pattern(2)]));
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p[0].starts_with("band 0 (rows 0-199): expected dominant colour #3050c0 (vm_color(2)) ±16, got 320x200, dominant colour #c0a020"),
+            "{}",
+            p[0]
+        );
+        assert!(p[1].starts_with("band 1 (rows 200-399): "), "{}", p[1]);
+        assert!(
+            p[1].contains("(vm_color(3))") && p[1].contains("dominant colour #3050c0"),
+            "{}",
+            p[1]
+        );
+        // One VM filling the whole head passes a whole-head check but not the bands.
+        let whole = stack(&[pattern(0), pattern(0)]);
+        assert_eq!(check_head(&d[0], 0, &whole), None);
+        let p = check_shot(&d[0], 0, &whole);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with(
+                "band 1 (rows 200-399): expected dominant colour #30a040 (vm_color(1))"
+            ),
+            "{}",
+            p[0]
+        );
+        // Explicit VMs, three bands; rows left over at the bottom belong to no band.
+        let mut odd = stack(&[
+            pattern(9),
+            pattern(4),
+            pattern(0),
+            Image::new(320, 2, 0xffffff),
+        ]);
+        assert_eq!(odd.height, 602);
+        assert_eq!(check_shot(&d[1], 0, &odd), Vec::<String>::new());
+        odd.set(0, 601, 0x123456);
+        assert_eq!(check_shot(&d[1], 0, &odd), Vec::<String>::new());
+        let p = check_shot(&d[1], 0, &stack(&[pattern(9), pattern(5), pattern(0)]));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("band 1 (rows 200-399): expected dominant colour"),
+            "{}",
+            p[0]
+        );
+        assert!(p[0].contains("(vm_color(4))"), "{}", p[0]);
+        // Explicit colours per band.
+        let two = stack(&[Image::new(8, 4, 0x4c0d0d), Image::new(8, 4, 0x0d420d)]);
+        assert_eq!(check_shot(&d[2], 0, &two), Vec::<String>::new());
+        let p = check_shot(&d[2], 0, &Image::new(8, 8, 0x4c0d0d));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("band 1 (rows 4-7): expected dominant colour #0d420d (colors[1])"),
+            "{}",
+            p[0]
+        );
+        // Too few rows to split.
+        let p = check_shot(&d[1], 0, &Image::new(8, 2, vm_color(9)));
+        assert_eq!(p, ["8x2 has fewer rows than `bands = 3`"]);
+    }
+
+    #[test]
+    fn bands_of_the_not_initialized_screen_fail() {
+        // 480 rows in three bands: QEMU's text lies in the middle band only, so the
+        // others are plain black; all three fail, the black ones saying why.
+        let s = scenario(
+            "[[screendump]]\nat_secs = 1\nheads = [0]\nbands = 3\nexpect = \"colors\"\ncolors = [0, 0, 0]\n",
+        );
+        let p = check_shot(&s.screendump[0], 0, &placeholder(640, 480));
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p[0].starts_with("band 0 (rows 0-159): "), "{}", p[0]);
+        assert!(
+            p[0].contains(
+                "dominant colour #000000 (100.0 % of the pixels) (the whole head is QEMU's"
+            ),
+            "{}",
+            p[0]
+        );
+        assert!(p[1].starts_with("band 1 (rows 160-319): "), "{}", p[1]);
+        assert!(
+            p[1].contains(": QEMU's \"Guest has not initialized the display\" screen;"),
+            "{}",
+            p[1]
+        );
+        assert!(!p[1].contains("whole head"), "{}", p[1]);
+        assert!(p[2].contains("whole head"), "{}", p[2]);
+        // Black bands on a head that is not the placeholder pass.
+        assert_eq!(
+            check_shot(&s.screendump[0], 0, &Image::new(640, 480, 0)),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn changes_per_band() {
+        let a = stack(&[pattern(0), pattern(1), pattern(2)]);
+        let mut b = a.clone();
+        b.set(10, 10, 0x123456);
+        // Only band 0 changed.
+        let p = check_changed_bands(&a, &b, 1.0, 3);
+        assert_eq!(
+            p,
+            [
+                "band 1 (rows 200-399): did not change in 1 s (two identical 320x200 bands)",
+                "band 2 (rows 400-599): did not change in 1 s (two identical 320x200 bands)"
+            ]
+        );
+        // The whole head changed, which is all one band asks.
+        assert_eq!(check_changed_bands(&a, &b, 1.0, 1), Vec::<String>::new());
+        b.set(10, 210, 0x123456);
+        b.set(319, 599, 0x123456);
+        assert_eq!(check_changed_bands(&a, &b, 1.0, 3), Vec::<String>::new());
+        assert_eq!(
+            check_changed_bands(&a, &a, 2.5, 1),
+            ["did not change in 2.5 s (two identical 320x600 dumps)"]
+        );
+        assert_eq!(check_changed_bands(&a, &a, 1.0, 3).len(), 3);
+        // A resize is a change.
+        assert_eq!(
+            check_changed_bands(&a, &pattern(0), 1.0, 3),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

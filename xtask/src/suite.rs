@@ -47,7 +47,8 @@ pub struct RunResult {
 }
 
 /// Runs scenario `s` in `emu` and prints its `PASS|FAIL` line, and why it failed.
-/// `None` when interrupted.
+/// `None` when interrupted. A scenario with `hv_features` needs its hypervisor
+/// obtained first ([`Artifacts::prepare_features`]).
 pub fn run_and_print(
     paths: &Paths,
     art: &Artifacts,
@@ -98,9 +99,11 @@ pub fn run_and_print(
 }
 
 /// Runs the scenarios for `emu` (names containing `filter`); true when all pass.
+/// First obtains the hypervisors with the `hv_features` the selected scenarios ask
+/// for (each feature set once, kept in `art` for later suites).
 pub fn run_suite(
     paths: &Paths,
-    art: &Artifacts,
+    art: &mut Artifacts,
     emu: Emulator,
     filter: Option<&str>,
 ) -> Result<bool> {
@@ -127,6 +130,7 @@ pub fn run_suite(
         Emulator::Qemu => tools::QEMU_TOOLS,
         Emulator::Bochs => tools::BOCHS_TOOLS,
     })?;
+    art.prepare_features(paths, selected.iter().copied())?;
     fs::create_dir_all(paths.logs_dir()).ctx(|| "cannot create the log directory".to_string())?;
     println!(
         "{label}: {} scenario(s) from {}",
@@ -279,7 +283,12 @@ fn judge_run(s: &Scenario, emu: Emulator, outcome: &Outcome, serial_log: &Path) 
 fn run_qemu(paths: &Paths, art: &Artifacts, s: &Scenario) -> Result<Report> {
     let config = s.config_text(&paths.root)?;
     let esp_dir = paths.esp_dir(&s.name);
-    esp::make(&esp_dir, art, &config, &s.harness_cmdline())?;
+    esp::make(
+        &esp_dir,
+        &art.for_scenario(s)?,
+        &config,
+        &s.harness_cmdline(),
+    )?;
     let disk = match s.boot_from {
         BootFrom::Dir => qemu::Disk::Dir(esp_dir.clone()),
         BootFrom::Image => {
@@ -358,7 +367,12 @@ fn run_qemu(paths: &Paths, art: &Artifacts, s: &Scenario) -> Result<Report> {
 fn run_bochs(paths: &Paths, art: &Artifacts, s: &Scenario) -> Result<Report> {
     let config = s.config_text(&paths.root)?;
     let esp_dir = paths.esp_dir(&s.name);
-    esp::make(&esp_dir, art, &config, &s.harness_cmdline())?;
+    esp::make(
+        &esp_dir,
+        &art.for_scenario(s)?,
+        &config,
+        &s.harness_cmdline(),
+    )?;
     let work = paths.work_dir_ensure(&s.name)?;
     let iso = bochs::make_iso(&esp_dir, &work)?;
     let logs = paths.logs_dir();
