@@ -53,6 +53,8 @@ mod validate;
 mod vm;
 
 #[cfg(test)]
+mod band_tests;
+#[cfg(test)]
 mod e2e;
 #[cfg(test)]
 mod harness;
@@ -137,11 +139,51 @@ pub struct ScanoutConfig {
     pub height: u32,
 }
 
+/// A VM display's place on a physical head that several VMs share (more VMs than
+/// heads): band `index` of `count` equal bands stacked top to bottom on the head,
+/// which shows the hypervisor's composite resource `host_resource` (the display's
+/// width, `count` times its height, backed by hypervisor memory, set up by the
+/// hypervisor). A guest's frame reaches its band as a transfer of the composite
+/// restricted to the band, after the hypervisor copied the guest's pixels into the
+/// band ([`HostCommand::copies`]); its flush becomes a flush of the band. A VM can
+/// never name the composite, and its copies and rectangles never leave its band.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Band {
+    /// The VM's virtual scanout shown in the band.
+    pub scanout: u32,
+    /// Position from the top, `0..count`.
+    pub index: u32,
+    /// Bands on the head.
+    pub count: u32,
+    /// The composite's host resource id (at or above [`RESERVED_HOST_IDS`]).
+    pub host_resource: u32,
+}
+
+/// Host resource ids from here up are never given to a VM's resource: the
+/// hypervisor's own (the composites of shared heads) use them.
+pub const RESERVED_HOST_IDS: u32 = 0xffff_0000;
+
+/// One copy the hypervisor makes before it submits a command: `len` bytes from
+/// host-physical `src` (pages of the VM's own backing, already checked), or zeros
+/// when `src` is `None`, to byte `dst` of the composite resource's backing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BandCopy {
+    /// Source, host-physical; `None` writes zeros.
+    pub src: Option<Hpa>,
+    /// Offset in the composite's backing.
+    pub dst: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
 /// How a VM's paravirtual GPU is set up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
     /// Its scanouts: virtual scanout `i` is `scanouts[i]`.
     pub scanouts: Vec<ScanoutConfig>,
+    /// Scanouts shown in a band of a shared physical head instead of a head of
+    /// their own (their `physical` is that head).
+    pub bands: Vec<Band>,
     /// VRAM it may hold, in bytes; `None` is one quarter of the GPU's VRAM (the
     /// seed's host policy).
     pub vram_quota: Option<u64>,
@@ -154,6 +196,7 @@ impl VmConfig {
     pub fn new(scanouts: Vec<ScanoutConfig>) -> Self {
         Self {
             scanouts,
+            bands: Vec::new(),
             vram_quota: None,
             watchdog_ns: DEFAULT_WATCHDOG_NS,
         }
@@ -325,6 +368,9 @@ pub struct HostCommand {
     pub request: Request,
     /// `request` in wire form: the bytes to copy into the physical ring.
     pub bytes: Vec<u8>,
+    /// Copies into a shared head's composite the hypervisor makes first (see
+    /// [`Band`]); empty for every other command.
+    pub copies: Vec<BandCopy>,
 }
 
 /// Host commands of one VM handed to the physical ring together.
@@ -505,7 +551,7 @@ impl Shared {
         }
         let id = self.next_host_id;
         // Host id 0 means "no resource" on the wire; u32::MAX is never handed out.
-        self.next_host_id = id.checked_add(1).filter(|&n| n != u32::MAX)?;
+        self.next_host_id = id.checked_add(1).filter(|&n| n < RESERVED_HOST_IDS)?;
         Some(id)
     }
 
@@ -540,6 +586,18 @@ impl Shared {
     /// Stages `cmd` for `v` as a host command with a fresh host fence, and tracks
     /// what its completion must do.
     fn stage(&mut self, v: &mut VmGpu, queue: QueueId, cmd: Command, tracked: Tracked) -> u64 {
+        self.stage_with_copies(v, queue, cmd, tracked, Vec::new())
+    }
+
+    /// [`stage`](Self::stage), with the copies the hypervisor makes before it.
+    fn stage_with_copies(
+        &mut self,
+        v: &mut VmGpu,
+        queue: QueueId,
+        cmd: Command,
+        tracked: Tracked,
+        copies: Vec<BandCopy>,
+    ) -> u64 {
         let host_fence = self.alloc_fence();
         let request = Request {
             hdr: CtrlHdr {
@@ -561,6 +619,7 @@ impl Shared {
             queue,
             request,
             bytes,
+            copies,
         });
         v.tracked.insert(host_fence, tracked);
         host_fence
@@ -622,16 +681,42 @@ impl Mediator {
         if n == 0 || n > wire::MAX_SCANOUTS {
             return Err(MediatorError::BadScanoutCount(n));
         }
+        // A band must name one of the VM's scanouts, once, and a composite id.
+        for (k, b) in config.bands.iter().enumerate() {
+            let twice = config.bands[..k].iter().any(|o| o.scanout == b.scanout);
+            if b.scanout as usize >= n
+                || b.index >= b.count
+                || b.host_resource < RESERVED_HOST_IDS
+                || twice
+            {
+                return Err(MediatorError::ScanoutUnavailable(b.scanout));
+            }
+        }
+        // Every scanout and band already given out: (physical, band, width, height).
+        let band_of =
+            |c: &VmConfig, i: usize| c.bands.iter().find(|b| b.scanout as usize == i).copied();
+        let mut given: Vec<(u32, Option<Band>, u32, u32)> = Vec::new();
+        for v in self.vms.values() {
+            for (i, o) in v.config.scanouts.iter().enumerate() {
+                given.push((o.physical, band_of(&v.config, i), o.width, o.height));
+            }
+        }
         for (i, s) in config.scanouts.iter().enumerate() {
-            let taken = self
-                .vms
-                .values()
-                .flat_map(|v| v.config.scanouts.iter())
-                .chain(&config.scanouts[..i])
-                .any(|o| o.physical == s.physical);
-            if s.physical >= self.config.physical_scanouts || taken {
+            let mine = band_of(&config, i);
+            // A head is a VM's own, or shared only by bands of one composite (same
+            // size and band count, each band once).
+            let clash = given.iter().any(|&(p, other, w, h)| {
+                p == s.physical
+                    && !matches!((mine, other), (Some(a), Some(b))
+                        if a.host_resource == b.host_resource
+                            && a.count == b.count
+                            && a.index != b.index
+                            && (w, h) == (s.width, s.height))
+            });
+            if s.physical >= self.config.physical_scanouts || clash {
                 return Err(MediatorError::ScanoutUnavailable(s.physical));
             }
+            given.push((s.physical, mine, s.width, s.height));
         }
         let quota = config.vram_quota.unwrap_or(self.config.vram_total / 4);
         let context = self.sh.alloc_context();
@@ -1125,7 +1210,11 @@ impl Shared {
                 report.emulated += 1;
                 reply.state = ReplyState::Ready(resp);
             }
-            Ok(Outcome::Host { cmd, effect }) => {
+            Ok(Outcome::Host {
+                cmd,
+                effect,
+                copies,
+            }) => {
                 report.staged += 1;
                 if matches!(cmd, Command::UpdateCursor { resource_id, .. } if resource_id != 0) {
                     v.cursor_shown = true;
@@ -1134,7 +1223,7 @@ impl Shared {
                     reply: Some(queue),
                     effect,
                 };
-                let host_fence = self.stage(v, queue, cmd, tracked);
+                let host_fence = self.stage_with_copies(v, queue, cmd, tracked, copies);
                 if reply.hdr.flags & wire::FLAG_FENCE != 0 {
                     if let Some(last) = v.fences.outstanding.back_mut() {
                         last.1 = Some(host_fence);
@@ -1413,14 +1502,28 @@ impl Shared {
         v.needs_reset = forced;
         // Blank what the VM showed (scanouts, cursor), then free every host id it
         // holds; the ids are reused only once these complete.
-        let shown: Vec<u32> = v
+        let shown: Vec<(usize, u32)> = v
             .scanouts
             .iter()
             .zip(&v.config.scanouts)
-            .filter(|(s, _)| s.resource != 0)
-            .map(|(_, c)| c.physical)
+            .enumerate()
+            .filter(|(_, (s, _))| s.resource != 0)
+            .map(|(i, (_, c))| (i, c.physical))
             .collect();
-        for &p in &shown {
+        for &(i, p) in &shown {
+            // A band of a shared head is blanked (zeros), not the whole head.
+            if let Some((band, w, h)) = validate::band_of(v, i as u32) {
+                let (transfer, flush, copies) = validate::blank_band(&band, w, h);
+                self.stage_with_copies(
+                    v,
+                    QueueId::Control,
+                    transfer,
+                    Tracked::internal(Effect::None),
+                    copies,
+                );
+                self.stage(v, QueueId::Control, flush, Tracked::internal(Effect::None));
+                continue;
+            }
             let cmd = Command::SetScanout {
                 rect: Rect::default(),
                 scanout_id: p,

@@ -255,6 +255,10 @@ struct GpuPv {
     cost_per_cmd_ns: BTreeMap<VmId, u64>,
     /// GPU time the open slice's batches took so far.
     slice_busy_ns: u64,
+    /// VMs per physical head (more than one: heads are shared in bands).
+    per_head: u32,
+    /// The shared heads' composite resources: host id -> their memory.
+    composites: BTreeMap<u32, crate::gpu::DmaRegion>,
 }
 
 /// Completions every VM must have before the glue announces that all of them reach
@@ -292,29 +296,6 @@ pub fn figures(vm: VmId) -> Option<Figures> {
 }
 
 static GPUPV: Mutex<Option<GpuPv>> = Mutex::new(None);
-/// Test-only (`test=iommu-bypass`): the next ATTACH_BACKING that reaches the
-/// physical GPU gets one backing address the mediator never granted, standing in for
-/// a mediator bug, so the IOMMU's isolation can be seen to hold on its own.
-static INJECT_BAD_DMA: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
-
-/// Test-only (`hang_vm=N`): once VM N has had [`REACHED_COMPLETIONS`] commands
-/// completed, the GPU's completions of its commands are withheld, standing in for a
-/// GPU that hangs on that VM's work (QEMU's virtio-gpu always completes), so the
-/// watchdog and the channel reset can be seen end to end; disarmed by the reset.
-static HANG_VM: AtomicU64 = AtomicU64::new(u64::MAX);
-/// Whether the injected hang has started (announced once).
-static HANGING: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
-
-/// Arms the test-only hang described at [`HANG_VM`].
-pub fn inject_hang(vm: VmId) {
-    HANG_VM.store(u64::from(vm), Ordering::SeqCst);
-}
-
-/// Arms the test-only fault injection described at [`INJECT_BAD_DMA`].
-pub fn inject_bad_dma_once() {
-    INJECT_BAD_DMA.store(true, Ordering::SeqCst);
-}
-
 /// Per-VM mailbox of virtual interrupts to raise: bit i = MSI-X entry i.
 static MAILBOX: [AtomicU64; MAX_GPU_VMS] = [const { AtomicU64::new(0) }; MAX_GPU_VMS];
 
@@ -330,11 +311,12 @@ pub const DEFAULT_DISPLAY: (u32, u32) = (640, 480);
 /// own in which only the backend's own memory and the guest pages the mediator
 /// granted are mapped.
 pub fn init(
-    backend: Box<dyn GpuBackend>,
+    mut backend: Box<dyn GpuBackend>,
     gpu: Option<Bdf>,
     quantum_us: u32,
     mode: u32,
     vram_total: u64,
+    vms: usize,
 ) {
     let scanouts: Vec<(u32, u32)> = backend
         .scanouts()
@@ -367,6 +349,35 @@ pub fn init(
         }
         _ => None,
     };
+    // More VMs than heads: heads are shared, `per_head` VMs stacked in bands of a
+    // composite resource each (see `gpu_pv::mediator::Band`).
+    let heads = scanouts.len();
+    let per_head = if heads > 0 && vms > heads {
+        vms.div_ceil(heads) as u32
+    } else {
+        1
+    };
+    let mut composites = BTreeMap::new();
+    if per_head > 1 {
+        for head in 0..vms.div_ceil(per_head as usize).min(heads) {
+            match make_composite(
+                backend.as_mut(),
+                domain,
+                head as u32,
+                scanouts[head],
+                per_head,
+            ) {
+                Ok((id, region)) => {
+                    composites.insert(id, region);
+                }
+                Err(why) => warn!("gpu-pv: head {head}: no shared display: {why}"),
+            }
+        }
+        info!(
+            "gpu-pv: {vms} VMs on {heads} heads: {per_head} VMs per head, each in a band of the head's composite ({} heads set up)",
+            composites.len()
+        );
+    }
     let cfg = SchedConfig {
         mode: match mode {
             1 => Mode::EqualShare,
@@ -412,7 +423,135 @@ pub fn init(
         all_reached: false,
         cost_per_cmd_ns: BTreeMap::new(),
         slice_busy_ns: 0,
+        per_head,
+        composites,
     });
+}
+
+/// Sets up head `head` (display `w` x `h`) to show `bands` VMs stacked: a composite
+/// resource `w` x `bands * h` in hypervisor memory (reachable by the GPU), attached
+/// and set on the head, shown black. Returns its host id and memory.
+fn make_composite(
+    gpu: &mut dyn GpuBackend,
+    domain: Option<DomainId>,
+    head: u32,
+    (w, h): (u32, u32),
+    bands: u32,
+) -> Result<(u32, crate::gpu::DmaRegion), &'static str> {
+    use gpu_pv::command::{Command, Request};
+    use gpu_pv::wire::{format, CtrlHdr, MemEntry, Rect};
+
+    let id = gpu_pv::mediator::RESERVED_HOST_IDS + head;
+    let height = h * bands;
+    let bytes = u64::from(w) * u64::from(height) * 4;
+    let region = crate::gpu::DmaRegion::alloc(bytes).ok_or("no memory for the composite")?;
+    if let Some(d) = domain {
+        crate::iommu::map(
+            d,
+            region.device_addr(),
+            region.device_addr(),
+            region.len(),
+            false,
+        )
+        .map_err(|_| "cannot map the composite for the GPU")?;
+    }
+    let rect = Rect {
+        x: 0,
+        y: 0,
+        width: w,
+        height,
+    };
+    let cmds = [
+        Command::ResourceCreate2d {
+            resource_id: id,
+            format: format::B8G8R8X8_UNORM,
+            width: w,
+            height,
+        },
+        Command::ResourceAttachBacking {
+            resource_id: id,
+            entries: alloc::vec![MemEntry {
+                addr: region.device_addr(),
+                length: u32::try_from(bytes).map_err(|_| "composite too large")?,
+                padding: 0,
+            }],
+        },
+        Command::SetScanout {
+            rect,
+            scanout_id: head,
+            resource_id: id,
+        },
+        Command::TransferToHost2d {
+            rect,
+            offset: 0,
+            resource_id: id,
+        },
+        Command::ResourceFlush {
+            rect,
+            resource_id: id,
+        },
+    ];
+    for (i, cmd) in cmds.into_iter().enumerate() {
+        let mut b = Vec::new();
+        command::encode(
+            &Request {
+                hdr: CtrlHdr::default(),
+                cmd,
+            },
+            &mut b,
+        );
+        let token = u64::MAX - 16 - i as u64;
+        gpu.submit(QueueId::Control, &b, token)
+            .map_err(|_| "submit refused")?;
+        gpu.kick();
+        let deadline = crate::apic::now_us() + 2_000_000;
+        let mut done = Vec::new();
+        while done.is_empty() {
+            gpu.poll(&mut done);
+            if crate::apic::now_us() > deadline {
+                return Err("the GPU did not answer");
+            }
+        }
+        if done[0] != (token, gpu_pv::wire::RESP_OK_NODATA) {
+            return Err("the GPU refused a set-up command");
+        }
+    }
+    Ok((id, region))
+}
+
+/// Makes the copies a command into a shared head's composite needs (the guest's
+/// pixels into its band; checked by the mediator, bounded here again).
+fn band_copies(s: &mut GpuPv, cmd: &gpu_pv::mediator::HostCommand) {
+    let id = match cmd.request.cmd {
+        gpu_pv::command::Command::TransferToHost2d { resource_id, .. } => resource_id,
+        _ => return,
+    };
+    let Some(region) = s.composites.get_mut(&id) else {
+        return;
+    };
+    let base = region.device_addr();
+    let len = region.len();
+    for c in &cmd.copies {
+        if c.dst.checked_add(c.len).is_none_or(|end| end > len) {
+            warn!("gpu-pv: a band copy outside composite {id:#x}: dropped");
+            continue;
+        }
+        let dst = base + c.dst;
+        match c.src {
+            // SAFETY: `src` is the VM's own backing (pages the mediator checked
+            // are in its RAM); `dst` lies inside the composite (checked above); both
+            // are identity mapped and do not overlap (hypervisor vs guest memory).
+            Some(src) => unsafe {
+                core::ptr::copy_nonoverlapping(
+                    phys_to_ptr::<u8>(src),
+                    phys_to_ptr::<u8>(dst),
+                    c.len as usize,
+                )
+            },
+            // SAFETY: inside the composite, as above.
+            None => unsafe { core::ptr::write_bytes(phys_to_ptr::<u8>(dst), 0, c.len as usize) },
+        }
+    }
 }
 
 /// Gives VM `vm` a paravirtual GPU on physical scanout `vm` (if there is one).
@@ -428,13 +567,27 @@ pub fn add_vm(
     let mut g = GPUPV.lock();
     let s = g.as_mut()?;
     s.names.insert(vm, alloc::string::String::from(name));
-    let (w, h) = *s.scanouts.get(vm as usize)?;
+    let per_head = s.per_head;
+    let head = u32::from(vm) / per_head;
+    let (w, h) = *s.scanouts.get(head as usize)?;
+    let composite = gpu_pv::mediator::RESERVED_HOST_IDS + head;
+    if per_head > 1 && !s.composites.contains_key(&composite) {
+        return None;
+    }
     if s.mediator.vm(vm).is_none() {
         let mut cfg = VmConfig::new(alloc::vec![ScanoutConfig {
-            physical: u32::from(vm),
+            physical: head,
             width: w,
             height: h
         }]);
+        if per_head > 1 {
+            cfg.bands = alloc::vec![gpu_pv::mediator::Band {
+                scanout: 0,
+                index: u32::from(vm) % per_head,
+                count: per_head,
+                host_resource: composite,
+            }];
+        }
         cfg.vram_quota = (quota_mib != 0).then_some(u64::from(quota_mib) << 20);
         if let Err(e) = s.mediator.add_vm(vm, cfg) {
             warn!("gpu-pv: vm {vm}: no GPU: {e:?}");
@@ -744,6 +897,16 @@ pub fn take_interrupts(vm: VmId) -> u64 {
     MAILBOX[vm as usize % MAX_GPU_VMS].swap(0, Ordering::AcqRel)
 }
 
+/// Whether `vm` has GPU commands taken from its rings and not yet answered (so a
+/// completion, and its interrupt, are coming).
+pub fn has_work(vm: VmId) -> bool {
+    GPUPV
+        .lock()
+        .as_ref()
+        .and_then(|s| s.mediator.vm(vm))
+        .is_some_and(|v| v.unanswered() > 0)
+}
+
 /// Whether the VM has virtual interrupts waiting.
 pub fn has_interrupts(vm: VmId) -> bool {
     MAILBOX[vm as usize % MAX_GPU_VMS].load(Ordering::Relaxed) != 0
@@ -861,17 +1024,8 @@ pub fn service() -> bool {
             continue;
         };
         if let Some(f) = s.in_flight.as_mut() {
-            if u64::from(f.vm) == HANG_VM.load(Ordering::Relaxed)
-                && s.figures
-                    .get(&f.vm)
-                    .is_some_and(|g| g.completed >= REACHED_COMPLETIONS)
-            {
-                if !HANGING.swap(true, Ordering::SeqCst) {
-                    warn!(
-                        "gpu-pv: TEST ONLY: the GPU's completions of vm {}'s commands are withheld from now on (a hung channel)",
-                        f.vm
-                    );
-                }
+            let completed = s.figures.get(&f.vm).map_or(0, |g| g.completed);
+            if crate::inject::withhold_completion(f.vm, completed) {
                 continue;
             }
             f.completions.push(Completion {
@@ -927,9 +1081,7 @@ pub fn service() -> bool {
             );
             unmap_all(s, &r.unmapped);
         }
-        if HANG_VM.load(Ordering::Relaxed) == u64::from(vm) {
-            HANG_VM.store(u64::MAX, Ordering::SeqCst);
-        }
+        crate::inject::channel_reset(vm);
     }
     collect_interrupts(s);
     drain_events(s);
@@ -1023,7 +1175,7 @@ fn submit(s: &mut GpuPv, batch: Batch) {
             entries,
         } = &c.request.cmd
         {
-            if INJECT_BAD_DMA.swap(false, Ordering::SeqCst) {
+            if crate::inject::take_bad_dma() {
                 if let Some(bad) = crate::mm::frames::alloc() {
                     let mut req = c.request.clone();
                     let mut e = entries.clone();
@@ -1041,6 +1193,9 @@ fn submit(s: &mut GpuPv, batch: Batch) {
                     bytes = alloc::borrow::Cow::Owned(out);
                 }
             }
+        }
+        if !c.copies.is_empty() {
+            band_copies(s, c);
         }
         match s.backend.submit(c.queue, &bytes, token) {
             Ok(()) => {

@@ -14,6 +14,7 @@ mod arch;
 mod exit;
 mod gpu;
 mod gpupv;
+mod inject;
 mod interrupts;
 mod iommu;
 mod mm;
@@ -112,7 +113,12 @@ fn kmain(bi: &'static BootInfo) -> ! {
         Some("cpu-share") => selftest::cpu_share(run_ms.unwrap_or(3_000)),
         Some("lifecycle") => selftest::lifecycle(),
         Some("bench-vm") => selftest::bench_vm(bi, run_ms.unwrap_or(3_000)),
-        Some("iommu-bypass") => gpupv::inject_bad_dma_once(),
+        Some("iommu-bypass") => {
+            if let Err(e) = inject::arm_bad_dma() {
+                error!("test=iommu-bypass: {e}");
+                exit::fail("no test injection");
+            }
+        }
         Some("gpu-restart") => selftest::gpu_restart(),
         Some("gpu-share") => selftest::gpu_share(bi, run_ms.unwrap_or(6_000)),
         Some("bench-gpu") => match native_fps {
@@ -122,7 +128,10 @@ fn kmain(bi: &'static BootInfo) -> ! {
         _ => {}
     }
     if let Some(vm) = bi.option("hang_vm").and_then(|v| v.parse().ok()) {
-        gpupv::inject_hang(vm);
+        if let Err(e) = inject::arm_hang(vm) {
+            error!("hang_vm: {e}");
+            exit::fail("no test injection");
+        }
     }
     let created = vmm::create_all();
     info!("{created} of {} VMs created; running them", bi.vms().len());
@@ -173,6 +182,7 @@ fn start_gpu_pv(bi: &BootInfo, physical: Option<(gpu::virtio::VirtioGpu, pci::Bd
             quantum,
             mode,
             256 << 20,
+            bi.vms().len(),
         );
         return;
     }
@@ -185,7 +195,14 @@ fn start_gpu_pv(bi: &BootInfo, physical: Option<(gpu::virtio::VirtioGpu, pci::Bd
         .unwrap_or(0);
     let n = bi.vms().len().max(1);
     match gpupv::SimBackend::new(alloc::vec![gpupv::DEFAULT_DISPLAY; n], 256 << 20, top) {
-        Some(b) => gpupv::init(alloc::boxed::Box::new(b), None, quantum, mode, 256 << 20),
+        Some(b) => gpupv::init(
+            alloc::boxed::Box::new(b),
+            None,
+            quantum,
+            mode,
+            256 << 20,
+            bi.vms().len(),
+        ),
         None => warn!("gpu-pv: no GPU backend; VMs get no paravirtual GPU"),
     }
 }

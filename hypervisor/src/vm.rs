@@ -26,6 +26,9 @@ pub const IO_STORM_PER_SECOND: u64 = 1_000;
 /// How long a vCPU may spin with interrupts off (never exiting on its own) before
 /// the VM is stopped as hung.
 pub const STUCK_LIMIT_US: u64 = 1_000_000;
+/// How long a halted vCPU whose VM has GPU work in flight is polled for before it
+/// gives up its slice (see `Vm::halt_poll`).
+pub const HALT_POLL_US: u64 = 1_000;
 /// Guest-physical base of the (empty) PCI ECAM window every guest sees.
 pub const GUEST_ECAM_BASE: u64 = 0xb000_0000;
 const GUEST_ECAM_SIZE: u64 = 256 << 20;
@@ -83,6 +86,8 @@ pub struct VmStats {
     pub cpu_us: u64,
     /// Times it was scheduled.
     pub runs: u64,
+    /// Halts that halt polling turned into an immediate resume.
+    pub halt_polls_won: u64,
 }
 
 /// What a VM is made from.
@@ -360,6 +365,39 @@ impl Vm {
         self.state = VmState::Stopped(reason);
     }
 
+    /// Halt polling: when vCPU 0 halted while its VM has GPU commands in flight, the
+    /// completion usually comes sooner than a deschedule and wake-up would take. The
+    /// CPU then serves the GPU path itself for up to [`HALT_POLL_US`] (within the
+    /// slice) and returns true as soon as an interrupt is due, so the vCPU resumes
+    /// without giving up its slice.
+    fn halt_poll(&mut self, idx: usize, slice_deadline: u64) -> bool {
+        if idx != 0
+            || self.state != VmState::Running
+            || !self.halted.first().copied().unwrap_or(false)
+        {
+            return false;
+        }
+        // What the guest queued just before halting is taken (it is polled, so it
+        // did not kick) and goes to the GPU now.
+        let _ = crate::gpupv::service();
+        if !crate::gpupv::has_work(self.id) {
+            return false;
+        }
+        let until = (crate::apic::now_us() + HALT_POLL_US).min(slice_deadline);
+        loop {
+            let _ = crate::gpupv::service();
+            if self.ready(0) {
+                self.halted[0] = false;
+                self.stats.halt_polls_won += 1;
+                return true;
+            }
+            if crate::apic::now_us() >= until {
+                return false;
+            }
+            core::hint::spin_loop();
+        }
+    }
+
     /// Whether vCPU `idx` has something to do now (not halted, or an interrupt is due).
     pub fn ready(&mut self, idx: usize) -> bool {
         if !self.started.get(idx).copied().unwrap_or(false) {
@@ -482,6 +520,9 @@ impl Vm {
                 self.stuck_us = 0;
             }
             if !self.handle_exit(idx, exit) {
+                if self.halt_poll(idx, deadline) {
+                    continue;
+                }
                 break;
             }
         }

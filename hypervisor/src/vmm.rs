@@ -501,12 +501,13 @@ pub fn report() {
         let g = s.lock();
         let Some(vm) = g.vm.as_ref() else { continue };
         info!(
-            "vm {}: {:?}, {} exits ({} hypercalls, {} port I/O), {} runs, cpu {} us = {}.{}% (weight {} = {}.{}%), {} lines printed, last {:?}",
+            "vm {}: {:?}, {} exits ({} hypercalls, {} port I/O, {} halts resumed by polling), {} runs, cpu {} us = {}.{}% (weight {} = {}.{}%), {} lines printed, last {:?}",
             vm.name,
             vm.state,
             vm.stats.exits,
             vm.stats.hypercalls,
             vm.stats.io_exits,
+            vm.stats.halt_polls_won,
             vm.stats.runs,
             vm.stats.cpu_us,
             vm.stats.cpu_us * 100 / total_us.max(1),

@@ -748,6 +748,32 @@ impl Mediator {
                 continue;
             };
             let host_id = r.host_id;
+            if let Some((band, w, h)) = super::validate::band_of(v, i as u32) {
+                // A band of a shared head: the pixels go into the band, the head
+                // keeps showing the composite.
+                let Some(b) = r.backing.as_ref() else {
+                    continue;
+                };
+                let whole = s.rect;
+                let (transfer, copies) = super::validate::band_transfer(&band, w, h, &whole, 0, b);
+                self.sh.stage_with_copies(
+                    v,
+                    QueueId::Control,
+                    transfer,
+                    Tracked::internal(Effect::None),
+                    copies,
+                );
+                let flush = Command::ResourceFlush {
+                    rect: crate::wire::Rect {
+                        y: whole.y + band.index * h,
+                        ..whole
+                    },
+                    resource_id: band.host_resource,
+                };
+                self.sh
+                    .stage(v, QueueId::Control, flush, Tracked::internal(Effect::None));
+                continue;
+            }
             let physical = v.config.scanouts[i].physical;
             let set = Command::SetScanout {
                 rect: s.rect,

@@ -15,7 +15,7 @@ use crate::memory::{Gpa, GuestMemory, MemError};
 use crate::wire::{self, format, CursorPos, MemEntry, Rect};
 
 use super::vm::{resource_bytes, Backing, Effect, Resource, ScanoutState, VmGpu};
-use super::{IommuOp, Shared};
+use super::{Band, BandCopy, IommuOp, Shared};
 
 /// Granule in which a backing range that is not host-contiguous as a whole is
 /// translated.
@@ -42,6 +42,8 @@ pub(super) enum Outcome {
         cmd: Command,
         /// What its completion must do.
         effect: Effect,
+        /// Copies into a shared head's composite the hypervisor makes first.
+        copies: Vec<BandCopy>,
     },
 }
 
@@ -94,6 +96,115 @@ impl Rejection {
     }
 }
 
+/// The band (and the display's width and height) of the VM's scanout `id`, if that
+/// scanout is shown in a band of a shared head.
+pub(super) fn band_of(v: &VmGpu, id: u32) -> Option<(Band, u32, u32)> {
+    let band = v.config.bands.iter().find(|b| b.scanout == id)?;
+    let s = v.config.scanouts.get(id as usize)?;
+    Some((*band, s.width, s.height))
+}
+
+/// The band whose display guest resource `id` is on now, if any.
+fn banded_resource(v: &VmGpu, id: u32) -> Option<(Band, u32, u32)> {
+    v.scanouts
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.resource == id)
+        .find_map(|(i, _)| band_of(v, i as u32))
+}
+
+/// The host transfer of a guest's `rect` (at `offset` in its `w` x `h` resource's
+/// backing `b`) into its band of the composite, and the copies of those pixels from
+/// the guest's pages into the band that the hypervisor makes first. Rows are copied
+/// as QEMU reads a transfer: row `i` from `offset + i * stride`.
+pub(super) fn band_transfer(
+    band: &Band,
+    w: u32,
+    h: u32,
+    rect: &Rect,
+    offset: u64,
+    b: &Backing,
+) -> (Command, Vec<BandCopy>) {
+    let stride = u64::from(w) * 4;
+    let top = u64::from(band.index) * u64::from(h);
+    let dst0 = (top + u64::from(rect.y)) * stride + u64::from(rect.x) * 4;
+    let row = u64::from(rect.width) * 4;
+    let mut copies = Vec::new();
+    if rect.x == 0 && rect.width == w {
+        // Whole rows, back to back on both sides: one range.
+        backing_runs(b, offset, row * u64::from(rect.height), dst0, &mut copies);
+    } else {
+        for i in 0..u64::from(rect.height) {
+            backing_runs(b, offset + i * stride, row, dst0 + i * stride, &mut copies);
+        }
+    }
+    let cmd = Command::TransferToHost2d {
+        rect: Rect {
+            y: rect.y + band.index * h,
+            ..*rect
+        },
+        offset: dst0,
+        resource_id: band.host_resource,
+    };
+    (cmd, copies)
+}
+
+/// Appends the copies of bytes `[off, off + len)` of backing `b` (host runs) to
+/// `dst..` of the composite.
+fn backing_runs(b: &Backing, off: u64, len: u64, dst: u64, out: &mut Vec<BandCopy>) {
+    let (mut at, mut left, mut dst) = (0u64, len, dst);
+    let mut off = off;
+    for e in &b.host {
+        if left == 0 {
+            break;
+        }
+        let elen = u64::from(e.length);
+        if off >= at + elen {
+            at += elen;
+            continue;
+        }
+        let within = off - at;
+        let n = (elen - within).min(left);
+        out.push(BandCopy {
+            src: Some(e.addr + within),
+            dst,
+            len: n,
+        });
+        off += n;
+        dst += n;
+        left -= n;
+        at += elen;
+    }
+}
+
+/// The host commands that blank a band: zeros copied into it, its transfer and
+/// its flush.
+pub(super) fn blank_band(band: &Band, w: u32, h: u32) -> (Command, Command, Vec<BandCopy>) {
+    let stride = u64::from(w) * 4;
+    let top = u64::from(band.index) * u64::from(h) * stride;
+    let rect = Rect {
+        x: 0,
+        y: band.index * h,
+        width: w,
+        height: h,
+    };
+    let copies = alloc::vec![BandCopy {
+        src: None,
+        dst: top,
+        len: stride * u64::from(h),
+    }];
+    let transfer = Command::TransferToHost2d {
+        rect,
+        offset: top,
+        resource_id: band.host_resource,
+    };
+    let flush = Command::ResourceFlush {
+        rect,
+        resource_id: band.host_resource,
+    };
+    (transfer, flush, copies)
+}
+
 /// The physical scanout behind the VM's scanout `id`.
 fn physical_scanout(v: &VmGpu, id: u32) -> Result<u32, Rejection> {
     usize::try_from(id)
@@ -135,7 +246,13 @@ pub(super) fn validate(
     cmd: &Command,
     mem: &dyn GuestMemory,
 ) -> Result<Outcome, Rejection> {
-    let host = |cmd: Command, effect: Effect| Ok(Outcome::Host { cmd, effect });
+    let host = |cmd: Command, effect: Effect| {
+        Ok(Outcome::Host {
+            cmd,
+            effect,
+            copies: Vec::new(),
+        })
+    };
     match *cmd {
         Command::GetDisplayInfo => {
             let modes = v
@@ -232,6 +349,38 @@ pub(super) fn validate(
             rect,
             scanout_id,
             resource_id,
+        } if band_of(v, scanout_id).is_some() => {
+            // A band of a shared head: the head keeps showing the composite; the
+            // resource must be exactly the display's size, shown whole.
+            let Some((_, w, h)) = band_of(v, scanout_id) else {
+                return Err(Rejection::scanout());
+            };
+            if resource_id != 0 {
+                let r = resource(v, resource_id)?;
+                let whole = Rect {
+                    x: 0,
+                    y: 0,
+                    width: w,
+                    height: h,
+                };
+                if r.width != w || r.height != h || rect != whole {
+                    return Err(Rejection::param(RejectReason::BadParameter));
+                }
+            }
+            v.scanouts[scanout_id as usize] = ScanoutState {
+                resource: resource_id,
+                rect: if resource_id == 0 {
+                    Rect::default()
+                } else {
+                    rect
+                },
+            };
+            Ok(Outcome::Emulated(Response::OkNoData))
+        }
+        Command::SetScanout {
+            rect,
+            scanout_id,
+            resource_id,
         } => {
             let physical = physical_scanout(v, scanout_id)?;
             let (host_id, rect) = if resource_id == 0 {
@@ -260,6 +409,18 @@ pub(super) fn validate(
         Command::ResourceFlush { rect, resource_id } => {
             let r = resource(v, resource_id)?;
             check_rect(r, &rect)?;
+            if let Some((band, _, h)) = banded_resource(v, resource_id) {
+                return host(
+                    Command::ResourceFlush {
+                        rect: Rect {
+                            y: rect.y + band.index * h,
+                            ..rect
+                        },
+                        resource_id: band.host_resource,
+                    },
+                    Effect::None,
+                );
+            }
             host(
                 Command::ResourceFlush {
                     rect,
@@ -280,6 +441,14 @@ pub(super) fn validate(
             };
             if transfer_end(r.width, &rect, offset).is_none_or(|end| end > b.len) {
                 return Err(Rejection::param(RejectReason::BadParameter));
+            }
+            if let Some((band, w, h)) = banded_resource(v, resource_id) {
+                let (cmd, copies) = band_transfer(&band, w, h, &rect, offset, b);
+                return Ok(Outcome::Host {
+                    cmd,
+                    effect: Effect::None,
+                    copies,
+                });
             }
             host(
                 Command::TransferToHost2d {
@@ -339,6 +508,22 @@ pub(super) fn validate(
                 },
                 Effect::Detached { unmap },
             )
+        }
+        // A shared head has one hardware cursor and several VMs: a VM shown in a band
+        // gets no cursor (its cursor commands are taken and dropped, after the same
+        // checks), so no VM moves a cursor over another's band.
+        Command::UpdateCursor {
+            pos, resource_id, ..
+        } if band_of(v, pos.scanout_id).is_some() => {
+            cursor_pos(v, &pos)?;
+            if resource_id != 0 {
+                resource(v, resource_id)?;
+            }
+            Ok(Outcome::Emulated(Response::OkNoData))
+        }
+        Command::MoveCursor { pos } if band_of(v, pos.scanout_id).is_some() => {
+            cursor_pos(v, &pos)?;
+            Ok(Outcome::Emulated(Response::OkNoData))
         }
         Command::UpdateCursor {
             pos,

@@ -48,6 +48,9 @@ fn main(info: &BootInfo) -> ! {
     let Some(scratch) = dma::alloc_pages(1) else {
         app.fail(&Error::OutOfMemory)
     };
+    // Counted before the chain is published: a hypervisor that polls the ring may
+    // find it (and raise the interrupt) before the notify below.
+    let (cfg_before, _, _) = app.gpu.interrupts();
     let idx = app.gpu.avail_idx(CONTROL_QUEUE);
     let ram = app.gpu.ram();
     let desc = |addr: u64, next: u16| {
@@ -76,7 +79,6 @@ fn main(info: &BootInfo) -> ! {
     if !ok {
         app.fail(&Error::OutOfMemory);
     }
-    let (cfg_before, _, _) = app.gpu.interrupts();
     app.gpu.notify(CONTROL_QUEUE);
     println!(
         "{tag}: step 2: looping chain 0 -> 1 -> 0 published at avail index {idx} and notified"
