@@ -608,7 +608,9 @@ impl Scheduler {
     /// completed `ops_completed` operations. Returns the time charged against the
     /// VM's share.
     ///
-    /// `used_ns` is capped at the quantum and at the time since the slice began. A
+    /// `used_ns` is capped at the time since the slice began, not at the quantum:
+    /// a slice that overran (its last batch was slower than it fit) is charged
+    /// the overrun, so the VM's share of GPU time stays with its weight. A
     /// run slice is charged what it used (at least [`MIN_CHARGE_NS`]) in
     /// best-effort mode and its whole quantum in the fixed modes; a reserved slice
     /// is charged its quantum and its `used_ns` and `ops_completed` are ignored.
@@ -644,7 +646,9 @@ impl Scheduler {
                 q
             }
             SliceKind::Run => {
-                let used = used_ns.min(q).min(now - open.start_ns);
+                // An overrun (a batch slower than its slice) is charged too, so the
+                // shares of GPU time stay with the weights.
+                let used = used_ns.min(now - open.start_ns);
                 if used > 0 {
                     v.stats.quanta_used += 1;
                 }

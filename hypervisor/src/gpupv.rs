@@ -217,6 +217,10 @@ struct InFlight {
     submitted_ns: u64,
 }
 
+/// How long past its slice a batch may stay out before it is parked and the GPU
+/// goes on with the other VMs (the watchdog, much longer, decides on a reset).
+const OVERDUE_NS: u64 = 100_000_000;
+
 /// First guess of the GPU time of one command, before any was measured.
 const FIRST_COST_NS: u64 = 100_000;
 
@@ -257,6 +261,8 @@ struct GpuPv {
     slice_busy_ns: u64,
     /// VMs per physical head (more than one: heads are shared in bands).
     per_head: u32,
+    /// Overdue batches taken off the schedule, still waited for.
+    parked: Vec<InFlight>,
     /// The shared heads' composite resources: host id -> their memory.
     composites: BTreeMap<u32, crate::gpu::DmaRegion>,
 }
@@ -425,6 +431,7 @@ pub fn init(
         slice_busy_ns: 0,
         per_head,
         composites,
+        parked: Vec::new(),
     });
 }
 
@@ -1023,7 +1030,11 @@ pub fn service() -> bool {
         let Some(fence) = s.tokens.remove(&token) else {
             continue;
         };
-        if let Some(f) = s.in_flight.as_mut() {
+        let f = match s.in_flight.as_mut() {
+            Some(f) if f.tokens.contains(&token) => Some(f),
+            _ => s.parked.iter_mut().find(|f| f.tokens.contains(&token)),
+        };
+        if let Some(f) = f {
             let completed = s.figures.get(&f.vm).map_or(0, |g| g.completed);
             if crate::inject::withhold_completion(f.vm, completed) {
                 continue;
@@ -1048,6 +1059,17 @@ pub fn service() -> bool {
             }
         }
     }
+    // Overdue batches that came back after all: their VM's guest gets its answers.
+    for f in s.parked.iter_mut() {
+        if !f.completions.is_empty() {
+            let completions = core::mem::take(&mut f.completions);
+            s.figures.entry(f.vm).or_default().completed += completions.len() as u64;
+            if let Some(mut mem) = s.memory.get(&f.vm).copied() {
+                let _ = s.mediator.complete_batch(f.vm, &completions, &mut mem);
+            }
+        }
+    }
+    s.parked.retain(|f| f.outstanding > 0);
     if s.in_flight.as_ref().is_some_and(|f| f.outstanding == 0) {
         if let Some(f) = s.in_flight.take() {
             let busy = now_ns().saturating_sub(f.submitted_ns);
@@ -1072,6 +1094,15 @@ pub fn service() -> bool {
                     s.tokens.remove(t);
                 }
                 s.slice_busy_ns += now.saturating_sub(f.submitted_ns);
+            }
+        }
+        let (gone, kept): (Vec<InFlight>, Vec<InFlight>) = core::mem::take(&mut s.parked)
+            .into_iter()
+            .partition(|f| f.vm == vm);
+        s.parked = kept;
+        for f in gone {
+            for t in &f.tokens {
+                s.tokens.remove(t);
             }
         }
         if let Ok(r) = s.mediator.reset_vm(vm) {
@@ -1109,8 +1140,24 @@ pub fn service() -> bool {
 }
 
 fn schedule(s: &mut GpuPv, now: u64) {
-    if s.in_flight.is_some() {
-        return;
+    // A batch still out long after its slice ended (a hang, or a GPU that stalls on
+    // this VM's work) does not hold the GPU schedule: it is parked (tracked until it
+    // completes or the watchdog resets its VM) and the other VMs go on.
+    if let Some(f) = s.in_flight.as_ref() {
+        let quantum = s.slice.map_or(0, |sl| sl.quantum_ns);
+        if now.saturating_sub(f.submitted_ns) <= quantum + OVERDUE_NS {
+            return;
+        }
+        if let Some(f) = s.in_flight.take() {
+            warn!(
+                "gpu-pv/Debug: vm {}: batch overdue ({} us on the GPU, {} commands outstanding): parked, the GPU goes on with the others",
+                f.vm,
+                now.saturating_sub(f.submitted_ns) / 1000,
+                f.outstanding
+            );
+            s.slice_busy_ns += now.saturating_sub(f.submitted_ns);
+            s.parked.push(f);
+        }
     }
     // Close the slice when its time is up, its VM has nothing left, or not even one
     // more command fits in the time left (by the VM's measured cost per command).
@@ -1122,13 +1169,15 @@ fn schedule(s: &mut GpuPv, now: u64) {
             .max(1)
     };
     if let Some(sl) = s.slice {
-        let more = s.mediator.vm(sl.vm).is_some_and(|v| v.staged_len() > 0);
+        // A VM whose batch is parked cannot send another until it comes back.
+        let parked = s.parked.iter().any(|f| f.vm == sl.vm);
+        let more = !parked && s.mediator.vm(sl.vm).is_some_and(|v| v.staged_len() > 0);
         let left = sl.end_ns().saturating_sub(now);
         if left == 0 || !more || left < cost(s, sl.vm) {
             let fig = s.figures.entry(sl.vm).or_default();
             fig.max_slice_us = fig.max_slice_us.max(s.slice_busy_ns / 1000);
             s.slice_busy_ns = 0;
-            let used = now.saturating_sub(sl.start_ns).min(sl.quantum_ns);
+            let used = now.saturating_sub(sl.start_ns);
             let _ = s.sched.account(sl.vm, used, s.slice_ops, now);
             let _ = s.sched.set_runnable(sl.vm, more, now);
             let c = s.mediator.counters_mut().vm_mut(sl.vm);

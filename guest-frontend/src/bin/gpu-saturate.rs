@@ -1,6 +1,7 @@
-//! Keeps the GPU busy: the streaming workload of [`App::stream`] 24 frames deep
-//! (48 commands queued), completions polled, so the VM always has work waiting
-//! when its GPU slice comes, even while its vCPU is not running. For the scenario
+//! Keeps the GPU busy: the streaming workload of [`App::stream`] 30 frames deep
+//! (60 of the 64 control slots), completions polled, so the VM always has work waiting
+//! when its GPU slice comes, even while its vCPU is not running; with the queue full
+//! and nothing back it yields its vCPU rather than spin. For the scenario
 //! that measures GPU shares against weights.
 #![no_std]
 #![no_main]
@@ -22,5 +23,6 @@ fn main(info: &BootInfo) -> ! {
     if let Err(e) = app.setup(false) {
         app.fail(&e);
     }
-    app.stream(24, true, 1000)
+    app.yield_when_waiting = true;
+    app.stream(30, true, 1000)
 }

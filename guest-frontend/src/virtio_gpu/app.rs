@@ -32,6 +32,9 @@ pub struct App {
     pub width: u32,
     /// Scanout 0's height.
     pub height: u32,
+    /// In [`stream`](Self::stream) with polling: give up the vCPU's slice (YIELD)
+    /// when the queue is full and nothing came back, instead of spinning.
+    pub yield_when_waiting: bool,
     /// The framebuffer (allocated by [`setup`](Self::setup)).
     pub fb: Option<Framebuffer>,
     /// The cursor image, if [`setup`](Self::setup) was asked for one.
@@ -96,6 +99,7 @@ impl App {
             cursor: None,
             cursor_spare: None,
             pattern: Pattern::new(info.vm_id, rect.width, rect.height),
+            yield_when_waiting: false,
             frame: 0,
         })
     }
@@ -261,8 +265,10 @@ impl App {
                     in_flight.push_back((transfer, flush));
                     self.gpu.kick(0)?;
                 }
-                if polled {
-                    self.gpu.poll()?;
+                if polled && self.gpu.poll()? == 0 && self.yield_when_waiting {
+                    // Nothing came back and the queue is full: the CPU is better
+                    // spent by other VMs until the next slice.
+                    hypercall::yield_now();
                 }
                 while let Some(&(transfer, flush)) = in_flight.front() {
                     if polled && !(self.gpu.is_done(transfer) && self.gpu.is_done(flush)) {
