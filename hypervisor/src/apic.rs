@@ -155,11 +155,7 @@ pub fn delay_us(us: u64) {
 /// Microseconds since boot, from the TSC (0 before calibration).
 pub fn now_us() -> u64 {
     let per_ms = TSC_PER_MS.load(Ordering::Relaxed);
-    if per_ms == 0 {
-        0
-    } else {
-        cpu::rdtsc() * 1000 / per_ms
-    }
+    (cpu::rdtsc() * 1000).checked_div(per_ms).unwrap_or(0)
 }
 
 /// Sends an IPI: `low` is the ICR low word (delivery mode, vector, level).

@@ -365,14 +365,9 @@ pub fn init(
     };
     let mut composites = BTreeMap::new();
     if per_head > 1 {
-        for head in 0..vms.div_ceil(per_head as usize).min(heads) {
-            match make_composite(
-                backend.as_mut(),
-                domain,
-                head as u32,
-                scanouts[head],
-                per_head,
-            ) {
+        let used = vms.div_ceil(per_head as usize);
+        for (head, &size) in scanouts.iter().enumerate().take(used) {
+            match make_composite(backend.as_mut(), domain, head as u32, size, per_head) {
                 Ok((id, region)) => {
                     composites.insert(id, region);
                 }
@@ -627,7 +622,8 @@ pub fn register_buffer(vm: VmId, gpa: u64, len: u64) -> Option<u64> {
     let mut g = GPUPV.lock();
     let s = g.as_mut()?;
     let mem = *s.memory.get(&vm)?;
-    if len == 0 || len > MAX_BUFFER_BYTES || gpa % 4096 != 0 || len % 4096 != 0 {
+    if len == 0 || len > MAX_BUFFER_BYTES || !gpa.is_multiple_of(4096) || !len.is_multiple_of(4096)
+    {
         return None;
     }
     let hpa = mem.translate(gpa, len).ok()?;

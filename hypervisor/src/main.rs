@@ -319,7 +319,7 @@ fn summary(bi: &BootInfo, platform: Option<&acpi::Platform>, devices: &[pci::Dev
             vm.gpu_alpha_tenths / 10,
             vm.gpu_alpha_tenths % 10,
             if vm.vram_quota_mib == 0 {
-                alloc::format!("default")
+                alloc::string::String::from("default")
             } else {
                 alloc::format!("{} MiB", vm.vram_quota_mib)
             }

@@ -181,7 +181,7 @@ pub fn map_mmio(pa: u64, len: u64) {
     let end = pa.saturating_add(len);
     while a < end {
         if a >= t.identity_top {
-            if a % (2 << 20) == 0 && end - a >= (2 << 20) {
+            if a.is_multiple_of(2 << 20) && end - a >= (2 << 20) {
                 map_2m(t.pml4, a, a, Perm::Mmio);
                 a += 2 << 20;
                 continue;

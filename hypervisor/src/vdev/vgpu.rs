@@ -249,7 +249,7 @@ impl VirtioGpuDevice {
         }
         match (off, size) {
             (0x04, 2 | 4) => put16(&mut self.config, 0x04, (v as u16) & 0x0406),
-            (0x10..=0x27, 4) if off % 4 == 0 => {
+            (0x10..=0x27, 4) if off.is_multiple_of(4) => {
                 let i = ((off - 0x10) / 4) as usize;
                 let mask = self.bar_mask[i];
                 let flags = self.cfg32(off as usize) & !mask & 0xf;
@@ -553,7 +553,7 @@ impl VirtioGpuDevice {
                 self.driver_features,
                 match self.revision {
                     Some(r) => alloc::format!("v{r}"),
-                    None => alloc::format!("none (plain virtio-gpu)"),
+                    None => alloc::string::String::from("none (plain virtio-gpu)"),
                 }
             );
             return Action::Start(self.layout(&self.queues[0]), self.layout(&self.queues[1]));
