@@ -1461,6 +1461,19 @@ impl Shared {
         if let Some(b) = v.in_flight.take() {
             for f in &b.remaining {
                 self.routes.remove(f);
+                // An UNREF already on the GPU frees its resource there: the host id
+                // is not unref'd a second time below, and is free for reuse (a
+                // later CREATE of it runs after this UNREF on the in-order ring).
+                if let Some(Tracked {
+                    effect: Effect::Released { host, .. },
+                    ..
+                }) = v.tracked.get(f)
+                {
+                    let host = *host;
+                    if v.held.remove(&host) {
+                        self.free_host_id(host);
+                    }
+                }
             }
         }
         // Everything the IOMMU may hold for the VM: backings still attached, and

@@ -1677,3 +1677,49 @@ fn work_of_a_reset_queue_still_gives_back_what_it_held() {
     assert!(w.faults.is_empty());
     assert!(w.guests[0].take_used(QueueId::Control).is_empty());
 }
+
+/// A reset while the previous reset's UNREFs are on the GPU does not unref those
+/// host resources a second time (the device would answer INVALID_RESOURCE_ID).
+#[test]
+fn a_second_reset_does_not_unref_what_is_being_unrefd() {
+    use crate::wire::format;
+    let mut w = World::new(1, true);
+    let vm = w.vm(0);
+    let create = req(Command::ResourceCreate2d {
+        resource_id: 1,
+        format: format::B8G8R8X8_UNORM,
+        width: 8,
+        height: 8,
+    });
+    w.send(0, QueueId::Control, &create);
+    let b = w.med.take_batch(vm, 16).unwrap();
+    let done: Vec<Completion> = b
+        .commands
+        .iter()
+        .map(|c| Completion {
+            host_fence: c.host_fence,
+            status: crate::wire::RESP_OK_NODATA,
+        })
+        .collect();
+    w.med
+        .complete_batch(vm, &done, &mut w.guests[0].mem)
+        .unwrap();
+    let held: Vec<u32> = w.med.vm(vm).unwrap().host_resources().collect();
+    assert_eq!(held.len(), 1);
+    // The first reset's UNREF goes to the GPU and is still there ...
+    w.med.reset_vm(vm).unwrap();
+    let first = w.med.take_batch(vm, 16).unwrap();
+    let unrefs = |b: &Batch| {
+        b.commands
+            .iter()
+            .filter(|c| matches!(c.request.cmd, Command::ResourceUnref { .. }))
+            .count()
+    };
+    assert_eq!(unrefs(&first), 1);
+    // ... when the driver resets the device again.
+    w.med.driver_reset(vm).unwrap();
+    assert_eq!(w.med.vm(vm).unwrap().host_resources().count(), 0);
+    if let Some(second) = w.med.take_batch(vm, 16) {
+        assert_eq!(unrefs(&second), 0, "unref'd twice: {second:?}");
+    }
+}
