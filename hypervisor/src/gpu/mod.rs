@@ -234,27 +234,8 @@ impl DmaRegion {
     /// written them).
     pub fn read_at(&self, off: u64, out: &mut [u8]) -> Result<(), MemError> {
         check_range(off, out.len() as u64, 0, self.len())?;
-        let p = phys_to_ptr::<u8>(self.pa + off);
-        // SAFETY: the range is inside the region (checked above), identity mapped;
-        // each access is aligned for its width.
-        unsafe {
-            match out.len() {
-                2 if p.align_offset(2) == 0 => {
-                    out.copy_from_slice(&core::ptr::read_volatile(p as *const u16).to_le_bytes())
-                }
-                4 if p.align_offset(4) == 0 => {
-                    out.copy_from_slice(&core::ptr::read_volatile(p as *const u32).to_le_bytes())
-                }
-                8 if p.align_offset(8) == 0 => {
-                    out.copy_from_slice(&core::ptr::read_volatile(p as *const u64).to_le_bytes())
-                }
-                _ => {
-                    for (i, b) in out.iter_mut().enumerate() {
-                        *b = core::ptr::read_volatile(p.add(i));
-                    }
-                }
-            }
-        }
+        // SAFETY: the range is inside the region (checked above), identity mapped.
+        unsafe { crate::mm::read_shared(self.pa + off, out) };
         Ok(())
     }
 
@@ -283,24 +264,8 @@ impl GuestMemory for DmaRegion {
 
     fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), MemError> {
         let off = self.offset(addr, data.len() as u64)?;
-        let p = phys_to_ptr::<u8>(self.pa + off);
-        // SAFETY: the range is inside the region (checked by `offset`), identity
-        // mapped; each access is aligned for its width.
-        unsafe {
-            match *data {
-                [a, b] if p.align_offset(2) == 0 => {
-                    core::ptr::write_volatile(p as *mut u16, u16::from_le_bytes([a, b]))
-                }
-                [a, b, c, d] if p.align_offset(4) == 0 => {
-                    core::ptr::write_volatile(p as *mut u32, u32::from_le_bytes([a, b, c, d]))
-                }
-                _ => {
-                    for (i, &b) in data.iter().enumerate() {
-                        core::ptr::write_volatile(p.add(i), b);
-                    }
-                }
-            }
-        }
+        // SAFETY: the range is inside the region (checked by `offset`), identity mapped.
+        unsafe { crate::mm::write_shared(self.pa + off, data) };
         Ok(())
     }
 }
