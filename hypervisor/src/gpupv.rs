@@ -195,7 +195,7 @@ struct GpuPv {
     figures: BTreeMap<VmId, Figures>,
     /// Per VM: when commands not yet submitted were first taken from its ring (by a
     /// doorbell or a poll).
-    doorbell_at: BTreeMap<VmId, u64>,
+    taken_at: BTreeMap<VmId, u64>,
     /// Buffers VMs registered for zero-copy exchange: (vm, handle) -> (hpa, len).
     buffers: BTreeMap<(VmId, u64), (u64, u64)>,
     next_handle: u64,
@@ -231,9 +231,9 @@ pub struct Figures {
     pub interrupts: u64,
     /// Sum of delays from taking commands off the guest's ring (doorbell or poll)
     /// to their physical submission, in microseconds.
-    pub doorbell_to_submit_us: u64,
+    pub ring_to_submit_us: u64,
     /// Number of such delays.
-    pub doorbell_samples: u64,
+    pub ring_to_submit_samples: u64,
     /// GPU time of its batches (submission to last completion), in microseconds.
     pub gpu_busy_us: u64,
     /// Longest GPU time one of its slices took, in microseconds.
@@ -365,7 +365,7 @@ pub fn init(
         names: BTreeMap::new(),
         last_sample: (now_ns(), BTreeMap::new()),
         figures: BTreeMap::new(),
-        doorbell_at: BTreeMap::new(),
+        taken_at: BTreeMap::new(),
         buffers: BTreeMap::new(),
         next_handle: 1,
         all_reached: false,
@@ -825,7 +825,7 @@ pub fn slice_end(vm: VmId) {
 fn after_guest_work(s: &mut GpuPv, vm: VmId) {
     let staged = s.mediator.vm(vm).is_some_and(|v| v.staged_len() > 0);
     if staged {
-        s.doorbell_at.entry(vm).or_insert_with(crate::apic::now_us);
+        s.taken_at.entry(vm).or_insert_with(crate::apic::now_us);
         let _ = s.sched.set_runnable(vm, true, now_ns());
     }
     collect_interrupts(s);
@@ -1146,9 +1146,9 @@ fn submit(s: &mut GpuPv, batch: Batch) {
     let fig = s.figures.entry(batch.vm).or_default();
     fig.batches += 1;
     fig.commands += batch.commands.len() as u64;
-    if let Some(t) = s.doorbell_at.remove(&batch.vm) {
-        fig.doorbell_to_submit_us += now_us.saturating_sub(t);
-        fig.doorbell_samples += 1;
+    if let Some(t) = s.taken_at.remove(&batch.vm) {
+        fig.ring_to_submit_us += now_us.saturating_sub(t);
+        fig.ring_to_submit_samples += 1;
     }
     let mut f = InFlight {
         vm: batch.vm,

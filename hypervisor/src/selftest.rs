@@ -754,10 +754,10 @@ pub fn bench_gpu(bi: &boot_info::BootInfo, native: NativeFps, run_ms: u64) -> ! 
         interrupts / batches.max(1),
         interrupts * 100 / batches.max(1) % 100,
     );
-    let samples = f1.doorbell_samples - f0.doorbell_samples;
+    let samples = f1.ring_to_submit_samples - f0.ring_to_submit_samples;
     info!(
         "bench: guest ring to physical submission: {} us on average ({samples} samples; taken by doorbell or poll)",
-        (f1.doorbell_to_submit_us - f0.doorbell_to_submit_us) / samples.max(1),
+        (f1.ring_to_submit_us - f0.ring_to_submit_us) / samples.max(1),
     );
     info!(
         "bench: commands per second through the mediator: {}",
