@@ -39,6 +39,16 @@
 //! call coalesce into at most one virtual interrupt per vector, and only when the
 //! guest's event index asks for one.
 //!
+//! A host id goes back to the allocator, a guest fence is signalled and an IOMMU
+//! mapping is removed only when the device's completion says the command is done:
+//! a host id freed while the device still holds its resource would be handed to
+//! another VM, whose commands would then act on the first VM's resource. So
+//! commands the physical ring refused (full) are not completed: they go back to
+//! the front of the staging queue ([`Mediator::requeue`]) and are taken again; and
+//! an `UNREF` still on the GPU when its VM is reset frees its host id only when its
+//! completion arrives. (A reset does take all its VM's pages from the GPU at once:
+//! the device loses access, nothing is handed to anyone.)
+//!
 //! A VM that breaks its ring, or whose batch outlives its watchdog, is marked
 //! `DEVICE_NEEDS_RESET`; [`Mediator::reset_vm`] then drops its work, hands back every
 //! host resource, VRAM byte and IOMMU mapping it held, and touches nothing of any
@@ -506,6 +516,9 @@ struct Shared {
     next_context: u32,
     /// Host fence -> (VM, context) of every command on the GPU.
     routes: BTreeMap<u64, (VmId, u32)>,
+    /// Host fence -> host id of each `UNREF` that was on the GPU when its VM was
+    /// reset: the id is free once that completion arrives, not before.
+    releasing: BTreeMap<u64, u32>,
     events: VecDeque<Event>,
     max_events: usize,
     events_lost: u64,
@@ -651,6 +664,7 @@ impl Mediator {
                 next_batch: 1,
                 next_context: 1,
                 routes: BTreeMap::new(),
+                releasing: BTreeMap::new(),
                 events: VecDeque::new(),
                 max_events: config.max_events,
                 events_lost: 0,
@@ -995,6 +1009,51 @@ impl Mediator {
         Some(Batch { id, vm, commands })
     }
 
+    /// The physical ring refused `commands`, the tail of `vm`'s batch on the GPU, in
+    /// batch order (it was full): they leave the batch and go back to the front of
+    /// the VM's staging queue, to be taken again by the next
+    /// [`take_batch`](Self::take_batch) once the rest of the batch completed.
+    /// Nothing of them is applied: no answer, no fence signalled, and no host id,
+    /// VRAM or IOMMU mapping given back, since the device never saw them. Commands
+    /// no longer in the batch (a reset dropped it) are dropped, except a reset's
+    /// `UNREF`, which the VM owes the device still. Returns how many were requeued.
+    pub fn requeue(
+        &mut self,
+        vm: VmId,
+        commands: Vec<HostCommand>,
+    ) -> Result<usize, MediatorError> {
+        let v = self.vms.get_mut(&vm).ok_or(MediatorError::UnknownVm(vm))?;
+        let (mut n, mut bytes) = (0u64, 0u64);
+        for c in commands.into_iter().rev() {
+            let ours = v
+                .in_flight
+                .as_mut()
+                .is_some_and(|b| b.remaining.remove(&c.host_fence));
+            let owed = self.sh.releasing.remove(&c.host_fence);
+            if let Some(host) = owed {
+                v.held.insert(host);
+                let effect = Effect::Released {
+                    host,
+                    unmap: Vec::new(),
+                };
+                v.tracked.insert(c.host_fence, Tracked::internal(effect));
+            }
+            if ours || owed.is_some() {
+                self.sh.routes.remove(&c.host_fence);
+                n += 1;
+                bytes += c.bytes.len() as u64;
+                v.staged.push_front(c);
+            }
+        }
+        if v.in_flight.as_ref().is_some_and(|b| b.remaining.is_empty()) {
+            v.in_flight = None;
+        }
+        let c = self.sh.counters(vm);
+        c.commands_submitted = c.commands_submitted.saturating_sub(n);
+        c.bytes_copied = c.bytes_copied.saturating_sub(bytes);
+        Ok(n as usize)
+    }
+
     /// Which VM, and which of its contexts, host fence `host_fence` belongs to:
     /// how the interrupt handler routes a physical completion. `None` for a fence
     /// not on the GPU (already completed, or dropped by a reset).
@@ -1008,7 +1067,9 @@ impl Mediator {
     /// returns the chains and raises at most one virtual interrupt per vector.
     ///
     /// A completion that is not in the VM's batch is ignored and reported as a
-    /// [`EventKind::StaleCompletion`].
+    /// [`EventKind::StaleCompletion`]; if it is an `UNREF` that was on the GPU when
+    /// the VM was reset, its host id is free from now on. So the hypervisor reports
+    /// every completion of a VM, reset or gone, to the mediator.
     pub fn complete_batch(
         &mut self,
         vm: VmId,
@@ -1023,6 +1084,10 @@ impl Mediator {
                 .as_mut()
                 .is_some_and(|b| b.remaining.remove(&c.host_fence));
             if !ours {
+                // The UNREF of a reset VM's resource has run: its id is free now.
+                if let Some(host) = self.sh.releasing.remove(&c.host_fence) {
+                    self.sh.free_host_id(host);
+                }
                 report.stale += 1;
                 self.sh.counters.spurious_interrupts =
                     self.sh.counters.spurious_interrupts.saturating_add(1);
@@ -1096,7 +1161,8 @@ impl Mediator {
     /// gives back its VRAM, unmaps its IOMMU mappings (returned in the report, for
     /// the hypervisor to remove now) and stages the host commands that blank its
     /// scanouts and free its host resources (taken with [`take_batch`](Self::take_batch)
-    /// like any other; the host ids are reused only once those completed). The guest
+    /// like any other; the host ids are reused only once those completed, and those
+    /// of `UNREF`s of the dropped batch once their late completions arrive). The guest
     /// sees `DEVICE_NEEDS_RESET` and a config interrupt, and starts over with
     /// [`start_queues`](Self::start_queues). No other VM is touched.
     pub fn reset_vm(&mut self, vm: VmId) -> Result<ResetReport, MediatorError> {
@@ -1462,8 +1528,8 @@ impl Shared {
             for f in &b.remaining {
                 self.routes.remove(f);
                 // An UNREF already on the GPU frees its resource there: the host id
-                // is not unref'd a second time below, and is free for reuse (a
-                // later CREATE of it runs after this UNREF on the in-order ring).
+                // is not unref'd a second time below, and is free for reuse once
+                // that UNREF's completion arrives (see `complete_batch`).
                 if let Some(Tracked {
                     effect: Effect::Released { host, .. },
                     ..
@@ -1471,7 +1537,7 @@ impl Shared {
                 {
                     let host = *host;
                     if v.held.remove(&host) {
-                        self.free_host_id(host);
+                        self.releasing.insert(*f, host);
                     }
                 }
             }

@@ -34,11 +34,17 @@
 //! it is. Batches of that VM are taken ([`Mediator::take_batch`]) sized so that
 //! their cost bound ([`cost_bound_ns`]) fits the time left in the slice, so a slice
 //! never overruns its quantum (a command larger than a whole quantum would still
-//! run alone, and is counted as an overrun). Commands run one after the other;
+//! run alone, and is counted as an overrun), and never larger than the room left on
+//! the physical ring ([`RING_SLOTS`]). Commands run one after the other;
 //! each completion is fed back at its own finish time ([`Mediator::complete_batch`]),
 //! where the guest sees its response through the used ring and a virtual
 //! interrupt. A slice ends when its VM has no more work or the next batch does not
 //! fit; the scheduler is charged the GPU time used, context switch included.
+//!
+//! A VM reset gives the commands of its batch the GPU has not started back to the
+//! mediator ([`Mediator::requeue`]) before the reset drops them: the device never
+//! saw them, so what they would have freed (an `UNREF`'s host id) stays the VM's
+//! and the reset frees it on the device itself.
 //!
 //! Mediator CPU time is not simulated time here: the benchmark
 //! (`benches/mediator.rs`) measures it.
@@ -178,6 +184,10 @@ impl VmSpec {
         }
     }
 }
+
+/// Slots of the physical ring (the control queue the kernel's virtio-gpu driver
+/// sets up): a batch is never larger than the room left on it.
+pub const RING_SLOTS: usize = 64;
 
 /// Largest framebuffer a simulated guest can have (its RAM layout reserves this
 /// much per buffer).
@@ -1395,7 +1405,8 @@ impl<'a> Sim<'a> {
                 self.sc.switch_ns
             };
             let fresh = self.slice.as_ref().is_some_and(|o| o.ops == 0);
-            let k = self.fit(vm, remaining, switch, fresh);
+            let room = RING_SLOTS - self.batch.len() - usize::from(self.running.is_some());
+            let k = self.fit(vm, remaining, switch, fresh).min(room);
             self.sync_iommu();
             match (k > 0).then(|| self.med.take_batch(vm, k)).flatten() {
                 Some(b) => {
@@ -2042,6 +2053,7 @@ impl<'a> Sim<'a> {
     /// starts over.
     fn guest_reset(&mut self, i: usize) {
         let vm = self.guests[i].vm;
+        self.unstart(vm);
         if let Ok(r) = self.med.driver_reset(vm) {
             for &(hpa, len) in &r.unmapped {
                 self.iommu.unmap(vm, hpa, len);
@@ -2053,6 +2065,7 @@ impl<'a> Sim<'a> {
     /// The watchdog declared the VM hung: the hypervisor resets its channel.
     fn hard_reset(&mut self, i: usize) {
         let vm = self.guests[i].vm;
+        self.unstart(vm);
         if let Ok(r) = self.med.reset_vm(vm) {
             for &(hpa, len) in &r.unmapped {
                 self.iommu.unmap(vm, hpa, len);
@@ -2061,12 +2074,18 @@ impl<'a> Sim<'a> {
         self.reinit(i);
     }
 
+    /// The physical channel of `vm` drops what it had not started: back to the
+    /// mediator, which counts it as never submitted.
+    fn unstart(&mut self, vm: VmId) {
+        if self.batch_vm == Some(vm) && !self.batch.is_empty() {
+            let back: Vec<HostCommand> = self.batch.drain(..).collect();
+            // The VM exists: this cannot fail.
+            let _ = self.med.requeue(vm, back);
+        }
+    }
+
     fn reinit(&mut self, i: usize) {
         let vm = self.guests[i].vm;
-        // The physical channel drops what it had not started.
-        if self.batch_vm == Some(vm) {
-            self.batch.clear();
-        }
         self.sync_iommu();
         let g = &mut self.guests[i];
         g.stats.resets += 1;

@@ -10,6 +10,11 @@
 //!   mailboxes (the VM injects them on its next entry, coalesced), applies IOMMU
 //!   changes, logs the Operational/Debug events, runs the watchdog, and lets the
 //!   scheduler pick whose batch goes to the GPU next.
+//! - A batch is never larger than the physical ring's free slots; a command the
+//!   ring refuses all the same goes back to the mediator with the rest of its batch
+//!   and is sent again later. It is never answered as failed: the device did not
+//!   run it, and an `UNREF` taken as done would free a host id the device still
+//!   uses, for another VM's `CREATE` to get.
 //!
 //! Lock order: a VM's lock, then this module's. [`service`] takes only this one.
 
@@ -997,9 +1002,8 @@ pub fn service() -> bool {
             let completions = core::mem::take(&mut f.completions);
             s.slice_ops += completions.len() as u64;
             s.figures.entry(vm).or_default().completed += completions.len() as u64;
-            if let Some(mut mem) = s.memory.get(&vm).copied() {
-                let _ = s.mediator.complete_batch(vm, &completions, &mut mem);
-            }
+            let mut mem = s.memory.get(&vm).copied().unwrap_or(NO_MEMORY);
+            let _ = s.mediator.complete_batch(vm, &completions, &mut mem);
         }
     }
     // Overdue batches that came back after all: their VM's guest gets its answers.
@@ -1007,9 +1011,8 @@ pub fn service() -> bool {
         if !f.completions.is_empty() {
             let completions = core::mem::take(&mut f.completions);
             s.figures.entry(f.vm).or_default().completed += completions.len() as u64;
-            if let Some(mut mem) = s.memory.get(&f.vm).copied() {
-                let _ = s.mediator.complete_batch(f.vm, &completions, &mut mem);
-            }
+            let mut mem = s.memory.get(&f.vm).copied().unwrap_or(NO_MEMORY);
+            let _ = s.mediator.complete_batch(f.vm, &completions, &mut mem);
         }
     }
     s.parked.retain(|f| f.outstanding > 0);
@@ -1082,6 +1085,11 @@ pub fn service() -> bool {
     harvested || s.next_token != batches_before || staged_after != staged_before
 }
 
+/// The memory of a VM that is gone (nothing is reachable): the completions of its
+/// last commands still reach the mediator, since a reset VM's host ids go back
+/// only with them; its context is reset, so no guest is answered.
+const NO_MEMORY: VmMemory = VmMemory { base: 0, size: 0 };
+
 fn schedule(s: &mut GpuPv, now: u64) {
     // A batch still out long after its slice ended (a hang, or a GPU that stalls on
     // this VM's work) does not hold the GPU schedule: it is parked (tracked until it
@@ -1133,32 +1141,49 @@ fn schedule(s: &mut GpuPv, now: u64) {
         s.slice = s.sched.pick(now);
     }
     let Some(sl) = s.slice else { return };
-    // A batch sized to the time left in the slice (at least one command).
+    // A batch sized to the time left in the slice (at least one command), and to
+    // the room the physical ring has now.
     let fit = (sl.end_ns().saturating_sub(now) / cost(s, sl.vm)).clamp(1, MAX_BATCH as u64);
-    let Some(batch) = s.mediator.take_batch(sl.vm, fit as usize) else {
+    let room = ring_room(s, sl.vm, fit as usize);
+    if room == 0 {
+        return;
+    }
+    let Some(batch) = s.mediator.take_batch(sl.vm, room) else {
         return;
     };
     submit(s, batch);
 }
 
+/// How many of `vm`'s staged commands, in order and at most `max`, the physical
+/// ring can take now (each queue has its own free slots).
+fn ring_room(s: &GpuPv, vm: VmId, max: usize) -> usize {
+    let mut free = QueueId::ALL.map(|q| s.backend.free_slots(q));
+    let Some(v) = s.mediator.vm(vm) else { return 0 };
+    v.staged()
+        .take(max)
+        .take_while(|c| match free[c.queue.index()].checked_sub(1) {
+            Some(n) => {
+                free[c.queue.index()] = n;
+                true
+            }
+            None => false,
+        })
+        .count()
+}
+
 fn submit(s: &mut GpuPv, batch: Batch) {
     let now_us = crate::apic::now_us();
-    let fig = s.figures.entry(batch.vm).or_default();
-    fig.batches += 1;
-    fig.commands += batch.commands.len() as u64;
-    if let Some(t) = s.taken_at.remove(&batch.vm) {
-        fig.ring_to_submit_us += now_us.saturating_sub(t);
-        fig.ring_to_submit_samples += 1;
-    }
+    let vm = batch.vm;
     let mut f = InFlight {
-        vm: batch.vm,
+        vm,
         outstanding: 0,
         completions: Vec::new(),
         tokens: Vec::new(),
-        commands: batch.commands.len(),
+        commands: 0,
         submitted_ns: now_ns(),
     };
-    for c in &batch.commands {
+    let mut commands = batch.commands.into_iter();
+    while let Some(c) = commands.next() {
         let token = s.next_token;
         s.next_token += 1;
         let mut bytes = alloc::borrow::Cow::Borrowed(c.bytes.as_slice());
@@ -1179,34 +1204,45 @@ fn submit(s: &mut GpuPv, batch: Batch) {
                     let mut out = Vec::new();
                     command::encode(&req, &mut out);
                     warn!(
-                        "gpu-pv: TEST ONLY: letting ungranted address {bad:#x} through to the GPU (vm {} resource {resource_id})",
-                        batch.vm
+                        "gpu-pv: TEST ONLY: letting ungranted address {bad:#x} through to the GPU (vm {vm} resource {resource_id})"
                     );
                     bytes = alloc::borrow::Cow::Owned(out);
                 }
             }
         }
         if !c.copies.is_empty() {
-            band_copies(s, c);
+            band_copies(s, &c);
         }
-        match s.backend.submit(c.queue, &bytes, token) {
-            Ok(()) => {
-                s.tokens.insert(token, c.host_fence);
-                f.tokens.push(token);
-                f.outstanding += 1;
-            }
-            Err(e) => {
-                // The guest is answered with the device's error; the mediator logs it.
-                warn!(
-                    "gpu-pv/Debug: vm {}: physical submit failed: {e:?}",
-                    batch.vm
-                );
-                f.completions.push(Completion {
-                    host_fence: c.host_fence,
-                    status: gpu_pv::wire::RESP_ERR_UNSPEC,
-                });
-            }
+        let r = s.backend.submit(c.queue, &bytes, token);
+        drop(bytes);
+        if let Err(e) = r {
+            // Refused (the ring is full, or busy with a large command): the device
+            // never saw this command nor the rest of the batch. They go back to the
+            // mediator, in order, to be taken again; nothing of them is completed,
+            // signalled or freed meanwhile.
+            let mut back = alloc::vec![c];
+            back.extend(commands);
+            warn!(
+                "gpu-pv/Debug: vm {vm}: physical submit refused ({e:?}): {} commands requeued",
+                back.len()
+            );
+            let _ = s.mediator.requeue(vm, back);
+            break;
         }
+        s.tokens.insert(token, c.host_fence);
+        f.tokens.push(token);
+        f.outstanding += 1;
+        f.commands += 1;
+    }
+    if f.commands == 0 {
+        return;
+    }
+    let fig = s.figures.entry(vm).or_default();
+    fig.batches += 1;
+    fig.commands += f.commands as u64;
+    if let Some(t) = s.taken_at.remove(&vm) {
+        fig.ring_to_submit_us += now_us.saturating_sub(t);
+        fig.ring_to_submit_samples += 1;
     }
     s.backend.kick();
     s.in_flight = Some(f);

@@ -517,6 +517,13 @@ impl World {
         Some(r)
     }
 
+    /// The physical ring refused `commands`, the tail of VM `i`'s batch (in
+    /// order): what the hypervisor's glue (`hypervisor/src/gpupv.rs`) does then.
+    pub fn refused(&mut self, i: usize, commands: Vec<HostCommand>) {
+        let vm = self.guests[i].vm;
+        self.med.requeue(vm, commands).unwrap();
+    }
+
     /// Runs VM `i`'s batches until it has nothing staged.
     pub fn run_all(&mut self, i: usize, gpu: &mut dyn Gpu) {
         while self.run_batch(i, 16, gpu).is_some() {}

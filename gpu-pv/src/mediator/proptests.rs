@@ -8,9 +8,12 @@
 //!   RAM; the GPU touches nothing the mediator did not map;
 //! - each VM's fences are signalled in increasing order;
 //! - a reset VM leaves no trace: nothing of it stays on the GPU, in VRAM or in
-//!   the IOMMU, and its neighbour ends up exactly as if the reset VM had never run.
+//!   the IOMMU, and its neighbour ends up exactly as if the reset VM had never run;
+//! - behind a physical ring that refuses commands and reports completions late and
+//!   out of order, no VM ever holds a host id that is live on the device as another
+//!   VM's resource, and no VM's command reaches another VM's resource.
 
-use alloc::collections::BTreeSet;
+use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::vec;
 use alloc::vec::Vec;
 use std::cell::RefCell;
@@ -501,5 +504,276 @@ proptest! {
                 prop_assert!(m.take_iommu_ops().is_empty());
             }
         }
+    }
+}
+
+/// What happens on the physical ring the VMs share.
+#[derive(Clone, Debug)]
+enum RingOp {
+    /// VM index, command, fence id (0: unfenced).
+    Send(usize, Cmd, u64),
+    /// The hypervisor takes a batch of the VM (at most `max`, and no more than
+    /// the ring has room for); the ring refuses the command at `refuse` and the
+    /// rest of the batch, if the batch is that long.
+    Submit(usize, usize, Option<usize>),
+    /// The device runs up to `n` accepted commands, in ring order.
+    Execute(usize),
+    /// One completion, of those the device has run, is reported.
+    Complete(prop::sample::Index),
+    /// The hypervisor resets the VM's channel.
+    Reset(usize),
+    /// The VM's driver resets the device and starts again (if it was reset).
+    Restart(usize),
+}
+
+fn ring_op() -> impl Strategy<Value = RingOp> {
+    prop_oneof![
+        8 => (0usize..2, cmd(), prop_oneof![3 => Just(0u64), 1 => 0u64..12])
+            .prop_map(|(v, c, f)| RingOp::Send(v, c, f)),
+        4 => (0usize..2, 0u32..5).prop_map(|(v, id)| RingOp::Send(v, Cmd::Unref(id), 0)),
+        6 => (0usize..2, 1usize..8, prop::option::of(0usize..6))
+            .prop_map(|(v, max, refuse)| RingOp::Submit(v, max, refuse)),
+        3 => (1usize..4).prop_map(RingOp::Execute),
+        4 => any::<prop::sample::Index>().prop_map(RingOp::Complete),
+        2 => (0usize..2).prop_map(RingOp::Reset),
+        2 => (0usize..2).prop_map(RingOp::Restart),
+    ]
+}
+
+/// Slots of the model ring: each accepted command holds one until its completion
+/// is reported.
+const RING_SLOTS: usize = 6;
+
+/// Two VMs on a simulated GPU behind a small physical ring that refuses, with the
+/// device's own view of who created each live resource.
+struct RingSim {
+    w: World,
+    gpu: SimGpu,
+    /// Accepted, not yet run by the device, in ring order, with the VM's context
+    /// then.
+    queued: VecDeque<(VmId, u32, HostCommand)>,
+    /// Run by the device, completion not yet reported.
+    done: Vec<(VmId, Completion)>,
+    /// Host id -> the VM whose `CREATE` made the live resource on the device.
+    owner: BTreeMap<u32, VmId>,
+}
+
+impl RingSim {
+    fn new() -> Self {
+        RingSim {
+            w: World::new(2, true),
+            gpu: sim_gpu(2),
+            queued: VecDeque::new(),
+            done: Vec::new(),
+            owner: BTreeMap::new(),
+        }
+    }
+
+    fn apply(&mut self, op: &RingOp) -> Result<(), TestCaseError> {
+        match op {
+            RingOp::Send(v, c, f) => {
+                let vm = self.w.vm(*v);
+                let (q, r) = request(*v, c, *f);
+                let free = match q {
+                    QueueId::Control => self.w.guests[*v].ctrl.num_free(),
+                    QueueId::Cursor => self.w.guests[*v].cursor.num_free(),
+                };
+                if self.w.med.vm(vm).unwrap().state() == VmState::Active && free > 0 {
+                    self.w.send(*v, q, &r);
+                }
+            }
+            RingOp::Submit(v, max, refuse) => self.submit(*v, *max, *refuse)?,
+            RingOp::Execute(n) => {
+                for _ in 0..*n {
+                    self.execute()?;
+                }
+            }
+            RingOp::Complete(i) => {
+                if !self.done.is_empty() {
+                    let (vm, c) = self.done.remove(i.index(self.done.len()));
+                    let g = usize::from(vm) - 1;
+                    self.w
+                        .med
+                        .complete_batch(vm, &[c], &mut self.w.guests[g].mem)
+                        .unwrap();
+                    self.w.sync_iommu();
+                }
+            }
+            RingOp::Reset(v) => {
+                let vm = self.w.vm(*v);
+                let report = self.w.med.reset_vm(vm).unwrap();
+                self.w.iommu.apply_reset(vm, &report);
+            }
+            RingOp::Restart(v) => {
+                let vm = self.w.vm(*v);
+                if self.w.med.vm(vm).unwrap().state() == VmState::Reset {
+                    self.w.med.driver_reset(vm).unwrap();
+                    self.w.guests[*v].reinit_queues(true);
+                    self.w.start(*v, true);
+                }
+            }
+        }
+        for g in &mut self.w.guests {
+            g.take_used(QueueId::Control);
+            g.take_used(QueueId::Cursor);
+        }
+        self.check()
+    }
+
+    /// Takes a batch of VM index `v` no larger than the ring's room, and submits
+    /// it; the ring refuses from index `refuse` on.
+    fn submit(&mut self, v: usize, max: usize, refuse: Option<usize>) -> Result<(), TestCaseError> {
+        let vm = self.w.vm(v);
+        let room = RING_SLOTS - self.queued.len() - self.done.len();
+        self.w.sync_iommu();
+        let Some(batch) = self.w.med.take_batch(vm, max.min(room)) else {
+            return Ok(());
+        };
+        prop_assert!(batch.commands.len() <= room);
+        let context = self.w.med.vm(vm).unwrap().context_id();
+        let mut commands = batch.commands;
+        let refused = commands.split_off(refuse.unwrap_or(usize::MAX).min(commands.len()));
+        self.queued
+            .extend(commands.into_iter().map(|c| (vm, context, c)));
+        if !refused.is_empty() {
+            self.w.refused(v, refused);
+        }
+        Ok(())
+    }
+
+    /// The device runs the next accepted command; it must name only resources
+    /// its VM created.
+    fn execute(&mut self) -> Result<(), TestCaseError> {
+        let Some((vm, context, c)) = self.queued.pop_front() else {
+            return Ok(());
+        };
+        let named = match c.request.cmd {
+            Command::ResourceUnref { resource_id }
+            | Command::ResourceFlush { resource_id, .. }
+            | Command::TransferToHost2d { resource_id, .. }
+            | Command::ResourceAttachBacking { resource_id, .. }
+            | Command::ResourceDetachBacking { resource_id }
+            | Command::SetScanout { resource_id, .. }
+            | Command::UpdateCursor { resource_id, .. } => resource_id,
+            _ => 0,
+        };
+        if let Some(&o) = self.owner.get(&named) {
+            prop_assert_eq!(
+                o,
+                vm,
+                "VM {} acted on VM {}'s host resource {}",
+                vm,
+                o,
+                named
+            );
+        }
+        let view = HostView {
+            guests: &mut self.w.guests,
+            iommu: &self.w.iommu,
+            faults: RefCell::new(Vec::new()),
+        };
+        let status = self.gpu.execute(&c.request, &view).response.type_();
+        let faults = view.faults.into_inner();
+        // A reset takes the VM's pages from the GPU at once, even from its
+        // commands still on the ring.
+        let reset = self.w.med.vm(vm).unwrap().context_id() != context;
+        prop_assert!(
+            faults.is_empty() || reset,
+            "GPU reached unmapped memory: {:?}",
+            faults
+        );
+        if status == wire::RESP_OK_NODATA {
+            match c.request.cmd {
+                Command::ResourceCreate2d { resource_id, .. } => {
+                    self.owner.insert(resource_id, vm);
+                }
+                Command::ResourceUnref { resource_id } => {
+                    self.owner.remove(&resource_id);
+                }
+                _ => {}
+            }
+        }
+        self.done.push((
+            vm,
+            Completion {
+                host_fence: c.host_fence,
+                status,
+            },
+        ));
+        Ok(())
+    }
+
+    /// No VM holds a host id that is live on the device as another VM's resource,
+    /// and no two VMs hold the same host id.
+    fn check(&self) -> Result<(), TestCaseError> {
+        let mut seen = BTreeMap::new();
+        for g in &self.w.guests {
+            for h in self.w.med.vm(g.vm).unwrap().host_resources() {
+                if let Some(&o) = self.owner.get(&h) {
+                    prop_assert_eq!(
+                        o,
+                        g.vm,
+                        "VM {} holds host id {}, live on the device as VM {}'s",
+                        g.vm,
+                        h,
+                        o
+                    );
+                }
+                if let Some(other) = seen.insert(h, g.vm) {
+                    prop_assert!(false, "VMs {} and {} both hold host id {}", other, g.vm, h);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs everything to the end: no refusals, every completion reported.
+    fn drain(&mut self) -> Result<(), TestCaseError> {
+        for _ in 0..10_000 {
+            while !self.queued.is_empty() {
+                self.execute()?;
+            }
+            for (vm, c) in core::mem::take(&mut self.done) {
+                let g = usize::from(vm) - 1;
+                self.w
+                    .med
+                    .complete_batch(vm, &[c], &mut self.w.guests[g].mem)
+                    .unwrap();
+            }
+            self.check()?;
+            let staged = (0..2).any(|v| self.w.med.vm(self.w.vm(v)).unwrap().staged_len() > 0);
+            if !staged {
+                return Ok(());
+            }
+            for v in 0..2 {
+                self.submit(v, RING_SLOTS, None)?;
+            }
+        }
+        Err(TestCaseError::fail("the ring never drained"))
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn no_two_vms_hold_the_same_live_host_id_under_refusals_and_completions(
+        ops in proptest::collection::vec(ring_op(), 1..120)
+    ) {
+        let mut s = RingSim::new();
+        for o in &ops {
+            s.apply(o)?;
+        }
+        s.drain()?;
+        // Nothing leaked either: every live resource is held by the VM that made it.
+        for (&h, &vm) in &s.owner {
+            prop_assert!(
+                s.w.med.vm(vm).unwrap().host_resources().any(|x| x == h),
+                "host resource {} of VM {} is live on the device but held by nobody",
+                h,
+                vm
+            );
+        }
+        prop_assert_eq!(s.owner.len(), s.gpu.resource_count());
     }
 }

@@ -1723,3 +1723,96 @@ fn a_second_reset_does_not_unref_what_is_being_unrefd() {
         assert_eq!(unrefs(&second), 0, "unref'd twice: {second:?}");
     }
 }
+
+/// The physical ring refuses a VM's UNREF (full): the host id stays the VM's until
+/// the device ran that UNREF, so no other VM's CREATE is given the id of a
+/// resource still live on the device (its later commands would act on it).
+#[test]
+fn a_refused_unref_keeps_its_host_id_until_the_device_ran_it() {
+    let mut w = World::new(2, true);
+    let mut gpu = sim_gpu(2);
+    assert_eq!(
+        w.call(0, &req(create(2, 8, 8)), &mut gpu),
+        Response::OkNoData
+    );
+    let h = w.med.vm(1).unwrap().host_resource(2).unwrap();
+    let unref = req(Command::ResourceUnref { resource_id: 2 });
+    let head = w.send(0, QueueId::Control, &unref);
+    let batch = w.med.take_batch(1, 16).unwrap();
+    w.refused(0, batch.commands);
+    assert!(gpu.resource(h).is_some());
+
+    // VM 2 creates a resource, backs it and shows it, all staged at once.
+    w.send(1, QueueId::Control, &req(create(5, 8, 8)));
+    w.send(1, QueueId::Control, &req(attach(5, FB, 256, 1)));
+    let show = req(Command::SetScanout {
+        rect: rect(8, 8),
+        scanout_id: 0,
+        resource_id: 5,
+    });
+    w.send(1, QueueId::Control, &show);
+    assert_ne!(
+        w.med.vm(2).unwrap().host_resource(5),
+        Some(h),
+        "VM 2 was given host id {h}: VM 1's resource, still live on the device"
+    );
+    w.run_all(1, &mut gpu);
+    assert_eq!(gpu.resource(h).unwrap().backing_bytes, None);
+    assert_ne!(gpu.scanout(1).unwrap().resource_id, h);
+    assert!(w.faults.is_empty());
+
+    // The refused UNREF is taken again, runs, and only then frees the id.
+    assert!(w.guests[0].take_used(QueueId::Control).is_empty());
+    w.run_all(0, &mut gpu);
+    assert!(gpu.resource(h).is_none());
+    let used = w.guests[0].take_used(QueueId::Control);
+    assert_eq!(used.len(), 1);
+    assert_eq!(used[0].head, head);
+    assert_eq!(used[0].resp.as_ref().unwrap().1, Response::OkNoData);
+    assert_eq!(
+        w.call(1, &req(create(6, 8, 8)), &mut gpu),
+        Response::OkNoData
+    );
+    assert_eq!(w.med.vm(2).unwrap().host_resource(6), Some(h));
+}
+
+/// A VM reset while its UNREF is on the GPU (not yet run): the host id is not
+/// another VM's before that UNREF's completion arrives.
+#[test]
+fn an_unref_on_the_gpu_at_a_reset_frees_its_host_id_when_it_completes() {
+    let mut w = World::new(2, true);
+    let mut gpu = sim_gpu(2);
+    w.call(0, &req(create(2, 8, 8)), &mut gpu);
+    let h = w.med.vm(1).unwrap().host_resource(2).unwrap();
+    w.send(
+        0,
+        QueueId::Control,
+        &req(Command::ResourceUnref { resource_id: 2 }),
+    );
+    let unref = w.med.take_batch(1, 16).unwrap();
+    let report = w.med.reset_vm(1).unwrap();
+    w.iommu.apply_reset(1, &report);
+    assert_eq!(w.med.vm(1).unwrap().host_resources().count(), 0);
+    w.send(1, QueueId::Control, &req(create(2, 8, 8)));
+    assert_ne!(
+        w.med.vm(2).unwrap().host_resource(2),
+        Some(h),
+        "VM 2 was given host id {h} while VM 1's UNREF of it has not run"
+    );
+    w.run_all(1, &mut gpu);
+    // The device runs the UNREF and reports it: the id is free now.
+    let done: Vec<Completion> = unref
+        .commands
+        .iter()
+        .map(|c| Completion {
+            host_fence: c.host_fence,
+            status: gpu.execute(&c.request, &w.guests[0].mem).response.type_(),
+        })
+        .collect();
+    assert_eq!(done[0].status, wire::RESP_OK_NODATA);
+    w.med
+        .complete_batch(1, &done, &mut w.guests[0].mem)
+        .unwrap();
+    w.call(1, &req(create(3, 8, 8)), &mut gpu);
+    assert_eq!(w.med.vm(2).unwrap().host_resource(3), Some(h));
+}
