@@ -22,7 +22,6 @@ mod pci;
 mod selftest;
 mod serial;
 mod smp;
-mod vdev;
 mod virt;
 mod vm;
 mod vm_context;

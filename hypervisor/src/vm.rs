@@ -10,11 +10,11 @@ use core::fmt::Write;
 use gpu_pv::abi::{guest, hypercall};
 use gpu_pv::memory::GuestMemory;
 use log::{info, warn};
+use vdev::mmio::{self, Access};
+use vdev::vgpu::{Action, VirtioGpuDevice};
+use vdev::vlapic::VLapic;
 
 use crate::mm::frames;
-use crate::vdev::mmio::{self, Access};
-use crate::vdev::vgpu::{Action, VirtioGpuDevice};
-use crate::vdev::vlapic::VLapic;
 use crate::virt::npt::{Format, NestedTables, Perm};
 use crate::virt::{self, Backend, StartState, Vcpu, VmExit};
 use crate::vm_context;
@@ -596,7 +596,7 @@ impl Vm {
                 } else if in_ecam {
                     let (bus, dev, func, off) = ecam(gpa);
                     match self.gpu.as_ref() {
-                        Some(d) if bus == 0 => u64::from(d.config_read(dev, func, off, size)),
+                        Some(d) if bus == 0 => d.config_read(dev, func, off, size),
                         _ => u64::MAX,
                     }
                 } else if let Some(d) = self.gpu.as_mut().filter(|d| d.claims(gpa)) {

@@ -459,11 +459,25 @@ pub fn check_image(paths: &Paths, img: &Path, marker: &str) -> Result<bool> {
     Ok(ok)
 }
 
-/// The fuzz smoke run: every target of `gpu-pv/fuzz` for `secs` seconds.
+/// The crates with cargo-fuzz targets: every top-level directory holding `fuzz/Cargo.toml`
+/// (sorted, so runs are in a stable order).
+fn fuzz_crates(paths: &Paths) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = fs::read_dir(&paths.root)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|d| d.join("fuzz").join("Cargo.toml").is_file())
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.sort();
+    dirs
+}
+
+/// The fuzz smoke run: every target of every crate's `fuzz/` for `secs` seconds.
 pub fn fuzz_smoke(paths: &Paths, secs: u64) -> Result<()> {
-    let crate_dir = paths.root.join("gpu-pv");
-    if !crate_dir.join("fuzz").join("Cargo.toml").is_file() {
-        println!("fuzz: no gpu-pv/fuzz/Cargo.toml; nothing to fuzz");
+    let crates = fuzz_crates(paths);
+    if crates.is_empty() {
+        println!("fuzz: no <crate>/fuzz/Cargo.toml; nothing to fuzz");
         return Ok(());
     }
     // `cargo` from PATH is rustup's proxy, which understands `+toolchain`.
@@ -480,6 +494,25 @@ pub fn fuzz_smoke(paths: &Paths, secs: u64) -> Result<()> {
         )?;
     }
     let nightly = ensure_nightly();
+    let (mut passed, mut failed) = (0, 0);
+    for crate_dir in &crates {
+        let (p, f) = fuzz_crate(paths, crate_dir, nightly, secs)?;
+        passed += p;
+        failed += f;
+    }
+    println!("fuzz: {passed} passed, {failed} failed");
+    if failed > 0 {
+        return Err(format!("{failed} fuzz target(s) failed"));
+    }
+    Ok(())
+}
+
+/// Runs every target of `crate_dir/fuzz` for `secs` seconds: (passed, failed).
+fn fuzz_crate(paths: &Paths, crate_dir: &Path, nightly: bool, secs: u64) -> Result<(u32, u32)> {
+    let name = crate_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let fuzz_cmd = || {
         let mut c = Command::new("cargo");
         if nightly {
@@ -489,7 +522,7 @@ pub fn fuzz_smoke(paths: &Paths, secs: u64) -> Result<()> {
             // unstable flags cargo-fuzz passes.
             c.env("RUSTC_BOOTSTRAP", "1");
         }
-        c.arg("fuzz").current_dir(&crate_dir);
+        c.arg("fuzz").current_dir(crate_dir);
         c
     };
     let out = fuzz_cmd()
@@ -509,7 +542,7 @@ pub fn fuzz_smoke(paths: &Paths, secs: u64) -> Result<()> {
         .map(String::from)
         .collect();
     println!(
-        "fuzz: {} target(s), {secs} s each: {}",
+        "fuzz: {name}: {} target(s), {secs} s each: {}",
         targets.len(),
         targets.join(", ")
     );
@@ -519,7 +552,7 @@ pub fn fuzz_smoke(paths: &Paths, secs: u64) -> Result<()> {
             return Err("interrupted".into());
         }
         let started = Instant::now();
-        let log = paths.logs_dir().join(format!("fuzz-{t}.log"));
+        let log = paths.logs_dir().join(format!("fuzz-{name}-{t}.log"));
         let r = run_logged(
             fuzz_cmd()
                 .args(["run", t, "--"])
@@ -545,17 +578,13 @@ pub fn fuzz_smoke(paths: &Paths, secs: u64) -> Result<()> {
                     println!("    | {line}");
                 }
                 println!(
-                    "    --- full log: {}; crash inputs: gpu-pv/fuzz/artifacts/{t}/",
+                    "    --- full log: {}; crash inputs: {name}/fuzz/artifacts/{t}/",
                     paths.show(&log)
                 );
             }
         }
     }
-    println!("fuzz: {passed} passed, {failed} failed");
-    if failed > 0 {
-        return Err(format!("{failed} fuzz target(s) failed"));
-    }
-    Ok(())
+    Ok((passed, failed))
 }
 
 /// Runs `cmd` with stdout and stderr into `log`; fails unless it exits with 0.

@@ -10,42 +10,9 @@ pub mod vmx;
 
 use alloc::boxed::Box;
 
-/// Guest general-purpose registers kept by the hypervisor across VM entries (RSP and
-/// RIP live in the VMCB/VMCS; RAX too on SVM, mirrored here by the backend).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct GuestRegs {
-    #[allow(missing_docs)]
-    pub rax: u64,
-    #[allow(missing_docs)]
-    pub rbx: u64,
-    #[allow(missing_docs)]
-    pub rcx: u64,
-    #[allow(missing_docs)]
-    pub rdx: u64,
-    #[allow(missing_docs)]
-    pub rsi: u64,
-    #[allow(missing_docs)]
-    pub rdi: u64,
-    #[allow(missing_docs)]
-    pub rbp: u64,
-    #[allow(missing_docs)]
-    pub r8: u64,
-    #[allow(missing_docs)]
-    pub r9: u64,
-    #[allow(missing_docs)]
-    pub r10: u64,
-    #[allow(missing_docs)]
-    pub r11: u64,
-    #[allow(missing_docs)]
-    pub r12: u64,
-    #[allow(missing_docs)]
-    pub r13: u64,
-    #[allow(missing_docs)]
-    pub r14: u64,
-    #[allow(missing_docs)]
-    pub r15: u64,
-}
+/// Guest general-purpose registers: defined in the `vdev` crate (the MMIO decoder
+/// reads and writes them) with the `#[repr(C)]` layout the entry assembly uses.
+pub use vdev::GuestRegs;
 
 /// A port I/O exit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,9 +2,11 @@
 //! decode assists under TCG, and none are relied on anywhere): `mov` between a
 //! general register (or an immediate) and memory, 1 to 8 bytes.
 
-use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+use iced_x86::{Decoder, DecoderOptions, OpKind};
+/// The register and mnemonic types of [`Access`] and [`MmioError`].
+pub use iced_x86::{Mnemonic, Register};
 
-use crate::virt::GuestRegs;
+use crate::GuestRegs;
 
 /// What the instruction does to the MMIO location.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -141,4 +143,88 @@ pub fn complete_read(regs: &mut GuestRegs, reg: Register, value: u64) {
         4 => value & 0xffff_ffff,
         _ => value,
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn regs() -> GuestRegs {
+        GuestRegs {
+            rax: 0x1111_1111_1111_1111,
+            rbx: 0x2222_2222_2222_2222,
+            rcx: 0x3333_3333_3333_3333,
+            rdx: 0x4444_4444_4444_4444,
+            r15: 0xffff_ffff_ffff_ffff,
+            ..GuestRegs::default()
+        }
+    }
+
+    fn read(reg: Register, size: u8) -> Access {
+        Access::Read { reg, size }
+    }
+
+    fn write(value: u64, size: u8) -> Access {
+        Access::Write { value, size }
+    }
+
+    #[test]
+    fn register_reads_complete_like_the_cpu() {
+        let mut r = regs();
+        // mov eax, [rdi]: zero-extends.
+        let decoded = decode(&[0x8b, 0x07], &mut r);
+        assert_eq!(decoded, Ok((read(Register::EAX, 4), 2)));
+        complete_read(&mut r, Register::EAX, 0xdead_beef_cafe);
+        assert_eq!(r.rax, 0xbeef_cafe);
+        // mov ah, [rdi]: merges into bits 8-15.
+        let decoded = decode(&[0x8a, 0x27], &mut r);
+        assert_eq!(decoded, Ok((read(Register::AH, 1), 2)));
+        complete_read(&mut r, Register::AH, 0x1ff);
+        assert_eq!(r.rax, 0xbeef_fffe);
+        // mov r15w, [rdi]: merges the low 16 bits.
+        let decoded = decode(&[0x66, 0x44, 0x8b, 0x3f], &mut r);
+        assert_eq!(decoded, Ok((read(Register::R15W, 2), 4)));
+        complete_read(&mut r, Register::R15W, 0x1234);
+        assert_eq!(r.r15, 0xffff_ffff_ffff_1234);
+        // mov rbx, [rdi]: all 64 bits.
+        let decoded = decode(&[0x48, 0x8b, 0x1f], &mut r);
+        assert_eq!(decoded, Ok((read(Register::RBX, 8), 3)));
+    }
+
+    #[test]
+    fn writes_take_register_or_immediate() {
+        let mut r = regs();
+        // mov [rdi], ch
+        assert_eq!(decode(&[0x88, 0x2f], &mut r), Ok((write(0x33, 1), 2)));
+        // mov [rdi], edx
+        let decoded = decode(&[0x89, 0x17], &mut r);
+        assert_eq!(decoded, Ok((write(0x4444_4444, 4), 2)));
+        // mov qword [rdi], -1 (imm32 sign-extended)
+        let decoded = decode(&[0x48, 0xc7, 0x07, 0xff, 0xff, 0xff, 0xff], &mut r);
+        assert_eq!(decoded, Ok((write(u64::MAX, 8), 7)));
+        // mov word [rdi], 0x1234
+        let decoded = decode(&[0x66, 0xc7, 0x07, 0x34, 0x12], &mut r);
+        assert_eq!(decoded, Ok((write(0x1234, 2), 5)));
+    }
+
+    #[test]
+    fn other_forms_are_refused() {
+        let mut r = regs();
+        assert_eq!(decode(&[0xff; 15], &mut r), Err(MmioError::Invalid));
+        assert_eq!(decode(&[], &mut r), Err(MmioError::Invalid));
+        // add [rdi], eax
+        let decoded = decode(&[0x01, 0x07], &mut r);
+        assert_eq!(decoded, Err(MmioError::Unsupported(Mnemonic::Add)));
+        // mov rsp, [rdi] and mov [rdi], rsp: RSP is not in GuestRegs.
+        assert!(decode(&[0x48, 0x8b, 0x27], &mut r).is_err());
+        assert!(decode(&[0x48, 0x89, 0x27], &mut r).is_err());
+        // mov es, [rdi]
+        assert!(decode(&[0x8e, 0x07], &mut r).is_err());
+        // mov eax, ebx: no memory operand.
+        assert!(decode(&[0x89, 0xd8], &mut r).is_err());
+        // Completing into a register GuestRegs lacks changes nothing.
+        let before = r;
+        complete_read(&mut r, Register::RSP, 1);
+        assert_eq!(r, before);
+    }
 }

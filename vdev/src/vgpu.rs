@@ -2,7 +2,7 @@
 //! 00:01.0 of the VM's PCI configuration space, with the modern virtio-pci
 //! capabilities in BAR4 (common 0x0, ISR 0x1000, device 0x2000, notify 0x3000) and a
 //! 3-entry MSI-X table in BAR1, all trapped through nested paging. Notify writes are
-//! doorbells into the `gpu-pv` mediator ([`crate::gpupv`]); MSI-X entries turn the
+//! doorbells into the `gpu-pv` mediator (the kernel's `gpupv.rs`); MSI-X entries turn the
 //! mediator's interrupts into the VM's own vectors.
 //!
 //! It offers what an unmodified Linux virtio_gpu driver negotiates: VERSION_1, EDID,
@@ -120,6 +120,20 @@ pub struct VirtioGpuDevice {
     pub needs_reset: bool,
 }
 
+/// `gpa`'s offset in the range of `size` bytes at `base`, if it is inside. No
+/// `base + size`: a BAR may end exactly at 2^64.
+fn offset_in(base: u64, size: u64, gpa: u64) -> Option<u64> {
+    gpa.checked_sub(base).filter(|&off| off < size)
+}
+
+/// The low `size` bytes of `v` (8 or more: all of it).
+fn cut(v: u64, size: u8) -> u64 {
+    match size {
+        0..=7 => v & ((1u64 << (8 * u32::from(size))) - 1),
+        _ => v,
+    }
+}
+
 fn put16(c: &mut [u8], o: usize, v: u16) {
     c[o..o + 2].copy_from_slice(&v.to_le_bytes());
 }
@@ -226,20 +240,22 @@ impl VirtioGpuDevice {
     /// Whether `gpa` is one of this device's MMIO ranges.
     pub fn claims(&self, gpa: u64) -> bool {
         let (b4, b1) = self.bars();
-        (b4..b4 + BAR4_SIZE).contains(&gpa) || (b1..b1 + BAR1_SIZE).contains(&gpa)
+        offset_in(b4, BAR4_SIZE, gpa).is_some() || offset_in(b1, BAR1_SIZE, gpa).is_some()
     }
 
-    /// Configuration-space read of `size` bytes at `off` for function 00:`dev`.`func`.
-    pub fn config_read(&self, dev: u8, func: u8, off: u16, size: u8) -> u32 {
+    /// Configuration-space read of `size` bytes (at most 8: an 8-byte `mov` on the
+    /// ECAM window reads two dwords) at `off` for function 00:`dev`.`func`. Bytes
+    /// past the 256 of config space, or of an absent function, read 0xff.
+    pub fn config_read(&self, dev: u8, func: u8, off: u16, size: u8) -> u64 {
+        let size = usize::from(size.min(8));
         if dev != DEVICE || func != 0 {
-            return u32::MAX;
+            return cut(u64::MAX, size as u8);
         }
-        let o = off as usize;
-        let mut v = 0u32;
-        for i in 0..size as usize {
-            v |= u32::from(*self.config.get(o + i).unwrap_or(&0xff)) << (8 * i);
-        }
-        v
+        let o = usize::from(off);
+        (0..size).fold(0u64, |v, i| {
+            let byte = self.config.get(o + i).copied().unwrap_or(0xff);
+            v | u64::from(byte) << (8 * i)
+        })
     }
 
     /// Configuration-space write (command register, BARs, MSI-X enable).
@@ -274,13 +290,20 @@ impl VirtioGpuDevice {
         }
     }
 
-    /// Reads `size` bytes at `gpa` (inside [`claims`](Self::claims)).
+    /// Reads `size` bytes at `gpa` (inside [`claims`](Self::claims); elsewhere all
+    /// ones, as from no device). The value has no more than `size` bytes.
     pub fn mmio_read(&mut self, gpa: u64, size: u8) -> u64 {
+        cut(self.bar_read(gpa, size), size)
+    }
+
+    fn bar_read(&mut self, gpa: u64, size: u8) -> u64 {
         let (b4, b1) = self.bars();
-        if (b1..b1 + BAR1_SIZE).contains(&gpa) {
-            return self.msix_read(gpa - b1, size);
+        if let Some(off) = offset_in(b1, BAR1_SIZE, gpa) {
+            return self.msix_read(off, size);
         }
-        let off = gpa - b4;
+        let Some(off) = offset_in(b4, BAR4_SIZE, gpa) else {
+            return u64::MAX;
+        };
         match off {
             0x0000..=0x0fff => self.common_read(off as u32, size),
             0x1000..=0x1fff => {
@@ -297,14 +320,17 @@ impl VirtioGpuDevice {
         }
     }
 
-    /// Writes `size` bytes at `gpa`; returns what the VM must do next.
+    /// Writes `size` bytes at `gpa`; returns what the VM must do next (nothing
+    /// outside [`claims`](Self::claims)).
     pub fn mmio_write(&mut self, gpa: u64, size: u8, v: u64) -> Action {
         let (b4, b1) = self.bars();
-        if (b1..b1 + BAR1_SIZE).contains(&gpa) {
-            self.msix_write(gpa - b1, size, v);
+        if let Some(off) = offset_in(b1, BAR1_SIZE, gpa) {
+            self.msix_write(off, size, v);
             return Action::None;
         }
-        let off = gpa - b4;
+        let Some(off) = offset_in(b4, BAR4_SIZE, gpa) else {
+            return Action::None;
+        };
         match off {
             0x0000..=0x0fff => self.common_write(off as u32, size, v),
             0x2000..=0x2fff => {
@@ -377,16 +403,15 @@ impl VirtioGpuDevice {
         match off {
             0x00 => self.device_feature_select = v as u32,
             0x08 => self.driver_feature_select = v as u32,
-            0x0c => {
-                if self.status & STATUS_FEATURES_OK == 0 {
-                    let shift = match self.driver_feature_select {
-                        0 => 0,
-                        1 => 32,
-                        _ => return Action::None,
-                    };
-                    self.driver_features = (self.driver_features & !(0xffff_ffffu64 << shift))
-                        | ((v & 0xffff_ffff) << shift);
-                }
+            // Feature bits are fixed once FEATURES_OK is set.
+            0x0c if self.status & STATUS_FEATURES_OK == 0 => {
+                let shift = match self.driver_feature_select {
+                    0 => 0,
+                    1 => 32,
+                    _ => return Action::None,
+                };
+                self.driver_features = (self.driver_features & !(0xffff_ffffu64 << shift))
+                    | ((v & 0xffff_ffff) << shift);
             }
             0x10 => {
                 self.config_msix = if (v as usize) < MSIX_VECTORS {
@@ -626,5 +651,167 @@ impl VirtioGpuDevice {
     /// The config vector entry.
     pub fn config_vector(&self) -> u16 {
         self.config_msix
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device the driver brought to DRIVER_OK with `features`, MSI-X enabled and
+    /// entry `i` sending vector 0x40 + i.
+    fn live(features: u64) -> VirtioGpuDevice {
+        let mut d = VirtioGpuDevice::new(1);
+        d.config_write(DEVICE, 0, 0x42, 2, 0x8000);
+        for i in 0..MSIX_VECTORS as u64 {
+            d.mmio_write(BAR1_BASE + i * 16, 4, 0xfee0_0000);
+            d.mmio_write(BAR1_BASE + i * 16 + 8, 4, 0x40 + i);
+            d.mmio_write(BAR1_BASE + i * 16 + 12, 4, 0);
+        }
+        let common = BAR4_BASE;
+        d.mmio_write(common + 0x14, 1, u64::from(STATUS_ACK | STATUS_DRIVER));
+        d.mmio_write(common + 0x08, 4, 0);
+        d.mmio_write(common + 0x0c, 4, features & 0xffff_ffff);
+        d.mmio_write(common + 0x08, 4, 1);
+        d.mmio_write(common + 0x0c, 4, features >> 32);
+        let ok = STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK;
+        d.mmio_write(common + 0x14, 1, u64::from(ok));
+        for q in 0..2u64 {
+            d.mmio_write(common + 0x16, 2, q);
+            d.mmio_write(common + 0x1a, 2, q + 1);
+            d.mmio_write(common + 0x20, 8, 0x10_0000 + q * 0x1_0000);
+            d.mmio_write(common + 0x28, 8, 0x10_4000 + q * 0x1_0000);
+            d.mmio_write(common + 0x30, 8, 0x10_8000 + q * 0x1_0000);
+            d.mmio_write(common + 0x1c, 2, 1);
+        }
+        let action = d.mmio_write(common + 0x14, 1, u64::from(ok | STATUS_DRIVER_OK));
+        assert!(matches!(action, Action::Start(..)), "{action:?}");
+        d
+    }
+
+    fn all_features() -> u64 {
+        offered_features()
+    }
+
+    #[test]
+    fn identity_and_capabilities() {
+        let d = VirtioGpuDevice::new(2);
+        assert_eq!(d.config_read(DEVICE, 0, 0, 4), 0x1050_1af4);
+        assert_eq!(d.config_read(DEVICE, 1, 0, 4), 0xffff_ffff, "function 1");
+        assert_eq!(d.config_read(DEVICE + 1, 0, 0, 2), 0xffff, "no device");
+        assert_eq!(d.config_read(DEVICE, 0, 0x34, 1), 0x40);
+        assert_eq!(
+            d.config_read(DEVICE, 0, 0xff, 4),
+            0xffff_ff00,
+            "past the end reads ones"
+        );
+        assert!(d.claims(BAR4_BASE) && d.claims(BAR4_BASE + BAR4_SIZE - 1));
+        assert!(!d.claims(BAR4_BASE + BAR4_SIZE) && !d.claims(BAR4_BASE - 1));
+        assert!(d.claims(BAR1_BASE + 0x800));
+    }
+
+    /// An 8-byte config read (a 64-bit `mov` into ECAM) used to shift a u32 by 32.
+    #[test]
+    fn eight_byte_config_read_returns_two_dwords() {
+        let d = VirtioGpuDevice::new(1);
+        let bar4 = d.config_read(DEVICE, 0, 0x20, 8);
+        assert_eq!(bar4, BAR4_BASE | 0xc);
+        let ids = d.config_read(DEVICE, 0, 0, 8);
+        assert_eq!(ids, 0x0010_0000_1050_1af4);
+        // Across the end of the 256 bytes: the missing bytes read 0xff.
+        let tail = d.config_read(DEVICE, 0, 0xfc, 8);
+        assert_eq!(tail >> 32, 0xffff_ffff);
+        assert_eq!(d.config_read(DEVICE, 1, 0, 8), u64::MAX);
+    }
+
+    /// BAR4 sized with all ones sits at 0xffff_ffff_ffff_c000: its end is 2^64, which
+    /// used to overflow (or wrap to an empty range).
+    #[test]
+    fn bar4_at_the_top_of_the_address_space() {
+        let mut d = VirtioGpuDevice::new(1);
+        d.config_write(DEVICE, 0, 0x20, 4, u32::MAX);
+        d.config_write(DEVICE, 0, 0x24, 4, u32::MAX);
+        assert_eq!(
+            d.config_read(DEVICE, 0, 0x20, 4),
+            0xffff_c00c,
+            "size and flags"
+        );
+        let base = 0xffff_ffff_ffff_c000u64;
+        assert!(d.claims(base));
+        assert!(d.claims(u64::MAX));
+        assert!(!d.claims(base - 1));
+        assert!(!d.claims(0), "no wrap to address 0");
+        assert_eq!(d.mmio_read(base + 0x12, 2), 2, "num_queues");
+        assert_eq!(d.mmio_read(u64::MAX, 1), 0);
+    }
+
+    /// Accesses outside both BARs (the kernel checks `claims` first, but a stale
+    /// check after a BAR moved must not underflow) read all ones and do nothing.
+    #[test]
+    fn unclaimed_access_is_defined() {
+        let mut d = live(all_features());
+        assert_eq!(d.mmio_read(0, 4), 0xffff_ffff);
+        assert_eq!(d.mmio_read(BAR4_BASE - 8, 8), u64::MAX);
+        assert_eq!(d.mmio_write(0, 4, 0), Action::None);
+        assert_eq!(d.mmio_write(BAR4_BASE - 1, 1, 0), Action::None);
+    }
+
+    /// Reads return no more bytes than asked for, whichever register.
+    #[test]
+    fn reads_are_cut_to_their_size() {
+        let mut d = live(all_features());
+        d.mmio_write(BAR1_BASE, 8, 0x1234_5678_fee0_0000);
+        assert_eq!(d.mmio_read(BAR1_BASE, 8), 0x1234_5678_fee0_0000);
+        assert_eq!(d.mmio_read(BAR1_BASE, 1), 0x00);
+        assert_eq!(d.mmio_read(BAR1_BASE + 2, 2), 0, "not a field: 0");
+        assert_eq!(d.mmio_read(BAR1_BASE, 2), 0);
+        assert_eq!(
+            d.mmio_read(BAR4_BASE + 0x20, 4),
+            0x11_0000,
+            "queue 1's desc"
+        );
+    }
+
+    #[test]
+    fn notify_and_queue_reset() {
+        let mut d = live(all_features());
+        assert!(d.live());
+        assert_eq!(d.revision, Some(2));
+        assert_eq!(
+            d.mmio_write(BAR4_BASE + 0x3000, 2, 0),
+            Action::Notify(QueueId::Control)
+        );
+        assert_eq!(
+            d.mmio_write(BAR4_BASE + 0x3004, 2, 1),
+            Action::Notify(QueueId::Cursor)
+        );
+        assert_eq!(d.mmio_write(BAR4_BASE + 0x3008, 2, 2), Action::None);
+        d.mmio_write(BAR4_BASE + 0x16, 2, 1);
+        assert_eq!(
+            d.mmio_write(BAR4_BASE + 0x3a, 2, 1),
+            Action::QueueReset(QueueId::Cursor)
+        );
+        assert_eq!(d.mmio_read(BAR4_BASE + 0x1c, 2), 0);
+        assert_eq!(d.mmio_write(BAR4_BASE + 0x3004, 2, 1), Action::None);
+        assert!(matches!(
+            d.mmio_write(BAR4_BASE + 0x1c, 2, 1),
+            Action::QueueRestart(QueueId::Cursor, _)
+        ));
+        assert_eq!(d.mmio_write(BAR4_BASE + 0x14, 1, 0), Action::Reset);
+        assert!(!d.live());
+    }
+
+    #[test]
+    fn masked_entry_is_held_and_released_by_unmask() {
+        let mut d = live(all_features());
+        assert_eq!(d.raise(1, false), Some(0x41));
+        d.mmio_write(BAR1_BASE + 16 + 12, 4, 1);
+        assert_eq!(d.raise(1, false), None);
+        assert_eq!(d.mmio_read(BAR1_BASE + PBA_OFFSET, 8), 0b10);
+        d.mmio_write(BAR1_BASE + 16 + 12, 4, 0);
+        assert!(d.has_released());
+        assert_eq!(d.take_released(), alloc::vec![0x41]);
+        assert_eq!(d.raise(0xffff, true), None, "NO_VECTOR");
+        assert_eq!(d.raise(7, false), None, "no such entry");
     }
 }

@@ -1,0 +1,23 @@
+//! The devices the hypervisor emulates for every guest, as pure logic: the virtual
+//! local APIC ([`vlapic`]), the decoder for the instruction that touched an emulated
+//! MMIO page ([`mmio`]), and the virtual virtio-gpu PCI function ([`vgpu`]).
+//!
+//! Every register a guest reads or writes lands here with guest-chosen offsets,
+//! sizes and values, so this is attack surface. It lives in its own crate, apart
+//! from the bare-metal kernel, so it is tested on the host with plain `cargo test`
+//! (and fuzzed, `vdev/fuzz`). The kernel (`hypervisor/src/vm.rs`) wires these
+//! devices to VM exits: it decodes the trapped instruction, routes the access by
+//! guest-physical address and carries out the [`vgpu::Action`] a write asks for.
+#![no_std]
+#![forbid(unsafe_code)]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+pub mod mmio;
+pub mod regs;
+pub mod vgpu;
+pub mod vlapic;
+
+pub use regs::GuestRegs;
