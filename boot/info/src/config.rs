@@ -7,7 +7,7 @@
 //!
 //! [[vm]]                 # one table per VM, 1..=32 of them
 //! name = "vm0"           # unique, 1..=31 bytes
-//! memory_mib = 16        # guest RAM, 1..=4096
+//! memory_mib = 16        # guest RAM, 4..=2816 (ends below the MMIO at 0xB0000000)
 //! vcpus = 1              # 1..=16
 //! image = "guests/hello.elf"  # path below \hv\ on the ESP
 //! gpu_weight = 1         # GPU share weight, 1..=1000 (default 1)
@@ -99,6 +99,18 @@ fn one() -> u32 {
     1
 }
 
+/// Smallest guest RAM in MiB: the guest ABI's minimum (`MIN_MEMORY_MIB` in
+/// `gpu-pv/src/abi.rs`, module `guest`: page tables, boot-info page and the stack
+/// below the image at 2 MiB), which the hypervisor checks again when it creates a VM.
+pub const MIN_MEMORY_MIB: u32 = 4;
+
+/// Largest guest RAM in MiB. RAM is guest-physical `0..memory_mib` MiB and must end at
+/// or below the lowest MMIO window every guest sees: its PCI ECAM at 0xB000_0000
+/// (`GUEST_ECAM_BASE` in `hypervisor/src/vm.rs`); the virtual GPU's BARs follow at
+/// 0xC000_0000 (`BAR4_BASE`, `BAR1_BASE`) and the local APIC at 0xFEE0_0000. More RAM
+/// would sit where the guest expects those devices. 0xB000_0000 bytes = 2816 MiB.
+pub const MAX_MEMORY_MIB: u32 = (0xb000_0000u64 >> 20) as u32;
+
 impl VmConfig {
     /// Alpha in tenths (0..=20), as the scheduler takes it.
     pub fn alpha_tenths(&self) -> u32 {
@@ -178,8 +190,12 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
         if cfg.vm[..i].iter().any(|o| o.name == vm.name) {
             return Err(ConfigError::DuplicateName(vm.name.clone()));
         }
-        if !(1..=4096).contains(&vm.memory_mib) {
-            return bad(n, "memory_mib", "must be 1..=4096");
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&vm.memory_mib) {
+            return bad(
+                n,
+                "memory_mib",
+                "must be 4..=2816: the guest ABI needs 4 MiB, and guest RAM must end below the guest's MMIO windows at 0xB0000000",
+            );
         }
         if !(1..=16).contains(&vm.vcpus) {
             return bad(n, "vcpus", "must be 1..=16");
@@ -273,6 +289,39 @@ vram_quota_mib = 64
         let q =
             parse("[scheduler]\nquantum_ms = 11\n[[vm]]\nname=\"a\"\nmemory_mib=8\nimage=\"g\"");
         assert!(matches!(q, Err(ConfigError::Invalid(_, "quantum_ms", _))));
+    }
+
+    #[test]
+    fn memory_must_fit_below_the_guest_mmio_windows() {
+        let with = |mib: u32| {
+            parse(&alloc::format!(
+                "[[vm]]\nname=\"big-vm\"\nmemory_mib={mib}\nimage=\"g.elf\""
+            ))
+        };
+        // RAM is guest-physical 0..memory_mib MiB; the guest's PCI ECAM window starts
+        // at 0xB000_0000 (its BARs at 0xC000_0000, its local APIC at 0xFEE0_0000).
+        assert_eq!(u64::from(MAX_MEMORY_MIB) << 20, 0xb000_0000);
+        assert_eq!(MIN_MEMORY_MIB, 4);
+        assert!(with(MIN_MEMORY_MIB).is_ok());
+        assert!(with(MAX_MEMORY_MIB).is_ok());
+        for bad in [
+            MIN_MEMORY_MIB - 1,
+            MAX_MEMORY_MIB + 1,
+            3072,
+            4096,
+            1,
+            0,
+            u32::MAX,
+        ] {
+            let e = with(bad).unwrap_err();
+            assert!(
+                matches!(e, ConfigError::Invalid(ref vm, "memory_mib", _) if vm == "big-vm"),
+                "{bad}: {e:?}"
+            );
+            let msg = alloc::format!("{e}");
+            assert!(msg.starts_with("big-vm: memory_mib"), "{msg}");
+            assert!(msg.contains("4..=2816"), "{msg}");
+        }
     }
 
     #[test]
