@@ -89,3 +89,39 @@ pub fn halt() -> ! {
         unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
     }
 }
+
+/// Reads extended control register `index` (XGETBV; needs CR4.OSXSAVE).
+pub fn xgetbv(index: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: XGETBV only reads the register; callers enable CR4.OSXSAVE first.
+    unsafe {
+        asm!("xgetbv", in("ecx") index, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Writes extended control register `index` (XSETBV, which the hypervisor checks):
+/// `Err(vector)` if it faulted (#GP for a value the CPU or hypervisor refuses).
+pub fn xsetbv(index: u32, value: u64) -> Result<(), u8> {
+    let slot = crate::idt::expect_fault_slot();
+    // SAFETY: the resume slot is armed with the address right after XSETBV, so the
+    // exception handler skips a faulting XSETBV; it changes only this vCPU's XCR0.
+    unsafe {
+        asm!(
+            "lea {tmp}, [rip + 3f]",
+            "mov [{slot}], {tmp}",
+            "xsetbv",
+            "3:",
+            tmp = out(reg) _,
+            slot = in(reg) slot,
+            in("ecx") index,
+            in("eax") value as u32,
+            in("edx") (value >> 32) as u32,
+            options(nostack),
+        )
+    };
+    match crate::idt::expected_fault_taken() {
+        Some(v) => Err(v),
+        None => Ok(()),
+    }
+}

@@ -1,5 +1,6 @@
 //! The guest's interrupt descriptor table: every CPU exception (vectors 0-31) prints
-//! what happened and shuts the VM down with [`crate::exit::EXCEPTION_BASE`] + vector;
+//! what happened and shuts the VM down with [`crate::exit::EXCEPTION_BASE`] + vector
+//! (unless the code armed [`expect_fault_slot`] to probe an instruction that may fault);
 //! [`TIMER_VECTOR`] counts a tick and sends EOI to the virtual local APIC;
 //! [`SPURIOUS_VECTOR`] returns at once (no EOI, as the APIC wants); the device vectors
 //! [`DEVICE_VECTOR_BASE`]`..+`[`DEVICE_VECTORS`] (MSI-X messages of emulated devices)
@@ -72,10 +73,29 @@ global_asm!(
         push r14
         push r15
         mov rdi, rsp
+        mov rbp, rsp
         cld
         and rsp, -16
         call {exception}
-        ud2
+        // Returns only for a fault the code expected (see `expect_fault_slot`): resume.
+        mov rsp, rbp
+        pop r15
+        pop r14
+        pop r13
+        pop r12
+        pop rbp
+        pop rbx
+        pop r11
+        pop r10
+        pop r9
+        pop r8
+        pop rdi
+        pop rsi
+        pop rdx
+        pop rcx
+        pop rax
+        add rsp, 16
+        iretq
 
     .global guest_frontend_timer_stub
     .balign 16
@@ -333,7 +353,33 @@ pub fn exception_name(vector: u64) -> &'static str {
 
 static IN_EXCEPTION: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn exception_entry(f: &ExceptionFrame) -> ! {
+/// Where to resume after an expected fault (0: none expected).
+static RESUME_RIP: AtomicU64 = AtomicU64::new(0);
+/// Vector of the last expected fault taken.
+static EXPECTED_VECTOR: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Prepares for one expected fault and returns the slot where the probing code stores
+/// the address to resume at (in the same assembly block as the instruction): the next
+/// exception then resumes there instead of stopping the VM. See [`crate::cpu::xsetbv`].
+pub fn expect_fault_slot() -> *mut u64 {
+    EXPECTED_VECTOR.store(u64::MAX, Ordering::Relaxed);
+    RESUME_RIP.as_ptr()
+}
+
+/// Disarms [`expect_fault_slot`]; returns the vector taken meanwhile, if any.
+pub fn expected_fault_taken() -> Option<u8> {
+    RESUME_RIP.store(0, Ordering::Relaxed);
+    let v = EXPECTED_VECTOR.swap(u64::MAX, Ordering::Relaxed);
+    (v != u64::MAX).then_some(v as u8)
+}
+
+extern "C" fn exception_entry(f: &mut ExceptionFrame) {
+    let resume = RESUME_RIP.swap(0, Ordering::Relaxed);
+    if resume != 0 {
+        EXPECTED_VECTOR.store(f.vector, Ordering::Relaxed);
+        f.rip = resume;
+        return;
+    }
     if IN_EXCEPTION.swap(true, Ordering::Relaxed) {
         // A fault while reporting one (e.g. the hypercall itself faults): stop without
         // touching anything else.

@@ -16,7 +16,7 @@ use vdev::vlapic::VLapic;
 
 use crate::mm::frames;
 use crate::virt::npt::{Format, NestedTables, Perm};
-use crate::virt::{self, Backend, StartState, Vcpu, VmExit};
+use crate::virt::{self, Backend, Instruction, StartState, Vcpu, VmExit};
 use crate::vm_context;
 
 const TWO_MIB: u64 = 2 << 20;
@@ -251,8 +251,9 @@ impl Vm {
         }
         let root = vm.nested.root_pointer();
         for _ in 0..spec.vcpus.max(1) {
-            let v =
-                virt::create_vcpu(backend, root, id + 1, &start).map_err(CreateError::Backend)?;
+            // Unique per vCPU (slot < 32, at most 16 vCPUs): VMX's VPID.
+            let tag = 1 + id * 16 + vm.vcpus.len() as u16;
+            let v = virt::create_vcpu(backend, root, tag, &start).map_err(CreateError::Backend)?;
             vm.lapics.push(VLapic::new(vm.vcpus.len() as u32));
             vm.halted.push(false);
             vm.started.push(vm.vcpus.is_empty());
@@ -679,29 +680,66 @@ impl Vm {
             }
             VmExit::Cpuid => {
                 let v = &mut self.vcpus[idx];
+                let view = virt::cpuid::GuestView {
+                    cr4: v.cr4(),
+                    xcr0: v.cpu_state().xcr0(),
+                };
                 let r = v.regs();
                 let (leaf, sub) = (r.rax as u32, r.rcx as u32);
-                let mut res = crate::arch::cpu::cpuid(leaf, sub);
-                match leaf {
-                    1 => {
-                        res.ecx &= !(1 << 5); // no VMX
-                        res.ecx |= 1 << 31; // hypervisor present
-                    }
-                    0x8000_0001 => res.ecx &= !(1 << 2), // no SVM
-                    0x4000_0000 => {
+                let res = match (leaf, virt::cpu_state::policy()) {
+                    (0x4000_0000, _) => {
                         let sig = *b"GPUPVHVGPUPV";
-                        res.eax = 0x4000_0000;
-                        res.ebx = u32::from_le_bytes(sig[0..4].try_into().unwrap_or_default());
-                        res.ecx = u32::from_le_bytes(sig[4..8].try_into().unwrap_or_default());
-                        res.edx = u32::from_le_bytes(sig[8..12].try_into().unwrap_or_default());
+                        let word = |i: usize| {
+                            u32::from_le_bytes([sig[i], sig[i + 1], sig[i + 2], sig[i + 3]])
+                        };
+                        core::arch::x86_64::CpuidResult {
+                            eax: 0x4000_0000,
+                            ebx: word(0),
+                            ecx: word(4),
+                            edx: word(8),
+                        }
                     }
-                    _ => {}
-                }
+                    (_, Some(policy)) => virt::cpuid::guest_cpuid(
+                        leaf,
+                        sub,
+                        &crate::arch::cpu::cpuid,
+                        &policy,
+                        view,
+                    ),
+                    (_, None) => crate::arch::cpu::cpuid(leaf, sub),
+                };
                 r.rax = u64::from(res.eax);
                 r.rbx = u64::from(res.ebx);
                 r.rcx = u64::from(res.ecx);
                 r.rdx = u64::from(res.edx);
                 v.skip(2);
+                true
+            }
+            VmExit::Xsetbv => {
+                let v = &mut self.vcpus[idx];
+                let r = *v.regs();
+                let value = (r.rdx << 32) | (r.rax & 0xffff_ffff);
+                let ok = v.cpl() == 0 && v.cpu_state().set_xcr(r.rcx as u32, value).is_ok();
+                if ok {
+                    v.skip(3);
+                } else {
+                    v.inject_exception(13, Some(0));
+                }
+                true
+            }
+            VmExit::Instruction(insn) => {
+                let v = &mut self.vcpus[idx];
+                match insn {
+                    // Guest RAM is write-back and DMA to it is coherent: nothing to do,
+                    // and the machine's caches are not a guest's to flush or drop.
+                    Instruction::Wbinvd | Instruction::Invd => v.skip(insn.len()),
+                    // Host performance counters are not the guest's.
+                    Instruction::Rdpmc => v.inject_exception(13, Some(0)),
+                    // Not offered in CPUID.
+                    Instruction::Rdtscp | Instruction::Monitor | Instruction::Mwait => {
+                        v.inject_exception(6, None)
+                    }
+                }
                 true
             }
             VmExit::Msr { .. } => {
@@ -788,7 +826,7 @@ impl Vm {
 
     fn pci_port_read(&self, port: u16, size: u8) -> u64 {
         match (self.pci_target(port), self.gpu.as_ref()) {
-            (Some((0, dev, func, off)), Some(d)) => u64::from(d.config_read(dev, func, off, size)),
+            (Some((0, dev, func, off)), Some(d)) => d.config_read(dev, func, off, size),
             _ => 0xffff_ffff,
         }
     }

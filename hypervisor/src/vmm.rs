@@ -489,6 +489,17 @@ pub fn report() {
         "vCPUs ran on {used} CPU(s): slices per CPU {:?}, idle sleeps per CPU {idle:?}",
         &per_cpu[..online]
     );
+    if let Some(p) = virt::cpu_state::policy() {
+        info!(
+            "guest CPU state: XCR0 offered {:#x}, switched {:#x} ({} bytes per vCPU, {}); \
+             {} guest XCR0 changes found at exits, not through an XSETBV exit",
+            p.guest_allowed,
+            p.switched,
+            p.area_size,
+            if p.xsave { "XSAVE" } else { "FXSAVE" },
+            virt::cpu_state::NATIVE_XSETBV.load(Ordering::Relaxed)
+        );
+    }
     let mut total_us = 0u64;
     let mut total_w = 0u64;
     for s in &m.slots {

@@ -2,13 +2,18 @@
 //!
 //! [`VmExit`] is the one exit enum every exit handler is written against; [`Vcpu`] is
 //! implemented by the AMD SVM backend ([`svm`]) and the Intel VMX backend ([`vmx`]).
-//! Nested paging ([`npt`]) builds AMD NPT or Intel EPT tables from the same calls.
+//! Nested paging ([`npt`]) builds AMD NPT or Intel EPT tables from the same calls;
+//! [`cpu_state`] keeps the CPU state neither backend's hardware switches per vCPU.
 
+pub mod cpu_state;
+pub mod cpuid;
 pub mod npt;
 pub mod svm;
 pub mod vmx;
 
 use alloc::boxed::Box;
+
+use cpu_state::CpuState;
 
 /// Guest general-purpose registers: defined in the `vdev` crate (the MMIO decoder
 /// reads and writes them) with the `#[repr(C)]` layout the entry assembly uses.
@@ -31,6 +36,34 @@ pub struct IoExit {
     pub len: u8,
 }
 
+/// An instruction the backends intercept because running it natively would reach host
+/// state or the whole machine; the exit handler decides what the guest sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Instruction {
+    /// RDTSCP (3 bytes): would read the host's TSC_AUX.
+    Rdtscp,
+    /// RDPMC (2 bytes): would read the host's performance counters.
+    Rdpmc,
+    /// WBINVD (2 bytes): flushes every cache of the machine.
+    Wbinvd,
+    /// INVD (2 bytes): drops every cache line of the machine without writing it back.
+    Invd,
+    /// MONITOR (3 bytes).
+    Monitor,
+    /// MWAIT (3 bytes): would idle the physical CPU.
+    Mwait,
+}
+
+impl Instruction {
+    /// Its length without prefixes (SVM without NRIPS reports no length).
+    pub fn len(self) -> u64 {
+        match self {
+            Instruction::Rdpmc | Instruction::Wbinvd | Instruction::Invd => 2,
+            Instruction::Rdtscp | Instruction::Monitor | Instruction::Mwait => 3,
+        }
+    }
+}
+
 /// Why the guest stopped running: the one enum all exit handling is written against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmExit {
@@ -50,6 +83,10 @@ pub enum VmExit {
     Hypercall,
     /// CPUID (2 bytes).
     Cpuid,
+    /// XSETBV (3 bytes): the guest writes an extended control register (ECX, EDX:EAX).
+    Xsetbv,
+    /// An intercepted instruction (see [`Instruction`]).
+    Instruction(Instruction),
     /// RDMSR / WRMSR (2 bytes).
     Msr {
         /// WRMSR.
@@ -112,6 +149,13 @@ pub trait Vcpu: Send {
     /// Called when the vCPU leaves this physical CPU at the end of a slice (it may run
     /// on another CPU next): VMX must VMCLEAR its VMCS here. No-op by default.
     fn put(&mut self) {}
+    /// The guest's current privilege level.
+    fn cpl(&self) -> u8;
+    /// Guest CR4 as the guest sees it.
+    fn cr4(&self) -> u64;
+    /// The vCPU's own copy of the state the hardware does not switch (FPU/vector
+    /// registers, XCR0, debug registers).
+    fn cpu_state(&mut self) -> &mut CpuState;
     /// Skips `len` bytes of the current instruction.
     fn skip(&mut self, len: u64) {
         let r = self.rip();
@@ -139,8 +183,10 @@ pub fn detect() -> Option<Backend> {
     }
 }
 
-/// Turns virtualization on on this CPU (SVME / VMXON).
+/// Turns virtualization on on this CPU (SVME / VMXON) and prepares it for switching
+/// the guests' CPU state ([`cpu_state::init_this_cpu`]).
 pub fn enable_this_cpu(b: Backend) -> Result<(), &'static str> {
+    cpu_state::init_this_cpu()?;
     match b {
         Backend::Svm => svm::enable_this_cpu(),
         Backend::Vmx => vmx::enable_this_cpu(),
@@ -165,15 +211,16 @@ pub struct StartState {
 }
 
 /// Creates a vCPU for the backend with nested-paging root `nested_root` (already
-/// formatted for the backend) and address-space id `asid` (ASID/VPID, non-zero).
+/// formatted for the backend). `tag` is unique per vCPU and non-zero: VMX uses it as
+/// the VPID; SVM hands out ASIDs per CPU instead.
 pub fn create_vcpu(
     b: Backend,
     nested_root: u64,
-    asid: u16,
+    tag: u16,
     start: &StartState,
 ) -> Result<Box<dyn Vcpu>, &'static str> {
     match b {
-        Backend::Svm => Ok(Box::new(svm::SvmVcpu::new(nested_root, asid, start)?)),
-        Backend::Vmx => Ok(Box::new(vmx::VmxVcpu::new(nested_root, asid, start)?)),
+        Backend::Svm => Ok(Box::new(svm::SvmVcpu::new(nested_root, start)?)),
+        Backend::Vmx => Ok(Box::new(vmx::VmxVcpu::new(nested_root, tag, start)?)),
     }
 }

@@ -4,11 +4,18 @@
 //! that intercept everything, ASIDs per VM. Nothing relies on NRIPS or decode assists
 //! (QEMU's TCG offers neither): exit handlers know instruction lengths and decode
 //! MMIO instructions themselves. Guest FS/GS/TR/LDTR and the syscall MSRs are switched
-//! with VMLOAD/VMSAVE around VMRUN; general registers by hand.
+//! with VMLOAD/VMSAVE around VMRUN; general registers by hand; the FPU/vector state,
+//! XCR0 and DR0-3 by [`super::cpu_state`].
+//!
+//! ASIDs are handed out per CPU, as KVM does: a vCPU takes a fresh ASID from the CPU's
+//! pool whenever it lands on a CPU other than the one it last ran on (or the pool's
+//! generation moved on), so no two vCPUs, even of one VM, ever share TLB entries, and
+//! an exhausted pool starts a new generation with one full flush.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use super::{GuestRegs, IoExit, StartState, Vcpu, VmExit};
+use super::cpu_state::{CpuState, Extras};
+use super::{GuestRegs, Instruction, IoExit, StartState, Vcpu, VmExit};
 use crate::arch::cpu::{self, cpuid, rdmsr, wrmsr, MAX_CPUS};
 use crate::mm::{frames, phys_to_ptr};
 
@@ -63,13 +70,30 @@ const S_G_PAT: usize = 0x668;
 const I1_INTR: u32 = 1 << 0;
 const I1_NMI: u32 = 1 << 1;
 const I1_VINTR: u32 = 1 << 4;
+const I1_RDPMC: u32 = 1 << 15;
 const I1_CPUID: u32 = 1 << 18;
+const I1_INVD: u32 = 1 << 22;
 const I1_HLT: u32 = 1 << 24;
 const I1_INVLPGA: u32 = 1 << 26;
 const I1_IOIO: u32 = 1 << 27;
 const I1_MSR: u32 = 1 << 28;
 const I1_SHUTDOWN: u32 = 1 << 31;
 const I2_ALL_SVM: u32 = 0x7f; // VMRUN, VMMCALL, VMLOAD, VMSAVE, STGI, CLGI, SKINIT
+const I2_RDTSCP: u32 = 1 << 7;
+const I2_WBINVD: u32 = 1 << 9;
+const I2_MONITOR: u32 = 1 << 10;
+const I2_MWAIT: u32 = 1 << 11;
+const I2_MWAIT_ARMED: u32 = 1 << 12;
+const I2_XSETBV: u32 = 1 << 13;
+
+/// TLB_CONTROL values (Table B-1).
+const TLB_FLUSH_ALL: u8 = 1;
+
+/// Per CPU: the next free ASID and the pool's generation (see the module doc).
+static NEXT_ASID: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(1) }; MAX_CPUS];
+static ASID_GENERATION: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(1) }; MAX_CPUS];
+/// ASIDs per CPU (CPUID 8000_000A:EBX; ASID 0 is the host's).
+static ASID_COUNT: spin::Once<u64> = spin::Once::new();
 
 static HOST_SAVE: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 /// Per-CPU host VMCB used with VMSAVE/VMLOAD for the host's hidden state.
@@ -110,6 +134,7 @@ pub fn enable_this_cpu() -> Result<(), &'static str> {
     }
     HOST_SAVE[i].store(hsave, Ordering::Relaxed);
     HOST_VMCB[i].store(hvmcb, Ordering::Relaxed);
+    ASID_COUNT.call_once(|| u64::from(cpuid(0x8000_000a, 0).ebx).max(2));
     IOPM.call_once(|| filled_pages(3).expect("no memory for the IOPM"));
     MSRPM.call_once(|| filled_pages(2).expect("no memory for the MSRPM"));
     Ok(())
@@ -120,6 +145,9 @@ pub struct SvmVcpu {
     vmcb: u64,
     regs: GuestRegs,
     slice_us: u64,
+    cpu_state: CpuState,
+    /// The CPU and pool generation this vCPU's ASID belongs to.
+    asid_owner: Option<(usize, u64)>,
 }
 
 impl SvmVcpu {
@@ -138,24 +166,44 @@ impl SvmVcpu {
         self.w(off + 8, base);
     }
 
-    /// A vCPU starting in 64-bit mode at `start`, with nested tables `ncr3` and ASID `asid`.
-    pub fn new(ncr3: u64, asid: u16, start: &StartState) -> Result<Self, &'static str> {
+    /// A vCPU starting in 64-bit mode at `start`, with nested tables `ncr3` (its ASID
+    /// comes from the CPU it runs on).
+    pub fn new(ncr3: u64, start: &StartState) -> Result<Self, &'static str> {
+        let cpu_state = CpuState::new(Extras::DebugAddresses)?;
         let vmcb = frames::alloc().ok_or("no memory for a VMCB")?;
         let mut v = Self {
             vmcb,
             regs: GuestRegs::default(),
             slice_us: 0,
+            cpu_state,
+            asid_owner: None,
         };
         v.w::<u32>(C_INTERCEPT_EXC, 1 << 18); // #MC
         v.w::<u32>(
             C_INTERCEPT_MISC1,
-            I1_INTR | I1_NMI | I1_CPUID | I1_HLT | I1_INVLPGA | I1_IOIO | I1_MSR | I1_SHUTDOWN,
+            I1_INTR
+                | I1_NMI
+                | I1_RDPMC
+                | I1_CPUID
+                | I1_INVD
+                | I1_HLT
+                | I1_INVLPGA
+                | I1_IOIO
+                | I1_MSR
+                | I1_SHUTDOWN,
         );
-        v.w::<u32>(C_INTERCEPT_MISC2, I2_ALL_SVM);
+        v.w::<u32>(
+            C_INTERCEPT_MISC2,
+            I2_ALL_SVM
+                | I2_RDTSCP
+                | I2_WBINVD
+                | I2_MONITOR
+                | I2_MWAIT
+                | I2_MWAIT_ARMED
+                | I2_XSETBV,
+        );
         v.w::<u64>(C_IOPM, *IOPM.get().ok_or("SVM not enabled")?);
         v.w::<u64>(C_MSRPM, *MSRPM.get().ok_or("SVM not enabled")?);
-        v.w::<u32>(C_ASID, u32::from(asid));
-        v.w::<u8>(C_TLB_CONTROL, 1); // flush this guest's TLB on first entry
         v.w::<u64>(C_VINTR, 1 << 24); // V_INTR_MASKING: host IF governs physical interrupts
         v.w::<u64>(C_NP_ENABLE, 1);
         v.w::<u64>(C_NCR3, ncr3);
@@ -227,9 +275,16 @@ impl SvmVcpu {
                     len,
                 })
             }
+            0x6f => VmExit::Instruction(Instruction::Rdpmc),
+            0x76 => VmExit::Instruction(Instruction::Invd),
             0x7c => VmExit::Msr { write: info1 == 1 },
             0x7f => VmExit::Shutdown,
             0x81 => VmExit::Hypercall,
+            0x87 => VmExit::Instruction(Instruction::Rdtscp),
+            0x89 => VmExit::Instruction(Instruction::Wbinvd),
+            0x8a => VmExit::Instruction(Instruction::Monitor),
+            0x8b | 0x8c => VmExit::Instruction(Instruction::Mwait),
+            0x8d => VmExit::Xsetbv,
             0x400 => VmExit::NestedPageFault {
                 gpa: info2,
                 write: info1 & 2 != 0,
@@ -321,12 +376,16 @@ impl Vcpu for SvmVcpu {
         }
         let rax = self.regs.rax;
         self.w::<u64>(S_RAX, rax);
+        self.assign_asid(i);
+        self.cpu_state.load();
         if self.slice_us != 0 {
             crate::apic::arm_oneshot_us(self.slice_us);
         }
+        self.cpu_state.before_entry();
         // SAFETY: this CPU has SVM enabled with a host save area; the VMCB is ours and
         // fully initialised; `regs` outlives the call.
         unsafe { svm_run(&mut self.regs, self.vmcb, host) };
+        self.cpu_state.after_exit();
         if self.slice_us != 0 {
             crate::apic::disarm();
         }
@@ -391,6 +450,44 @@ impl Vcpu for SvmVcpu {
     }
     fn set_time_slice(&mut self, us: u64) {
         self.slice_us = us;
+    }
+    fn put(&mut self) {
+        self.cpu_state.save();
+    }
+    fn cpl(&self) -> u8 {
+        self.r::<u8>(S_CPL) & 3
+    }
+    fn cr4(&self) -> u64 {
+        self.r(S_CR4)
+    }
+    fn cpu_state(&mut self) -> &mut CpuState {
+        &mut self.cpu_state
+    }
+}
+
+impl SvmVcpu {
+    /// Gives the vCPU a fresh ASID of CPU `i`'s pool unless it holds one of the current
+    /// generation there (see the module doc).
+    fn assign_asid(&mut self, i: usize) {
+        let generation = ASID_GENERATION[i].load(Ordering::Relaxed);
+        if self.asid_owner == Some((i, generation)) {
+            return;
+        }
+        let count = ASID_COUNT.get().copied().unwrap_or(2);
+        let mut asid = NEXT_ASID[i].load(Ordering::Relaxed);
+        let mut generation = generation;
+        let mut flush = 0;
+        if asid >= count {
+            // Pool exhausted: every ASID of this CPU may now be reused, so flush them all.
+            generation += 1;
+            ASID_GENERATION[i].store(generation, Ordering::Relaxed);
+            asid = 1;
+            flush = TLB_FLUSH_ALL;
+        }
+        NEXT_ASID[i].store(asid + 1, Ordering::Relaxed);
+        self.asid_owner = Some((i, generation));
+        self.w::<u32>(C_ASID, asid as u32);
+        self.w::<u8>(C_TLB_CONTROL, flush);
     }
 }
 

@@ -2,9 +2,12 @@
 //! section numbers below are those of the 2023/2024 editions, order number 325462,
 //! where VMX starts at chapter 24; older editions number them one lower).
 //!
-//! One VMCS per vCPU, EPT for nested paging, a VPID per VM, every port and MSR
+//! One VMCS per vCPU, EPT for nested paging, a VPID per vCPU, every port and MSR
 //! intercepted, external-interrupt and NMI exiting, and the VMX-preemption timer for
-//! time slices.
+//! time slices. RDPMC, MONITOR, MWAIT, WBINVD, INVD and XSETBV exit; RDTSCP and RDPID
+//! are not enabled (#UD); DR7 is switched by the VMCS (the debug-controls entry and
+//! exit controls); the FPU/vector state, XCR0, DR0-3, DR6, CR2 and the kernel GS base
+//! by [`super::cpu_state`].
 //!
 //! A vCPU may run on a different physical CPU in each slice (the run queue is shared),
 //! while a VMCS is bound to the CPU that loaded it until VMCLEAR (25.11.1, "Software
@@ -25,7 +28,8 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use log::{error, warn};
 
-use super::{GuestRegs, IoExit, StartState, Vcpu, VmExit};
+use super::cpu_state::{CpuState, Extras};
+use super::{GuestRegs, Instruction, IoExit, StartState, Vcpu, VmExit};
 use crate::arch::cpu::{self, cpuid, rdmsr, wrmsr, MAX_CPUS};
 use crate::mm::{frames, phys_to_ptr};
 
@@ -185,24 +189,29 @@ const PIN_PREEMPTION_TIMER: u32 = 1 << 6;
 /// Primary processor-based controls (25.6.2).
 const PROC_INTERRUPT_WINDOW_EXITING: u32 = 1 << 2;
 const PROC_HLT_EXITING: u32 = 1 << 7;
+const PROC_MWAIT_EXITING: u32 = 1 << 10;
+const PROC_RDPMC_EXITING: u32 = 1 << 11;
 const PROC_CR8_LOAD_EXITING: u32 = 1 << 19;
 const PROC_CR8_STORE_EXITING: u32 = 1 << 20;
 const PROC_UNCONDITIONAL_IO_EXITING: u32 = 1 << 24;
 const PROC_USE_MSR_BITMAPS: u32 = 1 << 28;
+const PROC_MONITOR_EXITING: u32 = 1 << 29;
 const PROC_SECONDARY_CONTROLS: u32 = 1 << 31;
 
 /// Secondary processor-based controls (25.6.2).
 const PROC2_ENABLE_EPT: u32 = 1 << 1;
-const PROC2_ENABLE_RDTSCP: u32 = 1 << 3;
 const PROC2_ENABLE_VPID: u32 = 1 << 5;
+const PROC2_WBINVD_EXITING: u32 = 1 << 6;
 const PROC2_ENABLE_INVPCID: u32 = 1 << 12;
 
 /// VM-exit controls (25.7.1).
+const EXIT_SAVE_DEBUG_CONTROLS: u32 = 1 << 2;
 const EXIT_HOST_ADDRESS_SPACE_SIZE: u32 = 1 << 9;
 const EXIT_SAVE_EFER: u32 = 1 << 20;
 const EXIT_LOAD_EFER: u32 = 1 << 21;
 
 /// VM-entry controls (25.8.1).
+const ENTRY_LOAD_DEBUG_CONTROLS: u32 = 1 << 2;
 const ENTRY_IA32E_MODE_GUEST: u32 = 1 << 9;
 const ENTRY_LOAD_EFER: u32 = 1 << 15;
 
@@ -225,12 +234,18 @@ mod reason {
     pub const INTERRUPT_WINDOW: u32 = 7;
     pub const CPUID: u32 = 10;
     pub const HLT: u32 = 12;
+    pub const INVD: u32 = 13;
+    pub const RDPMC: u32 = 15;
     pub const VMCALL: u32 = 18;
     pub const IO_INSTRUCTION: u32 = 30;
     pub const RDMSR: u32 = 31;
     pub const WRMSR: u32 = 32;
+    pub const MWAIT: u32 = 36;
+    pub const MONITOR: u32 = 39;
     pub const EPT_VIOLATION: u32 = 48;
     pub const PREEMPTION_TIMER: u32 = 52;
+    pub const WBINVD: u32 = 54;
+    pub const XSETBV: u32 = 55;
 }
 
 /// Bit 31 of the exit reason: the VM entry failed (25.9.1, 27.8).
@@ -366,6 +381,9 @@ fn probe() -> Result<Caps, &'static str> {
 
         let proc_cap = rdmsr(proc_msr);
         let proc_required = PROC_HLT_EXITING
+            | PROC_MWAIT_EXITING
+            | PROC_RDPMC_EXITING
+            | PROC_MONITOR_EXITING
             | PROC_UNCONDITIONAL_IO_EXITING
             | PROC_USE_MSR_BITMAPS
             | PROC_SECONDARY_CONTROLS;
@@ -384,8 +402,9 @@ fn probe() -> Result<Caps, &'static str> {
 
         // IA32_VMX_PROCBASED_CTLS2 exists because "activate secondary controls" may
         // be 1 (checked above, A.3.3).
-        let proc2_required = PROC2_ENABLE_EPT | PROC2_ENABLE_VPID;
-        let proc2_want = proc2_required | PROC2_ENABLE_RDTSCP | PROC2_ENABLE_INVPCID;
+        // "Enable RDTSCP" stays off: RDTSCP and RDPID would read the host's TSC_AUX.
+        let proc2_required = PROC2_ENABLE_EPT | PROC2_ENABLE_VPID | PROC2_WBINVD_EXITING;
+        let proc2_want = proc2_required | PROC2_ENABLE_INVPCID;
         let proc2 = adjust_controls(
             rdmsr(IA32_VMX_PROCBASED_CTLS2),
             proc2_want,
@@ -410,9 +429,12 @@ fn probe() -> Result<Caps, &'static str> {
             return Err("no usable INVEPT/INVVPID type");
         }
 
-        let exit_want = EXIT_HOST_ADDRESS_SPACE_SIZE | EXIT_SAVE_EFER | EXIT_LOAD_EFER;
+        let exit_want = EXIT_SAVE_DEBUG_CONTROLS
+            | EXIT_HOST_ADDRESS_SPACE_SIZE
+            | EXIT_SAVE_EFER
+            | EXIT_LOAD_EFER;
         let exit = adjust_controls(rdmsr(exit_msr), exit_want, exit_want, "VM-exit controls")?;
-        let entry_want = ENTRY_IA32E_MODE_GUEST | ENTRY_LOAD_EFER;
+        let entry_want = ENTRY_LOAD_DEBUG_CONTROLS | ENTRY_IA32E_MODE_GUEST | ENTRY_LOAD_EFER;
         let entry = adjust_controls(
             rdmsr(entry_msr),
             entry_want,
@@ -779,6 +801,7 @@ pub struct VmxVcpu {
     proc_written: u32,
     slice_us: u64,
     timer_shift: u32,
+    cpu_state: CpuState,
 }
 
 unsafe extern "sysv64" {
@@ -894,6 +917,7 @@ impl VmxVcpu {
             return Err("VMX is off on this CPU");
         }
         let msr_bitmaps = *MSR_BITMAPS.get().ok_or("VMX not enabled")?;
+        let cpu_state = CpuState::new(Extras::DebugAndSyscallState)?;
         let vmcs =
             frames::alloc_contiguous(1, 4096, caps.region_limit()).ok_or("no memory for a VMCS")?;
         // SAFETY: a fresh frame of ours: its first 31 bits take the revision id and
@@ -922,6 +946,7 @@ impl VmxVcpu {
             proc_written: caps.proc,
             slice_us: 0,
             timer_shift: caps.timer_shift,
+            cpu_state,
         };
         v.regs.rdi = start.rdi;
         // SAFETY: the VMCS is ours and not active anywhere; VMX operation is on.
@@ -1262,6 +1287,12 @@ impl VmxVcpu {
             reason::INTERRUPT_WINDOW => VmExit::InterruptWindow,
             reason::CPUID => VmExit::Cpuid,
             reason::HLT => VmExit::Hlt,
+            reason::INVD => VmExit::Instruction(Instruction::Invd),
+            reason::RDPMC => VmExit::Instruction(Instruction::Rdpmc),
+            reason::MWAIT => VmExit::Instruction(Instruction::Mwait),
+            reason::MONITOR => VmExit::Instruction(Instruction::Monitor),
+            reason::WBINVD => VmExit::Instruction(Instruction::Wbinvd),
+            reason::XSETBV => VmExit::Xsetbv,
             reason::VMCALL => VmExit::Hypercall,
             reason::IO_INSTRUCTION => {
                 // Exit qualification for I/O instructions (28.2.1).
@@ -1305,10 +1336,13 @@ impl Vcpu for VmxVcpu {
             error!("vmx: updating the VMCS failed: {e:?}");
             return VmExit::EntryFailed(ENTRY_FAIL_INVALID);
         }
+        self.cpu_state.load();
+        self.cpu_state.before_entry();
         // SAFETY: VMX operation is on here, the VMCS is current and fully
         // initialised with this CPU's host state and HOST_RIP = `vmx_exit`; the stub
         // writes HOST_RSP itself; `regs` outlives the call.
         let r = unsafe { vmx_run(&mut self.regs, u64::from(self.launched)) };
+        self.cpu_state.after_exit();
         let injected = self.pending.take();
         match r {
             0 => {}
@@ -1413,7 +1447,18 @@ impl Vcpu for VmxVcpu {
     fn set_time_slice(&mut self, us: u64) {
         self.slice_us = us;
     }
+    fn cpl(&self) -> u8 {
+        ((vmr(GUEST_SS_AR) >> 5) & 3) as u8
+    }
+    fn cr4(&self) -> u64 {
+        let mask = vmr(CR4_GUEST_HOST_MASK);
+        (vmr(GUEST_CR4) & !mask) | (vmr(CR4_READ_SHADOW) & mask)
+    }
+    fn cpu_state(&mut self) -> &mut CpuState {
+        &mut self.cpu_state
+    }
     fn put(&mut self) {
+        self.cpu_state.save();
         let i = cpu::current_index();
         match self.active_on {
             Some(c) if c == i => {}

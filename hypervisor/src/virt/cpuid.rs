@@ -1,0 +1,120 @@
+//! The CPUID a guest sees: the host's, with everything the hypervisor does not
+//! virtualize or switch per vCPU taken out, and the bits that depend on the guest's
+//! own state (OSXSAVE, the XSAVE area sizes) computed from it.
+//!
+//! Hidden: VMX and SVM; MONITOR/MWAIT (intercepted, #UD); RDTSCP and RDPID (TSC_AUX is
+//! not the guest's); performance monitoring (leaf 0xA, PDCM, PERFCTR_CORE: RDPMC is
+//! refused); PKU, CET, MPX, AMX and XSAVES (state not offered); AVX/AVX-512 when the
+//! XCR0 policy does not offer them.
+
+use core::arch::x86_64::CpuidResult;
+
+use super::cpu_state::{xcr0, Policy};
+
+/// The guest state CPUID depends on.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestView {
+    /// CR4 as the guest sees it.
+    pub cr4: u64,
+    /// The guest's XCR0.
+    pub xcr0: u64,
+}
+
+const ZERO: CpuidResult = CpuidResult {
+    eax: 0,
+    ebx: 0,
+    ecx: 0,
+    edx: 0,
+};
+
+/// Bytes of a standard-format XSAVE area holding the components in `mask`.
+fn xsave_size(host: &dyn Fn(u32, u32) -> CpuidResult, mask: u64) -> u32 {
+    (2..63)
+        .filter(|i| mask & (1u64 << i) != 0)
+        .map(|i| {
+            let c = host(0xd, i);
+            c.ebx.saturating_add(c.eax)
+        })
+        .fold(512 + 64, u32::max)
+}
+
+/// CPUID leaf `leaf`, sub-leaf `sub` as vCPU `view` sees it, from the host's answers.
+pub fn guest_cpuid(
+    leaf: u32,
+    sub: u32,
+    host: &dyn Fn(u32, u32) -> CpuidResult,
+    policy: &Policy,
+    view: GuestView,
+) -> CpuidResult {
+    let avx = policy.guest_allowed & xcr0::AVX != 0;
+    let avx512 = policy.guest_allowed & xcr0::AVX512 != 0;
+    let mut r = host(leaf, sub);
+    match leaf {
+        1 => {
+            r.ecx &= !((1 << 3) | (1 << 5) | (1 << 15)); // MONITOR, VMX, PDCM
+            r.ecx |= 1 << 31; // hypervisor present
+            if !policy.xsave {
+                r.ecx &= !(1 << 26);
+            }
+            // OSXSAVE mirrors the guest's CR4.OSXSAVE (bit 18).
+            r.ecx &= !(1 << 27);
+            if policy.xsave && view.cr4 & (1 << 18) != 0 {
+                r.ecx |= 1 << 27;
+            }
+            if !avx {
+                r.ecx &= !((1 << 12) | (1 << 28) | (1 << 29)); // FMA, AVX, F16C
+            }
+        }
+        7 if sub == 0 => {
+            r.ebx &= !(1 << 14); // MPX
+            if !avx {
+                r.ebx &= !(1 << 5); // AVX2
+            }
+            if !avx512 {
+                // F, DQ, IFMA, PF, ER, CD, BW, VL
+                r.ebx &= !((1 << 16)
+                    | (1 << 17)
+                    | (1 << 21)
+                    | (1 << 26)
+                    | (1 << 27)
+                    | (1 << 28)
+                    | (1 << 30)
+                    | (1 << 31));
+                // VBMI, VBMI2, VNNI, BITALG, VPOPCNTDQ
+                r.ecx &= !((1 << 1) | (1 << 6) | (1 << 11) | (1 << 12) | (1 << 14));
+                // 4VNNIW, 4FMAPS, VP2INTERSECT, FP16
+                r.edx &= !((1 << 2) | (1 << 3) | (1 << 8) | (1 << 23));
+            }
+            // PKU, OSPKE, CET_SS, RDPID
+            r.ecx &= !((1 << 3) | (1 << 4) | (1 << 7) | (1 << 22));
+            // CET_IBT, AMX-BF16, AMX-TILE, AMX-INT8
+            r.edx &= !((1 << 20) | (1 << 22) | (1 << 24) | (1 << 25));
+        }
+        7 => {}
+        0xa => r = ZERO,
+        0xd if !policy.xsave => r = ZERO,
+        0xd => match sub {
+            0 => {
+                r.eax = policy.guest_allowed as u32;
+                r.edx = (policy.guest_allowed >> 32) as u32;
+                r.ebx = xsave_size(host, view.xcr0);
+                r.ecx = xsave_size(host, policy.guest_allowed);
+            }
+            // XSAVEOPT, XSAVEC, XGETBV with ECX = 1; no XSAVES (no IA32_XSS), no XFD.
+            1 => {
+                r.eax &= 0b111;
+                r.ebx = 0;
+                r.ecx = 0;
+                r.edx = 0;
+            }
+            i if i < 63 && policy.guest_allowed & (1u64 << i) != 0 => {}
+            _ => r = ZERO,
+        },
+        0x8000_0001 => {
+            r.ecx &= !((1 << 2) | (1 << 23) | (1 << 29)); // SVM, PERFCTR_CORE, MONITORX
+            r.edx &= !(1 << 27); // RDTSCP
+        }
+        _ => {}
+    }
+    r
+}
