@@ -563,17 +563,30 @@ impl Vm {
     /// (after stopping the VM) when it cannot be emulated.
     fn emulate_mmio(&mut self, idx: usize, gpa: u64) -> bool {
         let (rip, cr3) = (self.vcpus[idx].rip(), self.vcpus[idx].cr3());
+        // The instruction may cross into the next page, which the guest's tables map
+        // elsewhere: fetch each part through them (the CPU just fetched it all, so
+        // both translate unless another vCPU changed the tables meanwhile).
         let mut bytes = [0u8; 15];
-        let fetched = self.guest_virt_to_phys(cr3, rip).is_some_and(|pa| {
-            let n = (15).min(4096 - (pa & 0xfff)) as usize;
-            self.read_guest(pa, &mut bytes[..n])
-        });
+        let first = (4096 - (rip & 0xfff)).min(15) as usize;
+        let fetched = self
+            .guest_virt_to_phys(cr3, rip)
+            .is_some_and(|pa| self.read_guest(pa, &mut bytes[..first]));
+        let avail = if first < 15
+            && self
+                .guest_virt_to_phys(cr3, rip.wrapping_add(first as u64))
+                .is_some_and(|pa| self.read_guest(pa, &mut bytes[first..]))
+        {
+            15
+        } else {
+            first
+        };
         if !fetched {
             self.stop(idx, StopReason::BadMmio(gpa));
             return false;
         }
         let now = crate::apic::now_us();
-        let decoded = mmio::decode(&bytes, self.vcpus[idx].regs());
+        // Bytes past `avail` are unknown: an instruction running into them fails to decode.
+        let decoded = mmio::decode(&bytes[..avail], self.vcpus[idx].regs());
         let Ok((access, len)) = decoded else {
             warn!("cannot emulate the instruction at {rip:#x} touching {gpa:#x}: {decoded:?}");
             self.stop(idx, StopReason::BadMmio(gpa));
