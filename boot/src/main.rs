@@ -174,6 +174,7 @@ fn load() -> Result<core::convert::Infallible, String> {
             gpu_weight: vm.gpu_weight,
             gpu_alpha_tenths: vm.alpha_tenths(),
             vram_quota_mib: vm.vram_quota_mib.unwrap_or(0),
+            hv_memory_mib: vm.hv_memory_mib,
         };
         bi.vms_len += 1;
     }

@@ -117,6 +117,8 @@ pub enum DecodeError {
     UnsupportedType(u32),
     /// `nr_entries` of `ATTACH_BACKING` is above the limit.
     TooManyEntries(u32),
+    /// The hypervisor had no memory for the command's entries.
+    OutOfMemory,
     /// Flags other than `FLAG_FENCE` set.
     BadFlags(u32),
     /// A response shorter than its type needs (guest frontend side).
@@ -151,6 +153,7 @@ impl DecodeError {
             | DecodeError::ShortResponse { .. }
             | DecodeError::UnknownResponse(_)
             | DecodeError::BadEdidSize(_) => wire::RESP_ERR_UNSPEC,
+            DecodeError::OutOfMemory => wire::RESP_ERR_OUT_OF_MEMORY,
         }
     }
 }
@@ -257,10 +260,15 @@ pub fn decode(bytes: &[u8]) -> Result<Request, DecodeError> {
             // nr <= MAX_BACKING_ENTRIES, so this cannot overflow.
             let needed = size::RESOURCE_ATTACH_BACKING + nr as usize * MemEntry::SIZE;
             need(bytes, t, needed)?;
-            let entries = bytes[size::RESOURCE_ATTACH_BACKING..needed]
-                .chunks_exact(MemEntry::SIZE)
-                .filter_map(MemEntry::read)
-                .collect();
+            let mut entries = Vec::new();
+            entries
+                .try_reserve_exact(nr as usize)
+                .map_err(|_| DecodeError::OutOfMemory)?;
+            entries.extend(
+                bytes[size::RESOURCE_ATTACH_BACKING..needed]
+                    .chunks_exact(MemEntry::SIZE)
+                    .filter_map(MemEntry::read),
+            );
             Command::ResourceAttachBacking {
                 resource_id,
                 entries,

@@ -95,11 +95,13 @@ pub enum RejectReason {
     Backpressure = 12,
     /// The command was discarded because the VM's GPU channel was being reset.
     ChannelReset = 13,
+    /// What the command needs does not fit in the VM's hypervisor memory budget.
+    HvMemory = 14,
 }
 
 impl RejectReason {
     /// Number of reasons (length of per-reason counter arrays).
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 15;
 
     /// Every reason, in index order.
     pub const ALL: [RejectReason; Self::COUNT] = [
@@ -117,6 +119,7 @@ impl RejectReason {
         Self::Permission,
         Self::Backpressure,
         Self::ChannelReset,
+        Self::HvMemory,
     ];
 
     /// The fixed index of this reason (`0..COUNT`).
@@ -146,6 +149,7 @@ impl RejectReason {
             Self::Permission => "permission",
             Self::Backpressure => "backpressure",
             Self::ChannelReset => "channel_reset",
+            Self::HvMemory => "hv_memory",
         }
     }
 }
@@ -169,6 +173,7 @@ impl From<DecodeError> for RejectReason {
     fn from(e: DecodeError) -> Self {
         match e {
             DecodeError::UnsupportedType(_) => Self::Unsupported,
+            DecodeError::OutOfMemory => Self::HvMemory,
             _ => Self::Decode,
         }
     }
@@ -228,12 +233,19 @@ pub struct VmCounters {
     pub vm_exits: u64,
     /// Virtual interrupts injected into the VM.
     pub interrupts_injected: u64,
+    /// Hypervisor memory charged to the VM now, in bytes (a gauge; see
+    /// [`crate::budget`]).
+    pub hv_memory_used: u64,
+    /// The most hypervisor memory charged to the VM at once, in bytes.
+    pub hv_memory_peak: u64,
+    /// The VM's hypervisor memory budget, in bytes.
+    pub hv_memory_budget: u64,
     /// Commands refused, by [`RejectReason::index`].
     pub rejected: [u64; RejectReason::COUNT],
 }
 
 /// Number of scalar (non-array) fields of [`VmCounters`], in encoding order.
-const VM_SCALARS: usize = 12;
+const VM_SCALARS: usize = 15;
 
 /// JSON names of the scalar fields, in encoding order.
 const VM_SCALAR_NAMES: [&str; VM_SCALARS] = [
@@ -249,6 +261,9 @@ const VM_SCALAR_NAMES: [&str; VM_SCALARS] = [
     "doorbells",
     "vm_exits",
     "interrupts_injected",
+    "hv_memory_used",
+    "hv_memory_peak",
+    "hv_memory_budget",
 ];
 
 /// Bytes of the header of an encoded [`VmCounters`].
@@ -327,6 +342,9 @@ impl VmCounters {
             self.doorbells,
             self.vm_exits,
             self.interrupts_injected,
+            self.hv_memory_used,
+            self.hv_memory_peak,
+            self.hv_memory_budget,
         ]
     }
 
@@ -344,6 +362,9 @@ impl VmCounters {
             self.doorbells,
             self.vm_exits,
             self.interrupts_injected,
+            self.hv_memory_used,
+            self.hv_memory_peak,
+            self.hv_memory_budget,
         ] = *s;
     }
 
@@ -778,7 +799,8 @@ mod tests {
         assert!(s.contains("\"device_interrupts\":9,"));
         assert!(s.contains("\"vms\":[{\"vm\":2,\"context_switches\":1,"));
         assert!(s.contains("\"fence_replay\":2,"));
-        assert!(s.contains("\"channel_reset\":0},\"rejected_total\":3,"));
+        assert!(s.contains("\"channel_reset\":0,\"hv_memory\":0},\"rejected_total\":3,"));
+        assert!(s.contains("\"hv_memory_used\":0,\"hv_memory_peak\":0,\"hv_memory_budget\":0,"));
         assert!(s.ends_with("\"efficiency_ppm\":150000}]}"));
         // Braces and brackets balance (no strings contain them).
         let depth = s.chars().fold(0i32, |d, ch| match ch {
@@ -882,8 +904,8 @@ mod tests {
 
     fn arb_vm() -> impl Strategy<Value = VmCounters> {
         (
-            proptest::array::uniform12(any::<u64>()),
-            proptest::array::uniform14(any::<u64>()),
+            proptest::array::uniform15(any::<u64>()),
+            proptest::array::uniform15(any::<u64>()),
         )
             .prop_map(|(s, rejected)| {
                 let mut c = VmCounters {

@@ -15,6 +15,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod abi;
+pub mod budget;
 pub mod command;
 pub mod counters;
 pub mod mediator;

@@ -69,6 +69,8 @@ mod e2e;
 #[cfg(test)]
 mod harness;
 #[cfg(test)]
+mod memory_tests;
+#[cfg(test)]
 mod polling_tests;
 #[cfg(test)]
 mod proptests;
@@ -79,6 +81,7 @@ use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::vec::Vec;
 
 use crate::abi::limits;
+use crate::budget::{cost, OverBudget, DEFAULT_BUDGET};
 use crate::command::{self, Command, Request, Response};
 use crate::counters::{GlobalCounters, RejectReason, VmCounters};
 use crate::memory::{Gpa, GuestMemory, Hpa, MemError};
@@ -199,16 +202,20 @@ pub struct VmConfig {
     pub vram_quota: Option<u64>,
     /// How long a batch may stay on the GPU before the VM is declared hung.
     pub watchdog_ns: u64,
+    /// Hypervisor memory the VM may make the mediator and the hypervisor keep, in
+    /// bytes (see [`crate::budget`]).
+    pub hv_memory: u64,
 }
 
 impl VmConfig {
-    /// A VM with these scanouts, the default quota and the default watchdog.
+    /// A VM with these scanouts, the default quota, watchdog and memory budget.
     pub fn new(scanouts: Vec<ScanoutConfig>) -> Self {
         Self {
             scanouts,
             bands: Vec::new(),
             vram_quota: None,
             watchdog_ns: DEFAULT_WATCHDOG_NS,
+            hv_memory: DEFAULT_BUDGET,
         }
     }
 }
@@ -222,15 +229,20 @@ pub struct MediatorConfig {
     pub physical_scanouts: u32,
     /// Events kept undrained before the oldest are dropped.
     pub max_events: usize,
+    /// The GPU keeps its resources' pixels in hypervisor memory (the simulated
+    /// GPU): each resource's pixels are charged to its VM's memory budget too.
+    pub vram_in_hv_memory: bool,
 }
 
 impl MediatorConfig {
-    /// A GPU with `vram_total` bytes of VRAM and `physical_scanouts` scanouts.
+    /// A GPU with `vram_total` bytes of VRAM of its own and `physical_scanouts`
+    /// scanouts.
     pub fn new(vram_total: u64, physical_scanouts: u32) -> Self {
         Self {
             vram_total,
             physical_scanouts,
             max_events: DEFAULT_MAX_EVENTS,
+            vram_in_hv_memory: false,
         }
     }
 }
@@ -364,6 +376,14 @@ pub enum EventKind {
         /// Resources recreated.
         resources: usize,
     },
+    /// Something the VM asked for did not fit in its hypervisor memory budget
+    /// (and was refused): a queue set-up, or a charge of the hypervisor's own.
+    OverBudget {
+        /// Bytes asked for.
+        asked: u64,
+        /// Bytes left in the budget.
+        available: u64,
+    },
 }
 
 /// One validated host command, ready for the physical ring.
@@ -493,6 +513,8 @@ pub enum MediatorError {
     /// The queue is live: only a queue reset by [`Mediator::reset_queue`] can be
     /// restarted.
     QueueNotReset(QueueId),
+    /// The VM's hypervisor memory budget cannot hold what the call needs.
+    OverBudget(OverBudget),
 }
 
 /// The GPU-PV mediator: every VM's GPU context and the host-side state they share.
@@ -517,8 +539,11 @@ struct Shared {
     /// Host fence -> (VM, context) of every command on the GPU.
     routes: BTreeMap<u64, (VmId, u32)>,
     /// Host fence -> host id of each `UNREF` that was on the GPU when its VM was
-    /// reset: the id is free once that completion arrives, not before.
-    releasing: BTreeMap<u64, u32>,
+    /// reset (with the memory still charged to the VM for it): the id is free once
+    /// that completion arrives, not before.
+    releasing: BTreeMap<u64, (u32, u64)>,
+    /// Resource pixels live in hypervisor memory (see [`MediatorConfig`]).
+    vram_in_hv_memory: bool,
     events: VecDeque<Event>,
     max_events: usize,
     events_lost: u64,
@@ -596,10 +621,51 @@ impl Shared {
         self.vram_used = self.vram_used.saturating_sub(bytes);
     }
 
+    /// Charges `bytes` of hypervisor memory to `v`, or refuses and changes nothing.
+    fn charge(&mut self, v: &mut VmGpu, bytes: u64) -> Result<(), OverBudget> {
+        let r = v.memory.charge(bytes);
+        self.note_memory(v);
+        r
+    }
+
+    /// Gives back `bytes` charged to `v`.
+    fn release(&mut self, v: &mut VmGpu, bytes: u64) {
+        if bytes > 0 {
+            v.memory.release(bytes);
+            self.note_memory(v);
+        }
+    }
+
+    /// Charges `bytes` outside a command (a queue's reservation, the hypervisor's
+    /// own records): a refusal is counted and reported.
+    fn charge_reported(&mut self, v: &mut VmGpu, bytes: u64) -> Result<(), MediatorError> {
+        self.charge(v, bytes).map_err(|e| {
+            self.counters(v.id).reject(RejectReason::HvMemory);
+            self.event(
+                v.id,
+                Channel::Debug,
+                EventKind::OverBudget {
+                    asked: e.asked,
+                    available: e.available,
+                },
+            );
+            MediatorError::OverBudget(e)
+        })
+    }
+
+    /// Mirrors `v`'s memory budget in its counters.
+    fn note_memory(&mut self, v: &VmGpu) {
+        let m = v.memory;
+        let c = self.counters(v.id);
+        c.hv_memory_used = m.used();
+        c.hv_memory_peak = m.peak();
+        c.hv_memory_budget = m.limit();
+    }
+
     /// Stages `cmd` for `v` as a host command with a fresh host fence, and tracks
     /// what its completion must do.
     fn stage(&mut self, v: &mut VmGpu, queue: QueueId, cmd: Command, tracked: Tracked) -> u64 {
-        self.stage_with_copies(v, queue, cmd, tracked, Vec::new())
+        self.stage_encoded(v, queue, cmd, tracked, Vec::new(), Vec::new())
     }
 
     /// [`stage`](Self::stage), with the copies the hypervisor makes before it.
@@ -611,6 +677,20 @@ impl Shared {
         tracked: Tracked,
         copies: Vec<BandCopy>,
     ) -> u64 {
+        self.stage_encoded(v, queue, cmd, tracked, copies, Vec::new())
+    }
+
+    /// [`stage_with_copies`](Self::stage_with_copies), encoding into `buf` (room
+    /// reserved beforehand for a large command; empty for a small one).
+    fn stage_encoded(
+        &mut self,
+        v: &mut VmGpu,
+        queue: QueueId,
+        cmd: Command,
+        tracked: Tracked,
+        copies: Vec<BandCopy>,
+        buf: Vec<u8>,
+    ) -> u64 {
         let host_fence = self.alloc_fence();
         let request = Request {
             hdr: CtrlHdr {
@@ -621,11 +701,7 @@ impl Shared {
             },
             cmd,
         };
-        let entries = match &request.cmd {
-            Command::ResourceAttachBacking { entries, .. } => entries.len(),
-            _ => 0,
-        };
-        let mut bytes = Vec::with_capacity(wire::size::CURSOR + 16 * entries);
+        let mut bytes = buf;
         command::encode(&request, &mut bytes);
         v.staged.push_back(HostCommand {
             host_fence,
@@ -665,6 +741,7 @@ impl Mediator {
                 next_context: 1,
                 routes: BTreeMap::new(),
                 releasing: BTreeMap::new(),
+                vram_in_hv_memory: config.vram_in_hv_memory,
                 events: VecDeque::new(),
                 max_events: config.max_events,
                 events_lost: 0,
@@ -734,8 +811,9 @@ impl Mediator {
         }
         let quota = config.vram_quota.unwrap_or(self.config.vram_total / 4);
         let context = self.sh.alloc_context();
-        self.vms.insert(vm, VmGpu::new(vm, config, quota, context));
-        self.sh.counters.vm_mut(vm);
+        let v = VmGpu::new(vm, config, quota, context);
+        self.sh.note_memory(&v);
+        self.vms.insert(vm, v);
         self.sh.event(
             vm,
             Channel::Operational,
@@ -770,12 +848,17 @@ impl Mediator {
         control: QueueLayout,
         cursor: QueueLayout,
     ) -> Result<(), MediatorError> {
-        let v = self.vm_mut(vm)?;
+        let v = self.vms.get_mut(&vm).ok_or(MediatorError::UnknownVm(vm))?;
         if v.state != VmState::Reset {
             return Err(MediatorError::WrongState(v.state));
         }
         let c = DeviceQueue::new(control).map_err(MediatorError::BadQueue)?;
         let k = DeviceQueue::new(cursor).map_err(MediatorError::BadQueue)?;
+        // Every chain a queue can hold is answered whatever the budget says later:
+        // its room is reserved now.
+        let reserve = [cost::queue(control.size), cost::queue(cursor.size)];
+        self.sh.charge_reported(v, reserve[0] + reserve[1])?;
+        v.queue_charge = reserve;
         v.queues = [Some(c), Some(k)];
         v.state = VmState::Active;
         // Setting queues up follows a device reset by the driver.
@@ -819,6 +902,8 @@ impl Mediator {
             }
         }
         v.queues[queue.index()] = None;
+        let reserved = core::mem::take(&mut v.queue_charge[queue.index()]);
+        self.sh.release(v, reserved);
         self.sh.event(
             vm,
             Channel::Debug,
@@ -840,7 +925,7 @@ impl Mediator {
         queue: QueueId,
         layout: QueueLayout,
     ) -> Result<(), MediatorError> {
-        let v = self.vm_mut(vm)?;
+        let v = self.vms.get_mut(&vm).ok_or(MediatorError::UnknownVm(vm))?;
         if v.state != VmState::Active {
             return Err(MediatorError::WrongState(v.state));
         }
@@ -848,6 +933,9 @@ impl Mediator {
             return Err(MediatorError::QueueNotReset(queue));
         }
         let q = DeviceQueue::new(layout).map_err(MediatorError::BadQueue)?;
+        let reserve = cost::queue(layout.size);
+        self.sh.charge_reported(v, reserve)?;
+        v.queue_charge[queue.index()] = reserve;
         v.queues[queue.index()] = Some(q);
         self.sh.event(
             vm,
@@ -1030,8 +1118,8 @@ impl Mediator {
                 .as_mut()
                 .is_some_and(|b| b.remaining.remove(&c.host_fence));
             let owed = self.sh.releasing.remove(&c.host_fence);
-            if let Some(host) = owed {
-                v.held.insert(host);
+            if let Some((host, record)) = owed {
+                v.held.insert(host, record);
                 let effect = Effect::Released {
                     host,
                     unmap: Vec::new(),
@@ -1084,9 +1172,11 @@ impl Mediator {
                 .as_mut()
                 .is_some_and(|b| b.remaining.remove(&c.host_fence));
             if !ours {
-                // The UNREF of a reset VM's resource has run: its id is free now.
-                if let Some(host) = self.sh.releasing.remove(&c.host_fence) {
+                // The UNREF of a reset VM's resource has run: its id is free now,
+                // and what it held is given back.
+                if let Some((host, record)) = self.sh.releasing.remove(&c.host_fence) {
                     self.sh.free_host_id(host);
+                    self.sh.release(v, record);
                 }
                 report.stale += 1;
                 self.sh.counters.spurious_interrupts =
@@ -1216,6 +1306,26 @@ impl Mediator {
     pub fn counters_mut(&mut self) -> &mut GlobalCounters {
         &mut self.sh.counters
     }
+
+    /// Charges `bytes` the hypervisor keeps for `vm` (its zero-copy buffer
+    /// records, say) to the VM's memory budget. Over budget nothing is charged, the
+    /// refusal is counted and reported on the debug channel, and the hypervisor
+    /// refuses what the VM asked for.
+    pub fn charge(&mut self, vm: VmId, bytes: u64) -> Result<(), MediatorError> {
+        let v = self.vms.get_mut(&vm).ok_or(MediatorError::UnknownVm(vm))?;
+        self.sh.charge_reported(v, bytes)?;
+        v.external += bytes;
+        Ok(())
+    }
+
+    /// Gives back `bytes` charged with [`charge`](Self::charge).
+    pub fn release(&mut self, vm: VmId, bytes: u64) {
+        if let Some(v) = self.vms.get_mut(&vm) {
+            let bytes = bytes.min(v.external);
+            v.external -= bytes;
+            self.sh.release(v, bytes);
+        }
+    }
 }
 
 impl Shared {
@@ -1280,6 +1390,8 @@ impl Shared {
                 cmd,
                 effect,
                 copies,
+                charge,
+                buf,
             }) => {
                 report.staged += 1;
                 if matches!(cmd, Command::UpdateCursor { resource_id, .. } if resource_id != 0) {
@@ -1288,8 +1400,9 @@ impl Shared {
                 let tracked = Tracked {
                     reply: Some(queue),
                     effect,
+                    charge,
                 };
-                let host_fence = self.stage_with_copies(v, queue, cmd, tracked, copies);
+                let host_fence = self.stage_encoded(v, queue, cmd, tracked, copies, buf);
                 if reply.hdr.flags & wire::FLAG_FENCE != 0 {
                     if let Some(last) = v.fences.outstanding.back_mut() {
                         last.1 = Some(host_fence);
@@ -1457,6 +1570,8 @@ impl Shared {
                 },
             );
         }
+        // Memory given back once the effect is applied.
+        let mut freed = t.charge;
         match t.effect {
             Effect::None => {}
             Effect::Created { guest, host } => {
@@ -1467,12 +1582,13 @@ impl Shared {
                         if let Some(b) = r.backing {
                             let maps: Vec<_> = b.mappings().collect();
                             self.unmap(v.id, &maps);
+                            freed += b.charge;
                         }
                         for s in v.scanouts.iter_mut().filter(|s| s.resource == guest) {
                             *s = vm::ScanoutState::default();
                         }
                     }
-                    v.held.remove(&host);
+                    freed += v.held.remove(&host).unwrap_or(0);
                     self.free_host_id(host);
                 }
             }
@@ -1482,6 +1598,7 @@ impl Shared {
                         if let Some(b) = r.backing.take() {
                             let maps: Vec<_> = b.mappings().collect();
                             self.unmap(v.id, &maps);
+                            freed += b.charge;
                         }
                     }
                 }
@@ -1489,11 +1606,13 @@ impl Shared {
             Effect::Detached { unmap } => self.unmap(v.id, &unmap),
             Effect::Released { host, unmap } => {
                 self.unmap(v.id, &unmap);
-                if v.held.remove(&host) {
+                if let Some(record) = v.held.remove(&host) {
+                    freed += record;
                     self.free_host_id(host);
                 }
             }
         }
+        self.release(v, freed);
         if let Some(q) = t.reply {
             let waiting = v.replies[q.index()]
                 .iter_mut()
@@ -1536,8 +1655,8 @@ impl Shared {
                 }) = v.tracked.get(f)
                 {
                     let host = *host;
-                    if v.held.remove(&host) {
-                        self.releasing.insert(*f, host);
+                    if let Some(record) = v.held.remove(&host) {
+                        self.releasing.insert(*f, (host, record));
                     }
                 }
             }
@@ -1571,6 +1690,18 @@ impl Shared {
         self.interrupts.retain(|&(o, _)| o != vm);
         self.refund(v.vram_used);
         v.vram_used = 0;
+        // Backings, staged and tracked commands and the queues' reservations go
+        // now; resource records stay charged until the device let them go.
+        let freed = v
+            .resources
+            .values()
+            .filter_map(|r| r.backing.as_ref())
+            .map(|b| b.charge)
+            .chain(v.tracked.values().map(|t| t.charge))
+            .chain(v.queue_charge)
+            .sum();
+        v.queue_charge = [0, 0];
+        self.release(v, freed);
         v.resources.clear();
         v.staged.clear();
         v.tracked.clear();
@@ -1629,7 +1760,7 @@ impl Shared {
         v.scanouts
             .iter_mut()
             .for_each(|s| *s = vm::ScanoutState::default());
-        let held: Vec<u32> = v.held.iter().copied().collect();
+        let held: Vec<u32> = v.held.keys().copied().collect();
         for &host in &held {
             let cmd = Command::ResourceUnref { resource_id: host };
             let effect = Effect::Released {
@@ -1669,11 +1800,13 @@ impl Shared {
 }
 
 impl Tracked {
-    /// A command of the mediator's own: no guest chain waits for it.
+    /// A command of the mediator's own: no guest chain waits for it, and it is
+    /// paid for by what it cleans up (or bounded by the configuration).
     fn internal(effect: Effect) -> Self {
         Tracked {
             reply: None,
             effect,
+            charge: 0,
         }
     }
 }

@@ -15,7 +15,11 @@
 //!   at most [`limits::MAX_INDIRECT_DESCRIPTORS`] entries;
 //! - every buffer of a returned [`Chain`] has been checked to lie in the guest's own
 //!   RAM, so later stages only copy. A buffer is translated whole first; only one
-//!   that is not host-contiguous costs a translation per 4 KiB page.
+//!   that is not host-contiguous costs a translation per 4 KiB page;
+//! - a head taken and not yet returned cannot be taken again
+//!   ([`RingError::HeadInFlight`]), so a guest never has more chains outstanding
+//!   than its queue has entries, whatever it writes into its available ring;
+//! - what a chain's size decides is allocated fallibly ([`RingError::OutOfMemory`]).
 //!
 //! Memory ordering follows the virtio rules with `core::sync::atomic::fence`: an
 //! acquire fence between reading `avail.idx` and the ring entries (and `used.idx` and
@@ -204,6 +208,11 @@ pub enum RingError {
     UsedIdxJump,
     /// Driver side: the device returned a head that is not in flight.
     UsedIdNotInFlight,
+    /// The available ring names a head the device took and has not returned yet:
+    /// the driver published a chain it does not own any more.
+    HeadInFlight,
+    /// The hypervisor had no memory for a chain's buffers or bytes.
+    OutOfMemory,
 }
 
 impl From<MemError> for RingError {
@@ -283,6 +292,19 @@ fn test_and_set(bits: &mut [u64], i: usize) -> bool {
     }
 }
 
+/// Whether bit `i` is set (false beyond the bitmap).
+fn bit(bits: &[u64], i: usize) -> bool {
+    bits.get(i / 64)
+        .is_some_and(|w| w & (1u64 << (i % 64)) != 0)
+}
+
+/// Clears bit `i` (nothing beyond the bitmap).
+fn clear(bits: &mut [u64], i: usize) {
+    if let Some(w) = bits.get_mut(i / 64) {
+        *w &= !(1u64 << (i % 64));
+    }
+}
+
 /// Checks that `[gpa, gpa+len)` is guest RAM owned by this VM. The range is first
 /// translated whole (one call in the common case); if that is refused it may still
 /// be valid RAM that is host-contiguous only per page, so it is re-checked page by
@@ -330,11 +352,13 @@ impl ChainBuilder {
             gpa: d.addr,
             len: d.len,
         };
-        if writable {
-            self.chain.writable.push(seg);
+        let list = if writable {
+            &mut self.chain.writable
         } else {
-            self.chain.readable.push(seg);
-        }
+            &mut self.chain.readable
+        };
+        list.try_reserve(1).map_err(|_| RingError::OutOfMemory)?;
+        list.push(seg);
         Ok(())
     }
 }
@@ -348,6 +372,8 @@ pub struct DeviceQueue {
     used_idx: u16,
     /// Descriptor slots visited by the chain walk in progress.
     visited: Vec<u64>,
+    /// Heads taken and not returned yet.
+    taken: Vec<u64>,
 }
 
 impl DeviceQueue {
@@ -355,12 +381,32 @@ impl DeviceQueue {
     /// reset). Fails if the layout is invalid (see [`QueueLayout::validate`]).
     pub fn new(layout: QueueLayout) -> Result<Self, RingError> {
         layout.validate()?;
+        let words = usize::from(layout.size).div_ceil(64);
         Ok(Self {
             layout,
             last_avail_idx: 0,
             used_idx: 0,
-            visited: vec![0; usize::from(layout.size).div_ceil(64)],
+            visited: vec![0; words],
+            taken: vec![0; words],
         })
+    }
+
+    /// A queue at `layout` that resumes at the given indices with nothing taken
+    /// (a restored snapshot of a quiescent device).
+    pub fn resume(
+        layout: QueueLayout,
+        last_avail_idx: u16,
+        used_idx: u16,
+    ) -> Result<Self, RingError> {
+        let mut q = Self::new(layout)?;
+        q.last_avail_idx = last_avail_idx;
+        q.used_idx = used_idx;
+        Ok(q)
+    }
+
+    /// Chains taken and not returned yet.
+    pub fn outstanding(&self) -> usize {
+        self.taken.iter().map(|w| w.count_ones() as usize).sum()
     }
 
     /// The layout the queue was created with.
@@ -383,6 +429,7 @@ impl DeviceQueue {
     pub fn reset(&mut self) {
         self.last_avail_idx = 0;
         self.used_idx = 0;
+        self.taken.fill(0);
     }
 
     /// Chains the guest has made available and the device has not taken yet:
@@ -404,7 +451,8 @@ impl DeviceQueue {
     ///
     /// On error nothing is consumed: the ring is malformed and stays so until the
     /// driver resets it, so the caller should stop serving the queue (and set
-    /// `DEVICE_NEEDS_RESET`).
+    /// `DEVICE_NEEDS_RESET`). A head still taken (not returned with
+    /// [`push_used`](Self::push_used)) is such an error.
     pub fn pop(&mut self, mem: &dyn GuestMemory) -> Result<Option<Chain>, RingError> {
         if self.pending(mem)? == 0 {
             return Ok(None);
@@ -412,7 +460,11 @@ impl DeviceQueue {
         // Ring entries are read only after the index that published them.
         fence(Ordering::Acquire);
         let head = read_u16(mem, self.layout.avail_ring_addr(self.last_avail_idx))?;
+        if head < self.layout.size && bit(&self.taken, usize::from(head)) {
+            return Err(RingError::HeadInFlight);
+        }
         let chain = self.walk(mem, head)?;
+        test_and_set(&mut self.taken, usize::from(head));
         self.last_avail_idx = self.last_avail_idx.wrapping_add(1);
         Ok(Some(chain))
     }
@@ -478,6 +530,7 @@ impl DeviceQueue {
         let new = self.used_idx.wrapping_add(1);
         write_u16(mem, self.layout.used_idx_addr(), new)?;
         self.used_idx = new;
+        clear(&mut self.taken, usize::from(head));
         Ok(())
     }
 
@@ -558,7 +611,11 @@ fn walk_indirect(mem: &dyn GuestMemory, d: &Desc, b: &mut ChainBuilder) -> Resul
     if n > limits::MAX_INDIRECT_DESCRIPTORS {
         return Err(RingError::IndirectTooLarge);
     }
-    let mut table = vec![0u8; n * Desc::SIZE];
+    let mut table = Vec::new();
+    table
+        .try_reserve_exact(n * Desc::SIZE)
+        .map_err(|_| RingError::OutOfMemory)?;
+    table.resize(n * Desc::SIZE, 0);
     mem.read(d.addr, &mut table)?;
     let entry = |i: usize| {
         let raw = table.get(i * Desc::SIZE..(i + 1) * Desc::SIZE)?;
@@ -601,6 +658,8 @@ pub fn gather(
     }
     let start = out.len();
     // `total <= max`, so it fits in usize.
+    out.try_reserve(total as usize)
+        .map_err(|_| RingError::OutOfMemory)?;
     out.resize(start + total as usize, 0);
     let mut at = start;
     for s in segs {
@@ -1334,6 +1393,7 @@ mod tests {
             publish(&mut mem, 8, idx, &vec![0; usize::from(n)]);
             for _ in 0..n {
                 dev.pop(&mem).unwrap().unwrap();
+                dev.push_used(&mut mem, 0, 0).unwrap();
             }
             idx = idx.wrapping_add(n);
         }
@@ -1629,6 +1689,7 @@ mod tests {
         let mut paged = PagedMem(mem);
         let mut dev = DeviceQueue::new(l).unwrap();
         assert_eq!(dev.pop(&paged).unwrap().unwrap().readable_len(), 0x2000);
+        dev.push_used(&mut paged, 0, 0).unwrap();
         desc(&mut paged.0, 0, 0x4800, 0x1000, 0, 0);
         publish(&mut paged.0, 4, 1, &[0]);
         assert_eq!(dev.pop(&paged), Err(RingError::Memory(MemError::NotOwned)));

@@ -19,7 +19,14 @@
 //! The model must never panic, whatever the input: all arithmetic on guest values
 //! is checked, memory is only reached through the view, and allocations are
 //! bounded by the VRAM budget and made fallibly.
+//!
+//! Resource pixels come from a [`PixelAlloc`]: the heap on a host, while the
+//! kernel gives them frames of their own (a simulated GPU's VRAM is hypervisor
+//! memory, which must not be the kernel's shared heap; the mediator charges it to
+//! the VM that created the resource). The kernel also keeps no copy of what each
+//! scanout shows ([`SimGpu::set_scanout_images`]): nobody looks at it there.
 
+use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::fmt;
@@ -116,6 +123,32 @@ impl Default for CostModel {
     }
 }
 
+/// A resource's pixels, `width * height` of them, row-major.
+pub trait PixelBuf: fmt::Debug + Send {
+    /// The pixels.
+    fn pixels(&self) -> &[u32];
+    /// The pixels, to write.
+    fn pixels_mut(&mut self) -> &mut [u32];
+}
+
+impl PixelBuf for Vec<u32> {
+    fn pixels(&self) -> &[u32] {
+        self
+    }
+    fn pixels_mut(&mut self) -> &mut [u32] {
+        self
+    }
+}
+
+/// Gives `n` zeroed pixels, or `None` when there is no memory for them.
+pub type PixelAlloc = fn(n: usize) -> Option<Box<dyn PixelBuf>>;
+
+/// The default [`PixelAlloc`]: the heap, fallibly.
+pub fn heap_pixels(n: usize) -> Option<Box<dyn PixelBuf>> {
+    let v = alloc_pixels(n as u64).ok()?;
+    Some(Box::new(v))
+}
+
 /// Configuration of a [`SimGpu`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SimGpuConfig {
@@ -193,13 +226,13 @@ impl Backing {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 struct Resource {
     format: u32,
     width: u32,
     height: u32,
     /// Row-major, `width * height` pixels.
-    pixels: Vec<u32>,
+    pixels: Box<dyn PixelBuf>,
     backing: Option<Backing>,
 }
 
@@ -319,9 +352,13 @@ pub struct CursorView<'a> {
 }
 
 /// The simulated GPU (see the module docs).
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct SimGpu {
     cost: CostModel,
+    /// Where resource pixels come from.
+    pixel_alloc: PixelAlloc,
+    /// Whether scanouts keep a copy of what they show.
+    scanout_images: bool,
     vram_bytes: u64,
     vram_used: u64,
     resources: BTreeMap<u32, Resource>,
@@ -378,6 +415,8 @@ impl SimGpu {
         }
         Ok(Self {
             cost: cfg.cost,
+            pixel_alloc: heap_pixels,
+            scanout_images: true,
             vram_bytes: cfg.vram_bytes,
             vram_used: 0,
             resources: BTreeMap::new(),
@@ -397,6 +436,24 @@ impl SimGpu {
             errors: 0,
             busy_ns: 0,
         })
+    }
+
+    /// Takes resource pixels from `alloc` from now on (resources already made
+    /// keep theirs).
+    pub fn set_pixel_alloc(&mut self, alloc: PixelAlloc) {
+        self.pixel_alloc = alloc;
+    }
+
+    /// Whether scanouts keep a copy of what they show (on by default). Off, a
+    /// [`ScanoutView`] has no pixels: a headless device needs no second copy of
+    /// every displayed resource.
+    pub fn set_scanout_images(&mut self, on: bool) {
+        self.scanout_images = on;
+        if !on {
+            for s in &mut self.scanouts {
+                s.image = Vec::new();
+            }
+        }
     }
 
     /// Executes one command, reading backing memory through `host_mem` (host
@@ -494,7 +551,8 @@ impl SimGpu {
         if bytes > self.vram_bytes - self.vram_used {
             return Err(wire::RESP_ERR_OUT_OF_MEMORY);
         }
-        let pixels = alloc_pixels(pixels)?;
+        let n = usize::try_from(pixels).map_err(|_| wire::RESP_ERR_OUT_OF_MEMORY)?;
+        let pixels = (self.pixel_alloc)(n).ok_or(wire::RESP_ERR_OUT_OF_MEMORY)?;
         self.resources.insert(
             id,
             Resource {
@@ -611,6 +669,7 @@ impl SimGpu {
                 .ok_or(wire::RESP_ERR_UNSPEC)?;
             let d = (rect.y + r) as usize * w + rect.x as usize;
             let dst = pixels
+                .pixels_mut()
                 .get_mut(d..d + rect.width as usize)
                 .ok_or(wire::RESP_ERR_UNSPEC)?;
             for (px, b) in dst.iter_mut().zip(row.chunks_exact(4)) {
@@ -638,7 +697,11 @@ impl SimGpu {
         {
             return Err(wire::RESP_ERR_INVALID_PARAMETER);
         }
-        let image = copy_rect(&res.pixels, res.width, rect)?;
+        let image = if self.scanout_images {
+            copy_rect(res.pixels.pixels(), res.width, rect)?
+        } else {
+            Vec::new()
+        };
         let s = &mut self.scanouts[i];
         s.resource_id = id;
         s.rect = *rect;
@@ -672,7 +735,7 @@ impl SimGpu {
             for y in y0..y1 {
                 let from = y as usize * w + x0 as usize;
                 let to = (y - s.rect.y) as usize * sw + (x0 - s.rect.x) as usize;
-                let src = res.pixels.get(from..from + n);
+                let src = res.pixels.pixels().get(from..from + n);
                 let dst = s.image.get_mut(to..to + n);
                 if let (Some(src), Some(dst)) = (src, dst) {
                     dst.copy_from_slice(src);
@@ -700,7 +763,12 @@ impl SimGpu {
             if res.width != CURSOR_SIZE || res.height != CURSOR_SIZE {
                 return Err(wire::RESP_ERR_INVALID_PARAMETER);
             }
-            res.pixels.clone()
+            let mut image = Vec::new();
+            image
+                .try_reserve_exact(res.pixels.pixels().len())
+                .map_err(|_| wire::RESP_ERR_OUT_OF_MEMORY)?;
+            image.extend_from_slice(res.pixels.pixels());
+            image
         };
         self.cursor = Cursor {
             resource_id: id,
@@ -760,7 +828,7 @@ impl SimGpu {
             format: r.format,
             width: r.width,
             height: r.height,
-            pixels: &r.pixels,
+            pixels: r.pixels.pixels(),
             backing_bytes: r.backing.as_ref().map(|b| b.len),
         })
     }

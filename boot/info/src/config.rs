@@ -13,6 +13,7 @@
 //! gpu_weight = 1         # GPU share weight, 1..=1000 (default 1)
 //! gpu_alpha = 0.0        # priority boost alpha, 0.0..=2.0 (default 0)
 //! vram_quota_mib = 64    # optional; default: a quarter of the GPU's VRAM
+//! hv_memory_mib = 8      # hypervisor memory the VM may make it keep, 1..=1024 (default 8)
 //! ```
 //! Unknown keys are errors, so a typo never silently falls back to a default.
 
@@ -93,10 +94,24 @@ pub struct VmConfig {
     /// VRAM quota in MiB.
     #[serde(default)]
     pub vram_quota_mib: Option<u32>,
+    /// Hypervisor memory budget in MiB: what the VM's GPU traffic may make the
+    /// hypervisor keep (records, staged commands, grants, a simulated GPU's pixels).
+    #[serde(default = "default_hv_memory")]
+    pub hv_memory_mib: u32,
 }
 
 fn one() -> u32 {
     1
+}
+
+/// Budget of a VM whose table names none (`gpu_pv::budget::DEFAULT_BUDGET`).
+pub const DEFAULT_HV_MEMORY_MIB: u32 = 8;
+
+/// Largest budget: the hypervisor reserves every VM's budget at boot.
+pub const MAX_HV_MEMORY_MIB: u32 = 1024;
+
+fn default_hv_memory() -> u32 {
+    DEFAULT_HV_MEMORY_MIB
 }
 
 /// Smallest guest RAM in MiB: the guest ABI's minimum (`MIN_MEMORY_MIB` in
@@ -216,6 +231,9 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
         if vm.vram_quota_mib == Some(0) {
             return bad(n, "vram_quota_mib", "must be at least 1");
         }
+        if !(1..=MAX_HV_MEMORY_MIB).contains(&vm.hv_memory_mib) {
+            return bad(n, "hv_memory_mib", "must be 1..=1024");
+        }
     }
     Ok(())
 }
@@ -242,6 +260,7 @@ memory_mib = 32
 vcpus = 2
 image = "guests/hello.elf"
 vram_quota_mib = 64
+hv_memory_mib = 16
 "#;
 
     #[test]
@@ -254,6 +273,29 @@ vram_quota_mib = 64
         assert_eq!(c.vm[0].alpha_tenths(), 15);
         assert_eq!(c.vm[1].gpu_weight, 1);
         assert_eq!(c.vm[1].vram_quota_mib, Some(64));
+        assert_eq!(c.vm[0].hv_memory_mib, DEFAULT_HV_MEMORY_MIB);
+        assert_eq!(c.vm[1].hv_memory_mib, 16);
+    }
+
+    #[test]
+    fn hv_memory_budget_is_range_checked() {
+        let with = |v: &str| {
+            parse(&alloc::format!(
+                "[[vm]]\nname=\"a\"\nmemory_mib=8\nimage=\"g.elf\"\nhv_memory_mib = {v}"
+            ))
+        };
+        assert_eq!(with("1").unwrap().vm[0].hv_memory_mib, 1);
+        assert_eq!(with("1024").unwrap().vm[0].hv_memory_mib, MAX_HV_MEMORY_MIB);
+        for bad in ["0", "1025", "4294967295"] {
+            let e = with(bad).unwrap_err();
+            assert!(
+                matches!(e, ConfigError::Invalid(_, "hv_memory_mib", _)),
+                "{bad}: {e:?}"
+            );
+            assert!(alloc::format!("{e}").contains("1..=1024"));
+        }
+        assert!(matches!(with("-1"), Err(ConfigError::Syntax(_))));
+        assert!(matches!(with("\"8\""), Err(ConfigError::Syntax(_))));
     }
 
     #[test]

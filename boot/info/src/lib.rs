@@ -14,7 +14,7 @@ pub mod config;
 /// `"GPUPVBI\0"` little endian: marks a valid [`BootInfo`].
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"GPUPVBI\0");
 /// Layout version of [`BootInfo`]; bumped on every incompatible change.
-pub const BOOT_INFO_VERSION: u32 = 2;
+pub const BOOT_INFO_VERSION: u32 = 3;
 /// Most memory-map entries carried.
 pub const MAX_MEMORY_REGIONS: usize = 512;
 /// Most loaded files carried.
@@ -131,6 +131,8 @@ pub struct VmEntry {
     pub gpu_alpha_tenths: u32,
     /// VRAM quota in MiB (0: the default, a quarter of the total).
     pub vram_quota_mib: u32,
+    /// Hypervisor memory budget in MiB (reserved at boot).
+    pub hv_memory_mib: u32,
 }
 
 impl VmEntry {
@@ -143,6 +145,7 @@ impl VmEntry {
         gpu_weight: 0,
         gpu_alpha_tenths: 0,
         vram_quota_mib: 0,
+        hv_memory_mib: 0,
     };
     /// The name as text.
     pub fn name(&self) -> &str {

@@ -140,6 +140,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(v.resource_count(), 0);
             assert_eq!(v.host_resources().count(), 0);
             assert_eq!(v.vram_used(), 0);
+            assert_eq!(v.memory().used(), 0);
             assert_eq!(v.staged_len(), 0);
             assert!(v.queue(QueueId::Control).is_none());
             assert_eq!(med.vram_used(), vram_before);

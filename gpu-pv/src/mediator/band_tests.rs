@@ -8,7 +8,7 @@ use alloc::vec::Vec;
 use super::harness::*;
 use super::*;
 use crate::command::Command;
-use crate::wire::format;
+use crate::wire::{format, MemEntry};
 
 const W: u32 = 64;
 const H: u32 = 32;
@@ -342,4 +342,60 @@ fn a_vm_in_a_band_moves_no_cursor_on_the_shared_head() {
         2,
         "both chains come back"
     );
+}
+
+/// The copies of `[off, off + len)` by a plain walk from the first run: what
+/// `validate::backing_runs` must produce, whatever cursor it resumes from.
+fn reference_runs(b: &vm::Backing, off: u64, len: u64, dst: u64) -> Vec<BandCopy> {
+    let mut out = Vec::new();
+    let (mut at, mut off, mut left, mut dst) = (0u64, off, len, dst);
+    for e in &b.host {
+        let elen = u64::from(e.length);
+        if left > 0 && off < at + elen {
+            let n = (elen - (off - at)).min(left);
+            out.push(BandCopy {
+                src: Some(e.addr + (off - at)),
+                dst,
+                len: n,
+            });
+            off += n;
+            dst += n;
+            left -= n;
+        }
+        at += elen;
+    }
+    out
+}
+
+proptest::proptest! {
+    /// Row after row (rising offsets, as a transfer's rows come), the cursor walk gives
+    /// exactly the copies of a walk from the first run: scattered backings of many
+    /// small runs cost one pass over the runs, not one per row.
+    #[test]
+    fn a_transfer_walks_the_backing_once_and_copies_the_same_bytes(
+        lens in proptest::collection::vec(1u32..5000, 1..200),
+        start in 0u64..4096,
+        row in 1u64..3000,
+        gap in 0u64..3000,
+        rows in 1u64..64,
+    ) {
+        let mut addr = 0x10_0000u64;
+        let host: Vec<MemEntry> = lens
+            .iter()
+            .map(|&l| {
+                let e = MemEntry { addr, length: l, padding: 0 };
+                addr += u64::from(l) + 0x1000;
+                e
+            })
+            .collect();
+        let len = lens.iter().map(|&l| u64::from(l)).sum();
+        let b = vm::Backing { guest: Vec::new(), host, len, charge: 0 };
+        let mut cursor = validate::RunCursor::default();
+        for i in 0..rows {
+            let off = start + i * (row + gap);
+            let mut got = Vec::new();
+            validate::backing_runs(&b, &mut cursor, off, row, i * 1000, &mut got);
+            proptest::prop_assert_eq!(got, reference_runs(&b, off, row, i * 1000));
+        }
+    }
 }

@@ -35,14 +35,18 @@ use alloc::vec::Vec;
 use crate::abi::limits;
 use crate::command::Command;
 use crate::counters::{CountersError, VmCounters};
-use crate::memory::{Gpa, GuestMemory, Hpa, MemError};
+use crate::memory::{Gpa, GuestMemory, MemError};
 use crate::ring::{DeviceQueue, QueueLayout, RingError};
 use crate::sched::VmId;
 use crate::wire::{format, MemEntry, Rect};
 
-use super::validate::{transfer_end, translate_backing, BACKING_SLACK, MIN_SCANOUT_EDGE};
+use super::validate::{
+    backing_charge, command_charge, encoding_buffer, transfer_end, translate_backing,
+    BACKING_SLACK, MIN_SCANOUT_EDGE,
+};
 use super::vm::{resource_bytes, Effect, Resource, ScanoutState, Tracked, VmGpu};
-use super::{Channel, EventKind, IommuOp, Mediator, QueueId, VmState};
+use super::{BandCopy, Channel, EventKind, IommuOp, Mediator, QueueId, VmState};
+use crate::budget::cost;
 
 /// First bytes of every snapshot.
 pub const SNAPSHOT_MAGIC: [u8; 4] = *b"GPVS";
@@ -135,6 +139,8 @@ pub enum SnapshotError {
     BadFence,
     /// The counters did not decode.
     Counters(CountersError),
+    /// The restored context would not fit in the VM's hypervisor memory budget.
+    OverBudget,
 }
 
 /// Little-endian writer.
@@ -495,12 +501,13 @@ fn parse(
                 });
             }
             let limit = resource_bytes(width, height).div_ceil(BACKING_SLACK) * BACKING_SLACK;
-            let b = translate_backing(mem, &entries, limit).map_err(|rej| {
+            let mut b = translate_backing(mem, &entries, limit).map_err(|rej| {
                 SnapshotError::BadBacking {
                     resource: id,
                     error: rej.fault.map(|(_, _, e)| e),
                 }
             })?;
+            b.charge = backing_charge(b.guest.len(), &b.host);
             Some(b)
         } else {
             None
@@ -569,49 +576,8 @@ fn parse(
 }
 
 /// A device queue at `s.layout` with the snapshotted indices.
-///
-/// [`DeviceQueue`] only starts at index 0, so the indices are reached by taking
-/// and returning that many chains against [`IndexOnly`], a memory that is all
-/// zeros except the available index: no guest memory is read or written.
 fn resume_queue(s: &QueueState) -> Result<DeviceQueue, RingError> {
-    let mut q = DeviceQueue::new(s.layout)?;
-    let mut m = IndexOnly {
-        avail_idx_at: s.layout.avail + 2,
-        avail_idx: 0,
-    };
-    while q.last_avail_idx() != s.last_avail_idx {
-        let left = s.last_avail_idx.wrapping_sub(q.last_avail_idx());
-        m.avail_idx = q.last_avail_idx().wrapping_add(left.min(s.layout.size));
-        while q.pop(&m)?.is_some() {}
-    }
-    while q.used_idx() != s.used_idx {
-        q.push_used(&mut m, 0, 0)?;
-    }
-    Ok(q)
-}
-
-/// Memory for [`resume_queue`]: every address reads as zero (a zero descriptor is
-/// a valid one-buffer chain of length 0) except the available index, and writes
-/// are dropped.
-struct IndexOnly {
-    avail_idx_at: Gpa,
-    avail_idx: u16,
-}
-
-impl GuestMemory for IndexOnly {
-    fn translate(&self, gpa: Gpa, _len: u64) -> Result<Hpa, MemError> {
-        Ok(gpa)
-    }
-    fn read(&self, gpa: Gpa, out: &mut [u8]) -> Result<(), MemError> {
-        out.fill(0);
-        if gpa == self.avail_idx_at && out.len() == 2 {
-            out.copy_from_slice(&self.avail_idx.to_le_bytes());
-        }
-        Ok(())
-    }
-    fn write(&mut self, _gpa: Gpa, _data: &[u8]) -> Result<(), MemError> {
-        Ok(())
-    }
+    DeviceQueue::resume(s.layout, s.last_avail_idx, s.used_idx)
 }
 
 impl Mediator {
@@ -677,77 +643,61 @@ impl Mediator {
             }
         }
 
-        // Commit.
-        let count = plan.resources.len();
-        v.state = plan.state;
-        v.cursor_shown = plan.cursor_shown;
-        v.queues = match queues {
-            Some([c, k]) => [Some(c), Some(k)],
-            None => [None, None],
-        };
-        v.vectors = plan.vectors;
-        v.fences.last_submitted = plan.last_submitted;
-        v.fences.last_signalled = plan.last_signalled;
-        v.vram_used = plan.vram;
-        self.sh.vram_used += plan.vram;
-        *self.sh.counters.vm_mut(vm) = plan.counters;
-        for ((id, mut r), host_id) in plan.resources.into_iter().zip(ids) {
-            r.host_id = host_id;
-            v.held.insert(host_id);
-            let create = Command::ResourceCreate2d {
-                resource_id: host_id,
-                format: r.format,
+        // The host commands that rebuild the device, and everything charged for
+        // the restored context, before anything changes.
+        let mut rebuild: Vec<(Command, Effect, Vec<BandCopy>)> = Vec::new();
+        for ((&id, r), &host_id) in plan.resources.iter().zip(&ids) {
+            rebuild.push((
+                Command::ResourceCreate2d {
+                    resource_id: host_id,
+                    format: r.format,
+                    width: r.width,
+                    height: r.height,
+                },
+                Effect::Created {
+                    guest: id,
+                    host: host_id,
+                },
+                Vec::new(),
+            ));
+            let Some(b) = &r.backing else { continue };
+            rebuild.push((
+                Command::ResourceAttachBacking {
+                    resource_id: host_id,
+                    entries: b.host.clone(),
+                },
+                Effect::Attached {
+                    guest: id,
+                    host: host_id,
+                },
+                Vec::new(),
+            ));
+            let full = Rect {
+                x: 0,
+                y: 0,
                 width: r.width,
                 height: r.height,
             };
-            let created = Effect::Created {
-                guest: id,
-                host: host_id,
-            };
-            self.sh
-                .stage(v, QueueId::Control, create, Tracked::internal(created));
-            if let Some(b) = &r.backing {
-                self.sh
-                    .iommu
-                    .extend(b.mappings().map(|(hpa, len)| IommuOp::Map { vm, hpa, len }));
-                let attach = Command::ResourceAttachBacking {
+            if transfer_end(r.width, &full, 0).is_some_and(|end| end <= b.len) {
+                let transfer = Command::TransferToHost2d {
+                    rect: full,
+                    offset: 0,
                     resource_id: host_id,
-                    entries: b.host.clone(),
                 };
-                let attached = Effect::Attached {
-                    guest: id,
-                    host: host_id,
-                };
-                self.sh
-                    .stage(v, QueueId::Control, attach, Tracked::internal(attached));
-                let full = Rect {
-                    x: 0,
-                    y: 0,
-                    width: r.width,
-                    height: r.height,
-                };
-                if transfer_end(r.width, &full, 0).is_some_and(|end| end <= b.len) {
-                    let transfer = Command::TransferToHost2d {
-                        rect: full,
-                        offset: 0,
-                        resource_id: host_id,
-                    };
-                    self.sh.stage(
-                        v,
-                        QueueId::Control,
-                        transfer,
-                        Tracked::internal(Effect::None),
-                    );
-                }
+                rebuild.push((transfer, Effect::None, Vec::new()));
             }
-            v.resources.insert(id, r);
         }
+        let host_of = |guest: u32| {
+            plan.resources
+                .keys()
+                .position(|&k| k == guest)
+                .map(|i| ids[i])
+        };
         for (i, s) in plan.scanouts.iter().enumerate() {
-            v.scanouts[i] = *s;
-            let Some(r) = v.resources.get(&s.resource) else {
+            let (Some(r), Some(host_id)) = (plan.resources.get(&s.resource), host_of(s.resource))
+            else {
                 continue;
             };
-            let host_id = r.host_id;
             if let Some((band, w, h)) = super::validate::band_of(v, i as u32) {
                 // A band of a shared head: the pixels go into the band, the head
                 // keeps showing the composite.
@@ -755,14 +705,9 @@ impl Mediator {
                     continue;
                 };
                 let whole = s.rect;
-                let (transfer, copies) = super::validate::band_transfer(&band, w, h, &whole, 0, b);
-                self.sh.stage_with_copies(
-                    v,
-                    QueueId::Control,
-                    transfer,
-                    Tracked::internal(Effect::None),
-                    copies,
-                );
+                let (transfer, copies) = super::validate::band_transfer(&band, w, h, &whole, 0, b)
+                    .map_err(|_| SnapshotError::OverBudget)?;
+                rebuild.push((transfer, Effect::None, copies));
                 let flush = Command::ResourceFlush {
                     rect: crate::wire::Rect {
                         y: whole.y + band.index * h,
@@ -770,8 +715,7 @@ impl Mediator {
                     },
                     resource_id: band.host_resource,
                 };
-                self.sh
-                    .stage(v, QueueId::Control, flush, Tracked::internal(Effect::None));
+                rebuild.push((flush, Effect::None, Vec::new()));
                 continue;
             }
             let physical = v.config.scanouts[i].physical;
@@ -780,14 +724,85 @@ impl Mediator {
                 scanout_id: physical,
                 resource_id: host_id,
             };
-            self.sh
-                .stage(v, QueueId::Control, set, Tracked::internal(Effect::None));
+            rebuild.push((set, Effect::None, Vec::new()));
             let flush = Command::ResourceFlush {
                 rect: s.rect,
                 resource_id: host_id,
             };
+            rebuild.push((flush, Effect::None, Vec::new()));
+        }
+        let in_hv_memory = self.sh.vram_in_hv_memory;
+        let pixels = |r: &Resource| {
+            if in_hv_memory {
+                r.bytes()
+            } else {
+                0
+            }
+        };
+        let records: u64 = plan
+            .resources
+            .values()
+            .map(|r| cost::RESOURCE + pixels(r) + r.backing.as_ref().map_or(0, |b| b.charge))
+            .sum();
+        let commands: u64 = rebuild
+            .iter()
+            .map(|(c, _, copies)| command_charge(c, copies.len()))
+            .sum();
+        let reserve = plan.queues.as_ref().map_or([0, 0], |[c, k]| {
+            [cost::queue(c.layout.size), cost::queue(k.layout.size)]
+        });
+        let mut bufs = Vec::with_capacity(rebuild.len());
+        for (c, _, _) in &rebuild {
+            let n = match c {
+                Command::ResourceAttachBacking { entries, .. } => entries.len(),
+                _ => 0,
+            };
+            bufs.push(encoding_buffer(n).map_err(|_| SnapshotError::OverBudget)?);
+        }
+        if self
+            .sh
+            .charge(v, records + commands + reserve[0] + reserve[1])
+            .is_err()
+        {
+            ids.into_iter().for_each(|id| self.sh.free_host_id(id));
+            return Err(SnapshotError::OverBudget);
+        }
+
+        // Commit.
+        let count = plan.resources.len();
+        v.state = plan.state;
+        v.cursor_shown = plan.cursor_shown;
+        v.queues = match queues {
+            Some([c, k]) => [Some(c), Some(k)],
+            None => [None, None],
+        };
+        v.queue_charge = reserve;
+        v.vectors = plan.vectors;
+        v.fences.last_submitted = plan.last_submitted;
+        v.fences.last_signalled = plan.last_signalled;
+        v.vram_used = plan.vram;
+        self.sh.vram_used += plan.vram;
+        *self.sh.counters.vm_mut(vm) = plan.counters;
+        self.sh.note_memory(v);
+        for ((id, mut r), host_id) in plan.resources.into_iter().zip(ids) {
+            r.host_id = host_id;
+            v.held.insert(host_id, cost::RESOURCE + pixels(&r));
+            if let Some(b) = &r.backing {
+                self.sh
+                    .iommu
+                    .extend(b.mappings().map(|(hpa, len)| IommuOp::Map { vm, hpa, len }));
+            }
+            v.resources.insert(id, r);
+        }
+        v.scanouts.copy_from_slice(&plan.scanouts);
+        for ((cmd, effect, copies), buf) in rebuild.into_iter().zip(bufs) {
+            let tracked = Tracked {
+                reply: None,
+                effect,
+                charge: command_charge(&cmd, copies.len()),
+            };
             self.sh
-                .stage(v, QueueId::Control, flush, Tracked::internal(Effect::None));
+                .stage_encoded(v, QueueId::Control, cmd, tracked, copies, buf);
         }
         self.sh.event(
             vm,

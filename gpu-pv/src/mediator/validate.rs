@@ -9,6 +9,7 @@
 use alloc::vec::Vec;
 
 use crate::abi::limits;
+use crate::budget::cost;
 use crate::command::{self, Command, Response};
 use crate::counters::RejectReason;
 use crate::memory::{Gpa, GuestMemory, MemError};
@@ -44,6 +45,11 @@ pub(super) enum Outcome {
         effect: Effect,
         /// Copies into a shared head's composite the hypervisor makes first.
         copies: Vec<BandCopy>,
+        /// Hypervisor memory charged to the VM (already) until the command
+        /// completes: the staged command and what its effect holds.
+        charge: u64,
+        /// Room reserved for the command's encoding (empty: it is small).
+        buf: Vec<u8>,
     },
 }
 
@@ -87,6 +93,11 @@ impl Rejection {
     fn out_of_memory() -> Self {
         Self::new(RejectReason::Quota, wire::RESP_ERR_OUT_OF_MEMORY)
     }
+    /// The VM's hypervisor memory budget (or the hypervisor's memory) cannot hold
+    /// what the command needs.
+    pub fn over_budget() -> Self {
+        Self::new(RejectReason::HvMemory, wire::RESP_ERR_OUT_OF_MEMORY)
+    }
     fn memory(gpa: Gpa, len: u64, error: MemError) -> Self {
         Self {
             reason: error.into(),
@@ -94,6 +105,41 @@ impl Rejection {
             fault: Some((gpa, len, error)),
         }
     }
+}
+
+/// Charges `bytes` to the VM's budget, or refuses the command.
+fn charge(sh: &mut Shared, v: &mut VmGpu, bytes: u64) -> Result<(), Rejection> {
+    sh.charge(v, bytes).map_err(|_| Rejection::over_budget())
+}
+
+/// What staging `cmd` with `copies` band copies keeps until it completes: the
+/// command, and for `ATTACH_BACKING` its entries twice (the request and its
+/// encoding).
+pub(super) fn command_charge(cmd: &Command, copies: usize) -> u64 {
+    let entries = match cmd {
+        Command::ResourceAttachBacking { entries, .. } => entries.len() as u64,
+        _ => 0,
+    };
+    cost::COMMAND + 2 * cost::ENTRY * entries + cost::COPY * copies as u64
+}
+
+/// What a backing keeps until it is detached and unmapped: its record, its guest
+/// entries, its host runs, and a grant record per page the GPU may reach.
+pub(super) fn backing_charge(guest: usize, host: &[MemEntry]) -> u64 {
+    let pages: u64 = host
+        .iter()
+        .map(|e| cost::pages(e.addr, u64::from(e.length)))
+        .sum();
+    cost::BACKING + cost::ENTRY * guest as u64 + cost::RUN * host.len() as u64 + cost::PAGE * pages
+}
+
+/// Room for the encoding of an `ATTACH_BACKING` of `entries` entries, reserved
+/// without panicking when memory is short.
+pub(super) fn encoding_buffer(entries: usize) -> Result<Vec<u8>, Rejection> {
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(wire::size::RESOURCE_ATTACH_BACKING + 16 * entries)
+        .map_err(|_| Rejection::over_budget())?;
+    Ok(buf)
 }
 
 /// The band (and the display's width and height) of the VM's scanout `id`, if that
@@ -124,18 +170,32 @@ pub(super) fn band_transfer(
     rect: &Rect,
     offset: u64,
     b: &Backing,
-) -> (Command, Vec<BandCopy>) {
+) -> Result<(Command, Vec<BandCopy>), Rejection> {
     let stride = u64::from(w) * 4;
     let top = u64::from(band.index) * u64::from(h);
     let dst0 = (top + u64::from(rect.y)) * stride + u64::from(rect.x) * 4;
     let row = u64::from(rect.width) * 4;
+    // Each copy ends at a row's end or a run's: room for all of them is reserved
+    // (fallibly) before the walk, which then never grows the list.
     let mut copies = Vec::new();
+    copies
+        .try_reserve_exact((rect.height as usize).saturating_add(b.host.len()))
+        .map_err(|_| Rejection::over_budget())?;
+    let mut cursor = RunCursor::default();
     if rect.x == 0 && rect.width == w {
         // Whole rows, back to back on both sides: one range.
-        backing_runs(b, offset, row * u64::from(rect.height), dst0, &mut copies);
+        backing_runs(
+            b,
+            &mut cursor,
+            offset,
+            row * u64::from(rect.height),
+            dst0,
+            &mut copies,
+        );
     } else {
         for i in 0..u64::from(rect.height) {
-            backing_runs(b, offset + i * stride, row, dst0 + i * stride, &mut copies);
+            let (off, dst) = (offset + i * stride, dst0 + i * stride);
+            backing_runs(b, &mut cursor, off, row, dst, &mut copies);
         }
     }
     let cmd = Command::TransferToHost2d {
@@ -146,24 +206,42 @@ pub(super) fn band_transfer(
         offset: dst0,
         resource_id: band.host_resource,
     };
-    (cmd, copies)
+    Ok((cmd, copies))
+}
+
+/// Where the previous row's copies ended in a backing's runs: rows come at rising
+/// offsets, so each row resumes the walk there instead of from the first run, and a
+/// transfer costs O(rows + runs), not O(rows x runs), under the GPU-PV lock.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct RunCursor {
+    /// Index of the run to look at first.
+    idx: usize,
+    /// Backing offset of that run's first byte.
+    at: u64,
 }
 
 /// Appends the copies of bytes `[off, off + len)` of backing `b` (host runs) to
-/// `dst..` of the composite.
-fn backing_runs(b: &Backing, off: u64, len: u64, dst: u64, out: &mut Vec<BandCopy>) {
-    let (mut at, mut left, mut dst) = (0u64, len, dst);
-    let mut off = off;
-    for e in &b.host {
-        if left == 0 {
+/// `dst..` of the composite. `off` must not lie before where `cursor` stopped.
+pub(super) fn backing_runs(
+    b: &Backing,
+    cursor: &mut RunCursor,
+    off: u64,
+    len: u64,
+    dst: u64,
+    out: &mut Vec<BandCopy>,
+) {
+    let (mut off, mut left, mut dst) = (off, len, dst);
+    while left > 0 {
+        let Some(e) = b.host.get(cursor.idx) else {
             break;
-        }
+        };
         let elen = u64::from(e.length);
-        if off >= at + elen {
-            at += elen;
+        if off >= cursor.at + elen {
+            cursor.at += elen;
+            cursor.idx += 1;
             continue;
         }
-        let within = off - at;
+        let within = off.saturating_sub(cursor.at);
         let n = (elen - within).min(left);
         out.push(BandCopy {
             src: Some(e.addr + within),
@@ -173,7 +251,6 @@ fn backing_runs(b: &Backing, off: u64, len: u64, dst: u64, out: &mut Vec<BandCop
         off += n;
         dst += n;
         left -= n;
-        at += elen;
     }
 }
 
@@ -246,12 +323,11 @@ pub(super) fn validate(
     cmd: &Command,
     mem: &dyn GuestMemory,
 ) -> Result<Outcome, Rejection> {
-    let host = |cmd: Command, effect: Effect| {
-        Ok(Outcome::Host {
-            cmd,
-            effect,
-            copies: Vec::new(),
-        })
+    // A command that commits nothing but its own staging: charged, then sent.
+    let simple = |sh: &mut Shared, v: &mut VmGpu, cmd: Command| {
+        let c = command_charge(&cmd, 0);
+        charge(sh, v, c)?;
+        Ok(host(cmd, Effect::None, c))
     };
     match *cmd {
         Command::GetDisplayInfo => {
@@ -296,7 +372,15 @@ pub(super) fn validate(
             if v.resources.len() >= limits::MAX_RESOURCES_PER_VM || over_quota || over_vram {
                 return Err(Rejection::out_of_memory());
             }
-            let host_id = sh.alloc_host_id().ok_or_else(Rejection::out_of_memory)?;
+            // The record lives until the device dropped the resource; so do its
+            // pixels when they are hypervisor memory.
+            let record = cost::RESOURCE + if sh.vram_in_hv_memory { bytes } else { 0 };
+            let c = cost::COMMAND;
+            charge(sh, v, record + c)?;
+            let Some(host_id) = sh.alloc_host_id() else {
+                sh.release(v, record + c);
+                return Err(Rejection::out_of_memory());
+            };
             v.resources.insert(
                 resource_id,
                 Resource {
@@ -307,10 +391,10 @@ pub(super) fn validate(
                     backing: None,
                 },
             );
-            v.held.insert(host_id);
+            v.held.insert(host_id, record);
             v.vram_used += bytes;
             sh.vram_used += bytes;
-            host(
+            Ok(host(
                 Command::ResourceCreate2d {
                     resource_id: host_id,
                     format,
@@ -321,7 +405,8 @@ pub(super) fn validate(
                     guest: resource_id,
                     host: host_id,
                 },
-            )
+                c,
+            ))
         }
         Command::ResourceUnref { resource_id } => {
             let r = v
@@ -334,8 +419,12 @@ pub(super) fn validate(
             for s in v.scanouts.iter_mut().filter(|s| s.resource == resource_id) {
                 *s = ScanoutState::default();
             }
-            let unmap = r.backing.map_or_else(Vec::new, |b| b.mappings().collect());
-            host(
+            // The command was paid with the resource's record; what the backing
+            // holds stays charged until the device is done with it.
+            let (unmap, held) = r
+                .backing
+                .map_or((Vec::new(), 0), |b| (b.mappings().collect(), b.charge));
+            Ok(host(
                 Command::ResourceUnref {
                     resource_id: r.host_id,
                 },
@@ -343,7 +432,8 @@ pub(super) fn validate(
                     host: r.host_id,
                     unmap,
                 },
-            )
+                held,
+            ))
         }
         Command::SetScanout {
             rect,
@@ -393,40 +483,40 @@ pub(super) fn validate(
                 }
                 (r.host_id, rect)
             };
+            let cmd = Command::SetScanout {
+                rect,
+                scanout_id: physical,
+                resource_id: host_id,
+            };
+            let c = command_charge(&cmd, 0);
+            charge(sh, v, c)?;
             v.scanouts[scanout_id as usize] = ScanoutState {
                 resource: resource_id,
                 rect,
             };
-            host(
-                Command::SetScanout {
-                    rect,
-                    scanout_id: physical,
-                    resource_id: host_id,
-                },
-                Effect::None,
-            )
+            Ok(host(cmd, Effect::None, c))
         }
         Command::ResourceFlush { rect, resource_id } => {
             let r = resource(v, resource_id)?;
             check_rect(r, &rect)?;
+            let host_id = r.host_id;
             if let Some((band, _, h)) = banded_resource(v, resource_id) {
-                return host(
-                    Command::ResourceFlush {
-                        rect: Rect {
-                            y: rect.y + band.index * h,
-                            ..rect
-                        },
-                        resource_id: band.host_resource,
+                let cmd = Command::ResourceFlush {
+                    rect: Rect {
+                        y: rect.y + band.index * h,
+                        ..rect
                     },
-                    Effect::None,
-                );
+                    resource_id: band.host_resource,
+                };
+                return simple(sh, v, cmd);
             }
-            host(
+            simple(
+                sh,
+                v,
                 Command::ResourceFlush {
                     rect,
-                    resource_id: r.host_id,
+                    resource_id: host_id,
                 },
-                Effect::None,
             )
         }
         Command::TransferToHost2d {
@@ -442,21 +532,27 @@ pub(super) fn validate(
             if transfer_end(r.width, &rect, offset).is_none_or(|end| end > b.len) {
                 return Err(Rejection::param(RejectReason::BadParameter));
             }
+            let host_id = r.host_id;
             if let Some((band, w, h)) = banded_resource(v, resource_id) {
-                let (cmd, copies) = band_transfer(&band, w, h, &rect, offset, b);
+                let (cmd, copies) = band_transfer(&band, w, h, &rect, offset, b)?;
+                let c = command_charge(&cmd, copies.len());
+                charge(sh, v, c)?;
                 return Ok(Outcome::Host {
                     cmd,
                     effect: Effect::None,
                     copies,
+                    charge: c,
+                    buf: Vec::new(),
                 });
             }
-            host(
+            simple(
+                sh,
+                v,
                 Command::TransferToHost2d {
                     rect,
                     offset,
-                    resource_id: r.host_id,
+                    resource_id: host_id,
                 },
-                Effect::None,
             )
         }
         Command::ResourceAttachBacking {
@@ -468,28 +564,45 @@ pub(super) fn validate(
                 return Err(Rejection::unspec(RejectReason::BadResource));
             }
             let limit = r.bytes().div_ceil(BACKING_SLACK) * BACKING_SLACK;
-            let backing = translate_backing(mem, entries, limit)?;
             let host_id = r.host_id;
+            let mut backing = translate_backing(mem, entries, limit)?;
+            // Everything the command and the backing need, reserved and charged
+            // before anything changes.
+            let mut host_entries = Vec::new();
+            host_entries
+                .try_reserve_exact(backing.host.len())
+                .map_err(|_| Rejection::over_budget())?;
+            host_entries.extend_from_slice(&backing.host);
+            let buf = encoding_buffer(backing.host.len())?;
+            sh.iommu
+                .try_reserve(backing.host.len())
+                .map_err(|_| Rejection::over_budget())?;
+            let cmd = Command::ResourceAttachBacking {
+                resource_id: host_id,
+                entries: host_entries,
+            };
+            backing.charge = backing_charge(backing.guest.len(), &backing.host);
+            let c = command_charge(&cmd, 0);
+            charge(sh, v, backing.charge + c)?;
             sh.iommu
                 .extend(
                     backing
                         .mappings()
                         .map(|(hpa, len)| IommuOp::Map { vm: v.id, hpa, len }),
                 );
-            let cmd = Command::ResourceAttachBacking {
-                resource_id: host_id,
-                entries: backing.host.clone(),
-            };
             if let Some(r) = v.resources.get_mut(&resource_id) {
                 r.backing = Some(backing);
             }
-            host(
+            Ok(Outcome::Host {
                 cmd,
-                Effect::Attached {
+                effect: Effect::Attached {
                     guest: resource_id,
                     host: host_id,
                 },
-            )
+                copies: Vec::new(),
+                charge: c,
+                buf,
+            })
         }
         Command::ResourceDetachBacking { resource_id } => {
             let r = resource(v, resource_id)?;
@@ -497,17 +610,19 @@ pub(super) fn validate(
                 return Err(Rejection::unspec(RejectReason::BadResource));
             }
             let host_id = r.host_id;
-            let unmap = v
+            // Paid with the backing, whose charge stays until it is unmapped.
+            let (unmap, held) = v
                 .resources
                 .get_mut(&resource_id)
                 .and_then(|r| r.backing.take())
-                .map_or_else(Vec::new, |b| b.mappings().collect());
-            host(
+                .map_or((Vec::new(), 0), |b| (b.mappings().collect(), b.charge));
+            Ok(host(
                 Command::ResourceDetachBacking {
                     resource_id: host_id,
                 },
                 Effect::Detached { unmap },
-            )
+                held,
+            ))
         }
         // A shared head has one hardware cursor and several VMs: a VM shown in a band
         // gets no cursor (its cursor commands are taken and dropped, after the same
@@ -536,20 +651,32 @@ pub(super) fn validate(
                 0 => 0,
                 id => resource(v, id)?.host_id,
             };
-            host(
+            simple(
+                sh,
+                v,
                 Command::UpdateCursor {
                     pos,
                     resource_id: host_id,
                     hot_x,
                     hot_y,
                 },
-                Effect::None,
             )
         }
         Command::MoveCursor { pos } => {
             let pos = cursor_pos(v, &pos)?;
-            host(Command::MoveCursor { pos }, Effect::None)
+            simple(sh, v, Command::MoveCursor { pos })
         }
+    }
+}
+
+/// A host command that needs no band copies nor a reserved encoding.
+fn host(cmd: Command, effect: Effect, charge: u64) -> Outcome {
+    Outcome::Host {
+        cmd,
+        effect,
+        copies: Vec::new(),
+        charge,
+        buf: Vec::new(),
     }
 }
 
@@ -590,7 +717,7 @@ pub(super) fn translate_backing(
                 .checked_add(len)
                 .ok_or(Rejection::memory(e.addr, len, MemError::Overflow))?;
         match mem.translate(e.addr, len) {
-            Ok(hpa) => push_run(&mut host, hpa, len),
+            Ok(hpa) => push_run(&mut host, hpa, len)?,
             Err(err) if e.addr / PAGE_SIZE == (end - 1) / PAGE_SIZE => {
                 return Err(Rejection::memory(e.addr, len, err));
             }
@@ -601,34 +728,42 @@ pub(super) fn translate_backing(
                     let hpa = mem
                         .translate(cur, next - cur)
                         .map_err(|err| Rejection::memory(cur, next - cur, err))?;
-                    push_run(&mut host, hpa, next - cur);
+                    push_run(&mut host, hpa, next - cur)?;
                     cur = next;
                 }
             }
         }
     }
+    let mut guest = Vec::new();
+    guest
+        .try_reserve_exact(entries.len())
+        .map_err(|_| Rejection::over_budget())?;
+    guest.extend_from_slice(entries);
     Ok(Backing {
-        guest: entries.to_vec(),
+        guest,
         host,
         len: total,
+        charge: 0,
     })
 }
 
 /// Appends a host run, merging it into the previous one when they touch.
-fn push_run(runs: &mut Vec<MemEntry>, hpa: u64, len: u64) {
+fn push_run(runs: &mut Vec<MemEntry>, hpa: u64, len: u64) -> Result<(), Rejection> {
     if let Some(last) = runs.last_mut() {
         let merged = u64::from(last.length) + len;
         if last.addr.checked_add(u64::from(last.length)) == Some(hpa)
             && merged <= u64::from(u32::MAX)
         {
             last.length = merged as u32;
-            return;
+            return Ok(());
         }
     }
+    runs.try_reserve(1).map_err(|_| Rejection::over_budget())?;
     // `len` came from one guest entry's u32 length, or less.
     runs.push(MemEntry {
         addr: hpa,
         length: len as u32,
         padding: 0,
     });
+    Ok(())
 }

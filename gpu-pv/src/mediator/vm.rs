@@ -10,6 +10,7 @@
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::vec::Vec;
 
+use crate::budget::Budget;
 use crate::command::Response;
 use crate::memory::Hpa;
 use crate::ring::{DeviceQueue, Segment};
@@ -55,6 +56,8 @@ pub(super) struct Backing {
     pub host: Vec<MemEntry>,
     /// Total length in bytes.
     pub len: u64,
+    /// Hypervisor memory charged to the VM for it (see [`crate::budget::cost`]).
+    pub charge: u64,
 }
 
 impl Backing {
@@ -188,6 +191,9 @@ pub(super) struct Tracked {
     pub reply: Option<QueueId>,
     /// What the completion does besides answering.
     pub effect: Effect,
+    /// Hypervisor memory charged to the VM until the command completes (or is
+    /// dropped): the command itself, and what its effect still holds.
+    pub charge: u64,
 }
 
 /// The batch a VM has on the physical ring.
@@ -218,9 +224,10 @@ pub struct VmGpu {
     /// MSI-X vectors: config, control queue, cursor queue.
     pub(super) vectors: [u16; 3],
     pub(super) resources: BTreeMap<u32, Resource>,
-    /// Host ids the VM holds on the device: live resources and those whose
-    /// `RESOURCE_UNREF` has not completed yet.
-    pub(super) held: BTreeSet<u32>,
+    /// Host ids the VM holds on the device (live resources and those whose
+    /// `RESOURCE_UNREF` has not completed yet), each with the hypervisor memory
+    /// charged for it until the device lets it go.
+    pub(super) held: BTreeMap<u32, u64>,
     pub(super) scanouts: Vec<ScanoutState>,
     pub(super) vram_used: u64,
     pub(super) fences: FenceState,
@@ -232,11 +239,18 @@ pub struct VmGpu {
     pub(super) cursor_shown: bool,
     /// Whether the hypervisor polls the queues now (the guest was asked not to kick).
     pub(super) polled: bool,
+    /// Hypervisor memory charged to the VM, and its limit.
+    pub(super) memory: Budget,
+    /// What each live queue reserved of it (see [`crate::budget::cost::queue`]).
+    pub(super) queue_charge: [u64; 2],
+    /// What the hypervisor charged through [`super::Mediator::charge`].
+    pub(super) external: u64,
 }
 
 impl VmGpu {
     pub(super) fn new(id: VmId, config: VmConfig, quota: u64, context: u32) -> Self {
         let scanouts = alloc::vec![ScanoutState::default(); config.scanouts.len()];
+        let memory = Budget::new(config.hv_memory);
         Self {
             id,
             config,
@@ -247,7 +261,7 @@ impl VmGpu {
             queues: [None, None],
             vectors: [NO_VECTOR; 3],
             resources: BTreeMap::new(),
-            held: BTreeSet::new(),
+            held: BTreeMap::new(),
             scanouts,
             vram_used: 0,
             fences: FenceState::default(),
@@ -257,6 +271,9 @@ impl VmGpu {
             in_flight: None,
             cursor_shown: false,
             polled: false,
+            memory,
+            queue_charge: [0, 0],
+            external: 0,
         }
     }
 
@@ -297,7 +314,12 @@ impl VmGpu {
 
     /// Host resource ids the VM holds on the device (including ones being freed).
     pub fn host_resources(&self) -> impl Iterator<Item = u32> + '_ {
-        self.held.iter().copied()
+        self.held.keys().copied()
+    }
+
+    /// Hypervisor memory charged to the VM now, its limit and its peak.
+    pub fn memory(&self) -> &Budget {
+        &self.memory
     }
 
     /// The host id behind guest resource `guest`, if the guest has one by that id.
