@@ -16,6 +16,13 @@
 //!   run it, and an `UNREF` taken as done would free a host id the device still
 //!   uses, for another VM's `CREATE` to get.
 //!
+//! - What a VM makes the hypervisor keep is charged to its memory budget (see
+//!   `gpu_pv::budget`): the mediator's records, this module's zero-copy buffer and
+//!   page-grant records, and with the simulated GPU its resources' pixels, which
+//!   live in frames of their own rather than on the shared heap. Every budget is
+//!   reserved at boot (`main.rs`), so a VM at its limit gets errors and nobody else
+//!   is short.
+//!
 //! Lock order: a VM's lock, then this module's. [`service`] takes only this one.
 
 use alloc::boxed::Box;
@@ -23,6 +30,7 @@ use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use gpu_pv::budget::{cost, DEFAULT_BUDGET};
 use gpu_pv::command;
 use gpu_pv::mediator::{
     Batch, Channel, Completion, EventKind, IommuOp, Mediator, MediatorConfig, QueueId,
@@ -31,10 +39,10 @@ use gpu_pv::mediator::{
 use gpu_pv::memory::{check_range, GuestMemory, MemError};
 use gpu_pv::ring::QueueLayout;
 use gpu_pv::sched::{Mode, SchedConfig, Scheduler, Slice, VmId, VmParams};
-use gpu_pv::sim_gpu::{CostModel, SimGpu, SimGpuConfig};
-use log::{info, warn};
+use gpu_pv::sim_gpu::{CostModel, PixelBuf, SimGpu, SimGpuConfig};
 use spin::Mutex;
 
+use crate::event_log::{self, Source};
 use crate::gpu::{GpuBackend, GpuError};
 use crate::iommu::DomainId;
 use crate::mm::phys_to_ptr;
@@ -110,16 +118,56 @@ impl GuestMemory for HostMemory {
     }
 }
 
+/// A simulated-GPU resource's pixels in frames of their own, not on the shared
+/// heap (the mediator charges them to the VM that made the resource).
+#[derive(Debug)]
+struct FramePixels {
+    /// Owns the frames (freed and scrubbed on drop).
+    _region: crate::gpu::DmaRegion,
+    /// Where the frames are mapped (identity), as an address.
+    at: usize,
+    /// Pixels.
+    len: usize,
+}
+
+impl PixelBuf for FramePixels {
+    fn pixels(&self) -> &[u32] {
+        // SAFETY: the region holds at least `len * 4` bytes at `at`, page aligned,
+        // ours alone until it is dropped with `self`; shared access follows `&self`.
+        unsafe { core::slice::from_raw_parts(self.at as *const u32, self.len) }
+    }
+    fn pixels_mut(&mut self) -> &mut [u32] {
+        // SAFETY: as in `pixels`; `&mut self` makes the access exclusive.
+        unsafe { core::slice::from_raw_parts_mut(self.at as *mut u32, self.len) }
+    }
+}
+
+/// The simulated GPU's pixel allocator: zeroed contiguous frames, `None` when
+/// there are none.
+fn frame_pixels(n: usize) -> Option<Box<dyn PixelBuf>> {
+    let bytes = u64::try_from(n).ok()?.checked_mul(4)?;
+    let mut region = crate::gpu::DmaRegion::alloc(bytes)?;
+    let at = region.as_mut_slice().as_mut_ptr() as usize;
+    Some(Box::new(FramePixels {
+        _region: region,
+        at,
+        len: n,
+    }))
+}
+
 impl SimBackend {
     /// A simulated GPU with `scanouts` displays and `vram` bytes, DMA below `top`.
+    /// Its pixels live in frames; it keeps no copy of what the scanouts show.
     pub fn new(scanouts: Vec<(u32, u32)>, vram: u64, top: u64) -> Option<Self> {
         let sizes = scanouts.clone();
-        let gpu = SimGpu::new(SimGpuConfig {
+        let mut gpu = SimGpu::new(SimGpuConfig {
             scanouts,
             vram_bytes: vram,
             cost: CostModel::FREE,
         })
         .ok()?;
+        gpu.set_pixel_alloc(frame_pixels);
+        gpu.set_scanout_images(false);
         Some(Self {
             gpu,
             done: Vec::new(),
@@ -184,6 +232,8 @@ struct GpuPv {
     domain: Option<DomainId>,
     /// Guest pages mapped for the GPU, with how many grants use each.
     mapped: BTreeMap<u64, u32>,
+    /// Pages whose mapping changes, in order, not yet applied ([`iommu_apply`]).
+    iommu_changes: Vec<(u64, bool)>,
     memory: BTreeMap<VmId, VmMemory>,
     slice: Option<Slice>,
     slice_ops: u64,
@@ -201,8 +251,11 @@ struct GpuPv {
     /// Per VM: when commands not yet submitted were first taken from its ring (by a
     /// doorbell or a poll).
     taken_at: BTreeMap<VmId, u64>,
-    /// Buffers VMs registered for zero-copy exchange: (vm, handle) -> (hpa, len).
-    buffers: BTreeMap<(VmId, u64), (u64, u64)>,
+    /// Buffers VMs registered for zero-copy exchange: (vm, handle) -> (hpa, len,
+    /// memory charged to the VM for its records).
+    buffers: BTreeMap<(VmId, u64), (u64, u64, u64)>,
+    /// Each VM's hypervisor memory budget in bytes, by VM id (reserved at boot).
+    budgets: Vec<u64>,
     next_handle: u64,
     /// Whether "every VM has reached the GPU" was announced.
     all_reached: bool,
@@ -254,6 +307,109 @@ pub fn figures(vm: VmId) -> Option<Figures> {
 }
 
 static GPUPV: Mutex<Option<GpuPv>> = Mutex::new(None);
+
+// Lines logged while the GPU-PV lock is held are deferred (crate::event_log): printed
+// after the lock is released ([`Held`]'s drop), charged to the VM that caused them.
+macro_rules! warn {
+    (vm = $vm:expr; $($t:tt)*) => {
+        event_log::defer(Source::Vm($vm), log::Level::Warn, format_args!($($t)*))
+    };
+    ($($t:tt)*) => {
+        event_log::defer(current_source(), log::Level::Warn, format_args!($($t)*))
+    };
+}
+macro_rules! info {
+    (vm = $vm:expr; $($t:tt)*) => {
+        event_log::defer(Source::Vm($vm), log::Level::Info, format_args!($($t)*))
+    };
+    ($($t:tt)*) => {
+        event_log::defer(current_source(), log::Level::Info, format_args!($($t)*))
+    };
+}
+
+/// The VM this CPU works for now (its exit handler), else the host.
+fn current_source() -> Source {
+    crate::vm_context::current().map_or(Source::Host, Source::Vm)
+}
+
+/// Longest time the GPU-PV lock was held (TSC cycles) and the line that took it.
+static LONGEST_HOLD: AtomicU64 = AtomicU64::new(0);
+static LONGEST_HOLD_LINE: AtomicU64 = AtomicU64::new(0);
+
+/// The GPU-PV lock, held: measures how long, and prints the deferred log lines once
+/// it is released.
+struct Held {
+    guard: Option<spin::MutexGuard<'static, Option<GpuPv>>>,
+    since: u64,
+    line: u32,
+}
+
+impl core::ops::Deref for Held {
+    type Target = Option<GpuPv>;
+    fn deref(&self) -> &Option<GpuPv> {
+        self.guard.as_deref().unwrap_or(&None)
+    }
+}
+
+impl core::ops::DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut Option<GpuPv> {
+        match self.guard.as_deref_mut() {
+            Some(g) => g,
+            // The guard lives until drop; never reached.
+            None => unreachable!("GPU-PV lock used after release"),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // Whatever path changed grants, the IOMMU matches them before anyone else
+        // gets the lock.
+        if let Some(s) = self.guard.as_deref_mut().and_then(Option::as_mut) {
+            iommu_apply(s);
+        }
+        drop(self.guard.take());
+        let held = crate::arch::cpu::rdtsc().wrapping_sub(self.since);
+        if LONGEST_HOLD.fetch_max(held, Ordering::Relaxed) < held {
+            LONGEST_HOLD_LINE.store(u64::from(self.line), Ordering::Relaxed);
+        }
+        event_log::flush();
+    }
+}
+
+#[track_caller]
+fn lock() -> Held {
+    let guard = GPUPV.lock();
+    Held {
+        guard: Some(guard),
+        since: crate::arch::cpu::rdtsc(),
+        line: core::panic::Location::caller().line(),
+    }
+}
+
+#[track_caller]
+fn try_lock() -> Option<Held> {
+    let guard = GPUPV.try_lock()?;
+    Some(Held {
+        guard: Some(guard),
+        since: crate::arch::cpu::rdtsc(),
+        line: core::panic::Location::caller().line(),
+    })
+}
+
+/// The longest hold of the GPU-PV lock so far (µs) and the source line that took it;
+/// `reset` starts a new measurement.
+pub fn longest_lock_hold(reset: bool) -> (u64, u32) {
+    let per_us = (crate::apic::tsc_per_ms() / 1000).max(1);
+    let r = (
+        LONGEST_HOLD.load(Ordering::Relaxed) / per_us,
+        LONGEST_HOLD_LINE.load(Ordering::Relaxed) as u32,
+    );
+    if reset {
+        LONGEST_HOLD.store(0, Ordering::Relaxed);
+    }
+    r
+}
 /// Per-VM mailbox of virtual interrupts to raise: bit i = MSI-X entry i.
 static MAILBOX: [AtomicU64; MAX_GPU_VMS] = [const { AtomicU64::new(0) }; MAX_GPU_VMS];
 
@@ -267,15 +423,19 @@ pub const DEFAULT_DISPLAY: (u32, u32) = (640, 480);
 /// Starts the mediator over `backend` with the GPU quantum and mode from the config.
 /// `gpu` is the physical GPU's PCI function: with an IOMMU, it gets a domain of its
 /// own in which only the backend's own memory and the guest pages the mediator
-/// granted are mapped.
+/// granted are mapped. `budgets` holds each VM's hypervisor memory budget in bytes
+/// (by VM id); `vram_in_hv_memory` says the backend keeps its resources' pixels in
+/// hypervisor memory (the simulated GPU), which the VMs' budgets then pay for.
 pub fn init(
     mut backend: Box<dyn GpuBackend>,
     gpu: Option<Bdf>,
     quantum_us: u32,
     mode: u32,
     vram_total: u64,
-    vms: usize,
+    budgets: Vec<u64>,
+    vram_in_hv_memory: bool,
 ) {
+    let vms = budgets.len();
     let scanouts: Vec<(u32, u32)> = backend
         .scanouts()
         .iter()
@@ -293,14 +453,14 @@ pub fn init(
                 Ok(d) => {
                     for (addr, len) in backend.dma_regions() {
                         if let Err(e) = crate::iommu::map(d, addr, addr, len, true) {
-                            warn!("gpu-pv: cannot map the GPU driver's memory {addr:#x}+{len:#x}: {e:?}");
+                            log::warn!("gpu-pv: cannot map the GPU driver's memory {addr:#x}+{len:#x}: {e:?}");
                         }
                     }
-                    info!("gpu-pv: GPU {bdf} isolated in IOMMU domain {}: only granted pages are reachable", d.0);
+                    log::info!("gpu-pv: GPU {bdf} isolated in IOMMU domain {}: only granted pages are reachable", d.0);
                     Some(d)
                 }
                 Err(e) => {
-                    warn!("gpu-pv: GPU {bdf} not attached to the IOMMU ({e:?}): its DMA is not isolated");
+                    log::warn!("gpu-pv: GPU {bdf} not attached to the IOMMU ({e:?}): its DMA is not isolated");
                     None
                 }
             }
@@ -323,10 +483,10 @@ pub fn init(
                 Ok((id, region)) => {
                     composites.insert(id, region);
                 }
-                Err(why) => warn!("gpu-pv: head {head}: no shared display: {why}"),
+                Err(why) => log::warn!("gpu-pv: head {head}: no shared display: {why}"),
             }
         }
-        info!(
+        log::info!(
             "gpu-pv: {vms} VMs on {heads} heads: {per_head} VMs per head, each in a band of the head's composite ({} heads set up)",
             composites.len()
         );
@@ -343,23 +503,28 @@ pub fn init(
     let sched = match Scheduler::new(cfg) {
         Ok(s) => s,
         Err(e) => {
-            warn!("gpu-pv: scheduler config refused ({e:?}); GPU sharing disabled");
+            log::warn!("gpu-pv: scheduler config refused ({e:?}); GPU sharing disabled");
             return;
         }
     };
-    info!(
+    log::info!(
         "gpu-pv: mediator on {} with {} scanouts, quantum {} us, {:?}",
         backend.name(),
         scanouts.len(),
         cfg.base_quantum_ns / 1000,
         cfg.mode
     );
-    *GPUPV.lock() = Some(GpuPv {
-        mediator: Mediator::new(MediatorConfig::new(vram_total, scanouts.len() as u32)),
+    let config = MediatorConfig {
+        vram_in_hv_memory,
+        ..MediatorConfig::new(vram_total, scanouts.len() as u32)
+    };
+    *lock() = Some(GpuPv {
+        mediator: Mediator::new(config),
         sched,
         backend,
         domain,
         mapped: BTreeMap::new(),
+        iommu_changes: Vec::new(),
         memory: BTreeMap::new(),
         slice: None,
         slice_ops: 0,
@@ -372,6 +537,7 @@ pub fn init(
         figures: BTreeMap::new(),
         taken_at: BTreeMap::new(),
         buffers: BTreeMap::new(),
+        budgets,
         next_handle: 1,
         all_reached: false,
         cost_per_cmd_ns: BTreeMap::new(),
@@ -518,7 +684,7 @@ pub fn add_vm(
     alpha_tenths: u32,
     quota_mib: u32,
 ) -> Option<u32> {
-    let mut g = GPUPV.lock();
+    let mut g = lock();
     let s = g.as_mut()?;
     s.names.insert(vm, alloc::string::String::from(name));
     let per_head = s.per_head;
@@ -543,6 +709,11 @@ pub fn add_vm(
             }];
         }
         cfg.vram_quota = (quota_mib != 0).then_some(u64::from(quota_mib) << 20);
+        cfg.hv_memory = s
+            .budgets
+            .get(usize::from(vm))
+            .copied()
+            .unwrap_or(DEFAULT_BUDGET);
         if let Err(e) = s.mediator.add_vm(vm, cfg) {
             warn!("gpu-pv: vm {vm}: no GPU: {e:?}");
             return None;
@@ -571,7 +742,7 @@ pub const MAX_BUFFERS_PER_VM: usize = 64;
 /// registered in the GPU's IOMMU domain until unregistered or the VM goes. Returns
 /// the handle, or `None` when a check fails.
 pub fn register_buffer(vm: VmId, gpa: u64, len: u64) -> Option<u64> {
-    let mut g = GPUPV.lock();
+    let mut g = lock();
     let s = g.as_mut()?;
     let mem = *s.memory.get(&vm)?;
     if len == 0 || len > MAX_BUFFER_BYTES || !gpa.is_multiple_of(4096) || !len.is_multiple_of(4096)
@@ -582,22 +753,34 @@ pub fn register_buffer(vm: VmId, gpa: u64, len: u64) -> Option<u64> {
     if s.buffers.keys().filter(|(v, _)| *v == vm).count() >= MAX_BUFFERS_PER_VM {
         return None;
     }
+    // The buffer's record and a grant record per page come out of its budget.
+    let charge = cost::BUFFER + cost::PAGE * cost::pages(hpa, len);
+    if let Err(e) = s.mediator.charge(vm, charge) {
+        warn!(vm = vm;
+            "gpu-pv/Debug: vm {vm}: GPU_REGISTER_BUFFER of {len:#x} bytes refused: over its hypervisor memory budget ({e:?})"
+        );
+        drain_events(s);
+        return None;
+    }
     let handle = s.next_handle;
     s.next_handle += 1;
-    s.buffers.insert((vm, handle), (hpa, len));
+    s.buffers.insert((vm, handle), (hpa, len, charge));
     iommu_map(s, hpa, len);
+    iommu_apply(s);
     info!("gpu-pv/Operational: vm {vm}: buffer {handle} registered for zero-copy: guest {gpa:#x}+{len:#x}");
     Some(handle)
 }
 
 /// Unregisters buffer `handle` of `vm` (hypercall GPU_UNREGISTER_BUFFER).
 pub fn unregister_buffer(vm: VmId, handle: u64) -> bool {
-    let mut g = GPUPV.lock();
+    let mut g = lock();
     let Some(s) = g.as_mut() else { return false };
-    let Some((hpa, len)) = s.buffers.remove(&(vm, handle)) else {
+    let Some((hpa, len, charge)) = s.buffers.remove(&(vm, handle)) else {
         return false;
     };
     iommu_unmap(s, hpa, len);
+    s.mediator.release(vm, charge);
+    iommu_apply(s);
     let reach = s.domain.map(|d| crate::iommu::translate(d, hpa).is_some());
     info!(
         "gpu-pv/Operational: vm {vm}: buffer {handle} unregistered; GPU still reaches its first page (another grant holds it): {reach:?}"
@@ -607,7 +790,7 @@ pub fn unregister_buffer(vm: VmId, handle: u64) -> bool {
 
 /// Whether `[hpa, hpa+len)` is reachable by the GPU now (for tests).
 pub fn gpu_can_reach(hpa: u64) -> Option<bool> {
-    let g = GPUPV.lock();
+    let g = lock();
     let d = g.as_ref()?.domain?;
     Some(crate::iommu::translate(d, hpa).is_some())
 }
@@ -617,7 +800,7 @@ pub fn gpu_can_reach(hpa: u64) -> Option<bool> {
 pub fn remove_vm(vm: VmId) {
     IN_SLICE[vm as usize % MAX_GPU_VMS].store(false, Ordering::Release);
     RUNNING_ON[vm as usize % MAX_GPU_VMS].store(0, Ordering::Release);
-    let mut g = GPUPV.lock();
+    let mut g = lock();
     let Some(s) = g.as_mut() else { return };
     let handles: Vec<(VmId, u64)> = s
         .buffers
@@ -626,8 +809,9 @@ pub fn remove_vm(vm: VmId) {
         .copied()
         .collect();
     for key in handles {
-        if let Some((hpa, len)) = s.buffers.remove(&key) {
+        if let Some((hpa, len, charge)) = s.buffers.remove(&key) {
             iommu_unmap(s, hpa, len);
+            s.mediator.release(vm, charge);
         }
     }
     if s.memory.remove(&vm).is_some() {
@@ -638,7 +822,11 @@ pub fn remove_vm(vm: VmId) {
             );
             unmap_all(s, &r.unmapped);
         }
-        let _ = s.sched.set_runnable(vm, false, now_ns());
+        // The reset staged the cleanup (scanouts blanked, host resources unref'd):
+        // the VM stays on the GPU schedule until that ran, or its last frame stays on
+        // the head and its resources on the device.
+        let staged = s.mediator.vm(vm).is_some_and(|v| v.staged_len() > 0);
+        let _ = s.sched.set_runnable(vm, staged, now_ns());
     }
     drain_events(s);
 }
@@ -661,71 +849,121 @@ fn page_span(hpa: u64, len: u64) -> (u64, u64) {
 }
 
 /// Grants the GPU `[hpa, hpa+len)`. Grants overlap (two resources may share pages,
-/// a buffer may be registered twice), so each page is counted and mapped when its
-/// count leaves zero; runs of such pages are mapped together.
+/// a buffer may be registered twice), so each page is counted; a page whose count
+/// leaves zero is noted, and [`iommu_apply`] maps the noted pages in one update.
 fn iommu_map(s: &mut GpuPv, hpa: u64, len: u64) {
-    let Some(d) = s.domain else { return };
+    if s.domain.is_none() {
+        return;
+    }
     let (start, end) = page_span(hpa, len);
-    let mut run: Option<u64> = None;
     let mut page = start;
-    while page <= end {
-        let newly = page < end && {
-            let n = s.mapped.entry(page).or_insert(0);
-            *n += 1;
-            *n == 1
-        };
-        match (newly, run) {
-            (true, None) => run = Some(page),
-            (false, Some(first)) => {
-                if let Err(e) = crate::iommu::map(d, first, first, page - first, true) {
-                    warn!("gpu-pv/Debug: IOMMU map {first:#x}..{page:#x} failed: {e:?}");
-                }
-                run = None;
-            }
-            _ => {}
+    while page < end {
+        let n = s.mapped.entry(page).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            note_iommu_change(s, page, true);
         }
         page += 4096;
     }
 }
 
 /// Takes back a grant made by [`iommu_map`]: pages whose count drops to zero are
-/// unmapped (in runs), pages another grant still uses stay.
+/// noted for unmapping by [`iommu_apply`]; pages another grant still uses stay.
 fn iommu_unmap(s: &mut GpuPv, hpa: u64, len: u64) {
-    let Some(d) = s.domain else { return };
+    if s.domain.is_none() {
+        return;
+    }
     let (start, end) = page_span(hpa, len);
-    let mut run: Option<u64> = None;
     let mut page = start;
-    while page <= end {
-        let gone = page < end
-            && match s.mapped.get_mut(&page) {
-                Some(n) => {
-                    *n -= 1;
-                    if *n == 0 {
-                        s.mapped.remove(&page);
-                        true
-                    } else {
-                        false
-                    }
-                }
-                None => false,
-            };
-        match (gone, run) {
-            (true, None) => run = Some(page),
-            (false, Some(first)) => {
-                if let Err(e) = crate::iommu::unmap(d, first, page - first) {
-                    warn!("gpu-pv/Debug: IOMMU unmap {first:#x}..{page:#x} failed: {e:?}");
-                }
-                run = None;
+    while page < end {
+        if let Some(n) = s.mapped.get_mut(&page) {
+            *n -= 1;
+            if *n == 0 {
+                s.mapped.remove(&page);
+                note_iommu_change(s, page, false);
             }
-            _ => {}
         }
         page += 4096;
     }
 }
 
+/// Notes that `page` must become mapped (or unmapped). If the list cannot grow, the
+/// changes so far are applied first, so nothing is ever lost.
+fn note_iommu_change(s: &mut GpuPv, page: u64, mapped: bool) {
+    if s.iommu_changes.try_reserve(1).is_err() {
+        iommu_apply(s);
+    }
+    if s.iommu_changes.try_reserve(1).is_ok() {
+        s.iommu_changes.push((page, mapped));
+    } else if let Some(d) = s.domain {
+        // No memory even for one entry: apply this change on its own.
+        let one = [(page, 4096u64)];
+        let none: [(u64, u64); 0] = [];
+        let r = if mapped {
+            crate::iommu::update(d, &one, &none)
+        } else {
+            crate::iommu::update(d, &none, &one)
+        };
+        if let Err(e) = r {
+            warn!("gpu-pv/Debug: IOMMU update of page {page:#x} failed: {e:?}");
+        }
+    }
+}
+
+/// Applies the noted page changes to the GPU's IOMMU domain in one update: per page
+/// only the net change (mapped then unmapped within one command is nothing), in runs
+/// of adjacent pages, with one IOTLB invalidation for the lot. Called before the GPU
+/// lock is released by every path that changes grants, so an unmapped page is
+/// unreachable before anything else can happen.
+fn iommu_apply(s: &mut GpuPv) {
+    if s.iommu_changes.is_empty() {
+        return;
+    }
+    let Some(d) = s.domain else {
+        s.iommu_changes.clear();
+        return;
+    };
+    let mut changes = core::mem::take(&mut s.iommu_changes);
+    // Stable: each page's changes stay in order; the first tells the state before.
+    changes.sort_by_key(|&(page, _)| page);
+    let mut maps: Vec<(u64, u64)> = Vec::new();
+    let mut unmaps: Vec<(u64, u64)> = Vec::new();
+    let mut i = 0;
+    while i < changes.len() {
+        let page = changes[i].0;
+        let before = !changes[i].1;
+        let mut j = i;
+        while j + 1 < changes.len() && changes[j + 1].0 == page {
+            j += 1;
+        }
+        let after = changes[j].1;
+        if before != after {
+            let runs = if after { &mut maps } else { &mut unmaps };
+            match runs.last_mut() {
+                Some((start, len)) if *start + *len == page => *len += 4096,
+                _ => {
+                    if runs.try_reserve(1).is_ok() {
+                        runs.push((page, 4096));
+                    }
+                }
+            }
+        }
+        i = j + 1;
+    }
+    changes.clear();
+    s.iommu_changes = changes;
+    if let Err(e) = crate::iommu::update(d, &maps, &unmaps) {
+        warn!(
+            "gpu-pv/Debug: IOMMU update ({} map runs, {} unmap runs) failed: {e:?}",
+            maps.len(),
+            unmaps.len()
+        );
+    }
+}
+
 /// The driver wrote DRIVER_OK.
 pub fn start(vm: VmId, control: QueueLayout, cursor: QueueLayout) -> bool {
-    let mut g = GPUPV.lock();
+    let mut g = lock();
     let Some(s) = g.as_mut() else { return false };
     let r = s.mediator.start_queues(vm, control, cursor);
     if let Err(e) = &r {
@@ -737,17 +975,18 @@ pub fn start(vm: VmId, control: QueueLayout, cursor: QueueLayout) -> bool {
 
 /// The driver reset the device.
 pub fn driver_reset(vm: VmId) {
-    let mut g = GPUPV.lock();
+    let mut g = lock();
     let Some(s) = g.as_mut() else { return };
     if let Ok(r) = s.mediator.driver_reset(vm) {
         unmap_all(s, &r.unmapped);
     }
-    drain_events(s);
+    // Its cleanup is staged: schedule it now, not at the driver's next kick.
+    after_guest_work(s, vm);
 }
 
 /// The driver set a queue's (or the config) MSI-X entry.
 pub fn set_vector(vm: VmId, queue: Option<QueueId>, entry: u16) {
-    let mut g = GPUPV.lock();
+    let mut g = lock();
     let Some(s) = g.as_mut() else { return };
     let _ = match queue {
         Some(q) => s.mediator.set_vector(vm, q, entry),
@@ -762,7 +1001,7 @@ static PENDING_DOORBELLS: [AtomicU64; MAX_GPU_VMS] = [const { AtomicU64::new(0) 
 /// A doorbell: the VM notified `queue`. Never waits for the mediator: when another
 /// CPU holds it, the doorbell is marked pending and served by that CPU's bottom half.
 pub fn doorbell(vm: VmId, queue: QueueId) {
-    let Some(mut g) = GPUPV.try_lock() else {
+    let Some(mut g) = try_lock() else {
         PENDING_DOORBELLS[vm as usize % MAX_GPU_VMS].fetch_or(1 << queue.index(), Ordering::AcqRel);
         return;
     };
@@ -791,7 +1030,7 @@ static RUNNING_ON: [core::sync::atomic::AtomicUsize; MAX_GPU_VMS] =
 /// queues are served now and polled until [`slice_end`], with the guest's kicks
 /// suppressed.
 pub fn slice_begin(vm: VmId, takes_interrupts: bool) {
-    let mut g = GPUPV.lock();
+    let mut g = lock();
     let Some(s) = g.as_mut() else { return };
     let Some(mut mem) = s.memory.get(&vm).copied() else {
         return;
@@ -817,7 +1056,7 @@ pub fn slice_begin(vm: VmId, takes_interrupts: bool) {
 pub fn slice_end(vm: VmId) {
     IN_SLICE[vm as usize % MAX_GPU_VMS].store(false, Ordering::Release);
     RUNNING_ON[vm as usize % MAX_GPU_VMS].store(0, Ordering::Release);
-    let mut g = GPUPV.lock();
+    let mut g = lock();
     let Some(s) = g.as_mut() else { return };
     let Some(mut mem) = s.memory.get(&vm).copied() else {
         return;
@@ -893,22 +1132,25 @@ fn drain_events(s: &mut GpuPv) {
                 cmd_type,
                 response,
                 ..
-            } => warn!(
+            } => warn!(vm = e.vm;
                 "gpu-pv/{ch}: vm {}: command {cmd_type:#x} rejected: {} (answered {response:#x})",
                 e.vm,
                 reason.as_str()
             ),
             EventKind::DmaFault { gpa, len, error } => {
-                warn!(
+                warn!(vm = e.vm;
                     "gpu-pv/{ch}: vm {}: DMA fault: {len} bytes at guest {gpa:#x}: {error:?}",
                     e.vm
                 )
             }
             EventKind::RingFault { .. }
+            | EventKind::OverBudget { .. }
             | EventKind::CommandTimeout { .. }
             | EventKind::HostError { .. }
-            | EventKind::StaleCompletion { .. } => warn!("gpu-pv/{ch}: vm {}: {:?}", e.vm, e.kind),
-            k => info!("gpu-pv/{ch}: vm {}: {:?}", e.vm, k),
+            | EventKind::StaleCompletion { .. } => {
+                warn!(vm = e.vm; "gpu-pv/{ch}: vm {}: {:?}", e.vm, e.kind)
+            }
+            k => info!(vm = e.vm; "gpu-pv/{ch}: vm {}: {:?}", e.vm, k),
         }
     }
     for op in s.mediator.take_iommu_ops() {
@@ -917,6 +1159,7 @@ fn drain_events(s: &mut GpuPv) {
             IommuOp::Unmap { hpa, len, .. } => iommu_unmap(s, hpa, len),
         }
     }
+    iommu_apply(s);
 }
 
 /// The bottom half: completions, interrupts, events, the watchdog and the GPU
@@ -924,7 +1167,7 @@ fn drain_events(s: &mut GpuPv) {
 /// whether it moved any work (commands taken from a guest, completions, a batch
 /// submitted), so an idle CPU can keep polling while work flows.
 pub fn service() -> bool {
-    let Some(mut g) = GPUPV.try_lock() else {
+    let Some(mut g) = try_lock() else {
         return false;
     };
     let Some(s) = g.as_mut() else { return false };
@@ -1058,6 +1301,8 @@ pub fn service() -> bool {
             );
             unmap_all(s, &r.unmapped);
         }
+        let staged = s.mediator.vm(vm).is_some_and(|v| v.staged_len() > 0);
+        let _ = s.sched.set_runnable(vm, staged, now_ns());
         crate::inject::channel_reset(vm);
     }
     collect_interrupts(s);
@@ -1131,6 +1376,12 @@ fn schedule(s: &mut GpuPv, now: u64) {
             let used = now.saturating_sub(sl.start_ns);
             let _ = s.sched.account(sl.vm, used, s.slice_ops, now);
             let _ = s.sched.set_runnable(sl.vm, more, now);
+            if !more && !s.memory.contains_key(&sl.vm) && !parked {
+                info!(
+                    "gpu-pv: vm {}: its cleanup after the reset ran on the GPU",
+                    sl.vm
+                );
+            }
             let c = s.mediator.counters_mut().vm_mut(sl.vm);
             c.record_slice(sl.quantum_ns, used, s.slice_ops, true);
             s.slice = None;
@@ -1248,23 +1499,40 @@ fn submit(s: &mut GpuPv, batch: Batch) {
     s.in_flight = Some(f);
 }
 
-/// Writes the counters of every VM and the GPU as JSON to the serial console.
+/// Writes the counters of every VM and the GPU as JSON to the serial console (built
+/// under the GPU-PV lock, printed after it).
 pub fn dump_counters() {
-    let g = GPUPV.lock();
-    let Some(s) = g.as_ref() else { return };
     let mut out = alloc::string::String::new();
-    let elapsed = now_ns();
-    let _ = s
-        .mediator
-        .counters()
-        .write_json(&mut out, elapsed, MAX_BATCH as u64);
+    let mut memory = Vec::new();
+    {
+        let g = lock();
+        let Some(s) = g.as_ref() else { return };
+        let elapsed = now_ns();
+        let _ = s
+            .mediator
+            .counters()
+            .write_json(&mut out, elapsed, MAX_BATCH as u64);
+        for id in s.mediator.vm_ids() {
+            if let Some(m) = s.mediator.vm(id).map(|v| *v.memory()) {
+                memory.push((id, m));
+            }
+        }
+    }
     crate::println!("gpu-pv counters: {out}");
+    for (id, m) in memory {
+        crate::println!(
+            "gpu-pv: vm {id}: hv memory {} KiB in use (peak {} KiB) of {} KiB",
+            m.used() / 1024,
+            m.peak() / 1024,
+            m.limit() / 1024
+        );
+    }
 }
 
 /// Prints one `gpu-pv sample:` line: per-VM GPU utilization since the previous
 /// sample, completed operations and bytes copied (for the harness's plot).
 pub fn sample() {
-    let Some(mut g) = GPUPV.try_lock() else {
+    let Some(mut g) = try_lock() else {
         return;
     };
     let Some(s) = g.as_mut() else { return };
@@ -1291,13 +1559,14 @@ pub fn sample() {
     }
     line.push_str("]}");
     s.last_sample = (now, used_now);
+    drop(g);
     crate::println!("gpu-pv sample: {line}");
 }
 
 /// Frames the GPU's IOMMU page tables use now (they grow with zero-copy mappings and
 /// are kept, empty, until the GPU is detached).
 pub fn iommu_table_frames() -> usize {
-    let g = GPUPV.lock();
+    let g = lock();
     g.as_ref()
         .and_then(|s| s.domain)
         .and_then(crate::iommu::table_frames)
@@ -1310,7 +1579,7 @@ pub fn iommu_table_frames() -> usize {
 /// own and their completions are applied without reaching the guest). Logged with
 /// the number of chains dropped; a refusal (context not live) is logged too.
 pub fn reset_queue(vm: VmId, queue: QueueId) {
-    let mut g = GPUPV.lock();
+    let mut g = lock();
     let Some(s) = g.as_mut() else { return };
     match s.mediator.reset_queue(vm, queue) {
         Ok(dropped) => info!(
@@ -1326,7 +1595,7 @@ pub fn reset_queue(vm: VmId, queue: QueueId) {
 /// refuses (bad layout, queue not reset, context not live): the device then needs a
 /// reset.
 pub fn restart_queue(vm: VmId, queue: QueueId, layout: QueueLayout) -> bool {
-    let mut g = GPUPV.lock();
+    let mut g = lock();
     let Some(s) = g.as_mut() else { return false };
     let r = s.mediator.restart_queue(vm, queue, layout);
     match &r {

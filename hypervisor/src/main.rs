@@ -11,6 +11,7 @@ extern crate alloc;
 mod acpi;
 mod apic;
 mod arch;
+mod event_log;
 mod exit;
 mod gpu;
 mod gpupv;
@@ -57,7 +58,21 @@ fn kmain(bi: &'static BootInfo) -> ! {
         env!("CARGO_PKG_VERSION")
     );
     mm::frames::init(bi);
-    mm::heap::init();
+    // Every VM's hypervisor memory budget is reserved in the heap up front.
+    let budgets: usize = bi
+        .vms()
+        .iter()
+        .map(|v| (v.hv_memory_mib as usize) << 20)
+        .sum();
+    if !mm::heap::init(budgets) {
+        println!(
+            "hv: config error: no room for a {} MiB heap ({} MiB of it the VMs' hv_memory_mib budgets): {} MiB free",
+            (mm::heap::HEAP_BYTES + budgets) >> 20,
+            budgets >> 20,
+            mm::frames::stats().free / 256
+        );
+        exit::fail("config: hypervisor memory budgets");
+    }
     arch::gdt::init_this_cpu();
     arch::idt::init_this_cpu();
     mm::paging::init(bi);
@@ -105,7 +120,8 @@ fn kmain(bi: &'static BootInfo) -> ! {
     if let Some(ms) = bi.option("sample_ms").and_then(|v| v.parse().ok()) {
         vmm::set_sample_interval_ms(ms);
     }
-    start_gpu_pv(bi, physical_gpu);
+    let sim = start_gpu_pv(bi, physical_gpu);
+    check_memory(bi, sim);
     let run_ms = bi.option("run_ms").and_then(|v| v.parse::<u64>().ok());
     match bi.option("test") {
         Some("vm-cycles") => selftest::vm_cycles(),
@@ -119,6 +135,8 @@ fn kmain(bi: &'static BootInfo) -> ! {
             }
         }
         Some("gpu-restart") => selftest::gpu_restart(),
+        Some("gpu-destroy") => selftest::gpu_destroy(),
+        Some("bench-hostile") => selftest::bench_hostile(run_ms.unwrap_or(2_000)),
         Some("gpu-share") => selftest::gpu_share(bi, run_ms.unwrap_or(6_000)),
         Some("bench-gpu") => match native_fps {
             Some(n) => selftest::bench_gpu(bi, n, run_ms.unwrap_or(5_000)),
@@ -169,9 +187,46 @@ fn probe_gpu(bi: &BootInfo, devices: &[pci::Device]) -> Option<(gpu::virtio::Vir
     None
 }
 
+/// Frames a VM takes beyond its RAM (nested page tables, vCPU state), counted
+/// generously.
+const VM_OVERHEAD_MIB: u64 = 1;
+/// Frames the hypervisor keeps free for itself after every VM is created.
+const HV_SPARE_MIB: u64 = 8;
+
+/// Refuses a configuration whose VMs cannot all get their RAM and, with the
+/// simulated GPU (`sim`), the frames their budgets may hold as pixels: checked
+/// before any VM is created, so a VM never finds its reserved memory missing.
+fn check_memory(bi: &BootInfo, sim: bool) {
+    let ram: u64 = bi.vms().iter().map(|v| u64::from(v.memory_mib)).sum();
+    let pixels: u64 = if sim {
+        bi.vms().iter().map(|v| u64::from(v.hv_memory_mib)).sum()
+    } else {
+        0
+    };
+    let overhead = VM_OVERHEAD_MIB * bi.vms().len() as u64 + HV_SPARE_MIB;
+    let free = mm::frames::stats().free as u64 / 256;
+    let need = ram + pixels + overhead;
+    if need > free {
+        println!(
+            "hv: config error: the VMs need {need} MiB ({ram} MiB guest RAM, {pixels} MiB of budgets for simulated-GPU pixels, {overhead} MiB overhead), {free} MiB free"
+        );
+        exit::fail("config: VM memory");
+    }
+    info!("memory: {need} MiB needed by the VMs (RAM, budgets, overhead), {free} MiB free");
+}
+
+/// Each VM's hypervisor memory budget in bytes, in configuration order.
+fn budgets(bi: &BootInfo) -> alloc::vec::Vec<u64> {
+    bi.vms()
+        .iter()
+        .map(|v| u64::from(v.hv_memory_mib) << 20)
+        .collect()
+}
+
 /// Starts the mediator over the best GPU backend available: the physical virtio-gpu
-/// when its driver came up, otherwise the CPU-rendered simulated GPU.
-fn start_gpu_pv(bi: &BootInfo, physical: Option<(gpu::virtio::VirtioGpu, pci::Bdf)>) {
+/// when its driver came up, otherwise the CPU-rendered simulated GPU. Returns
+/// whether the simulated GPU runs (its pixels are hypervisor memory).
+fn start_gpu_pv(bi: &BootInfo, physical: Option<(gpu::virtio::VirtioGpu, pci::Bdf)>) -> bool {
     let quantum = bi.gpu_quantum_us;
     let mode = bi.gpu_sched_mode;
     if let Some((g, bdf)) = physical {
@@ -181,9 +236,10 @@ fn start_gpu_pv(bi: &BootInfo, physical: Option<(gpu::virtio::VirtioGpu, pci::Bd
             quantum,
             mode,
             256 << 20,
-            bi.vms().len(),
+            budgets(bi),
+            false,
         );
-        return;
+        return false;
     }
     let top = bi
         .memory()
@@ -194,15 +250,22 @@ fn start_gpu_pv(bi: &BootInfo, physical: Option<(gpu::virtio::VirtioGpu, pci::Bd
         .unwrap_or(0);
     let n = bi.vms().len().max(1);
     match gpupv::SimBackend::new(alloc::vec![gpupv::DEFAULT_DISPLAY; n], 256 << 20, top) {
-        Some(b) => gpupv::init(
-            alloc::boxed::Box::new(b),
-            None,
-            quantum,
-            mode,
-            256 << 20,
-            bi.vms().len(),
-        ),
-        None => warn!("gpu-pv: no GPU backend; VMs get no paravirtual GPU"),
+        Some(b) => {
+            gpupv::init(
+                alloc::boxed::Box::new(b),
+                None,
+                quantum,
+                mode,
+                256 << 20,
+                budgets(bi),
+                true,
+            );
+            true
+        }
+        None => {
+            warn!("gpu-pv: no GPU backend; VMs get no paravirtual GPU");
+            false
+        }
     }
 }
 
@@ -230,6 +293,12 @@ fn summary(bi: &BootInfo, platform: Option<&acpi::Platform>, devices: &[pci::Dev
         f.allocated * 4,
         f.free * 4,
         mm::heap::in_use() / 1024
+    );
+    let budgets: u64 = bi.vms().iter().map(|v| u64::from(v.hv_memory_mib)).sum();
+    println!(
+        "  heap: {} MiB: {} MiB the hypervisor's, {budgets} MiB the VMs' hypervisor memory budgets",
+        mm::heap::size() >> 20,
+        mm::heap::HEAP_BYTES >> 20
     );
     match platform {
         Some(p) => {
@@ -309,7 +378,7 @@ fn summary(bi: &BootInfo, platform: Option<&acpi::Platform>, devices: &[pci::Dev
             .get(vm.image_module as usize)
             .map_or("?", |m| m.name());
         println!(
-            "    {}: {} MiB, {} vcpu, image {}, gpu weight {} alpha {}.{} vram quota {}",
+            "    {}: {} MiB, {} vcpu, image {}, gpu weight {} alpha {}.{} vram quota {}, hv memory 0 of {} MiB",
             vm.name(),
             vm.memory_mib,
             vm.vcpus,
@@ -321,7 +390,8 @@ fn summary(bi: &BootInfo, platform: Option<&acpi::Platform>, devices: &[pci::Dev
                 alloc::string::String::from("default")
             } else {
                 alloc::format!("{} MiB", vm.vram_quota_mib)
-            }
+            },
+            vm.hv_memory_mib
         );
     }
     if platform.is_none() {

@@ -846,3 +846,88 @@ pub fn gpu_share(bi: &boot_info::BootInfo, run_ms: u64) -> ! {
     info!("gpu shares follow the weights");
     exit::pass()
 }
+
+/// `test=bench-hostile`: VM 0 draws; every other VM is hostile. In alternating
+/// windows of `window_ms` the hostile VMs are destroyed (VM 0 alone) or created
+/// afresh (each attack starts over), three of each. Prints VM 0's completed GPU
+/// commands per second in each kind of window, their ratio (median over the rounds)
+/// and the longest hold of the GPU-PV lock with and without the hostile VMs.
+pub fn bench_hostile(window_ms: u64) -> ! {
+    const ROUNDS: usize = 3;
+    vmm::create_all();
+    vmm::run(Some(1_500)); // warm-up: VM 0's driver up and drawing
+    let hostile = 1..vmm::slot_count();
+    let completed = || crate::gpupv::figures(0).map_or(0, |f| f.completed);
+    let mut alone = alloc::vec::Vec::new();
+    let mut with = alloc::vec::Vec::new();
+    let (mut hold_alone, mut hold_with) = ((0, 0), (0, 0));
+    for _ in 0..ROUNDS {
+        for slot in hostile.clone() {
+            vmm::destroy(slot);
+        }
+        crate::gpupv::longest_lock_hold(true);
+        let (c0, t0) = (completed(), crate::apic::now_us());
+        vmm::run(Some(window_ms));
+        let rate = (completed() - c0) * 1_000_000 / crate::apic::now_us().saturating_sub(t0).max(1);
+        alone.push(rate);
+        hold_alone = hold_alone.max(crate::gpupv::longest_lock_hold(true));
+        for slot in hostile.clone() {
+            if let Err(e) = vmm::create(slot) {
+                error!("bench-hostile: cannot create VM {slot}: {e}");
+                exit::fail("create");
+            }
+        }
+        let (c0, t0) = (completed(), crate::apic::now_us());
+        let cpu = |i| vmm::with_vm(i, |vm| vm.stats.cpu_us).unwrap_or(0);
+        let cpu_before: alloc::vec::Vec<u64> = (0..vmm::slot_count()).map(cpu).collect();
+        vmm::run(Some(window_ms));
+        let rate = (completed() - c0) * 1_000_000 / crate::apic::now_us().saturating_sub(t0).max(1);
+        with.push(rate);
+        let cpu_used: alloc::vec::Vec<u64> = (0..vmm::slot_count())
+            .map(|i| cpu(i).saturating_sub(cpu_before[i]) / 1000)
+            .collect();
+        info!(
+            "bench-hostile: window with the hostile VMs: CPU ms per VM {cpu_used:?} in {} ms",
+            crate::apic::now_us().saturating_sub(t0) / 1000
+        );
+        hold_with = hold_with.max(crate::gpupv::longest_lock_hold(true));
+    }
+    vmm::report();
+    let mut ratios: alloc::vec::Vec<u64> = alone
+        .iter()
+        .zip(&with)
+        .map(|(&a, &w)| w * 1000 / a.max(1))
+        .collect();
+    ratios.sort_unstable();
+    let median = ratios[ratios.len() / 2];
+    info!("bench: hostile: neighbour GPU commands per second alone {alone:?}, with the hostile VMs {with:?}");
+    info!(
+        "bench: hostile: neighbour rate with the hostile VMs / alone: {}.{} % (median of {ROUNDS} rounds; {}.{}-{}.{} %)",
+        median / 10,
+        median % 10,
+        ratios[0] / 10,
+        ratios[0] % 10,
+        ratios[ratios.len() - 1] / 10,
+        ratios[ratios.len() - 1] % 10
+    );
+    info!(
+        "bench: hostile: longest GPU-PV lock hold: {} us with the hostile VMs (gpupv.rs line {}), {} us alone (line {})",
+        hold_with.0, hold_with.1, hold_alone.0, hold_alone.1
+    );
+    exit::pass()
+}
+
+/// `test=gpu-destroy`: the GPU VMs draw; VM 0 is destroyed for good. Its cleanup
+/// (its scanout disabled, its resources unref'd) must run on the GPU although the VM
+/// is gone; the scenario checks its head in the pixels while the others draw on.
+pub fn gpu_destroy() -> ! {
+    vmm::create_all();
+    vmm::run(Some(3_000));
+    info!("gpu destroy: destroying VM 0");
+    vmm::destroy(0);
+    vmm::run(Some(1_000));
+    info!("gpu destroy: VM 0 gone for 1 s");
+    vmm::run(Some(4_000));
+    vmm::report();
+    exit::pass()
+}

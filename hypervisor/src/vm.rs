@@ -392,7 +392,7 @@ impl Vm {
                 self.stats.halt_polls_won += 1;
                 return true;
             }
-            if crate::apic::now_us() >= until {
+            if crate::apic::now_us() >= until || crate::vmm::others_ready() {
                 return false;
             }
             core::hint::spin_loop();
@@ -712,13 +712,9 @@ impl Vm {
                             edx: word(8),
                         }
                     }
-                    (_, Some(policy)) => virt::cpuid::guest_cpuid(
-                        leaf,
-                        sub,
-                        &crate::arch::cpu::cpuid,
-                        &policy,
-                        view,
-                    ),
+                    (_, Some(policy)) => {
+                        virt::cpuid::guest_cpuid(leaf, sub, &crate::arch::cpu::cpuid, &policy, view)
+                    }
                     (_, None) => crate::arch::cpu::cpuid(leaf, sub),
                 };
                 r.rax = u64::from(res.eax);

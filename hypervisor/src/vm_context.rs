@@ -35,3 +35,10 @@ pub fn with_current<R>(f: impl FnOnce(Option<&str>) -> R) -> R {
         None => f(None),
     }
 }
+
+/// The VM id this CPU works for, if any (the slot, which is the id for ids below
+/// [`MAX_SLOTS`]).
+pub fn current() -> Option<u16> {
+    let v = CURRENT[current_index()].load(Ordering::Relaxed);
+    (v != NONE).then_some(v as u16)
+}

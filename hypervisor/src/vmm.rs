@@ -240,6 +240,23 @@ pub fn with_vm<R>(slot: usize, f: impl FnOnce(&mut Vm) -> R) -> Option<R> {
     g.vm.as_mut().map(f)
 }
 
+/// Whether another vCPU is waiting for a CPU and could run now. A halted vCPU
+/// spins for its GPU completion (halt polling) only while this is false: polling
+/// must never keep a CPU from a vCPU that has work (with several VMs drawing, it
+/// left a neighbour with about 1 % of its frame rate; `bench-hostile`).
+pub fn others_ready() -> bool {
+    let Some(m) = MONITOR.get() else { return false };
+    let Some(q) = m.queue.try_lock() else {
+        return true;
+    };
+    let now = crate::apic::now_us();
+    q.iter().any(|(slot, vcpu)| {
+        *vcpu != 0
+            || m.wake_at[*slot].load(Ordering::Relaxed) <= now
+            || crate::gpupv::has_interrupts(*slot as u16)
+    })
+}
+
 /// Pauses VM `slot` (it keeps its memory and state).
 pub fn pause(slot: usize) {
     with_vm(slot, |vm| {
@@ -276,6 +293,10 @@ pub fn destroy(slot: usize) {
     let Some(m) = MONITOR.get() else { return };
     let Some(s) = m.slots.get(slot) else { return };
     let vm = s.lock().vm.take();
+    // A gone VM's CPU time no longer counts: a VM created later starts level with the
+    // live ones, not with this stale figure (which would let it take the CPUs from
+    // the others until it caught up).
+    m.vruntime[slot].store(0, Ordering::Relaxed);
     if let Some(mut vm) = vm {
         if vm.state == VmState::Running || vm.state == VmState::Paused {
             vm.state = VmState::Stopped(StopReason::Destroyed);

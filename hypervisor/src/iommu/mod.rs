@@ -972,6 +972,73 @@ pub fn unmap(domain: DomainId, iova: u64, len: u64) -> Result<(), Error> {
     r
 }
 
+/// Applies many changes to `domain` at once, unmaps first: identity mappings
+/// `maps` (`(address, len)`, readable and writable) and removals `unmaps`. One
+/// write-buffer flush and at most one IOTLB invalidation per unit (covering the
+/// span of what changed) however many ranges there are: a guest command that
+/// scatters its backing over thousands of pages costs one invalidation wait, not
+/// thousands. When this returns, unmapped pages are unreachable.
+pub fn update(domain: DomainId, maps: &[(u64, u64)], unmaps: &[(u64, u64)]) -> Result<(), Error> {
+    if maps.is_empty() && unmaps.is_empty() {
+        return Ok(());
+    }
+    let mut g = IOMMU.lock();
+    let s = g.as_mut().ok_or(Error::NoIommu)?;
+    for &(a, len) in maps.iter().chain(unmaps) {
+        check_range(s, a, len)?;
+        if a.saturating_add(len) > s.hpa_limit {
+            return Err(Error::BadRange);
+        }
+    }
+    let large = s.large_pages;
+    let d = s
+        .domains
+        .iter_mut()
+        .find(|d| d.id == domain.0)
+        .ok_or(Error::NoDomain(domain))?;
+    let mut span: Option<(u64, u64)> = None;
+    let mut widen = |a: u64, len: u64| {
+        let (lo, hi) = span.unwrap_or((a, a + len));
+        span = Some((lo.min(a), hi.max(a + len)));
+    };
+    let mut result = Ok(());
+    for &(a, len) in unmaps {
+        match d.table.unmap(a, len) {
+            Ok(true) => widen(a, len),
+            Ok(false) => {}
+            Err(e) => result = Err(e.into()),
+        }
+    }
+    let mut mapped = false;
+    for &(a, len) in maps {
+        match d.table.map(a, a, len, true, large) {
+            Ok(()) => mapped = true,
+            Err(e) => result = Err(e.into()),
+        }
+    }
+    for &(ui, _) in &d.devices {
+        let u = &s.units[ui];
+        result = result.and(u.flush_write_buffer());
+        // Not-present -> present needs no invalidation unless caching mode (6.1).
+        let maps_need_it = mapped && u.cap.caching_mode();
+        let range = match (span, maps_need_it) {
+            (Some(r), _) => Some(r),
+            (None, true) => Some((0, s.iova_limit)),
+            (None, false) => None,
+        };
+        if let Some((lo, hi)) = range {
+            let (lo, hi) = if maps_need_it {
+                (0, s.iova_limit)
+            } else {
+                (lo, hi)
+            };
+            result = result.and(u.invalidate_range(d.id, lo, hi - lo));
+            s.stats.iotlb_invalidations += 1;
+        }
+    }
+    result
+}
+
 /// What `iova` translates to in `domain` (host address), if mapped.
 pub fn translate(domain: DomainId, iova: u64) -> Option<u64> {
     let g = IOMMU.lock();

@@ -6,8 +6,12 @@ use linked_list_allocator::LockedHeap;
 
 use super::{frames, phys_to_ptr};
 
-/// Heap size.
+/// The hypervisor's own part of the heap; the VMs' memory budgets come on top
+/// ([`init`]).
 pub const HEAP_BYTES: usize = 16 << 20;
+
+/// Heap size, once initialised.
+static SIZE: AtomicUsize = AtomicUsize::new(0);
 
 struct CountingHeap {
     inner: LockedHeap,
@@ -42,10 +46,23 @@ pub fn in_use() -> usize {
     HEAP.in_use.load(Ordering::Relaxed)
 }
 
-/// Gives the heap its memory.
-pub fn init() {
-    let pages = HEAP_BYTES / 4096;
-    let pa = frames::alloc_contiguous(pages, 4096, u64::MAX).expect("no memory for the heap");
+/// Gives the heap its memory: [`HEAP_BYTES`] for the hypervisor and `reserved`
+/// more (the VMs' hypervisor memory budgets, so that each VM can have all of its
+/// budget at once). False, with no heap, when the frames are not there.
+pub fn init(reserved: usize) -> bool {
+    let Some(bytes) = HEAP_BYTES.checked_add(reserved) else {
+        return false;
+    };
+    let Some(pa) = frames::alloc_contiguous(bytes / 4096, 4096, u64::MAX) else {
+        return false;
+    };
     // SAFETY: the frames are ours, identity mapped, and never returned.
-    unsafe { HEAP.inner.lock().init(phys_to_ptr(pa), HEAP_BYTES) };
+    unsafe { HEAP.inner.lock().init(phys_to_ptr(pa), bytes) };
+    SIZE.store(bytes, Ordering::Relaxed);
+    true
+}
+
+/// Heap size in bytes.
+pub fn size() -> usize {
+    SIZE.load(Ordering::Relaxed)
 }

@@ -194,13 +194,7 @@ impl SvmVcpu {
         );
         v.w::<u32>(
             C_INTERCEPT_MISC2,
-            I2_ALL_SVM
-                | I2_RDTSCP
-                | I2_WBINVD
-                | I2_MONITOR
-                | I2_MWAIT
-                | I2_MWAIT_ARMED
-                | I2_XSETBV,
+            I2_ALL_SVM | I2_RDTSCP | I2_WBINVD | I2_MONITOR | I2_MWAIT | I2_MWAIT_ARMED | I2_XSETBV,
         );
         v.w::<u64>(C_IOPM, *IOPM.get().ok_or("SVM not enabled")?);
         v.w::<u64>(C_MSRPM, *MSRPM.get().ok_or("SVM not enabled")?);
