@@ -267,20 +267,37 @@ fn owner(v: u64) -> u64 {
 fn check_fresh(name: &str, o: &Offered) {
     let v = store_vectors(false);
     if let Some((i, w)) = v.0.iter().enumerate().find(|(_, w)| w[0] != 0 || w[1] != 0) {
-        fail(name, format_args!(
-            "fresh vCPU: xmm{i} = {:#x}:{:#x}, not zero (value of vm {})",
-            w[1], w[0], owner(w[0])
-        ));
+        fail(
+            name,
+            format_args!(
+                "fresh vCPU: xmm{i} = {:#x}:{:#x}, not zero (value of vm {})",
+                w[1],
+                w[0],
+                owner(w[0])
+            ),
+        );
     }
     let r = read_other(o);
     if r.dr != [0; 4] {
-        fail(name, format_args!("fresh vCPU: DR0-3 = {:x?}, not zero", r.dr));
+        fail(
+            name,
+            format_args!("fresh vCPU: DR0-3 = {:x?}, not zero", r.dr),
+        );
     }
     if r.kernel_gs_base != 0 {
-        fail(name, format_args!("fresh vCPU: kernel GS base {:#x}, not zero", r.kernel_gs_base));
+        fail(
+            name,
+            format_args!(
+                "fresh vCPU: kernel GS base {:#x}, not zero",
+                r.kernel_gs_base
+            ),
+        );
     }
     if o.xsave && r.xcr0 != XCR0_X87 {
-        fail(name, format_args!("fresh vCPU: XCR0 {:#x}, not the reset value 1", r.xcr0));
+        fail(
+            name,
+            format_args!("fresh vCPU: XCR0 {:#x}, not the reset value 1", r.xcr0),
+        );
     }
 }
 
@@ -290,9 +307,15 @@ fn check_xsetbv_refusals(name: &str, o: &Offered) {
         return;
     }
     if cpu::cpuid(1, 0).ecx & (1 << 27) == 0 {
-        fail(name, format_args!("CPUID.1:ECX.OSXSAVE is clear with CR4.OSXSAVE set"));
+        fail(
+            name,
+            format_args!("CPUID.1:ECX.OSXSAVE is clear with CR4.OSXSAVE set"),
+        );
     }
-    let not_offered = (0..63).map(|b| 1u64 << b).find(|b| o.xcr0_mask & b == 0).unwrap_or(1 << 62);
+    let not_offered = (0..63)
+        .map(|b| 1u64 << b)
+        .find(|b| o.xcr0_mask & b == 0)
+        .unwrap_or(1 << 62);
     for (what, xcr, value) in [
         ("XCR0 without x87", 0u32, XCR0_SSE),
         ("AVX without SSE", 0, XCR0_X87 | XCR0_AVX),
@@ -300,14 +323,30 @@ fn check_xsetbv_refusals(name: &str, o: &Offered) {
         ("XCR1", 1, XCR0_X87),
     ] {
         if cpu::xsetbv(xcr, value) != Err(13) {
-            fail(name, format_args!("XSETBV of {what} (XCR{xcr} = {value:#x}) did not #GP"));
+            fail(
+                name,
+                format_args!("XSETBV of {what} (XCR{xcr} = {value:#x}) did not #GP"),
+            );
         }
     }
     if let Err(v) = cpu::xsetbv(0, o.xcr0_mask) {
-        fail(name, format_args!("XSETBV of the offered mask {:#x} faulted ({v})", o.xcr0_mask));
+        fail(
+            name,
+            format_args!(
+                "XSETBV of the offered mask {:#x} faulted ({v})",
+                o.xcr0_mask
+            ),
+        );
     }
     if cpu::xgetbv(0) != o.xcr0_mask {
-        fail(name, format_args!("XCR0 reads {:#x} after setting {:#x}", cpu::xgetbv(0), o.xcr0_mask));
+        fail(
+            name,
+            format_args!(
+                "XCR0 reads {:#x} after setting {:#x}",
+                cpu::xgetbv(0),
+                o.xcr0_mask
+            ),
+        );
     }
 }
 
@@ -327,7 +366,10 @@ fn check_instructions(name: &str, o: &Offered) {
     }
     let rdpmc = probe!("rdpmc"; in("ecx") 0u32, out("eax") _, out("edx") _);
     if rdpmc != Some(13) {
-        fail(name, format_args!("RDPMC of counter 0 gave {rdpmc:?}, not #GP"));
+        fail(
+            name,
+            format_args!("RDPMC of counter 0 gave {rdpmc:?}, not #GP"),
+        );
     }
     let wbinvd = probe!("wbinvd");
     if wbinvd.is_some() {
@@ -336,7 +378,10 @@ fn check_instructions(name: &str, o: &Offered) {
     let monitor = probe!("monitor"; in("rax") 0x8000u64, in("ecx") 0u32, in("edx") 0u32);
     match (o.monitor, monitor) {
         (false, Some(6)) | (true, None) => {}
-        (offered, got) => fail(name, format_args!("MONITOR (offered: {offered}) gave {got:?}")),
+        (offered, got) => fail(
+            name,
+            format_args!("MONITOR (offered: {offered}) gave {got:?}"),
+        ),
     }
 }
 
@@ -349,13 +394,21 @@ fn main(info: &BootInfo) -> ! {
     check_fresh(name, &o);
     check_xsetbv_refusals(name, &o);
     check_instructions(name, &o);
-    let full = if o.avx { XCR0_X87 | XCR0_SSE | XCR0_AVX } else { XCR0_X87 | XCR0_SSE };
+    let full = if o.avx {
+        XCR0_X87 | XCR0_SSE | XCR0_AVX
+    } else {
+        XCR0_X87 | XCR0_SSE
+    };
     println!(
         "cpu-state: {name}: checking {ROUNDS} switches (xsave {}, avx {}, fsgsbase {}, xcr0 mask {:#x})",
         o.xsave, o.avx, o.fsgsbase, o.xcr0_mask
     );
     for round in 0..ROUNDS {
-        let xcr0 = if spy && round % 2 == 0 { XCR0_X87 | XCR0_SSE } else { full };
+        let xcr0 = if spy && round % 2 == 0 {
+            XCR0_X87 | XCR0_SSE
+        } else {
+            full
+        };
         if o.xsave {
             if let Err(v) = cpu::xsetbv(0, xcr0) {
                 fail(name, format_args!("XSETBV {xcr0:#x} faulted ({v})"));
@@ -365,14 +418,26 @@ fn main(info: &BootInfo) -> ! {
         let mut want = VectorRegs([[0; 4]; 16]);
         for (i, w) in want.0.iter_mut().enumerate() {
             for (j, q) in w.iter_mut().enumerate() {
-                *q = if avx || j < 2 { tagged(vm, round, (i * 4 + j) as u64) } else { 0 };
+                *q = if avx || j < 2 {
+                    tagged(vm, round, (i * 4 + j) as u64)
+                } else {
+                    0
+                };
             }
         }
         let other = OtherRegs {
             dr: core::array::from_fn(|i| tagged(vm, round, 0x80 + i as u64)),
             dr6: 0xffff_0ff0 | (round & 0xf),
-            gs_base: if o.fsgsbase { tagged(vm, round, 0xa0) } else { 0 },
-            kernel_gs_base: if o.fsgsbase { tagged(vm, round, 0xa1) } else { 0 },
+            gs_base: if o.fsgsbase {
+                tagged(vm, round, 0xa0)
+            } else {
+                0
+            },
+            kernel_gs_base: if o.fsgsbase {
+                tagged(vm, round, 0xa1)
+            } else {
+                0
+            },
             xcr0: if o.xsave { xcr0 } else { 0 },
         };
         load_vectors(&want, avx);
@@ -384,10 +449,15 @@ fn main(info: &BootInfo) -> ! {
             let lanes = if avx { 4 } else { 2 };
             if g[..lanes] != w[..lanes] {
                 let reg = if avx { "ymm" } else { "xmm" };
-                fail(name, format_args!(
-                    "round {round}: {reg}{i} = {:x?}, expected {:x?} (value of vm {})",
-                    &g[..lanes], &w[..lanes], owner(g[0])
-                ));
+                fail(
+                    name,
+                    format_args!(
+                        "round {round}: {reg}{i} = {:x?}, expected {:x?} (value of vm {})",
+                        &g[..lanes],
+                        &w[..lanes],
+                        owner(g[0])
+                    ),
+                );
             }
         }
         if got_other != other {

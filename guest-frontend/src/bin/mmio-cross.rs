@@ -57,9 +57,13 @@ fn main(_: &BootInfo) -> ! {
     };
     let want = lapic::read(lapic::VERSION);
     if version != want {
-        println!("mmio-cross: FAIL: the split load read {version:#x}, the LAPIC version is {want:#x}");
+        println!(
+            "mmio-cross: FAIL: the split load read {version:#x}, the LAPIC version is {want:#x}"
+        );
         hypercall::shutdown(exit::FAILED)
     }
-    println!("mmio-cross: an MMIO load split across two pages read the LAPIC version {version:#x}: ok");
+    println!(
+        "mmio-cross: an MMIO load split across two pages read the LAPIC version {version:#x}: ok"
+    );
     hypercall::shutdown(exit::OK)
 }
