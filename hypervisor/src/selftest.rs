@@ -860,6 +860,7 @@ pub fn bench_hostile(window_ms: u64) -> ! {
     let completed = || crate::gpupv::figures(0).map_or(0, |f| f.completed);
     let mut alone = alloc::vec::Vec::new();
     let mut with = alloc::vec::Vec::new();
+    let mut gpu_share = alloc::vec::Vec::new();
     let (mut hold_alone, mut hold_with) = ((0, 0), (0, 0));
     for _ in 0..ROUNDS {
         for slot in hostile.clone() {
@@ -880,7 +881,14 @@ pub fn bench_hostile(window_ms: u64) -> ! {
         let (c0, t0) = (completed(), crate::apic::now_us());
         let cpu = |i| vmm::with_vm(i, |vm| vm.stats.cpu_us).unwrap_or(0);
         let cpu_before: alloc::vec::Vec<u64> = (0..vmm::slot_count()).map(cpu).collect();
+        let gpu = |i: usize| crate::gpupv::figures(i as u16).map_or(0, |f| f.gpu_busy_us);
+        let gpu_before: alloc::vec::Vec<u64> = (0..vmm::slot_count()).map(gpu).collect();
         vmm::run(Some(window_ms));
+        let gpu_used: alloc::vec::Vec<u64> = (0..vmm::slot_count())
+            .map(|i| gpu(i).saturating_sub(gpu_before[i]))
+            .collect();
+        let total: u64 = gpu_used.iter().sum();
+        gpu_share.push(gpu_used[0] * 1000 / total.max(1));
         let rate = (completed() - c0) * 1_000_000 / crate::apic::now_us().saturating_sub(t0).max(1);
         with.push(rate);
         let cpu_used: alloc::vec::Vec<u64> = (0..vmm::slot_count())
@@ -909,6 +917,19 @@ pub fn bench_hostile(window_ms: u64) -> ! {
         ratios[0] % 10,
         ratios[ratios.len() - 1] / 10,
         ratios[ratios.len() - 1] % 10
+    );
+    gpu_share.sort_unstable();
+    let n = vmm::slot_count().max(1) as u64;
+    info!(
+        "bench: hostile: neighbour share of the GPU time with the hostile VMs: {}.{} % (median; {}.{}-{}.{} %; equal weights give {}.{} %)",
+        gpu_share[ROUNDS / 2] / 10,
+        gpu_share[ROUNDS / 2] % 10,
+        gpu_share[0] / 10,
+        gpu_share[0] % 10,
+        gpu_share[ROUNDS - 1] / 10,
+        gpu_share[ROUNDS - 1] % 10,
+        1000 / n / 10,
+        1000 / n % 10
     );
     info!(
         "bench: hostile: longest GPU-PV lock hold: {} us with the hostile VMs (gpupv.rs line {}), {} us alone (line {})",
