@@ -4,7 +4,7 @@
 //! latency alone and next to other loads.
 //!
 //! ```text
-//! cargo run -p gpu-pv --example simulate --release [-- --seed N --ms N --ts-us N --adaptive --small K]
+//! cargo run -p gpu-pv --features sim --example simulate --release [-- --seed N --ms N --ts-us N --adaptive --small K]
 //! ```
 //!
 //! `--ms` is the simulated time per run, `--ts-us` the base quantum, `--small K`

@@ -14,7 +14,9 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
-pub mod abi;
+/// The guest ABI, defined in the `guest-abi` crate (re-exported so `gpu_pv::abi`
+/// paths keep working).
+pub use guest_abi as abi;
 pub mod budget;
 pub mod command;
 pub mod counters;
@@ -23,6 +25,10 @@ pub mod memory;
 pub mod msix;
 pub mod ring;
 pub mod sched;
+/// The host simulation of the whole GPU-PV path (guests, mediator, dispatcher,
+/// simulated GPU), for tests and the `simulate` example only: not in the library the
+/// hypervisor links (feature `sim`).
+#[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod sim_gpu;
 pub mod wire;

@@ -97,10 +97,10 @@ use vm::{Effect, InFlight, PendingReply, ReplyState, Tracked};
 
 /// virtio device status bit `DEVICE_NEEDS_RESET`: the device hit an error it
 /// cannot recover from without the driver resetting it.
-pub const DEVICE_NEEDS_RESET: u8 = 0x40;
+pub use virtio_pci::status::DEVICE_NEEDS_RESET;
 
 /// MSI-X "no vector" (`VIRTIO_MSI_NO_VECTOR`): no interrupt is delivered.
-pub const NO_VECTOR: u16 = 0xffff;
+pub const NO_VECTOR: u16 = virtio_pci::MSI_NO_VECTOR;
 
 /// Default watchdog: a batch not completed within 2 s marks its VM hung (the
 /// timeout Windows' TDR uses for a GPU).

@@ -317,27 +317,17 @@ pub mod virtq {
     pub const MAX_QUEUE_SIZE: u16 = 32768;
 }
 
-/// Transport and device feature bits.
+/// Transport and device feature bits: virtio-gpu's own here, the
+/// device-independent ones from the `virtio-pci` crate (defined there once).
 pub mod feature {
+    pub use virtio_pci::feature::{
+        bit, ACCESS_PLATFORM, RING_EVENT_IDX, RING_INDIRECT_DESC, RING_RESET, VERSION_1,
+    };
+
     /// `VIRTIO_GPU_F_VIRGL` (3D; never offered).
     pub const GPU_VIRGL: u32 = 0;
     /// `VIRTIO_GPU_F_EDID`.
     pub const GPU_EDID: u32 = 1;
-    /// `VIRTIO_F_RING_INDIRECT_DESC`.
-    pub const RING_INDIRECT_DESC: u32 = 28;
-    /// `VIRTIO_F_RING_EVENT_IDX`.
-    pub const RING_EVENT_IDX: u32 = 29;
-    /// `VIRTIO_F_VERSION_1`.
-    pub const VERSION_1: u32 = 32;
-    /// `VIRTIO_F_ACCESS_PLATFORM`.
-    pub const ACCESS_PLATFORM: u32 = 33;
-    /// `VIRTIO_F_RING_RESET`.
-    pub const RING_RESET: u32 = 40;
-
-    /// The bit for feature number `n` in a 64-bit feature word.
-    pub const fn bit(n: u32) -> u64 {
-        1u64 << n
-    }
 }
 
 const _: () = {

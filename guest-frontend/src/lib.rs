@@ -1,6 +1,9 @@
 //! The guest side of GPU-PV: a small `no_std` runtime for test guests on which the
-//! paravirtual GPU frontend driver will be built. Shares the ABI (`gpu_pv::abi`,
-//! `gpu_pv::wire`) with the mediator.
+//! paravirtual GPU frontend driver will be built. The guest ABI comes from the
+//! `guest-abi` crate (re-exported as [`abi`]), the virtio-pci transport definitions
+//! from `virtio-pci`; the virtio-gpu wire format, the split-ring driver and the
+//! checked guest-memory trait are shared with the mediator (`gpu_pv::wire`,
+//! `gpu_pv::ring`, `gpu_pv::command`, `gpu_pv::memory`).
 //!
 //! What a guest gets (see [`entry!`]):
 //! - an entry point that aligns the stack, installs an IDT (every exception prints
@@ -21,7 +24,7 @@
 
 extern crate alloc;
 
-pub use gpu_pv::abi;
+pub use guest_abi as abi;
 
 pub mod boot_info;
 pub mod cpu;

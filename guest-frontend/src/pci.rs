@@ -48,31 +48,31 @@ pub const COMMAND_INTX_DISABLE: u16 = 1 << 10;
 /// Status register: the capability list is valid.
 pub const STATUS_CAP_LIST: u16 = 1 << 4;
 
-/// Capability id: MSI-X.
-pub const CAP_MSIX: u8 = 0x11;
-/// Capability id: vendor specific (virtio uses these).
-pub const CAP_VENDOR: u8 = 0x09;
+/// Capability ids: MSI-X ([`CAP_MSIX`]) and vendor specific ([`CAP_VENDOR`],
+/// virtio uses these); the `virtio-pci` crate's.
+pub use virtio_pci::pci::{CAP_MSIX, CAP_VENDOR};
 
-/// Bus, device and function of a PCI function.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Bdf {
-    /// Bus.
-    pub bus: u8,
-    /// Device (0..32).
-    pub dev: u8,
-    /// Function (0..8).
-    pub func: u8,
-}
+/// Bus, device and function of a PCI function: the `virtio-pci` crate's.
+pub use virtio_pci::Bdf;
 
-impl core::fmt::Display for Bdf {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        write!(f, "{:02x}:{:02x}.{}", self.bus, self.dev, self.func)
-    }
-}
-
-impl Bdf {
+/// Configuration-space access to a function through the ECAM window.
+pub trait ConfigSpace {
     /// The ECAM address of configuration register `off` of this function.
-    pub fn ecam(&self, off: u16) -> u64 {
+    fn ecam(&self, off: u16) -> u64;
+    /// Reads the configuration byte at `off`.
+    fn read8(&self, off: u16) -> u8;
+    /// Reads the configuration word at `off` (2-byte aligned).
+    fn read16(&self, off: u16) -> u16;
+    /// Reads the configuration dword at `off` (4-byte aligned).
+    fn read32(&self, off: u16) -> u32;
+    /// Writes the configuration word at `off` (2-byte aligned).
+    fn write16(&self, off: u16, v: u16);
+    /// Writes the configuration dword at `off` (4-byte aligned).
+    fn write32(&self, off: u16, v: u32);
+}
+
+impl ConfigSpace for Bdf {
+    fn ecam(&self, off: u16) -> u64 {
         ECAM_BASE
             + (u64::from(self.bus) << 20)
             + (u64::from(self.dev & 31) << 15)
@@ -80,33 +80,28 @@ impl Bdf {
             + u64::from(off & 0xfff)
     }
 
-    /// Reads the configuration byte at `off`.
-    pub fn read8(&self, off: u16) -> u8 {
+    fn read8(&self, off: u16) -> u8 {
         // SAFETY: the ECAM window is emulated configuration space: reads have no side
         // effects on guest memory.
         unsafe { mmio::read8(self.ecam(off)) }
     }
 
-    /// Reads the configuration word at `off` (2-byte aligned).
-    pub fn read16(&self, off: u16) -> u16 {
+    fn read16(&self, off: u16) -> u16 {
         // SAFETY: as in `read8`.
         unsafe { mmio::read16(self.ecam(off & !1)) }
     }
 
-    /// Reads the configuration dword at `off` (4-byte aligned).
-    pub fn read32(&self, off: u16) -> u32 {
+    fn read32(&self, off: u16) -> u32 {
         // SAFETY: as in `read8`.
         unsafe { mmio::read32(self.ecam(off & !3)) }
     }
 
-    /// Writes the configuration word at `off` (2-byte aligned).
-    pub fn write16(&self, off: u16, v: u16) {
+    fn write16(&self, off: u16, v: u16) {
         // SAFETY: configuration space is the emulated device's, not guest memory.
         unsafe { mmio::write16(self.ecam(off & !1), v) }
     }
 
-    /// Writes the configuration dword at `off` (4-byte aligned).
-    pub fn write32(&self, off: u16, v: u32) {
+    fn write32(&self, off: u16, v: u32) {
         // SAFETY: as in `write16`.
         unsafe { mmio::write32(self.ecam(off & !3), v) }
     }

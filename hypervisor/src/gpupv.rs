@@ -1082,7 +1082,7 @@ pub fn needs_reset(vm: VmId) -> bool {
         .lock()
         .as_ref()
         .and_then(|s| s.mediator.device_status(vm))
-        .is_some_and(|b| b & 0x40 != 0)
+        .is_some_and(|b| b & virtio_pci::status::DEVICE_NEEDS_RESET != 0)
 }
 
 /// Takes the VM's pending virtual interrupts as a bitmask of MSI-X entries: all

@@ -6,10 +6,14 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use log::info;
+use virtio_pci::pci as pci_id;
 use x86_64::instructions::port::Port;
 
 use crate::acpi::Platform;
 use crate::mm::{paging, phys_to_ptr};
+
+/// Bus/device/function and the virtio vendor capability: the `virtio-pci` crate's.
+pub use virtio_pci::{Bdf, VirtioCap};
 
 /// How configuration space is reached.
 #[derive(Clone, Copy, Debug)]
@@ -21,23 +25,6 @@ pub enum ConfigAccess {
 }
 
 static ACCESS: spin::Mutex<ConfigAccess> = spin::Mutex::new(ConfigAccess::Ports);
-
-/// Bus/device/function.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Bdf {
-    /// Bus.
-    pub bus: u8,
-    /// Device (0..32).
-    pub dev: u8,
-    /// Function (0..8).
-    pub func: u8,
-}
-
-impl fmt::Display for Bdf {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:02x}:{:02x}.{}", self.bus, self.dev, self.func)
-    }
-}
 
 /// Reads a 32-bit configuration register.
 pub fn read32(b: Bdf, off: u16) -> u32 {
@@ -123,21 +110,6 @@ pub struct MsiX {
     pub table: (u8, u32),
     /// BAR index and offset of the pending-bit array.
     pub pba: (u8, u32),
-}
-
-/// A virtio PCI vendor capability (`struct virtio_pci_cap`).
-#[derive(Clone, Copy, Debug)]
-pub struct VirtioCap {
-    /// 1 common, 2 notify, 3 ISR, 4 device, 5 PCI config access.
-    pub cfg_type: u8,
-    /// BAR index.
-    pub bar: u8,
-    /// Offset in the BAR.
-    pub offset: u32,
-    /// Length.
-    pub length: u32,
-    /// Notify offset multiplier (notify capability only).
-    pub notify_multiplier: u32,
 }
 
 /// One PCI function.
@@ -288,8 +260,8 @@ fn probe_caps(b: Bdf, d: &mut Device) {
     while ptr >= 0x40 && guard < 48 {
         guard += 1;
         let h = read32(b, ptr);
-        match h & 0xff {
-            0x11 => {
+        match h as u8 {
+            pci_id::CAP_MSIX => {
                 let table = read32(b, ptr + 4);
                 let pba = read32(b, ptr + 8);
                 d.msix = Some(MsiX {
@@ -299,19 +271,8 @@ fn probe_caps(b: Bdf, d: &mut Device) {
                     pba: ((pba & 7) as u8, pba & !7),
                 });
             }
-            0x09 if d.vendor == 0x1af4 => {
-                let w1 = read32(b, ptr + 4);
-                d.virtio.push(VirtioCap {
-                    cfg_type: (h >> 24) as u8,
-                    bar: (w1 & 0xff) as u8,
-                    offset: read32(b, ptr + 8),
-                    length: read32(b, ptr + 12),
-                    notify_multiplier: if (h >> 24) as u8 == 2 {
-                        read32(b, ptr + 16)
-                    } else {
-                        0
-                    },
-                });
+            pci_id::CAP_VENDOR if d.vendor == virtio_pci::VENDOR_ID => {
+                d.virtio.push(VirtioCap::read(ptr, |o| read32(b, o)));
             }
             _ => {}
         }

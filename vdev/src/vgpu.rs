@@ -27,6 +27,7 @@ use gpu_pv::msix::{MsixTable, Signal};
 use gpu_pv::ring::QueueLayout;
 use gpu_pv::wire::feature;
 use log::{info, warn};
+use virtio_pci::{cap, common, pci, status, MSI_NO_VECTOR, VENDOR_ID};
 
 /// Guest-physical base of BAR4 (virtio structures).
 pub const BAR4_BASE: u64 = 0xc000_0000;
@@ -43,16 +44,15 @@ pub const MSIX_VECTORS: usize = 3;
 /// Offset of the Pending Bit Array in BAR1.
 const PBA_OFFSET: u64 = 0x800;
 const NOTIFY_MULTIPLIER: u32 = 4;
+/// The high halves of the 64-bit queue addresses (a driver may access them as two
+/// 32-bit halves, virtio 1.2, 4.1.3.1).
+const QUEUE_DESC_HI: u64 = common::QUEUE_DESC + 4;
+const QUEUE_DRIVER_HI: u64 = common::QUEUE_DRIVER + 4;
+const QUEUE_DEVICE_HI: u64 = common::QUEUE_DEVICE + 4;
 const QUEUE_SIZES: [u16; 2] = [
     abi::limits::CONTROL_QUEUE_SIZE,
     abi::limits::CURSOR_QUEUE_SIZE,
 ];
-
-const STATUS_ACK: u8 = 1;
-const STATUS_DRIVER: u8 = 2;
-const STATUS_DRIVER_OK: u8 = 4;
-const STATUS_FEATURES_OK: u8 = 8;
-const STATUS_FAILED: u8 = 0x80;
 
 /// Features the device offers.
 pub fn offered_features() -> u64 {
@@ -145,7 +145,7 @@ impl VirtioGpuDevice {
     /// A device showing `num_scanouts` displays.
     pub fn new(num_scanouts: u32) -> Self {
         let mut c = [0u8; 256];
-        put16(&mut c, 0x00, 0x1af4);
+        put16(&mut c, 0x00, VENDOR_ID);
         put16(&mut c, 0x02, 0x1050);
         put16(&mut c, 0x06, 0x0010); // status: capability list
         c[0x08] = 1; // revision
@@ -155,32 +155,32 @@ impl VirtioGpuDevice {
         put32(&mut c, 0x14, BAR1_BASE as u32); // BAR1: 32-bit memory
         put32(&mut c, 0x20, (BAR4_BASE as u32) | 0x4 | 0x8); // BAR4: 64-bit prefetchable
         put32(&mut c, 0x24, (BAR4_BASE >> 32) as u32);
-        put16(&mut c, 0x2c, 0x1af4);
+        put16(&mut c, 0x2c, VENDOR_ID);
         put16(&mut c, 0x2e, 0x1100);
         c[0x34] = 0x40;
         c[0x3d] = 1; // INTA (unused: MSI-X only)
                      // MSI-X capability.
-        c[0x40] = 0x11;
+        c[0x40] = pci::CAP_MSIX;
         c[0x41] = 0x50;
         put16(&mut c, 0x42, (MSIX_VECTORS - 1) as u16);
         put32(&mut c, 0x44, 1); // table at BAR1 + 0
         put32(&mut c, 0x48, 0x800 | 1); // PBA at BAR1 + 0x800
                                         // virtio vendor capabilities: (offset, next, length, type, bar offset, length).
         let caps: [(usize, u8, u8, u8, u32, u32); 4] = [
-            (0x50, 0x60, 16, 1, 0x0000, 0x1000),
-            (0x60, 0x74, 20, 2, 0x3000, 0x1000),
-            (0x74, 0x84, 16, 3, 0x1000, 0x1000),
-            (0x84, 0x00, 16, 4, 0x2000, 0x1000),
+            (0x50, 0x60, cap::LEN, cap::COMMON, 0x0000, 0x1000),
+            (0x60, 0x74, cap::NOTIFY_LEN, cap::NOTIFY, 0x3000, 0x1000),
+            (0x74, 0x84, cap::LEN, cap::ISR, 0x1000, 0x1000),
+            (0x84, 0x00, cap::LEN, cap::DEVICE, 0x2000, 0x1000),
         ];
         for (o, next, len, ty, off, size) in caps {
-            c[o] = 0x09;
+            c[o] = pci::CAP_VENDOR;
             c[o + 1] = next;
             c[o + 2] = len;
             c[o + 3] = ty;
             c[o + 4] = 4; // BAR4
             put32(&mut c, o + 8, off);
             put32(&mut c, o + 12, size);
-            if ty == 2 {
+            if ty == cap::NOTIFY {
                 put32(&mut c, o + 16, NOTIFY_MULTIPLIER);
             }
         }
@@ -195,19 +195,19 @@ impl VirtioGpuDevice {
             driver_feature_select: 0,
             driver_features: 0,
             status: 0,
-            config_msix: 0xffff,
+            config_msix: MSI_NO_VECTOR,
             queue_select: 0,
             // queue_size reads the largest size the device supports until the
             // driver writes a smaller one (virtio 1.2, 4.1.4.3).
             queues: [
                 VirtQueue {
                     size: QUEUE_SIZES[0],
-                    msix: 0xffff,
+                    msix: MSI_NO_VECTOR,
                     ..VirtQueue::default()
                 },
                 VirtQueue {
                     size: QUEUE_SIZES[1],
-                    msix: 0xffff,
+                    msix: MSI_NO_VECTOR,
                     ..VirtQueue::default()
                 },
             ],
@@ -305,7 +305,7 @@ impl VirtioGpuDevice {
             return u64::MAX;
         };
         match off {
-            0x0000..=0x0fff => self.common_read(off as u32, size),
+            0x0000..=0x0fff => self.common_read(off, size),
             0x1000..=0x1fff => {
                 let v = self.isr;
                 self.isr = 0;
@@ -332,7 +332,7 @@ impl VirtioGpuDevice {
             return Action::None;
         };
         match off {
-            0x0000..=0x0fff => self.common_write(off as u32, size, v),
+            0x0000..=0x0fff => self.common_write(off, size, v),
             0x2000..=0x2fff => {
                 if off == 0x2004 {
                     self.events_read &= !(v as u32);
@@ -356,38 +356,45 @@ impl VirtioGpuDevice {
         }
     }
 
-    fn common_read(&self, off: u32, size: u8) -> u64 {
+    fn common_read(&self, off: u64, size: u8) -> u64 {
         let q = self.queues.get(self.queue_select as usize);
         let v: u64 = match off {
-            0x00 => u64::from(self.device_feature_select),
-            0x04 => match self.device_feature_select {
+            common::DEVICE_FEATURE_SELECT => u64::from(self.device_feature_select),
+            common::DEVICE_FEATURE => match self.device_feature_select {
                 0 => offered_features() & 0xffff_ffff,
                 1 => offered_features() >> 32,
                 _ => 0,
             },
-            0x08 => u64::from(self.driver_feature_select),
-            0x0c => match self.driver_feature_select {
+            common::DRIVER_FEATURE_SELECT => u64::from(self.driver_feature_select),
+            common::DRIVER_FEATURE => match self.driver_feature_select {
                 0 => self.driver_features & 0xffff_ffff,
                 1 => self.driver_features >> 32,
                 _ => 0,
             },
-            0x10 => u64::from(self.config_msix),
-            0x12 => 2,
-            0x14 => u64::from(self.status | if self.needs_reset { 0x40 } else { 0 }),
-            0x15 => 0,
-            0x16 => u64::from(self.queue_select),
-            0x18 => q.map_or(0, |q| u64::from(q.size)),
-            0x1a => q.map_or(0xffff, |q| u64::from(q.msix)),
-            0x1c => q.map_or(0, |q| u64::from(q.enabled)),
-            0x1e => u64::from(self.queue_select),
-            0x20 => q.map_or(0, |q| q.desc),
-            0x24 => q.map_or(0, |q| q.desc >> 32),
-            0x28 => q.map_or(0, |q| q.driver),
-            0x2c => q.map_or(0, |q| q.driver >> 32),
-            0x30 => q.map_or(0, |q| q.device),
-            0x34 => q.map_or(0, |q| q.device >> 32),
+            common::CONFIG_MSIX_VECTOR => u64::from(self.config_msix),
+            common::NUM_QUEUES => 2,
+            common::DEVICE_STATUS => u64::from(
+                self.status
+                    | if self.needs_reset {
+                        status::DEVICE_NEEDS_RESET
+                    } else {
+                        0
+                    },
+            ),
+            common::CONFIG_GENERATION => 0,
+            common::QUEUE_SELECT => u64::from(self.queue_select),
+            common::QUEUE_SIZE => q.map_or(0, |q| u64::from(q.size)),
+            common::QUEUE_MSIX_VECTOR => q.map_or(MSI_NO_VECTOR.into(), |q| u64::from(q.msix)),
+            common::QUEUE_ENABLE => q.map_or(0, |q| u64::from(q.enabled)),
+            common::QUEUE_NOTIFY_OFF => u64::from(self.queue_select),
+            common::QUEUE_DESC => q.map_or(0, |q| q.desc),
+            QUEUE_DESC_HI => q.map_or(0, |q| q.desc >> 32),
+            common::QUEUE_DRIVER => q.map_or(0, |q| q.driver),
+            QUEUE_DRIVER_HI => q.map_or(0, |q| q.driver >> 32),
+            common::QUEUE_DEVICE => q.map_or(0, |q| q.device),
+            QUEUE_DEVICE_HI => q.map_or(0, |q| q.device >> 32),
             // queue_reset: a reset completes within the write that asks for it.
-            0x3a => 0,
+            common::QUEUE_RESET => 0,
             _ => 0,
         };
         match size {
@@ -398,13 +405,13 @@ impl VirtioGpuDevice {
         }
     }
 
-    fn common_write(&mut self, off: u32, size: u8, v: u64) -> Action {
+    fn common_write(&mut self, off: u64, size: u8, v: u64) -> Action {
         let sel = self.queue_select as usize;
         match off {
-            0x00 => self.device_feature_select = v as u32,
-            0x08 => self.driver_feature_select = v as u32,
+            common::DEVICE_FEATURE_SELECT => self.device_feature_select = v as u32,
+            common::DRIVER_FEATURE_SELECT => self.driver_feature_select = v as u32,
             // Feature bits are fixed once FEATURES_OK is set.
-            0x0c if self.status & STATUS_FEATURES_OK == 0 => {
+            common::DRIVER_FEATURE if self.status & status::FEATURES_OK == 0 => {
                 let shift = match self.driver_feature_select {
                     0 => 0,
                     1 => 32,
@@ -413,17 +420,17 @@ impl VirtioGpuDevice {
                 self.driver_features = (self.driver_features & !(0xffff_ffffu64 << shift))
                     | ((v & 0xffff_ffff) << shift);
             }
-            0x10 => {
+            common::CONFIG_MSIX_VECTOR => {
                 self.config_msix = if (v as usize) < MSIX_VECTORS {
                     v as u16
                 } else {
-                    0xffff
+                    MSI_NO_VECTOR
                 };
                 return Action::Vector(None, self.config_msix);
             }
-            0x14 => return self.write_status(v as u8),
-            0x16 => self.queue_select = v as u16,
-            0x18 => {
+            common::DEVICE_STATUS => return self.write_status(v as u8),
+            common::QUEUE_SELECT => self.queue_select = v as u16,
+            common::QUEUE_SIZE => {
                 if let Some(q) = self.queues.get_mut(sel) {
                     // A power of two no larger than what the device offers.
                     let s = v as u16;
@@ -432,7 +439,7 @@ impl VirtioGpuDevice {
                     }
                 }
             }
-            0x1a => {
+            common::QUEUE_MSIX_VECTOR => {
                 if let (Some(q), Some(id)) =
                     (self.queues.get_mut(sel), QueueId::from_index(sel as u16))
                 {
@@ -440,21 +447,26 @@ impl VirtioGpuDevice {
                     q.msix = if (v as usize) < MSIX_VECTORS {
                         v as u16
                     } else {
-                        0xffff
+                        MSI_NO_VECTOR
                     };
                     return Action::Vector(Some(id), q.msix);
                 }
             }
-            0x1c => return self.write_queue_enable(v & 1 != 0),
-            0x3a => return self.write_queue_reset(v),
-            0x20 | 0x24 | 0x28 | 0x2c | 0x30 | 0x34 => {
+            common::QUEUE_ENABLE => return self.write_queue_enable(v & 1 != 0),
+            common::QUEUE_RESET => return self.write_queue_reset(v),
+            common::QUEUE_DESC
+            | QUEUE_DESC_HI
+            | common::QUEUE_DRIVER
+            | QUEUE_DRIVER_HI
+            | common::QUEUE_DEVICE
+            | QUEUE_DEVICE_HI => {
                 if let Some(q) = self.queues.get_mut(sel) {
                     let (field, high) = match off {
-                        0x20 => (&mut q.desc, false),
-                        0x24 => (&mut q.desc, true),
-                        0x28 => (&mut q.driver, false),
-                        0x2c => (&mut q.driver, true),
-                        0x30 => (&mut q.device, false),
+                        common::QUEUE_DESC => (&mut q.desc, false),
+                        QUEUE_DESC_HI => (&mut q.desc, true),
+                        common::QUEUE_DRIVER => (&mut q.driver, false),
+                        QUEUE_DRIVER_HI => (&mut q.driver, true),
+                        common::QUEUE_DEVICE => (&mut q.device, false),
                         _ => (&mut q.device, true),
                     };
                     if size == 8 {
@@ -472,7 +484,7 @@ impl VirtioGpuDevice {
     }
 
     fn negotiated(&self, bit: u32) -> bool {
-        self.status & STATUS_FEATURES_OK != 0 && self.driver_features & feature::bit(bit) != 0
+        self.status & status::FEATURES_OK != 0 && self.driver_features & feature::bit(bit) != 0
     }
 
     fn layout(&self, q: &VirtQueue) -> QueueLayout {
@@ -560,19 +572,23 @@ impl VirtioGpuDevice {
             return Action::Reset;
         }
         let newly = v & !self.status;
-        if newly & STATUS_FEATURES_OK != 0 {
+        if newly & status::FEATURES_OK != 0 {
             let ok = self.driver_features & !offered_features() == 0
                 && self.driver_features & feature::bit(feature::VERSION_1) != 0;
             if !ok {
                 warn!("virtio-gpu: driver accepted features {:#x} outside the offer (or without VERSION_1)", self.driver_features);
-                self.status = v & !STATUS_FEATURES_OK;
+                self.status = v & !status::FEATURES_OK;
                 return Action::None;
             }
             self.revision = abi::negotiate_revision(offered_features(), self.driver_features);
         }
         self.status = v
-            & (STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED);
-        if newly & STATUS_DRIVER_OK != 0 && self.status & STATUS_FEATURES_OK != 0 {
+            & (status::ACKNOWLEDGE
+                | status::DRIVER
+                | status::FEATURES_OK
+                | status::DRIVER_OK
+                | status::FAILED);
+        if newly & status::DRIVER_OK != 0 && self.status & status::FEATURES_OK != 0 {
             info!(
                 "virtio-gpu: driver ok, features {:#x}, GPU-PV protocol {}",
                 self.driver_features,
@@ -645,7 +661,7 @@ impl VirtioGpuDevice {
 
     /// Whether the device is live (DRIVER_OK set).
     pub fn live(&self) -> bool {
-        self.status & STATUS_DRIVER_OK != 0
+        self.status & status::DRIVER_OK != 0
     }
 
     /// The config vector entry.
@@ -669,12 +685,16 @@ mod tests {
             d.mmio_write(BAR1_BASE + i * 16 + 12, 4, 0);
         }
         let common = BAR4_BASE;
-        d.mmio_write(common + 0x14, 1, u64::from(STATUS_ACK | STATUS_DRIVER));
+        d.mmio_write(
+            common + 0x14,
+            1,
+            u64::from(status::ACKNOWLEDGE | status::DRIVER),
+        );
         d.mmio_write(common + 0x08, 4, 0);
         d.mmio_write(common + 0x0c, 4, features & 0xffff_ffff);
         d.mmio_write(common + 0x08, 4, 1);
         d.mmio_write(common + 0x0c, 4, features >> 32);
-        let ok = STATUS_ACK | STATUS_DRIVER | STATUS_FEATURES_OK;
+        let ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
         d.mmio_write(common + 0x14, 1, u64::from(ok));
         for q in 0..2u64 {
             d.mmio_write(common + 0x16, 2, q);
@@ -684,7 +704,7 @@ mod tests {
             d.mmio_write(common + 0x30, 8, 0x10_8000 + q * 0x1_0000);
             d.mmio_write(common + 0x1c, 2, 1);
         }
-        let action = d.mmio_write(common + 0x14, 1, u64::from(ok | STATUS_DRIVER_OK));
+        let action = d.mmio_write(common + 0x14, 1, u64::from(ok | status::DRIVER_OK));
         assert!(matches!(action, Action::Start(..)), "{action:?}");
         d
     }

@@ -114,10 +114,10 @@ fn default_hv_memory() -> u32 {
     DEFAULT_HV_MEMORY_MIB
 }
 
-/// Smallest guest RAM in MiB: the guest ABI's minimum (`MIN_MEMORY_MIB` in
-/// `gpu-pv/src/abi.rs`, module `guest`: page tables, boot-info page and the stack
-/// below the image at 2 MiB), which the hypervisor checks again when it creates a VM.
-pub const MIN_MEMORY_MIB: u32 = 4;
+/// Smallest guest RAM in MiB: the guest ABI's minimum (`guest_abi::guest`: page
+/// tables, boot-info page and the stack below the image at 2 MiB), which the
+/// hypervisor checks again when it creates a VM.
+pub const MIN_MEMORY_MIB: u32 = guest_abi::guest::MIN_MEMORY_MIB;
 
 /// Largest guest RAM in MiB. RAM is guest-physical `0..memory_mib` MiB and must end at
 /// or below the lowest MMIO window every guest sees: its PCI ECAM at 0xB000_0000

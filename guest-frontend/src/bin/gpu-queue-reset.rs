@@ -314,7 +314,7 @@ fn reinit(pci: &VirtioPci, features: u64, control: &QueueLayout, cursor: &QueueL
     if pci.status() & status::FEATURES_OK == 0 {
         return Err(format!("FEATURES_OK refused for {features:#x}"));
     }
-    pci.write16(common::MSIX_CONFIG, CONFIG_ENTRY);
+    pci.write16(common::CONFIG_MSIX_VECTOR, CONFIG_ENTRY);
     // Not allowed before DRIVER_OK: the device ignores it (and logs it).
     pci.select_queue(CONTROL_QUEUE);
     pci.write16(common::QUEUE_RESET, 1);

@@ -46,25 +46,12 @@ use crate::{cpu, println, timer};
 pub use transport::{TransportError, VirtioPci};
 
 /// PCI vendor id of virtio devices.
-pub const VENDOR_ID: u16 = 0x1af4;
+pub use virtio_pci::VENDOR_ID;
 /// PCI device id of a modern virtio-gpu (0x1040 + device type 16).
 pub const DEVICE_ID: u16 = 0x1050;
 
-/// Device status bits (virtio 1.2, 2.1).
-pub mod status {
-    /// The guest noticed the device.
-    pub const ACKNOWLEDGE: u8 = 1;
-    /// The guest knows how to drive it.
-    pub const DRIVER: u8 = 2;
-    /// The driver is ready.
-    pub const DRIVER_OK: u8 = 4;
-    /// Feature negotiation is complete.
-    pub const FEATURES_OK: u8 = 8;
-    /// The device hit an error it needs a reset to recover from.
-    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
-    /// The driver gave up on the device.
-    pub const FAILED: u8 = 0x80;
-}
+/// Device status bits (virtio 1.2, 2.1): the `virtio-pci` crate's.
+pub use virtio_pci::status;
 
 /// Queue index of the control queue.
 pub const CONTROL_QUEUE: u16 = 0;
@@ -523,7 +510,7 @@ impl VirtioGpu {
                     c.bar,
                     c.offset,
                     c.length,
-                    if c.cfg_type == transport::CAP_NOTIFY {
+                    if c.cfg_type == transport::cap::NOTIFY {
                         alloc::format!(" multiplier {}", c.notify_multiplier)
                     } else {
                         alloc::string::String::new()
@@ -693,8 +680,8 @@ impl VirtioGpu {
             }
         }
         m.set_control(true, false);
-        t.write16(transport::common::MSIX_CONFIG, CONFIG_ENTRY);
-        let read = t.read16(transport::common::MSIX_CONFIG);
+        t.write16(transport::common::CONFIG_MSIX_VECTOR, CONFIG_ENTRY);
+        let read = t.read16(transport::common::CONFIG_MSIX_VECTOR);
         if read != CONFIG_ENTRY {
             t.set_status(status::FAILED);
             return Err(Error::VectorRefused {

@@ -18,61 +18,14 @@ use core::fmt;
 use gpu_pv::ring::QueueLayout;
 
 use crate::mmio;
-use crate::pci::{self, Bar, Bdf, Capability, Msix};
+use crate::pci::{self, Bar, Bdf, Capability, ConfigSpace, Msix};
 
-/// `VIRTIO_PCI_CAP_COMMON_CFG`.
-pub const CAP_COMMON: u8 = 1;
-/// `VIRTIO_PCI_CAP_NOTIFY_CFG`.
-pub const CAP_NOTIFY: u8 = 2;
-/// `VIRTIO_PCI_CAP_ISR_CFG`.
-pub const CAP_ISR: u8 = 3;
-/// `VIRTIO_PCI_CAP_DEVICE_CFG`.
-pub const CAP_DEVICE: u8 = 4;
-/// `VIRTIO_PCI_CAP_PCI_CFG` (the alternative access window; not used).
-pub const CAP_PCI_CFG: u8 = 5;
+/// The virtio capability types (`cfg_type`) and layout: the `virtio-pci` crate's.
+pub use virtio_pci::cap;
 
-/// `VIRTIO_MSI_NO_VECTOR`.
-pub const NO_VECTOR: u16 = 0xffff;
-
-/// Offsets in the common configuration structure (`struct virtio_pci_common_cfg`).
-pub mod common {
-    /// u32 device_feature_select.
-    pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
-    /// u32 device_feature.
-    pub const DEVICE_FEATURE: u64 = 0x04;
-    /// u32 driver_feature_select.
-    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
-    /// u32 driver_feature.
-    pub const DRIVER_FEATURE: u64 = 0x0c;
-    /// u16 config_msix_vector.
-    pub const MSIX_CONFIG: u64 = 0x10;
-    /// u16 num_queues.
-    pub const NUM_QUEUES: u64 = 0x12;
-    /// u8 device_status.
-    pub const DEVICE_STATUS: u64 = 0x14;
-    /// u8 config_generation.
-    pub const CONFIG_GENERATION: u64 = 0x15;
-    /// u16 queue_select.
-    pub const QUEUE_SELECT: u64 = 0x16;
-    /// u16 queue_size.
-    pub const QUEUE_SIZE: u64 = 0x18;
-    /// u16 queue_msix_vector.
-    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
-    /// u16 queue_enable.
-    pub const QUEUE_ENABLE: u64 = 0x1c;
-    /// u16 queue_notify_off.
-    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
-    /// u64 queue_desc.
-    pub const QUEUE_DESC: u64 = 0x20;
-    /// u64 queue_driver (available ring).
-    pub const QUEUE_DRIVER: u64 = 0x28;
-    /// u64 queue_device (used ring).
-    pub const QUEUE_DEVICE: u64 = 0x30;
-    /// u16 queue_notify_data (`VIRTIO_F_NOTIF_CONFIG_DATA`; not used).
-    pub const QUEUE_NOTIFY_DATA: u64 = 0x38;
-    /// u16 queue_reset (`VIRTIO_F_RING_RESET`).
-    pub const QUEUE_RESET: u64 = 0x3a;
-}
+/// Offsets in the common configuration structure (`struct virtio_pci_common_cfg`):
+/// the `virtio-pci` crate's.
+pub use virtio_pci::common;
 
 /// Reads of `queue_reset` a queue reset may take before it counts as stuck.
 pub const QUEUE_RESET_POLLS: u32 = 100_000;
@@ -120,22 +73,9 @@ impl fmt::Display for QueueResetError {
     }
 }
 
-/// One virtio vendor capability as read from configuration space.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VirtioCap {
-    /// Offset of the capability in configuration space.
-    pub cap_offset: u16,
-    /// `cfg_type`.
-    pub cfg_type: u8,
-    /// BAR index.
-    pub bar: u8,
-    /// Offset in the BAR.
-    pub offset: u32,
-    /// Length of the region.
-    pub length: u32,
-    /// `notify_off_multiplier` (notify capability only).
-    pub notify_multiplier: u32,
-}
+/// One virtio vendor capability as read from configuration space: the
+/// `virtio-pci` crate's.
+pub use virtio_pci::VirtioCap;
 
 /// Why the transport could not be set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -196,21 +136,7 @@ pub struct VirtioPci {
 
 /// Reads the virtio vendor capability at `cap`.
 fn read_cap(bdf: Bdf, cap: &Capability) -> VirtioCap {
-    let o = cap.offset;
-    let cfg_type = bdf.read8(o + 3);
-    let cap_len = bdf.read8(o + 2);
-    VirtioCap {
-        cap_offset: o,
-        cfg_type,
-        bar: bdf.read8(o + 4),
-        offset: bdf.read32(o + 8),
-        length: bdf.read32(o + 12),
-        notify_multiplier: if cfg_type == CAP_NOTIFY && cap_len >= 20 {
-            bdf.read32(o + 16)
-        } else {
-            0
-        },
-    }
+    VirtioCap::read(cap.offset, |o| bdf.read32(o))
 }
 
 impl VirtioPci {
@@ -248,10 +174,10 @@ impl VirtioPci {
             }
             Ok((addr + u64::from(c.offset), c))
         };
-        let (common, _) = region(CAP_COMMON)?;
-        let (notify, ncap) = region(CAP_NOTIFY)?;
-        let (isr, _) = region(CAP_ISR)?;
-        let (device, dcap) = region(CAP_DEVICE)?;
+        let (common, _) = region(cap::COMMON)?;
+        let (notify, ncap) = region(cap::NOTIFY)?;
+        let (isr, _) = region(cap::ISR)?;
+        let (device, dcap) = region(cap::DEVICE)?;
         let msix = Msix::find(bdf).ok_or(TransportError::NoMsix)?;
         let msix_table = match bars.get(usize::from(msix.table_bar)).copied() {
             Some(Bar::Memory { addr, .. }) => addr + u64::from(msix.table_offset),

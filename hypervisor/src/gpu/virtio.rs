@@ -44,6 +44,7 @@ use gpu_pv::ring::driver::DriverQueue;
 use gpu_pv::ring::{QueueLayout, RingError};
 use gpu_pv::wire::{self, feature, CtrlHdr, Wire};
 use log::{info, warn};
+use virtio_pci::{cap, common, status};
 
 use super::{DmaRegion, GpuBackend, GpuError};
 use crate::apic;
@@ -52,7 +53,7 @@ use crate::mm::{phys_to_ptr, PAGE_SIZE};
 use crate::pci::{self, Bdf, Device, MsiX};
 
 /// PCI vendor id of virtio devices.
-pub const VENDOR: u16 = 0x1af4;
+pub const VENDOR: u16 = virtio_pci::VENDOR_ID;
 /// PCI device id of a modern virtio-gpu (0x1040 + device type 16).
 pub const DEVICE: u16 = 0x1050;
 
@@ -76,44 +77,6 @@ const BIG_MAX: u64 = wire::size::RESOURCE_ATTACH_BACKING as u64
 
 const _: () = assert!(RESP_OFF + RESP_MAX as u64 <= REQ_OFF);
 const _: () = assert!(RESP_MAX as usize >= wire::size::RESP_EDID);
-
-/// virtio PCI capability types (`cfg_type`).
-mod cap {
-    pub const COMMON: u8 = 1;
-    pub const NOTIFY: u8 = 2;
-    pub const DEVICE: u8 = 4;
-}
-
-/// `struct virtio_pci_common_cfg` offsets (virtio 1.2, 4.1.4.3).
-mod common {
-    pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
-    pub const DEVICE_FEATURE: u64 = 0x04;
-    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
-    pub const DRIVER_FEATURE: u64 = 0x0c;
-    pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
-    pub const NUM_QUEUES: u64 = 0x12;
-    pub const DEVICE_STATUS: u64 = 0x14;
-    pub const QUEUE_SELECT: u64 = 0x16;
-    pub const QUEUE_SIZE: u64 = 0x18;
-    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
-    pub const QUEUE_ENABLE: u64 = 0x1c;
-    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
-    pub const QUEUE_DESC: u64 = 0x20;
-    pub const QUEUE_DRIVER: u64 = 0x28;
-    pub const QUEUE_DEVICE: u64 = 0x30;
-    /// Bytes of the structure the driver uses.
-    pub const LEN: u64 = 0x38;
-}
-
-/// Device status bits (virtio 1.2, 2.1).
-mod status {
-    pub const ACKNOWLEDGE: u8 = 1;
-    pub const DRIVER: u8 = 2;
-    pub const DRIVER_OK: u8 = 4;
-    pub const FEATURES_OK: u8 = 8;
-    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
-    pub const FAILED: u8 = 0x80;
-}
 
 /// `struct virtio_gpu_config` offsets.
 mod gpu_config {

@@ -1,9 +1,16 @@
-//! The guest/host ABI beyond plain virtio-gpu: hypervisor feature bits, hypercall
-//! numbers, the negotiated protocol version and the guest-visible limits.
+//! The contract between a guest and this hypervisor (in the spirit of uhyve's ABI
+//! crate): how a new VM's memory is laid out and how it starts ([`guest`], with the
+//! boot-info page in [`guest::boot_info`]), the hypercall numbers and results
+//! ([`hypercall`]), the GPU-PV protocol revisions offered as virtio feature bits
+//! ([`feature`], [`negotiate_revision`]) and the guest-visible limits of the
+//! paravirtual GPU ([`limits`]).
 //!
-//! Shared by the mediator and `guest-frontend`. Versions are negotiated through
-//! feature bits (each protocol revision is one bit; both sides use the highest bit
-//! they share), never required to match exactly.
+//! A guest depends on this crate alone for it; the hypervisor and the `gpu-pv`
+//! mediator (as `gpu_pv::abi`) use the same definitions. Versions are negotiated
+//! through feature bits (each protocol revision is one bit; both sides use the
+//! highest bit they share), never required to match exactly.
+#![no_std]
+#![forbid(unsafe_code)]
 
 /// Device-specific virtio feature bits (0..=23 are the device's own range).
 pub mod feature {
@@ -162,7 +169,7 @@ pub mod guest {
         pub const MEMORY_BYTES: usize = 16;
         /// u32 vCPU count.
         pub const VCPUS: usize = 24;
-        /// u32 hypervisor feature mask (see [`crate::abi::hypercall::VERSION`]).
+        /// u32 hypervisor feature mask (see [`crate::hypercall::VERSION`]).
         pub const FEATURES: usize = 28;
         /// 32 bytes: the VM's name, NUL padded.
         pub const NAME: usize = 32;
