@@ -61,6 +61,46 @@ use crate::mm::{frames, phys_to_ptr, PAGE_SIZE};
 ///   `RESP_ERR_UNSPEC` (so no guest waits forever) and [`failed`](Self::failed)
 ///   says why; later submits fail with [`GpuError::DeviceFailed`].
 ///
+/// Device notifications left to make: under an emulator a notify (an MMIO write)
+/// takes the emulator's global lock, which the GPU's own command processing holds for
+/// milliseconds, so the GPU-PV glue rings them after it released its own lock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Doorbells {
+    /// (physical address of a 16-bit notify register, value), per queue.
+    writes: [Option<(u64, u16)>; 2],
+}
+
+impl Doorbells {
+    /// Adds a notify of `value` to the 16-bit register at `pa`, which must lie in a
+    /// device BAR the hypervisor mapped for good (the physical GPU's notify window).
+    pub(crate) fn add(&mut self, pa: u64, value: u16) {
+        if let Some(slot) = self
+            .writes
+            .iter_mut()
+            .find(|w| w.is_none() || w.is_some_and(|(a, v)| a == pa && v == value))
+        {
+            *slot = Some((pa, value));
+        }
+    }
+
+    /// Takes `other`'s notifications too.
+    pub fn merge(&mut self, other: Doorbells) {
+        for (pa, value) in other.writes.into_iter().flatten() {
+            self.add(pa, value);
+        }
+    }
+
+    /// Makes the notifications.
+    pub fn ring(self) {
+        for (pa, value) in self.writes.into_iter().flatten() {
+            // SAFETY: `add`'s contract: a naturally aligned 16-bit register inside a
+            // device BAR that stays mapped; a notify only tells the device to look at
+            // its rings, whose entries were published before.
+            unsafe { core::ptr::write_volatile(phys_to_ptr::<u16>(pa), value) }
+        }
+    }
+}
+
 /// The backend never interprets the commands beyond what it needs to carry them:
 /// validation is the mediator's.
 pub trait GpuBackend: Send {
@@ -82,6 +122,14 @@ pub trait GpuBackend: Send {
 
     /// Publishes everything staged since the last kick and notifies the device.
     fn kick(&mut self);
+
+    /// Publishes everything staged since the last kick and returns the device
+    /// notifications still to make, for a caller that rings them after releasing
+    /// its lock (see [`Doorbells`]). By default: a kick, nothing left to ring.
+    fn publish(&mut self) -> Doorbells {
+        self.kick();
+        Doorbells::default()
+    }
 
     /// The bottom half: appends the completions the device has finished as
     /// `(token, response type)` and returns how many it appended.

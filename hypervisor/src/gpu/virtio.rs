@@ -831,17 +831,26 @@ impl GpuBackend for VirtioGpu {
     }
 
     fn kick(&mut self) {
+        self.publish().ring();
+    }
+
+    fn publish(&mut self) -> super::Doorbells {
+        let mut bells = super::Doorbells::default();
         if self.failed.is_some() {
-            return;
+            return bells;
         }
         for i in 0..self.queues.len() {
             let q = &mut self.queues[i];
             match q.publish(self.coalesce) {
-                Ok(true) => q.notify.w16(0, q.index),
-                Ok(false) => {}
-                Err(e) => return self.fail(GpuError::Ring(e)),
+                Ok(true) if q.notify.fits::<u16>(0) => bells.add(q.notify.base, q.index),
+                Ok(_) => {}
+                Err(e) => {
+                    self.fail(GpuError::Ring(e));
+                    return super::Doorbells::default();
+                }
             }
         }
+        bells
     }
 
     fn poll(&mut self, out: &mut Vec<(u64, u32)>) -> usize {
