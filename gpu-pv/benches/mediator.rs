@@ -3,7 +3,7 @@
 //! 1. `doorbell/*`: the cost of one command from doorbell to staged host command
 //!    (pop the chain, gather it into staging, decode, check the fence, validate
 //!    and rename, encode the host command, stage it) on the command shapes of a
-//!    real Linux guest (`shared/LINUX-VIRTIO-GPU.md`): control commands through
+//!    real Linux guest (measured from its virtio_gpu driver): control commands through
 //!    one indirect descriptor (1 readable + 1 writable buffer, `ATTACH_BACKING`
 //!    2 readable + 1 writable), cursor commands as one direct descriptor.
 //!    Throughput is in commands; one iteration is one doorbell per queue for a

@@ -384,7 +384,10 @@ impl Drop for Held {
         }
         // The GPU is told about new commands only now, outside the lock.
         bells.ring();
-        LONGEST_KICK.fetch_max(crate::arch::cpu::rdtsc().wrapping_sub(released), Ordering::Relaxed);
+        LONGEST_KICK.fetch_max(
+            crate::arch::cpu::rdtsc().wrapping_sub(released),
+            Ordering::Relaxed,
+        );
         event_log::flush();
     }
 }

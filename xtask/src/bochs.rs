@@ -1,5 +1,5 @@
 //! Bochs: the ESP as a FAT image inside an El Torito ISO, and a generated bochsrc
-//! (facts in `shared/EMULATORS.md`).
+//! (the emulator facts it relies on are noted where they are used).
 
 use std::fs;
 use std::path::{Path, PathBuf};

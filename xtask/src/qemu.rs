@@ -1,4 +1,4 @@
-//! The QEMU command line (facts in `shared/EMULATORS.md`).
+//! The QEMU command line (the emulator facts it relies on are noted where they are used).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
