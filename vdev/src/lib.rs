@@ -8,6 +8,10 @@
 //! (and fuzzed, `vdev/fuzz`). The kernel (`hypervisor/src/vm.rs`) wires these
 //! devices to VM exits: it decodes the trapped instruction, routes the access by
 //! guest-physical address and carries out the [`vgpu::Action`] a write asks for.
+//!
+//! Two formats of guest CPU state live here too, for the same reason (pure logic,
+//! tested on the host): the general registers the entry assembly keeps ([`regs`])
+//! and the XSAVE image of each vCPU's extended state ([`xsave`]).
 #![no_std]
 #![forbid(unsafe_code)]
 
@@ -19,5 +23,6 @@ pub mod mmio;
 pub mod regs;
 pub mod vgpu;
 pub mod vlapic;
+pub mod xsave;
 
 pub use regs::GuestRegs;

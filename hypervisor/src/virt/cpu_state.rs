@@ -9,7 +9,9 @@
 //! reads what the previous one left there.
 //!
 //! A vCPU's [`CpuState`] is loaded when it starts a slice on a CPU and saved when the
-//! slice ends ([`super::Vcpu::put`]). Loading restores *every* switched component
+//! slice ends ([`super::Vcpu::put`]). A saved image whose x87 state is untouched is
+//! marked as such, as real CPUs do ([`vdev::xsave::mark_x87_init`], which also says
+//! why this matters under QEMU). Loading restores *every* switched component
 //! (XRSTOR with the full mask: components the guest never used get their reset state),
 //! so nothing of an earlier vCPU survives. The hypervisor itself is built without
 //! SSE and never touches these registers in between.
@@ -77,6 +79,9 @@ pub static SAVES: AtomicU64 = AtomicU64::new(0);
 pub static SWITCH_CYCLES: AtomicU64 = AtomicU64::new(0);
 /// See [`SAVES`].
 pub static XCR0_SWITCHES: AtomicU64 = AtomicU64::new(0);
+/// Saves whose x87 state was in its initial configuration, marked so in the image
+/// (see [`vdev::xsave`]: the XRSTOR that follows then takes the x87 init path).
+pub static X87_INIT_SAVES: AtomicU64 = AtomicU64::new(0);
 
 /// The area of the vCPU whose state is in each CPU's registers (0: none).
 static OWNER: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
@@ -295,6 +300,12 @@ impl CpuState {
             if p.xsave {
                 asm!("xsave64 [{}]", in(reg) area, in("eax") p.switched as u32,
                      in("edx") (p.switched >> 32) as u32, options(nostack));
+                // The image is ours and `area_size` (>= the legacy area and header)
+                // long; nothing else touches it while we hold `&mut self`.
+                let image = core::slice::from_raw_parts_mut(area, p.area_size as usize);
+                if vdev::xsave::mark_x87_init(image) {
+                    X87_INIT_SAVES.fetch_add(1, Ordering::Relaxed);
+                }
             } else {
                 asm!("fxsave64 [{}]", in(reg) area, options(nostack));
             }
