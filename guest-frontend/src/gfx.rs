@@ -1,9 +1,13 @@
 //! The test pattern the GPU guests draw: a solid background whose colour comes from
 //! the VM id (`abi::guest::vm_color`, which screendump checks look for), a row of
 //! marker squares counting the VM id + 1 (so two VMs can be told apart on a
-//! screenshot even with similar colours), and a vertical bar that moves across the
-//! screen, 8 pixels per frame. Pixels are B8G8R8X8 (`0x00RRGGBB` as a
-//! little-endian `u32`).
+//! screenshot even with similar colours), a row of small cells showing the frame
+//! number in binary, and a vertical bar that moves across the screen, 8 pixels per
+//! frame. Pixels are B8G8R8X8 (`0x00RRGGBB` as a little-endian `u32`).
+//!
+//! The bar alone repeats itself (every 77 frames on a 640-pixel screen: at 38.5
+//! frames a second, two screenshots 2 s apart are identical); the frame number makes
+//! any two frames differ, so "the picture changed" means "frames were shown".
 //!
 //! Frames after the first only repaint the columns the bar left and entered, so a
 //! frame costs little guest CPU; the picture is the same as a full repaint.
@@ -18,6 +22,12 @@ pub const MARKER: u32 = 0x00ff_d000;
 pub const BAR_WIDTH: u32 = 24;
 /// Pixels the bar moves per frame.
 pub const BAR_STEP: u32 = 8;
+/// Bits of the frame number shown, low bit first, each a cell of [`CELL`] pixels
+/// ([`MARKER`] for 1, background for 0) every [`CELL`] + 2 pixels, below the markers.
+pub const COUNTER_BITS: usize = 24;
+/// Side of a frame-number cell in pixels.
+pub const CELL: usize = 6;
+const COUNTER_Y: usize = 32;
 
 /// The background colour of VM `vm_id`: [`vm_color`], the colour a test harness
 /// looks for on the VM's scanout.
@@ -83,6 +93,7 @@ impl Pattern {
             }
         }
         self.markers(px);
+        self.counter(px, frame, bg);
         self.last_bar = Some(bar as u32);
     }
 
@@ -98,6 +109,27 @@ impl Pattern {
             }
             for y in 8..24 {
                 px[y * w + x0..y * w + x0 + 16].fill(MARKER);
+            }
+        }
+    }
+}
+
+impl Pattern {
+    /// The frame number's cells (see [`COUNTER_BITS`]), as far as the screen has
+    /// room; the bar, drawn before, may be overwritten where it crosses them.
+    fn counter(&self, px: &mut [u32], frame: u64, bg: u32) {
+        let (w, h) = (self.width as usize, self.height as usize);
+        if COUNTER_Y + CELL > h {
+            return;
+        }
+        for bit in 0..COUNTER_BITS {
+            let x0 = 8 + bit * (CELL + 2);
+            if x0 + CELL > w {
+                break;
+            }
+            let c = if frame >> bit & 1 != 0 { MARKER } else { bg };
+            for y in COUNTER_Y..COUNTER_Y + CELL {
+                px[y * w + x0..y * w + x0 + CELL].fill(c);
             }
         }
     }
