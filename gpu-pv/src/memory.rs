@@ -3,8 +3,9 @@
 //! The mediator never holds a raw pointer into a guest: it asks a [`GuestMemory`]
 //! to translate and copy ranges, and every range is checked for validity (inside the
 //! guest's RAM, no overflow) and ownership (the pages belong to this VM) — the seed's
-//! `P = V(i) AND M(i)`. The hypervisor implements the trait over its nested page
-//! tables; tests use [`VecMemory`].
+//! `P = V(i) AND M(i)`. The hypervisor implements the trait over each VM's RAM, one
+//! contiguous host-physical range that its nested page tables map; tests use
+//! [`VecMemory`].
 
 use alloc::vec;
 use alloc::vec::Vec;

@@ -16,13 +16,12 @@
 //!
 //! Every address a backend gives its device (rings, command buffers, and the backing
 //! addresses inside the mediator's commands) is a *device address*: what the device
-//! puts on the bus. Today the IOMMU is off (translation disabled at hand-off), so a
-//! device address is the host-physical address. When the VT-d driver turns
-//! translation on, the GPU's domain maps hypervisor memory identically (IOVA == HPA):
-//! the backend reports the hypervisor memory its device must reach through
-//! [`GpuBackend::dma_regions`] and the mediator reports guest backing through its
-//! `IommuOp`s, so no address handed out here has to change. [`device_addr`] is the
-//! one place that would change if the mapping ever stopped being identity.
+//! puts on the bus. With VT-d translation on (`iommu::init`), the GPU's domain maps
+//! what it may reach identically (IOVA == HPA): the backend reports the hypervisor
+//! memory its device must reach through [`GpuBackend::dma_regions`] and the mediator
+//! reports guest backing through its `IommuOp`s; without an IOMMU the device address
+//! is the host-physical address all the same. [`device_addr`] is the one place that
+//! would change if the mapping ever stopped being identity.
 
 pub mod virtio;
 
