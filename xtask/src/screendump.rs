@@ -147,6 +147,11 @@ pub fn check_head(spec: &Screendump, i: usize, img: &Image) -> Option<String> {
             "expected a guest-drawn display, got {}",
             facts(img)
         )),
+        ShotExpect::Initialized if img.share_near(0, spec.tolerance()) >= 1.0 => Some(format!(
+            "expected a guest-drawn display, got a blank head (every pixel within ±{} of black): {}",
+            spec.tolerance(),
+            facts(img)
+        )),
         ShotExpect::Initialized => None,
         ShotExpect::NotInitialized if !placeholder => Some(format!(
             "expected QEMU's \"Guest has not initialized the display\" screen, got {}",
@@ -225,40 +230,52 @@ pub fn check_shot(spec: &Screendump, i: usize, img: &Image) -> Vec<String> {
     out
 }
 
-/// Checks that a head changed between two dumps; the problem, if any.
-pub fn check_changed(first: &Image, second: &Image, secs: f64) -> Option<String> {
+/// Fewest differing pixels that count as a new frame: a frame-number cell of the test
+/// pattern is 36, the bar's step thousands, a console glyph more than this; single
+/// pixels (noise, a cursor's dot) are not a frame.
+pub const MIN_FRAME_PIXELS: u64 = 32;
+
+/// The problem with `second` as the same head `secs` later showing a new frame.
+fn changed_problem(first: &Image, second: &Image, secs: f64, what: &str) -> Option<String> {
+    let (w, h) = (first.width, first.height);
     match first.differing_pixels(second) {
-        Some(0) => Some(format!(
-            "did not change in {secs} s (two identical {}x{} dumps)",
-            first.width, first.height
+        None => Some(format!(
+            "size changed in {secs} s ({w}x{h} then {}x{})",
+            second.width, second.height
         )),
-        _ => None,
+        Some(0) => Some(format!(
+            "did not change in {secs} s (two identical {w}x{h} {what})"
+        )),
+        Some(n) if n < MIN_FRAME_PIXELS => Some(format!(
+            "did not change in {secs} s: only {n} pixel{} of {w}x{h} differ (a new frame \
+             changes at least {MIN_FRAME_PIXELS})",
+            if n == 1 { "" } else { "s" }
+        )),
+        Some(_) => None,
     }
 }
 
+/// Checks that a head shows a new frame in the second of two dumps: same size, at
+/// least [`MIN_FRAME_PIXELS`] pixels differ. The problem, if any. (What the second
+/// dump shows is checked like the first, by [`check_shot`].)
+pub fn check_changed(first: &Image, second: &Image, secs: f64) -> Option<String> {
+    changed_problem(first, second, secs, "dumps")
+}
+
 /// [`check_changed`] for each of `bands` equal horizontal bands (a head showing several
-/// VMs, each animating): every band must differ in at least one pixel. The problems,
-/// each starting with `band b (rows y0-y1): ` when `bands > 1`. Dumps of different
-/// sizes count as changed.
+/// VMs, each animating). The problems, each starting with `band b (rows y0-y1): ` when
+/// `bands > 1`.
 pub fn check_changed_bands(first: &Image, second: &Image, secs: f64, bands: u32) -> Vec<String> {
-    if bands <= 1 {
+    if bands <= 1 || (first.width, first.height) != (second.width, second.height) {
         return check_changed(first, second, secs).into_iter().collect();
-    }
-    if (first.width, first.height) != (second.width, second.height) {
-        return Vec::new();
     }
     let mut out = Vec::new();
     for b in 0..bands {
         let (Some(x), Some(y)) = (first.band(b, bands), second.band(b, bands)) else {
             continue;
         };
-        if x.differing_pixels(&y) == Some(0) {
-            out.push(format!(
-                "{}: did not change in {secs} s (two identical {}x{} bands)",
-                band_label(first.height, b, bands),
-                x.width,
-                x.height
-            ));
+        if let Some(p) = changed_problem(&x, &y, secs, "bands") {
+            out.push(format!("{}: {p}", band_label(first.height, b, bands)));
         }
     }
     out
@@ -475,9 +492,15 @@ impl<'a> Session<'a> {
                         let Some((_, b)) = shots.iter().find(|(hh, _)| hh == h) else {
                             continue;
                         };
+                        let png = self.png_of(i, *h, "-b");
                         for p in check_changed_bands(a, b, secs, spec.bands()) {
-                            let png = self.png_of(i, *h, "-b");
                             self.problem(i, format!("head {h}: {p} ({png})"));
+                        }
+                        // The new frame must show what the first had to.
+                        if let Some(k) = spec.heads.iter().position(|hh| hh == h) {
+                            for p in check_shot(spec, k, b) {
+                                self.problem(i, format!("head {h}: second dump: {p} ({png})"));
+                            }
                         }
                     }
                 }
@@ -659,9 +682,38 @@ mod tests {
         assert!(check_changed(&a, &b, 1.0)
             .unwrap()
             .contains("did not change in 1 s"));
+        // One pixel (noise, a blinking cursor's dot) is not a frame.
         b.set(5, 5, 0x123456);
+        let p = check_changed(&a, &b, 1.0).unwrap();
+        assert!(p.contains("only 1 pixel"), "{p}");
+        // A frame: at least MIN_FRAME_PIXELS differ (a frame-number cell is 36).
+        for x in 0..6 {
+            for y in 0..6 {
+                b.set(10 + x, 10 + y, 0xffd000);
+            }
+        }
         assert_eq!(check_changed(&a, &b, 1.0), None);
-        assert_eq!(check_changed(&a, &Image::new(1, 1, 0), 1.0), None);
+        // A dump of another size is not "the same head, changed".
+        let p = check_changed(&a, &Image::new(1, 1, 0), 1.0).unwrap();
+        assert!(p.contains("size changed"), "{p}");
+        let p = check_changed_bands(&a, &Image::new(1, 2, 0), 1.0, 2);
+        assert!(p.len() == 1 && p[0].contains("size changed"), "{p:?}");
+    }
+
+    #[test]
+    fn a_blank_head_is_not_initialized() {
+        let s = scenario("[[screendump]]\nat_secs = 1\nexpect = \"initialized\"\n");
+        let d = &s.screendump[0];
+        let p = check_head(d, 0, &Image::new(64, 48, 0)).unwrap();
+        assert!(p.contains("blank"), "{p}");
+        // Near-black noise is blank too; a console's text on black is not.
+        let p = check_head(d, 0, &Image::new(64, 48, 0x080808)).unwrap();
+        assert!(p.contains("blank"), "{p}");
+        let mut text = Image::new(64, 48, 0);
+        for x in 8..16 {
+            text.set(x, 8, 0xc0c0c0);
+        }
+        assert_eq!(check_head(d, 0, &text), None);
     }
 
     /// Images of equal width stacked top to bottom: one head showing several VMs.
@@ -784,9 +836,17 @@ mod tests {
 
     #[test]
     fn changes_per_band() {
+        /// A frame's worth of change: a 6x6 cell at (x, y).
+        fn cell(img: &mut Image, x: i64, y: i64) {
+            for dx in 0..6 {
+                for dy in 0..6 {
+                    img.set(x + dx, y + dy, 0x123456);
+                }
+            }
+        }
         let a = stack(&[pattern(0), pattern(1), pattern(2)]);
         let mut b = a.clone();
-        b.set(10, 10, 0x123456);
+        cell(&mut b, 10, 10);
         // Only band 0 changed.
         let p = check_changed_bands(&a, &b, 1.0, 3);
         assert_eq!(
@@ -798,18 +858,30 @@ mod tests {
         );
         // The whole head changed, which is all one band asks.
         assert_eq!(check_changed_bands(&a, &b, 1.0, 1), Vec::<String>::new());
-        b.set(10, 210, 0x123456);
-        b.set(319, 599, 0x123456);
+        cell(&mut b, 10, 210);
+        cell(&mut b, 300, 590);
         assert_eq!(check_changed_bands(&a, &b, 1.0, 3), Vec::<String>::new());
+        // A band where a single pixel changed did not show a new frame.
+        let mut c = a.clone();
+        cell(&mut c, 10, 10);
+        cell(&mut c, 300, 590);
+        c.set(100, 300, 0x654321);
+        let p = check_changed_bands(&a, &c, 1.0, 3);
+        assert!(
+            p.len() == 1
+                && p[0].starts_with("band 1 (rows 200-399): did not change in 1 s: only 1 pixel"),
+            "{p:?}"
+        );
         assert_eq!(
             check_changed_bands(&a, &a, 2.5, 1),
             ["did not change in 2.5 s (two identical 320x600 dumps)"]
         );
         assert_eq!(check_changed_bands(&a, &a, 1.0, 3).len(), 3);
-        // A resize is a change.
-        assert_eq!(
-            check_changed_bands(&a, &pattern(0), 1.0, 3),
-            Vec::<String>::new()
+        // A resize is not a new frame of the same head.
+        let p = check_changed_bands(&a, &pattern(0), 1.0, 3);
+        assert!(
+            p.len() == 1 && p[0].contains("size changed in 1 s (320x600 then 320x200)"),
+            "{p:?}"
         );
     }
 
