@@ -89,6 +89,37 @@ pub mod limits {
 mod tests {
     use super::*;
 
+    fn channels(c: u32) -> [i32; 3] {
+        [
+            (c >> 16) as i32 & 0xff,
+            (c >> 8) as i32 & 0xff,
+            c as i32 & 0xff,
+        ]
+    }
+
+    /// Largest per-channel difference (how screendump checks compare colours).
+    fn distance(a: u32, b: u32) -> i32 {
+        let (a, b) = (channels(a), channels(b));
+        (0..3).map(|i| (a[i] - b[i]).abs()).max().unwrap_or(0)
+    }
+
+    #[test]
+    fn vm_colours_are_far_from_black_and_from_each_other() {
+        use guest::vm_color;
+        for i in 0..32 {
+            assert!(distance(vm_color(i), 0) >= 0x80, "vm {i} is too dark");
+            for j in i + 1..32 {
+                assert!(
+                    distance(vm_color(i), vm_color(j)) >= 0x30,
+                    "vms {i} and {j}: {:06x} {:06x}",
+                    vm_color(i),
+                    vm_color(j)
+                );
+            }
+        }
+        assert_eq!(vm_color(32), vm_color(0));
+    }
+
     #[test]
     fn revision_is_the_highest_shared_bit() {
         let v1 = 1u64 << feature::GPUPV_V1;
@@ -136,25 +167,46 @@ pub mod guest {
     pub const APIC_TIMER_HZ: u64 = 100_000_000;
 
     /// Background colour (0x00RRGGBB) of the test pattern VM `id` draws, so a test
-    /// harness can tell whose pixels a scanout shows.
+    /// harness can tell whose pixels a scanout shows: 32 colours (then they repeat),
+    /// each at least 0x80 in its brightest channel (never taken for a blank, black
+    /// head) and at least 0x30 apart from every other in some channel (two VMs are
+    /// never taken for each other at a ±16 tolerance); see the tests.
     pub const fn vm_color(id: u32) -> u32 {
-        const PALETTE: [u32; 8] = [
-            0x00c0_3030, // red
-            0x0030_a040, // green
-            0x0030_50c0, // blue
-            0x00c0_a020, // yellow
-            0x00a0_30a0, // magenta
-            0x0020_a0a0, // cyan
-            0x00d0_7020, // orange
-            0x0080_8080, // grey
+        const PALETTE: [u32; 32] = [
+            0x00c0_3030,
+            0x0030_a040,
+            0x0030_50c0,
+            0x00c0_a020, // red, green, blue, yellow
+            0x00a0_30a0,
+            0x0020_a0a0,
+            0x00d0_7020,
+            0x0080_8080, // magenta, cyan, orange, grey
+            0x0080_b0e0,
+            0x00b0_e080,
+            0x00e0_b0e0,
+            0x00e0_8080,
+            0x0020_2080,
+            0x0020_b0e0,
+            0x0020_e020,
+            0x0020_e080,
+            0x0080_2020,
+            0x0080_20e0,
+            0x0080_8020,
+            0x0080_e020,
+            0x00e0_2080,
+            0x00e0_20e0,
+            0x0020_20b0,
+            0x0020_20e0,
+            0x0020_5080,
+            0x0020_80e0,
+            0x0020_e050,
+            0x0020_e0b0,
+            0x0020_e0e0,
+            0x0050_2080,
+            0x0050_20b0,
+            0x0050_20e0,
         ];
-        let base = PALETTE[(id % 8) as usize];
-        // Beyond eight VMs, darken per round so colours stay distinct.
-        let round = (id / 8) % 4;
-        let r = ((base >> 16) & 0xff) >> round;
-        let g = ((base >> 8) & 0xff) >> round;
-        let b = (base & 0xff) >> round;
-        (r << 16) | (g << 8) | b
+        PALETTE[(id % 32) as usize]
     }
 
     /// Byte offsets of the boot-info page's fields (all little endian).
