@@ -403,7 +403,11 @@ fn run_loop(bsp: bool) {
             last_work = crate::apic::now_us();
         }
         if bsp {
-            crate::iommu::service();
+            let faults = crate::iommu::service();
+            if !faults.is_empty() {
+                let pages: Vec<u64> = faults.iter().map(|f| f.addr).collect();
+                crate::inject::check_faults(&pages);
+            }
         }
         let now = crate::apic::now_us();
         // The GPU's interrupt CPU takes a vCPU only once the other CPUs have left
@@ -477,8 +481,12 @@ fn run_loop(bsp: bool) {
                 let before = vm.stats.cpu_us;
                 vm.run_slice(vcpu, slice_us);
                 let used = vm.stats.cpu_us - before;
-                m.vruntime[slot]
-                    .fetch_add(used * 1000 / u64::from(vm.weight.max(1)), Ordering::Relaxed);
+                let weight = if cfg!(feature = "test-broken-cpu-weights") {
+                    1
+                } else {
+                    u64::from(vm.weight.max(1))
+                };
+                m.vruntime[slot].fetch_add(used * 1000 / weight, Ordering::Relaxed);
                 if vcpu == 0 {
                     m.wake_at[slot].store(vm.wake_time(0), Ordering::Relaxed);
                 }
