@@ -1461,8 +1461,9 @@ fn submit(s: &mut GpuPv, batch: Batch) {
             entries,
         } = &c.request.cmd
         {
-            if crate::inject::take_bad_dma() {
+            if crate::inject::take_bad_dma(vm) {
                 if let Some(bad) = crate::mm::frames::alloc() {
+                    crate::inject::note_bad_dma(bad);
                     let mut req = c.request.clone();
                     let mut e = entries.clone();
                     e[0].addr = bad;

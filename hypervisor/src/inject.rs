@@ -10,11 +10,14 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 /// Why an injection cannot be armed.
 pub const NOT_BUILT: &str = "this hypervisor was built without the test-inject feature";
 
-/// `test=iommu-bypass`: the next ATTACH_BACKING that reaches the physical GPU gets one
-/// backing address the mediator never granted (a stand-in for a mediator bug), so the
-/// IOMMU's isolation can be seen to hold by itself.
+/// `test=iommu-bypass bypass_vm=N`: the next ATTACH_BACKING of VM N that reaches the
+/// physical GPU gets one backing address the mediator never granted (a stand-in for a
+/// mediator bug), so the IOMMU's isolation can be seen to hold by itself.
 #[cfg(feature = "test-inject")]
-static BAD_DMA: AtomicBool = AtomicBool::new(false);
+static BAD_DMA_VM: AtomicU64 = AtomicU64::new(u64::MAX);
+/// The ungranted page given to the GPU (0: none yet).
+#[cfg(feature = "test-inject")]
+static BAD_DMA_ADDR: AtomicU64 = AtomicU64::new(0);
 
 /// `hang_vm=N`: once VM N has had enough commands completed, the GPU's completions of
 /// its commands are withheld (a stand-in for a GPU that hangs on that VM's work:
@@ -25,25 +28,63 @@ static HANG_VM: AtomicU64 = AtomicU64::new(u64::MAX);
 #[cfg(feature = "test-inject")]
 static HANGING: AtomicBool = AtomicBool::new(false);
 
-/// Arms the bad-DMA injection.
-pub fn arm_bad_dma() -> Result<(), &'static str> {
+/// Arms the bad-DMA injection for VM `vm`.
+pub fn arm_bad_dma(vm: u16) -> Result<(), &'static str> {
     #[cfg(feature = "test-inject")]
     {
-        BAD_DMA.store(true, Ordering::SeqCst);
+        BAD_DMA_VM.store(u64::from(vm), Ordering::SeqCst);
         Ok(())
     }
     #[cfg(not(feature = "test-inject"))]
-    Err(NOT_BUILT)
+    {
+        let _ = vm;
+        Err(NOT_BUILT)
+    }
 }
 
-/// Whether this ATTACH_BACKING is to carry the ungranted address (once).
-pub fn take_bad_dma() -> bool {
+/// Whether this ATTACH_BACKING of VM `vm` is to carry an ungranted address (once).
+pub fn take_bad_dma(vm: u16) -> bool {
     #[cfg(feature = "test-inject")]
     {
-        BAD_DMA.swap(false, Ordering::SeqCst)
+        BAD_DMA_VM
+            .compare_exchange(u64::from(vm), u64::MAX, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
     }
     #[cfg(not(feature = "test-inject"))]
-    false
+    {
+        let _ = vm;
+        false
+    }
+}
+
+/// Records the ungranted page address given to the GPU.
+pub fn note_bad_dma(addr: u64) {
+    #[cfg(feature = "test-inject")]
+    BAD_DMA_ADDR.store(addr & !0xfff, Ordering::SeqCst);
+    #[cfg(not(feature = "test-inject"))]
+    let _ = addr;
+}
+
+/// After an injected bad DMA: says, for each IOMMU fault (page addresses), whether it
+/// is the injected one, so a scenario can tell "the IOMMU stopped what we let through"
+/// from "something else faulted".
+pub fn check_faults(pages: &[u64]) {
+    #[cfg(feature = "test-inject")]
+    {
+        let bad = BAD_DMA_ADDR.load(Ordering::SeqCst);
+        if bad == 0 {
+            return;
+        }
+        for &page in pages {
+            if page == bad {
+                log::info!("iommu: the fault is at the injected ungranted address {bad:#x}");
+            } else {
+                log::warn!("iommu: DMA fault at {page:#x}, not the injected address {bad:#x}");
+            }
+        }
+    }
+    #[cfg(not(feature = "test-inject"))]
+    let _ = pages;
 }
 
 /// Arms the hang of VM `vm`'s channel.

@@ -129,7 +129,11 @@ fn kmain(bi: &'static BootInfo) -> ! {
         Some("lifecycle") => selftest::lifecycle(),
         Some("bench-vm") => selftest::bench_vm(bi, run_ms.unwrap_or(3_000)),
         Some("iommu-bypass") => {
-            if let Err(e) = inject::arm_bad_dma() {
+            let vm = bi
+                .option("bypass_vm")
+                .and_then(|v| v.parse::<u16>().ok())
+                .unwrap_or(0);
+            if let Err(e) = inject::arm_bad_dma(vm) {
                 error!("test=iommu-bypass: {e}");
                 exit::fail("no test injection");
             }
@@ -153,7 +157,9 @@ fn kmain(bi: &'static BootInfo) -> ! {
     let created = vmm::create_all();
     info!("{created} of {} VMs created; running them", bi.vms().len());
     vmm::run(run_ms);
-    iommu::service();
+    let faults = iommu::service();
+    let pages: alloc::vec::Vec<u64> = faults.iter().map(|f| f.addr).collect();
+    inject::check_faults(&pages);
     vmm::report();
     gpupv::dump_counters();
     for i in 0..vmm::slot_count() {

@@ -1086,17 +1086,16 @@ pub fn poll_faults() -> Vec<Fault> {
 }
 
 /// The monitor loop's bottom half: when the fault event interrupt fired, polls the
-/// fault records and logs each one (Debug channel). Returns how many it logged.
-#[allow(dead_code)] // to be called from the monitor loop next to `gpupv::service`
-pub fn service() -> usize {
+/// fault records and logs each one. Returns them.
+pub fn service() -> Vec<Fault> {
     if crate::interrupts::take_pending(IOMMU_FAULT_VECTOR) == 0 {
-        return 0;
+        return Vec::new();
     }
     let faults = poll_faults();
     for f in &faults {
         warn!("iommu: {f}");
     }
-    faults.len()
+    faults
 }
 
 /// Whether DMA translation is on.
