@@ -162,6 +162,7 @@ fn kmain(bi: &'static BootInfo) -> ! {
     inject::check_faults(&pages);
     vmm::report();
     gpupv::dump_counters();
+    let failed = failed_guests(bi.option("allow_stop").unwrap_or(""));
     for i in 0..vmm::slot_count() {
         vmm::destroy(i);
     }
@@ -169,7 +170,37 @@ fn kmain(bi: &'static BootInfo) -> ! {
         "all VMs stopped and destroyed; frames in use {}",
         mm::frames::stats().allocated
     );
+    if failed > 0 {
+        exit::fail("a guest failed");
+    }
     exit::pass()
+}
+
+/// The run's verdict on its guests: a VM that stopped other than by asking to with
+/// code 0 (an error exit, a fault, misbehaviour) fails the run, unless its name is in
+/// `allowed` (`allow_stop=a,b` on the command line: the scenario provokes it). Logs each
+/// and returns how many failed.
+fn failed_guests(allowed: &str) -> usize {
+    let mut failed = 0;
+    for i in 0..vmm::slot_count() {
+        let Some((name, reason)) = vmm::with_vm(i, |vm| match &vm.state {
+            vm::VmState::Stopped(r) => Some((vm.name.clone(), r.clone())),
+            _ => None,
+        })
+        .flatten() else {
+            continue;
+        };
+        if matches!(reason, vm::StopReason::Shutdown(0)) {
+            continue;
+        }
+        if allowed.split(',').any(|a| a == name) {
+            info!("vm {name} stopped ({reason:?}), as the scenario allows");
+        } else {
+            error!("guest failed: vm {name} stopped ({reason:?})");
+            failed += 1;
+        }
+    }
+    failed
 }
 
 /// Brings up the physical virtio-gpu, if there is one (and `gpu=sim` does not ask
