@@ -298,6 +298,11 @@ pub struct Figures {
     pub gpu_busy_us: u64,
     /// Longest GPU time one of its slices took, in microseconds.
     pub max_slice_us: u64,
+    /// Slices closed, and those whose GPU time exceeded their quantum (a command
+    /// already on the GPU runs to its end).
+    pub slices: u64,
+    /// See [`Figures::slices`].
+    pub overruns: u64,
 }
 
 /// The figures measured for `vm`.
@@ -306,6 +311,15 @@ pub fn figures(vm: VmId) -> Option<Figures> {
         .lock()
         .as_ref()
         .and_then(|s| s.figures.get(&vm).copied())
+}
+
+/// Starts a new measurement of every VM's longest slice (after a warm-up).
+pub fn reset_longest_slices() {
+    if let Some(s) = GPUPV.lock().as_mut() {
+        for f in s.figures.values_mut() {
+            f.max_slice_us = 0;
+        }
+    }
 }
 
 static GPUPV: Mutex<Option<GpuPv>> = Mutex::new(None);
@@ -737,7 +751,11 @@ pub fn add_vm(
             return None;
         }
         let p = VmParams {
-            weight: weight.clamp(1, 1000),
+            weight: if cfg!(feature = "test-broken-gpu-weights") {
+                1
+            } else {
+                weight.clamp(1, 1000)
+            },
             alpha_tenths: alpha_tenths.min(20) as u8,
         };
         if let Err(e) = s.sched.add_vm(vm, p) {
@@ -1390,6 +1408,10 @@ fn schedule(s: &mut GpuPv, now: u64) {
         if left == 0 || !more || left < cost(s, sl.vm) {
             let fig = s.figures.entry(sl.vm).or_default();
             fig.max_slice_us = fig.max_slice_us.max(s.slice_busy_ns / 1000);
+            fig.slices += 1;
+            if s.slice_busy_ns > sl.quantum_ns {
+                fig.overruns += 1;
+            }
             s.slice_busy_ns = 0;
             let used = now.saturating_sub(sl.start_ns);
             let _ = s.sched.account(sl.vm, used, s.slice_ops, now);
