@@ -289,11 +289,14 @@ pub struct Figures {
     pub batches: u64,
     /// Virtual interrupts raised (after coalescing).
     pub interrupts: u64,
-    /// Sum of delays from taking commands off the guest's ring (doorbell or poll)
-    /// to their physical submission, in microseconds.
-    pub ring_to_submit_us: u64,
-    /// Number of such delays.
-    pub ring_to_submit_samples: u64,
+    /// Sum over batches of the wait from the first take of commands off the guest's
+    /// ring (doorbell or poll) since the previous batch to this batch's physical
+    /// submission, in microseconds; commands a batch leaves staged keep that start
+    /// time for the next one. Not from the guest's publication, which the hypervisor
+    /// does not see.
+    pub take_to_submit_us: u64,
+    /// Batches in [`Figures::take_to_submit_us`].
+    pub take_to_submit_samples: u64,
     /// GPU time of its batches (submission to last completion), in microseconds.
     pub gpu_busy_us: u64,
     /// Longest GPU time one of its slices took, in microseconds.
@@ -1533,8 +1536,12 @@ fn submit(s: &mut GpuPv, batch: Batch) {
     fig.batches += 1;
     fig.commands += f.commands as u64;
     if let Some(t) = s.taken_at.remove(&vm) {
-        fig.ring_to_submit_us += now_us.saturating_sub(t);
-        fig.ring_to_submit_samples += 1;
+        fig.take_to_submit_us += now_us.saturating_sub(t);
+        fig.take_to_submit_samples += 1;
+        // Commands left staged were taken no later than the next take: keep the start.
+        if s.mediator.vm(vm).is_some_and(|v| v.staged_len() > 0) {
+            s.taken_at.insert(vm, t);
+        }
     }
     let bells = s.backend.publish();
     s.doorbells.merge(bells);

@@ -769,10 +769,10 @@ pub fn bench_gpu(bi: &boot_info::BootInfo, native: NativeFps, run_ms: u64) -> ! 
         interrupts / batches.max(1),
         interrupts * 100 / batches.max(1) % 100,
     );
-    let samples = f1.ring_to_submit_samples - f0.ring_to_submit_samples;
+    let samples = f1.take_to_submit_samples - f0.take_to_submit_samples;
     info!(
-        "bench: guest ring to physical submission: {} us on average ({samples} samples; taken by doorbell or poll)",
-        (f1.ring_to_submit_us - f0.ring_to_submit_us) / samples.max(1),
+        "bench: commands taken off the guest ring to their batch's physical submission: {} us on average per batch ({samples} batches; taken by doorbell or poll)",
+        (f1.take_to_submit_us - f0.take_to_submit_us) / samples.max(1),
     );
     info!(
         "bench: commands per second through the mediator: {}",
