@@ -801,8 +801,60 @@ impl Scheduler {
     }
 }
 
+/// The widest share error a share check accepts, per million: past it a bound says
+/// nothing (the host simulation's tests assert theirs stays below).
+pub const MAX_SHARE_ERROR_PPM: u64 = 50_000;
+
+/// The stride-scheduling bound on how far a VM's measured share of the GPU time may
+/// stray from its weight share over a window: `(Q_i + sum(Q) * w_i + 2 max(Q)) / T`,
+/// per million, with `Q` the longest slice of each VM (the same unit as `window`),
+/// `w_i` the VM's weight share (per million) and `T` the window. Not capped.
+pub fn share_error_bound_ppm(
+    q_vm: u64,
+    q_sum: u64,
+    q_max: u64,
+    weight_share_ppm: u64,
+    window: u64,
+) -> u64 {
+    let num = u128::from(q_vm) * 1_000_000
+        + u128::from(q_sum) * u128::from(weight_share_ppm)
+        + 2 * u128::from(q_max) * 1_000_000;
+    u64::try_from(num / u128::from(window.max(1))).unwrap_or(u64::MAX)
+}
+
+/// Whether a measured share (per million) is within [`share_error_bound_ppm`] of the
+/// weight share, with the bound capped at [`MAX_SHARE_ERROR_PPM`] so that slices
+/// that overrun cannot widen their own tolerance. Returns (bound used, within).
+pub fn share_within_bound(
+    share_ppm: u64,
+    weight_share_ppm: u64,
+    q_vm: u64,
+    q_sum: u64,
+    q_max: u64,
+    window: u64,
+) -> (u64, bool) {
+    let bound = share_error_bound_ppm(q_vm, q_sum, q_max, weight_share_ppm, window)
+        .min(MAX_SHARE_ERROR_PPM);
+    (bound, share_ppm.abs_diff(weight_share_ppm) <= bound)
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_share_bound_is_capped_so_overrunning_slices_cannot_widen_it() {
+        // 4 VMs, 2 ms slices, a 6 s window: a bound of about 0.1 %.
+        let (b, ok) = share_within_bound(66_000, 66_666, 2_000, 8_000, 2_000, 6_000_000);
+        assert!(ok && b < 2_000, "{b}");
+        // Slices of 300 ms: uncapped the bound would be 16 %, wide enough for a
+        // starved VM (share 0 against 6.7 %) to pass; capped it fails.
+        assert!(share_error_bound_ppm(300_000, 1_200_000, 300_000, 66_666, 6_000_000) > 150_000);
+        let (b, ok) = share_within_bound(0, 66_666, 300_000, 1_200_000, 300_000, 6_000_000);
+        assert_eq!(b, MAX_SHARE_ERROR_PPM);
+        assert!(!ok);
+        // No window (nothing measured) does not divide by zero.
+        let _ = share_error_bound_ppm(1, 1, 1, 1, 0);
+    }
     use super::*;
     use alloc::vec;
     use proptest::prelude::*;

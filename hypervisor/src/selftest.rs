@@ -781,17 +781,14 @@ pub fn bench_gpu(bi: &boot_info::BootInfo, native: NativeFps, run_ms: u64) -> ! 
     exit::pass()
 }
 
-/// The widest share error `test=gpu-share` accepts, per million (the host
-/// simulation's tests assert their bound stays under it).
-const MAX_SHARE_ERROR_PPM: u64 = 50_000;
-
 /// `test=gpu-share run_ms=N [warmup_ms=M]`: the configured VMs (guests that keep
 /// the GPU saturated, with different weights) run; in steady state each VM's
 /// measured GPU time (its batches, submission to completion) as a share of all of
 /// it must match its weight share within the stride-scheduling bound that the
 /// `gpu-pv` simulation asserts: `|share_i - w_i| <= (Q_i + sum(Q) * w_i + 2 max(Q)) / T`
 /// with `Q` the longest GPU slice each VM was measured to take in the window and `T`
-/// the window, capped at [`MAX_SHARE_ERROR_PPM`].
+/// the window, capped at `gpu_pv::sched::MAX_SHARE_ERROR_PPM` (see
+/// `gpu_pv::sched::share_within_bound`).
 pub fn gpu_share(bi: &boot_info::BootInfo, run_ms: u64) -> ! {
     use alloc::vec::Vec;
 
@@ -835,12 +832,10 @@ pub fn gpu_share(bi: &boot_info::BootInfo, run_ms: u64) -> ! {
         // Per million, to keep to integers.
         let share = used[i] * 1_000_000 / total;
         let ws = weights[i] * 1_000_000 / total_w;
-        // The stride-scheduling bound from the slices measured in the window, never
-        // wider than the 5 % the host simulation asserts: a scheduler whose slices
-        // overrun must not widen its own tolerance.
-        let tol = ((q[i] * 1_000_000 + sum_q * ws + 2 * max_q * 1_000_000) / window_us)
-            .min(MAX_SHARE_ERROR_PPM);
-        let within = share.abs_diff(ws) <= tol;
+        // The stride-scheduling bound from the slices measured in the window, capped:
+        // a scheduler whose slices overrun must not widen its own tolerance.
+        let (tol, within) =
+            gpu_pv::sched::share_within_bound(share, ws, q[i], sum_q, max_q, window_us);
         ok &= within && vmm::state(i) == Some(crate::vm::VmState::Running);
         let (s1, o1) = slices(i);
         let (s0, o0) = slices_before[i];

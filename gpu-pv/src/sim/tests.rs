@@ -58,8 +58,8 @@ fn share_tolerance(r: &Report, vm: &VmReport) -> f64 {
     };
     let sum_q: u64 = r.vms.iter().map(q).sum();
     let max_q = r.vms.iter().map(q).max().unwrap_or(0);
-    let t = r.window_ns as f64;
-    (q(vm) as f64 + sum_q as f64 * vm.weight_share + 2.0 * max_q as f64) / t
+    let ws_ppm = (vm.weight_share * 1e6) as u64;
+    crate::sched::share_error_bound_ppm(q(vm), sum_q, max_q, ws_ppm, r.window_ns) as f64 / 1e6
 }
 
 fn boosted(base: u64, alpha_tenths: u8) -> u64 {
@@ -72,7 +72,10 @@ fn shares_follow_weights_within_the_stated_tolerance() {
     assert_sound(&r);
     for v in &r.vms {
         let tol = share_tolerance(&r, v);
-        assert!(tol < 0.05, "tolerance {tol} too loose to mean anything");
+        assert!(
+            tol < crate::sched::MAX_SHARE_ERROR_PPM as f64 / 1e6,
+            "tolerance {tol} too loose to mean anything"
+        );
         assert!(
             (v.gpu_share - v.weight_share).abs() <= tol,
             "VM {}: GPU share {} vs weight share {} (tolerance {tol})\n{r}",
