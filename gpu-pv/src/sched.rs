@@ -612,8 +612,9 @@ impl Scheduler {
     /// a slice that overran (its last batch was slower than it fit) is charged
     /// the overrun, so the VM's share of GPU time stays with its weight. A
     /// run slice is charged what it used (at least [`MIN_CHARGE_NS`]) in
-    /// best-effort mode and its whole quantum in the fixed modes; a reserved slice
-    /// is charged its quantum and its `used_ns` and `ops_completed` are ignored.
+    /// best-effort mode and its whole quantum (or what it used, if it overran) in the
+    /// fixed modes; a reserved slice is charged its quantum and its `used_ns` and
+    /// `ops_completed` are ignored.
     /// A VM still runnable after its slice starts waiting for the next one at
     /// `now_ns`.
     pub fn account(
@@ -667,7 +668,9 @@ impl Scheduler {
                 if best_effort {
                     used.max(MIN_CHARGE_NS)
                 } else {
-                    q
+                    // The whole slot, and an overrun past it too: a VM whose batches
+                    // overrun must not get more than its fixed share.
+                    q.max(used)
                 }
             }
         };
@@ -1081,6 +1084,31 @@ mod tests {
         assert_eq!(a.quanta_allocated, 300);
         assert_eq!(b.quanta_allocated, 100);
         assert_eq!(b.quanta_reserved, 100);
+    }
+
+    #[test]
+    fn fixed_share_charges_an_overrun_so_shares_hold() {
+        // Two saturating VMs of equal weight; VM 1's batches always overrun its 2 ms
+        // slot to 6 ms. Charged only the slot, it would get 3/4 of the GPU time.
+        let mut s = Scheduler::new(cfg(Mode::FixedShare, 2)).unwrap();
+        s.add_vm(1, p(1, 0)).unwrap();
+        s.add_vm(2, p(1, 0)).unwrap();
+        s.set_runnable(1, true, 0).unwrap();
+        s.set_runnable(2, true, 0).unwrap();
+        let (mut now, mut time) = (0, [0u64; 2]);
+        for _ in 0..400 {
+            let sl = s.pick(now).unwrap();
+            let used = if sl.vm == 1 {
+                3 * sl.quantum_ns
+            } else {
+                sl.quantum_ns
+            };
+            now = sl.start_ns + used;
+            time[usize::from(sl.vm - 1)] += used;
+            assert_eq!(s.account(sl.vm, used, 1, now).unwrap(), used);
+        }
+        let share1 = time[0] * 1000 / (time[0] + time[1]);
+        assert!((490..=510).contains(&share1), "VM 1 got {share1} per mille");
     }
 
     #[test]
