@@ -1403,7 +1403,26 @@ fn schedule(s: &mut GpuPv, now: u64) {
             .unwrap_or(FIRST_COST_NS)
             .max(1)
     };
-    if let Some(sl) = s.slice {
+    if let Some(sl) = s
+        .slice
+        .filter(|sl| sl.kind == gpu_pv::sched::SliceKind::Reserved)
+    {
+        // Fixed modes: the slot of a VM without work stays idle until it ends (nobody
+        // else gets it); should the VM get work meanwhile, `pick` turns it into a run
+        // slice for the rest of the slot.
+        if now < sl.end_ns() {
+            s.slice = s.sched.pick(now);
+        } else {
+            let _ = s.sched.account(sl.vm, 0, 0, now);
+            let c = s.mediator.counters_mut().vm_mut(sl.vm);
+            c.record_slice(sl.quantum_ns, 0, 0, false);
+            s.slice = None;
+        }
+    }
+    if let Some(sl) = s
+        .slice
+        .filter(|sl| sl.kind == gpu_pv::sched::SliceKind::Run)
+    {
         // A VM whose batch is parked cannot send another until it comes back.
         let parked = s.parked.iter().any(|f| f.vm == sl.vm);
         let more = !parked && s.mediator.vm(sl.vm).is_some_and(|v| v.staged_len() > 0);

@@ -788,7 +788,10 @@ pub fn bench_gpu(bi: &boot_info::BootInfo, native: NativeFps, run_ms: u64) -> ! 
 /// `gpu-pv` simulation asserts: `|share_i - w_i| <= (Q_i + sum(Q) * w_i + 2 max(Q)) / T`
 /// with `Q` the longest GPU slice each VM was measured to take in the window and `T`
 /// the window, capped at `gpu_pv::sched::MAX_SHARE_ERROR_PPM` (see
-/// `gpu_pv::sched::share_within_bound`).
+/// `gpu_pv::sched::share_within_bound`). In the fixed modes (equal-share,
+/// fixed-share) a VM's share is of the window instead, and it must stay at most its
+/// weight share plus the bound: a VM without work keeps its slots idle, so nobody
+/// takes more than their own.
 pub fn gpu_share(bi: &boot_info::BootInfo, run_ms: u64) -> ! {
     use alloc::vec::Vec;
 
@@ -813,9 +816,19 @@ pub fn gpu_share(bi: &boot_info::BootInfo, run_ms: u64) -> ! {
     let window_us = (crate::apic::now_us() - t0).max(1);
     vmm::report();
     let used: Vec<u64> = (0..n).map(|i| busy(i) - before[i]).collect();
-    let total: u64 = used.iter().sum::<u64>().max(1);
+    // Fixed modes (1 equal-share, 2 fixed-share) hold each VM's slots for it: its
+    // share is of the window, and an idle VM's slots stay idle.
+    let (fixed, equal) = (bi.gpu_sched_mode != 0, bi.gpu_sched_mode == 1);
+    let busy_total: u64 = used.iter().sum::<u64>().max(1);
+    let total = if fixed { window_us } else { busy_total };
     let weights: Vec<u64> = (0..n)
-        .map(|i| vmm::with_vm(i, |vm| u64::from(vm.weight)).unwrap_or(0))
+        .map(|i| {
+            if equal {
+                1
+            } else {
+                vmm::with_vm(i, |vm| u64::from(vm.weight)).unwrap_or(0)
+            }
+        })
         .collect();
     let total_w: u64 = weights.iter().sum::<u64>().max(1);
     let q: Vec<u64> = (0..n)
@@ -823,9 +836,12 @@ pub fn gpu_share(bi: &boot_info::BootInfo, run_ms: u64) -> ! {
         .collect();
     let (sum_q, max_q) = (q.iter().sum::<u64>(), q.iter().copied().max().unwrap_or(0));
     info!(
-        "gpu share: {n} VMs, GPU busy {}.{}% of {window_us} us",
-        total * 100 / window_us,
-        total * 1000 / window_us % 10
+        "gpu share: {n} VMs, mode {}, GPU busy {}.{}% of {window_us} us",
+        ["best-effort", "equal-share", "fixed-share"]
+            .get(bi.gpu_sched_mode as usize)
+            .unwrap_or(&"?"),
+        busy_total * 100 / window_us,
+        busy_total * 1000 / window_us % 10
     );
     let mut ok = true;
     for i in 0..n {
@@ -834,18 +850,24 @@ pub fn gpu_share(bi: &boot_info::BootInfo, run_ms: u64) -> ! {
         let ws = weights[i] * 1_000_000 / total_w;
         // The stride-scheduling bound from the slices measured in the window, capped:
         // a scheduler whose slices overrun must not widen its own tolerance.
-        let (tol, within) =
+        let (tol, mut within) =
             gpu_pv::sched::share_within_bound(share, ws, q[i], sum_q, max_q, window_us);
+        if fixed {
+            // A VM may leave its slots idle, never take another's.
+            within = share <= ws + tol;
+        }
         ok &= within && vmm::state(i) == Some(crate::vm::VmState::Running);
         let (s1, o1) = slices(i);
         let (s0, o0) = slices_before[i];
         info!(
-            "gpu share vm{i}: weight {} = {}.{:02}%, measured {}.{:02}% of the GPU time, bound +-{}.{:02}% (longest slice {} us; {} of {} slices over their quantum): {}",
+            "gpu share vm{i}: weight {} = {}.{:02}%, measured {}.{:02}% of the {}, bound {}{}.{:02}% (longest slice {} us; {} of {} slices over their quantum): {}",
             weights[i],
             ws / 10_000,
             ws / 100 % 100,
             share / 10_000,
             share / 100 % 100,
+            if fixed { "window" } else { "GPU time" },
+            if fixed { "+" } else { "+-" },
             tol / 10_000,
             tol / 100 % 100,
             q[i],
