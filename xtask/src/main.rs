@@ -20,6 +20,7 @@ mod scenario;
 mod screendump;
 mod suite;
 mod tools;
+mod vmconfig;
 
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
@@ -186,6 +187,8 @@ commands:
                              first failing stage)
       --no-unit --no-fuzz --no-qemu --no-bochs   skip a stage
       --fuzz-secs N          seconds per fuzz target (default 30, or $XTASK_FUZZ_SECS)
+  check-config FILE...       parse VM configs as the loader will (run, image and every
+                             scenario not about a bad config do this before booting)
   image [opts]               write a bootable GPT disk image (FAT32 ESP) for bare-metal hosts
       --out FILE             default target/xtask/hypervisor.img
       --config FILE, --cmdline STR   as for run
@@ -309,6 +312,7 @@ fn real_main(mut args: Vec<String>) -> Result<ExitCode> {
             bench::cmd_bench(&paths, &mode, &args)
         }
         "image" => cmd_image(&paths, args),
+        "check-config" => cmd_check_config(&args),
         other => Err(format!(
             "unknown command `{other}` (try `cargo xtask help`)"
         )),
@@ -331,7 +335,33 @@ fn read_config(root: &Path, file: Option<&str>) -> Result<String> {
         Some(f) => PathBuf::from(f),
         None => root.join("config").join("vms.toml"),
     };
-    std::fs::read_to_string(&path).ctx(|| format!("cannot read VM config {}", path.display()))
+    let text = std::fs::read_to_string(&path)
+        .ctx(|| format!("cannot read VM config {}", path.display()))?;
+    vmconfig::check(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(text)
+}
+
+/// `check-config FILE...`: each VM config parsed as the loader will.
+fn cmd_check_config(args: &[String]) -> Result<ExitCode> {
+    if args.is_empty() || args.iter().any(|a| a.starts_with('-')) {
+        return Err("usage: cargo xtask check-config FILE...".into());
+    }
+    let mut ok = true;
+    for f in args {
+        let text = std::fs::read_to_string(f).ctx(|| format!("cannot read VM config {f}"))?;
+        match vmconfig::check(&text) {
+            Ok(summary) => println!("{f}: ok: {summary}"),
+            Err(e) => {
+                println!("{f}: {e}");
+                ok = false;
+            }
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn cmd_run(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {

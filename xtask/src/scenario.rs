@@ -490,17 +490,24 @@ impl Scenario {
         tokens.join(" ")
     }
 
-    /// The VM config text.
+    /// The VM config text, checked with the loader's parser unless the scenario is
+    /// about a bad config (it expects the loader's `config error`).
     pub fn config_text(&self, root: &Path) -> Result<String> {
-        if let Some(c) = &self.config {
-            return Ok(c.clone());
-        }
-        let file = match &self.config_file {
-            Some(f) => root.join(f),
-            None => root.join("config").join("vms.toml"),
+        let text = match (&self.config, &self.config_file) {
+            (Some(c), _) => c.clone(),
+            (None, f) => {
+                let file = match f {
+                    Some(f) => root.join(f),
+                    None => root.join("config").join("vms.toml"),
+                };
+                std::fs::read_to_string(&file)
+                    .ctx(|| format!("{}: cannot read config {}", self.name, file.display()))?
+            }
         };
-        std::fs::read_to_string(&file)
-            .ctx(|| format!("{}: cannot read config {}", self.name, file.display()))
+        if !self.expect.iter().any(|e| e.contains("config error")) {
+            crate::vmconfig::check(&text).map_err(|e| format!("{}: {e}", self.name))?;
+        }
+        Ok(text)
     }
 
     /// QEMU's hard timeout.
