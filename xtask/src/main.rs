@@ -277,6 +277,15 @@ fn real_main(mut args: Vec<String>) -> Result<ExitCode> {
         return Ok(ExitCode::from(2));
     }
     let cmd = args.remove(0);
+    // `<cmd> --help` only prints that command's help (before a `--`, where QEMU's own
+    // arguments may follow).
+    let before_dashes = args.iter().take_while(|a| a.as_str() != "--");
+    if before_dashes.clone().any(|a| a == "--help" || a == "-h") {
+        if let Some(h) = command_help(&cmd) {
+            print!("{h}");
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     match cmd.as_str() {
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
@@ -317,6 +326,37 @@ fn real_main(mut args: Vec<String>) -> Result<ExitCode> {
             "unknown command `{other}` (try `cargo xtask help`)"
         )),
     }
+}
+
+/// The part of [`USAGE`] about `cmd` (its lines and its options, and the options
+/// shared by several commands when they apply), or `None` for an unknown command.
+fn command_help(cmd: &str) -> Option<String> {
+    let lines: Vec<&str> = USAGE.lines().collect();
+    let start = lines.iter().position(|l| {
+        l.strip_prefix("  ")
+            .and_then(|r| r.strip_prefix(cmd))
+            .is_some_and(|r| r.is_empty() || r.starts_with(' '))
+    })?;
+    let mut out = format!("usage: cargo xtask {cmd} [options]\n\n{}\n", lines[start]);
+    for l in &lines[start + 1..] {
+        // The next command starts at two spaces; options and continuations go deeper.
+        if l.is_empty() || !l.starts_with("   ") {
+            break;
+        }
+        out.push_str(l);
+        out.push('\n');
+    }
+    let shared = ["run", "qemu-test", "bochs-test", "test", "image", "bench"];
+    if shared.contains(&cmd) {
+        if let Some(i) = lines.iter().position(|l| l.starts_with("options of run,")) {
+            out.push('\n');
+            for l in lines[i..].iter().take_while(|l| !l.is_empty()) {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+    }
+    Some(out)
 }
 
 fn single_filter(args: &[String]) -> Result<Option<String>> {
@@ -610,4 +650,31 @@ fn cmd_image(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_command_has_its_own_help() {
+        let run = command_help("run").unwrap();
+        assert!(
+            run.contains("--config FILE") && run.contains("--screenshots"),
+            "{run}"
+        );
+        assert!(run.contains("--no-build"), "{run}");
+        assert!(!run.contains("qemu-test [FILTER]"), "{run}");
+        let plot = command_help("plot").unwrap();
+        assert!(
+            plot.contains("plot LOG [NAME]") && !plot.contains("--no-build"),
+            "{plot}"
+        );
+        let test = command_help("test").unwrap();
+        assert!(test.contains("--fuzz-secs"), "{test}");
+        assert!(command_help("check-config").unwrap().contains("FILE..."));
+        assert_eq!(command_help("nope"), None);
+        // A prefix of a command is not that command.
+        assert_eq!(command_help("qemu"), None);
+    }
 }
