@@ -526,10 +526,10 @@ pub fn init(
         );
     }
     let cfg = SchedConfig {
-        mode: match mode {
-            1 => Mode::EqualShare,
-            2 => Mode::FixedShare,
-            _ => Mode::BestEffort,
+        mode: match boot_info::config::SchedMode::from_code(mode) {
+            Some(boot_info::config::SchedMode::EqualShare) => Mode::EqualShare,
+            Some(boot_info::config::SchedMode::FixedShare) => Mode::FixedShare,
+            Some(boot_info::config::SchedMode::BestEffort) | None => Mode::BestEffort,
         },
         base_quantum_ns: u64::from(quantum_us.clamp(1000, 10_000)) * 1000,
         adaptive: false,

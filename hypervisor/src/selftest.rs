@@ -816,9 +816,11 @@ pub fn gpu_share(bi: &boot_info::BootInfo, run_ms: u64) -> ! {
     let window_us = (crate::apic::now_us() - t0).max(1);
     vmm::report();
     let used: Vec<u64> = (0..n).map(|i| busy(i) - before[i]).collect();
-    // Fixed modes (1 equal-share, 2 fixed-share) hold each VM's slots for it: its
-    // share is of the window, and an idle VM's slots stay idle.
-    let (fixed, equal) = (bi.gpu_sched_mode != 0, bi.gpu_sched_mode == 1);
+    // The fixed modes hold each VM's slots for it: its share is of the window, and
+    // an idle VM's slots stay idle.
+    use boot_info::config::SchedMode;
+    let mode = SchedMode::from_code(bi.gpu_sched_mode).unwrap_or(SchedMode::BestEffort);
+    let (fixed, equal) = (mode != SchedMode::BestEffort, mode == SchedMode::EqualShare);
     let busy_total: u64 = used.iter().sum::<u64>().max(1);
     let total = if fixed { window_us } else { busy_total };
     let weights: Vec<u64> = (0..n)
@@ -837,9 +839,11 @@ pub fn gpu_share(bi: &boot_info::BootInfo, run_ms: u64) -> ! {
     let (sum_q, max_q) = (q.iter().sum::<u64>(), q.iter().copied().max().unwrap_or(0));
     info!(
         "gpu share: {n} VMs, mode {}, GPU busy {}.{}% of {window_us} us",
-        ["best-effort", "equal-share", "fixed-share"]
-            .get(bi.gpu_sched_mode as usize)
-            .unwrap_or(&"?"),
+        match mode {
+            SchedMode::BestEffort => "best-effort",
+            SchedMode::EqualShare => "equal-share",
+            SchedMode::FixedShare => "fixed-share",
+        },
         busy_total * 100 / window_us,
         busy_total * 1000 / window_us % 10
     );

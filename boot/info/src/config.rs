@@ -45,6 +45,17 @@ impl SchedMode {
             SchedMode::FixedShare => 2,
         }
     }
+
+    /// The mode whose [`SchedMode::code`] is `code`, if any.
+    pub fn from_code(code: u32) -> Option<SchedMode> {
+        [
+            SchedMode::BestEffort,
+            SchedMode::EqualShare,
+            SchedMode::FixedShare,
+        ]
+        .into_iter()
+        .find(|m| m.code() == code)
+    }
 }
 
 /// The `[scheduler]` table.
@@ -241,6 +252,18 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sched_mode_codes_round_trip() {
+        for m in [
+            SchedMode::BestEffort,
+            SchedMode::EqualShare,
+            SchedMode::FixedShare,
+        ] {
+            assert_eq!(SchedMode::from_code(m.code()), Some(m));
+        }
+        assert_eq!(SchedMode::from_code(3), None);
+    }
 
     const GOOD: &str = r#"
 [scheduler]
