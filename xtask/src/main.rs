@@ -161,9 +161,10 @@ usage: cargo xtask <command> [options]
 
 commands:
   build                      build boot.efi, the hypervisor and the guest binaries (release)
-  run [opts] [QEMU ARGS..]   build, lay out an ESP and boot it in QEMU (window if $DISPLAY is
-                             set, else headless); serial on stdio (Ctrl-A X quits). The first
-                             argument xtask does not know, and all after it, go to QEMU.
+  run [opts] [-- QEMU ARGS..]  build, lay out an ESP and boot it in QEMU (window if
+                             $DISPLAY is set, else headless); serial on stdio (Ctrl-A X
+                             quits). Arguments after `--` go to QEMU; any other unknown
+                             argument is refused before anything is built.
       --config FILE          VM config for hv/vms.toml (default config/vms.toml)
       --cmdline STR          kernel command line for hv/cmdline.txt (default empty)
       --smp N, --memory MIB  CPUs (default 2) and memory (default 512)
@@ -277,6 +278,7 @@ fn real_main(mut args: Vec<String>) -> Result<ExitCode> {
         return Ok(ExitCode::from(2));
     }
     let cmd = args.remove(0);
+    let mut args = split_equals(args);
     // `<cmd> --help` only prints that command's help (before a `--`, where QEMU's own
     // arguments may follow).
     let before_dashes = args.iter().take_while(|a| a.as_str() != "--");
@@ -326,6 +328,27 @@ fn real_main(mut args: Vec<String>) -> Result<ExitCode> {
             "unknown command `{other}` (try `cargo xtask help`)"
         )),
     }
+}
+
+/// `--opt=value` as `--opt value`, up to a `--` (what follows it is QEMU's).
+fn split_equals(args: Vec<String>) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut rest = args.into_iter();
+    for a in rest.by_ref() {
+        if a == "--" {
+            out.push(a);
+            break;
+        }
+        match a.split_once('=') {
+            Some((k, v)) if k.starts_with("--") && k.len() > 2 => {
+                out.push(k.to_string());
+                out.push(v.to_string());
+            }
+            _ => out.push(a),
+        }
+    }
+    out.extend(rest);
+    out
 }
 
 /// The part of [`USAGE`] about `cmd` (its lines and its options, and the options
@@ -438,9 +461,10 @@ fn cmd_run(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
                 extra.extend_from_slice(&args[i + 1..]);
                 break;
             }
-            _ => {
-                extra.extend_from_slice(&args[i..]);
-                break;
+            other => {
+                return Err(format!(
+                    "run: unknown argument `{other}` (QEMU's own arguments go after `--`)"
+                ))
             }
         }
         i += 1;
@@ -676,5 +700,27 @@ mod tests {
         assert_eq!(command_help("nope"), None);
         // A prefix of a command is not that command.
         assert_eq!(command_help("qemu"), None);
+    }
+
+    fn strings(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn equals_options_split_until_the_double_dash() {
+        assert_eq!(
+            split_equals(strings(&["--smp=4", "--cmdline", "a=b", "--", "-device=x"])),
+            strings(&["--smp", "4", "--cmdline", "a=b", "--", "-device=x"])
+        );
+        assert_eq!(split_equals(strings(&["--=x"])), strings(&["--=x"]));
+    }
+
+    #[test]
+    fn run_refuses_an_unknown_argument_before_building() {
+        let paths = Paths::discover();
+        for bad in [["--bogus"], ["-display"]] {
+            let e = cmd_run(&paths, strings(&bad)).unwrap_err();
+            assert!(e.contains("unknown argument") && e.contains("`--`"), "{e}");
+        }
     }
 }
