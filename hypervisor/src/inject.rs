@@ -65,17 +65,17 @@ pub fn note_bad_dma(addr: u64) {
     let _ = addr;
 }
 
-/// After an injected bad DMA: says, for each IOMMU fault (page addresses), whether it
-/// is the injected one, so a scenario can tell "the IOMMU stopped what we let through"
-/// from "something else faulted".
-pub fn check_faults(pages: &[u64]) {
+/// After an injected bad DMA: says, for each IOMMU fault, whether it is at the injected
+/// page, so a scenario can tell "the IOMMU stopped what we let through" from
+/// "something else faulted".
+pub fn check_faults(faults: &[crate::iommu::Fault]) {
     #[cfg(feature = "test-inject")]
     {
         let bad = BAD_DMA_ADDR.load(Ordering::SeqCst);
         if bad == 0 {
             return;
         }
-        for &page in pages {
+        for page in faults.iter().map(|f| f.addr) {
             if page == bad {
                 log::info!("iommu: the fault is at the injected ungranted address {bad:#x}");
             } else {
@@ -84,7 +84,7 @@ pub fn check_faults(pages: &[u64]) {
         }
     }
     #[cfg(not(feature = "test-inject"))]
-    let _ = pages;
+    let _ = faults;
 }
 
 /// Arms the hang of VM `vm`'s channel.

@@ -157,9 +157,7 @@ fn kmain(bi: &'static BootInfo) -> ! {
     let created = vmm::create_all();
     info!("{created} of {} VMs created; running them", bi.vms().len());
     vmm::run(run_ms);
-    let faults = iommu::service();
-    let pages: alloc::vec::Vec<u64> = faults.iter().map(|f| f.addr).collect();
-    inject::check_faults(&pages);
+    inject::check_faults(&iommu::service());
     vmm::report();
     gpupv::dump_counters();
     let failed = failed_guests(bi.option("allow_stop").unwrap_or(""));

@@ -403,11 +403,7 @@ fn run_loop(bsp: bool) {
             last_work = crate::apic::now_us();
         }
         if bsp {
-            let faults = crate::iommu::service();
-            if !faults.is_empty() {
-                let pages: Vec<u64> = faults.iter().map(|f| f.addr).collect();
-                crate::inject::check_faults(&pages);
-            }
+            crate::inject::check_faults(&crate::iommu::service());
         }
         let now = crate::apic::now_us();
         // The GPU's interrupt CPU takes a vCPU only once the other CPUs have left
