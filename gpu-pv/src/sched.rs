@@ -844,20 +844,6 @@ pub fn share_within_bound(
 #[cfg(test)]
 mod tests {
 
-    #[test]
-    fn the_share_bound_is_capped_so_overrunning_slices_cannot_widen_it() {
-        // 4 VMs, 2 ms slices, a 6 s window: a bound of about 0.1 %.
-        let (b, ok) = share_within_bound(66_000, 66_666, 2_000, 8_000, 2_000, 6_000_000);
-        assert!(ok && b < 2_000, "{b}");
-        // Slices of 300 ms: uncapped the bound would be 16 %, wide enough for a
-        // starved VM (share 0 against 6.7 %) to pass; capped it fails.
-        assert!(share_error_bound_ppm(300_000, 1_200_000, 300_000, 66_666, 6_000_000) > 150_000);
-        let (b, ok) = share_within_bound(0, 66_666, 300_000, 1_200_000, 300_000, 6_000_000);
-        assert_eq!(b, MAX_SHARE_ERROR_PPM);
-        assert!(!ok);
-        // No window (nothing measured) does not divide by zero.
-        let _ = share_error_bound_ppm(1, 1, 1, 1, 0);
-    }
     use super::*;
     use alloc::vec;
     use proptest::prelude::*;
@@ -1084,6 +1070,21 @@ mod tests {
         assert_eq!(a.quanta_allocated, 300);
         assert_eq!(b.quanta_allocated, 100);
         assert_eq!(b.quanta_reserved, 100);
+    }
+
+    #[test]
+    fn the_share_bound_is_capped_so_overrunning_slices_cannot_widen_it() {
+        // 4 VMs, 2 ms slices, a 6 s window: a bound of about 0.1 %.
+        let (b, ok) = share_within_bound(66_000, 66_666, 2_000, 8_000, 2_000, 6_000_000);
+        assert!(ok && b < 2_000, "{b}");
+        // Slices of 300 ms: uncapped the bound would be 16 %, wide enough for a
+        // starved VM (share 0 against 6.7 %) to pass; capped it fails.
+        assert!(share_error_bound_ppm(300_000, 1_200_000, 300_000, 66_666, 6_000_000) > 150_000);
+        let (b, ok) = share_within_bound(0, 66_666, 300_000, 1_200_000, 300_000, 6_000_000);
+        assert_eq!(b, MAX_SHARE_ERROR_PPM);
+        assert!(!ok);
+        // No window (nothing measured) does not divide by zero.
+        let _ = share_error_bound_ppm(1, 1, 1, 1, 0);
     }
 
     #[test]
