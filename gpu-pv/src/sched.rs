@@ -843,7 +843,6 @@ pub fn share_within_bound(
 
 #[cfg(test)]
 mod tests {
-
     use super::*;
     use alloc::vec;
     use proptest::prelude::*;
