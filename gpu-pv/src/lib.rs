@@ -20,6 +20,8 @@ pub use guest_abi as abi;
 pub mod budget;
 pub mod command;
 pub mod counters;
+pub mod dispatch;
+pub mod grants;
 pub mod mediator;
 pub mod memory;
 pub mod msix;

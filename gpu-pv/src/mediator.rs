@@ -67,7 +67,7 @@ mod band_tests;
 #[cfg(test)]
 mod e2e;
 #[cfg(test)]
-mod harness;
+pub(crate) mod harness;
 #[cfg(test)]
 mod memory_tests;
 #[cfg(test)]
