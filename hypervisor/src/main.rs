@@ -284,7 +284,7 @@ fn start_gpu_pv(bi: &BootInfo, physical: Option<(gpu::virtio::VirtioGpu, pci::Bd
         .max()
         .unwrap_or(0);
     let n = bi.vms().len().max(1);
-    match gpupv::SimBackend::new(alloc::vec![gpupv::DEFAULT_DISPLAY; n], 256 << 20, top) {
+    match crate::gpu::sim::SimBackend::new(alloc::vec![gpupv::DEFAULT_DISPLAY; n], 256 << 20, top) {
         Some(b) => {
             gpupv::init(
                 alloc::boxed::Box::new(b),

@@ -23,6 +23,7 @@
 //! is the host-physical address all the same. [`device_addr`] is the one place that
 //! would change if the mapping ever stopped being identity.
 
+pub mod sim;
 pub mod virtio;
 
 use alloc::vec::Vec;
