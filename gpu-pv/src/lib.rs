@@ -25,6 +25,7 @@ pub mod grants;
 pub mod mediator;
 pub mod memory;
 pub mod msix;
+pub mod ratio;
 pub mod ring;
 pub mod sched;
 /// The host simulation of the whole GPU-PV path (guests, mediator, dispatcher,

@@ -79,7 +79,7 @@
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::counters::Ratio;
+use crate::ratio::Ratio;
 
 /// A VM's id, as the scheduler, counters and mediator know it.
 pub type VmId = u16;

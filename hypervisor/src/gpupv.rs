@@ -147,7 +147,7 @@ impl Gpu for Port {
     }
 
     fn withhold_completion(&mut self, vm: VmId, completed: u64) -> bool {
-        crate::inject::withhold_completion(vm, completed)
+        crate::inject::withhold_completion(vm, completed >= REACHED_COMPLETIONS)
     }
 }
 
@@ -869,7 +869,7 @@ fn collect_interrupts(s: &mut GpuPv) {
             let before = MAILBOX[slot].fetch_or(1u64 << entry, Ordering::AcqRel);
             let on = RUNNING_ON[slot].load(Ordering::Acquire);
             if before == 0 && on != 0 {
-                crate::vmm::wake_cpu(on - 1);
+                crate::interrupts::wake_cpu(on - 1);
             }
         }
     }

@@ -8,6 +8,7 @@
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Why an injection cannot be armed.
+#[cfg_attr(feature = "test-inject", allow(dead_code))]
 pub const NOT_BUILT: &str = "this hypervisor was built without the test-inject feature";
 
 /// `test=iommu-bypass bypass_vm=N`: the next ATTACH_BACKING of VM N that reaches the
@@ -101,14 +102,12 @@ pub fn arm_hang(vm: u16) -> Result<(), &'static str> {
     }
 }
 
-/// Whether the GPU's completion of a command of VM `vm` (which had `completed`
-/// commands completed before) is to be withheld.
-pub fn withhold_completion(vm: u16, completed: u64) -> bool {
+/// Whether the GPU's completion of a command of VM `vm` is to be withheld (from
+/// when it `reached` the GPU: enough of its commands completed to see it draw).
+pub fn withhold_completion(vm: u16, reached: bool) -> bool {
     #[cfg(feature = "test-inject")]
     {
-        if HANG_VM.load(Ordering::Relaxed) != u64::from(vm)
-            || completed < crate::gpupv::REACHED_COMPLETIONS
-        {
+        if HANG_VM.load(Ordering::Relaxed) != u64::from(vm) || !reached {
             return false;
         }
         if !HANGING.swap(true, Ordering::SeqCst) {
@@ -120,7 +119,7 @@ pub fn withhold_completion(vm: u16, completed: u64) -> bool {
     }
     #[cfg(not(feature = "test-inject"))]
     {
-        let _ = (vm, completed);
+        let _ = (vm, reached);
         false
     }
 }

@@ -48,3 +48,25 @@ pub fn service_pending() {
     // SAFETY: `sti; nop; cli` only lets pending interrupts be delivered to our IDT.
     unsafe { core::arch::asm!("sti", "nop", "cli", options(nomem, nostack)) };
 }
+
+/// Local APIC id of each CPU that can be woken (for wake IPIs).
+static APIC_IDS: [core::sync::atomic::AtomicU32; MAX_CPUS] =
+    [const { core::sync::atomic::AtomicU32::new(0) }; MAX_CPUS];
+
+/// CPU `index` (this one) can be woken by [`wake_cpu`] from now on.
+pub fn register_wake_target(index: usize) {
+    if let Some(slot) = APIC_IDS.get(index) {
+        slot.store(apic::id(), Ordering::Relaxed);
+    }
+}
+
+/// Wakes CPU `index` (sleeping idle, or running a guest, which then exits) with
+/// an IPI on [`WAKE_VECTOR`].
+pub fn wake_cpu(index: usize) {
+    if index == current_index() || index >= MAX_CPUS {
+        return;
+    }
+    let id = APIC_IDS[index].load(Ordering::Relaxed);
+    // Fixed delivery, physical destination, edge.
+    apic::send_ipi(id, u32::from(WAKE_VECTOR));
+}

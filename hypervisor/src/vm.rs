@@ -371,7 +371,7 @@ impl Vm {
     /// CPU then serves the GPU path itself for up to [`HALT_POLL_US`] (within the
     /// slice) and returns true as soon as an interrupt is due, so the vCPU resumes
     /// without giving up its slice.
-    fn halt_poll(&mut self, idx: usize, slice_deadline: u64) -> bool {
+    fn halt_poll(&mut self, idx: usize, slice_deadline: u64, others_ready: fn() -> bool) -> bool {
         if idx != 0
             || self.state != VmState::Running
             || !self.halted.first().copied().unwrap_or(false)
@@ -392,7 +392,7 @@ impl Vm {
                 self.stats.halt_polls_won += 1;
                 return true;
             }
-            if crate::apic::now_us() >= until || crate::vmm::others_ready() {
+            if crate::apic::now_us() >= until || others_ready() {
                 return false;
             }
             core::hint::spin_loop();
@@ -472,8 +472,9 @@ impl Vm {
     }
 
     /// Runs vCPU `idx` for one slice of `slice_us` (0: until it stops); returns when the
-    /// slice is over, the vCPU blocks, or the VM stops.
-    pub fn run_slice(&mut self, idx: usize, slice_us: u64) {
+    /// slice is over, the vCPU blocks, or the VM stops. `others_ready` says whether
+    /// another vCPU waits for a CPU (a halted vCPU stops polling for its GPU then).
+    pub fn run_slice(&mut self, idx: usize, slice_us: u64, others_ready: fn() -> bool) {
         if idx >= self.vcpus.len() || !self.ready(idx) {
             return;
         }
@@ -521,7 +522,7 @@ impl Vm {
                 self.stuck_us = 0;
             }
             if !self.handle_exit(idx, exit) {
-                if self.halt_poll(idx, deadline) {
+                if self.halt_poll(idx, deadline, others_ready) {
                     continue;
                 }
                 break;

@@ -87,21 +87,6 @@ pub fn set_sample_interval_ms(ms: u64) {
 static NEXT_SAMPLE_US: AtomicU64 = AtomicU64::new(0);
 /// CPUs (bit = index) sleeping in the idle loop.
 static IDLE_CPUS: AtomicU64 = AtomicU64::new(0);
-/// Local APIC id of each CPU in the run loop (for wake IPIs).
-static APIC_IDS: [core::sync::atomic::AtomicU32; cpu::MAX_CPUS] =
-    [const { core::sync::atomic::AtomicU32::new(0) }; cpu::MAX_CPUS];
-
-/// Wakes CPU `index` (sleeping idle, or running a guest, which then exits) with
-/// an IPI on [`crate::interrupts::WAKE_VECTOR`].
-pub fn wake_cpu(index: usize) {
-    if index == cpu::current_index() || index >= cpu::MAX_CPUS {
-        return;
-    }
-    let id = APIC_IDS[index].load(Ordering::Relaxed);
-    // Fixed delivery, physical destination, edge.
-    crate::apic::send_ipi(id, u32::from(crate::interrupts::WAKE_VECTOR));
-}
-
 /// Sleeps until an interrupt or about `us` microseconds.
 fn idle_sleep(us: u64) {
     crate::apic::arm_oneshot_us(us);
@@ -375,7 +360,7 @@ fn run_loop(bsp: bool) {
     RUNNING_CPUS.fetch_add(1, Ordering::SeqCst);
     let me = cpu::current_index();
     let my_bit = 1u64 << me;
-    APIC_IDS[me].store(crate::apic::id(), Ordering::Relaxed);
+    crate::interrupts::register_wake_target(me);
     let several_cpus = cpu::ONLINE.load(Ordering::SeqCst) > 1;
     let mut last_work = 0u64;
     loop {
@@ -435,7 +420,7 @@ fn run_loop(bsp: bool) {
         if next.is_none() && left_waiting {
             let idle = IDLE_CPUS.load(Ordering::Acquire) & !my_bit;
             if idle != 0 {
-                wake_cpu(idle.trailing_zeros() as usize);
+                crate::interrupts::wake_cpu(idle.trailing_zeros() as usize);
             }
         }
         let Some(((slot, vcpu), alone)) = next else {
@@ -475,7 +460,7 @@ fn run_loop(bsp: bool) {
             Some(vm) if vm.state == VmState::Running => {
                 SLICES[cpu::current_index()].fetch_add(1, Ordering::Relaxed);
                 let before = vm.stats.cpu_us;
-                vm.run_slice(vcpu, slice_us);
+                vm.run_slice(vcpu, slice_us, others_ready);
                 let used = vm.stats.cpu_us - before;
                 let weight = if cfg!(feature = "test-broken-cpu-weights") {
                     1

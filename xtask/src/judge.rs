@@ -3,10 +3,10 @@
 use crate::process::Outcome;
 use crate::scenario::{Emulator, ExpectExit};
 
-/// QEMU's exit status for the pass write (0x10 to port 0xf4: (0x10 << 1) | 1).
-pub const QEMU_PASS: i32 = 33;
-/// QEMU's exit status for the fail write (0x11 to port 0xf4).
-pub const QEMU_FAIL: i32 = 35;
+/// QEMU's exit status for the pass write (see [`crate::qemu::PASS_STATUS`]).
+pub const QEMU_PASS: i32 = crate::qemu::PASS_STATUS;
+/// QEMU's exit status for the fail write.
+pub const QEMU_FAIL: i32 = crate::qemu::FAIL_STATUS;
 /// Bochs's exit status after `xchg bx,bx` (magic break, then the rc file's `quit`).
 pub const BOCHS_PASS: i32 = 0;
 /// Bochs's exit status after "Shutdown" to port 0x8900 (also panics and power-off).

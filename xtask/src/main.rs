@@ -13,6 +13,8 @@ mod esp;
 mod gpt;
 mod image;
 mod judge;
+#[cfg(test)]
+mod layers;
 mod plot;
 mod process;
 mod qemu;

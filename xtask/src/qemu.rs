@@ -9,10 +9,10 @@ use crate::Result;
 pub const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
 /// The QEMU binary.
 pub const QEMU: &str = "qemu-system-x86_64";
-/// Exit status for a pass (0x10 written to port 0xf4).
-pub const PASS_STATUS: i32 = crate::judge::QEMU_PASS;
+/// Exit status for a pass (0x10 written to port 0xf4: (0x10 << 1) | 1).
+pub const PASS_STATUS: i32 = 33;
 /// Exit status for a fail (0x11 written to port 0xf4).
-pub const FAIL_STATUS: i32 = crate::judge::QEMU_FAIL;
+pub const FAIL_STATUS: i32 = 35;
 /// The virtio-gpu's QEMU id (for `screendump`).
 pub const GPU_ID: &str = "gpu0";
 /// The virtio-gpu's scanouts (`max_outputs`).

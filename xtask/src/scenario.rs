@@ -376,7 +376,7 @@ impl Screendump {
                         head * self.bands() + (slot % bands) as u32
                     }
                 };
-                Some((crate::screendump::vm_color(vm), format!("vm_color({vm})")))
+                Some((gpu_pv::abi::guest::vm_color(vm), format!("vm_color({vm})")))
             }
             ShotExpect::Colors => {
                 let c = self.colors.as_ref()?.get(slot)?.rgb().ok()?;
@@ -694,7 +694,7 @@ mod tests {
         assert_eq!(d[1].slot(1, 2), 5);
         assert_eq!(
             d[1].expected_color(d[1].slot(1, 2)),
-            Some((crate::screendump::vm_color(2), "vm_color(2)".into()))
+            Some((gpu_pv::abi::guest::vm_color(2), "vm_color(2)".into()))
         );
         assert_eq!(d[2].expected_color(1), Some((0x405060, "colors[1]".into())));
         assert_eq!(d[3].expect, ShotExpect::Any);
