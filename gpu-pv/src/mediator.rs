@@ -1702,6 +1702,22 @@ impl Shared {
             .sum();
         v.queue_charge = [0, 0];
         self.release(v, freed);
+        // A resource whose CREATE is still staged never reached the device: its
+        // host id is free now, and there is nothing to UNREF.
+        let mut never_created = 0;
+        for c in &v.staged {
+            if let Some(Tracked {
+                effect: Effect::Created { host, .. },
+                ..
+            }) = v.tracked.get(&c.host_fence)
+            {
+                if let Some(record) = v.held.remove(host) {
+                    never_created += record;
+                    self.free_host_id(*host);
+                }
+            }
+        }
+        self.release(v, never_created);
         v.resources.clear();
         v.staged.clear();
         v.tracked.clear();

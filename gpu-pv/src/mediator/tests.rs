@@ -1050,6 +1050,27 @@ fn the_watchdog_marks_only_the_hung_vm() {
 }
 
 #[test]
+fn a_create_still_staged_at_a_reset_is_not_unrefd_and_its_id_is_free() {
+    // Found by the simulation: a VM reset while its CREATE waited for its slice
+    // got a cleanup UNREF of a resource the device never had (and an error).
+    let mut w = World::new(1, true);
+    w.send(0, QueueId::Control, &req(create(5, 8, 8)));
+    let host = w.med.vm(1).unwrap().host_resource(5).unwrap();
+    w.med.reset_vm(1).unwrap();
+    w.run_all(0, &mut NullGpu);
+    let ran: Vec<Command> = w
+        .log
+        .iter()
+        .flat_map(|(_, b)| b.iter().map(|c| c.request.cmd.clone()))
+        .collect();
+    assert!(
+        !ran.contains(&Command::ResourceUnref { resource_id: host }),
+        "{ran:?}"
+    );
+    assert_eq!(w.med.vm(1).unwrap().host_resources().count(), 0);
+}
+
+#[test]
 fn reset_gives_everything_back_and_leaves_neighbours_alone() {
     let mut w = World::new(2, true);
     for i in 0..2 {
