@@ -5,12 +5,13 @@
 //! base) and the driver side of its two virtqueues ([`DriverQueue`]), shaped as
 //! Linux's `virtio_gpu` driver shapes them (indirect control commands with one
 //! response buffer, `ATTACH_BACKING` as header plus entry array, direct cursor
-//! commands, event idx). Guests ring doorbells into the real [`Mediator`]; the real
+//! commands, event idx). Guests ring doorbells into the kernel's GPU dispatcher
+//! ([`Dispatcher`]): the real [`Mediator`] validates their commands and the real
 //! [`Scheduler`] decides whose batch the simulated GPU ([`SimGpu`]) runs next, in
 //! time slices; simulated time advances by the GPU's cost of each command (its
 //! [`CostModel`]) plus a context switch whenever the GPU changes VM. The GPU reaches
-//! guest memory only through an IOMMU model built from the mediator's
-//! [`IommuOp`]s, so an access the mediator did not map is counted as a fault.
+//! guest memory only through the dispatcher's [`Grants`] (built from the mediator's
+//! IOMMU reports), so an access the mediator did not grant is counted as a fault.
 //!
 //! Guests come in four [`Load`]s: idle, interactive (a `TRANSFER`+`FLUSH` pair now
 //! and then, small rectangles, fenced 64x64 cursor uploads followed by
@@ -30,21 +31,39 @@
 //!
 //! # How the GPU is shared
 //!
-//! When the GPU is idle the scheduler's [`Scheduler::pick`] names the VM whose slice
-//! it is. Batches of that VM are taken ([`Mediator::take_batch`]) sized so that
-//! their cost bound ([`cost_bound_ns`]) fits the time left in the slice, so a slice
-//! never overruns its quantum (a command larger than a whole quantum would still
-//! run alone, and is counted as an overrun), and never larger than the room left on
-//! the physical ring ([`RING_SLOTS`]). Commands run one after the other;
-//! each completion is fed back at its own finish time ([`Mediator::complete_batch`]),
-//! where the guest sees its response through the used ring and a virtual
-//! interrupt. A slice ends when its VM has no more work or the next batch does not
-//! fit; the scheduler is charged the GPU time used, context switch included.
+//! By the kernel's own dispatcher ([`Dispatcher`], see [`crate::dispatch`]), driven
+//! as the kernel drives it, with the time as an argument: it owns the mediator, the
+//! scheduler and the grants, and the simulation keeps no dispatch state of its own.
+//! A guest's doorbell goes to [`Dispatcher::doorbell`] followed by
+//! [`Dispatcher::schedule`], a device reset by the driver to
+//! [`Dispatcher::driver_reset`], and at every event time the bottom half
+//! [`Dispatcher::service`] takes the completions the device reported, runs the
+//! watchdog (a VM found hung has its channel reset there, and its guest starts over)
+//! and lets the scheduler pick the next batch.
 //!
-//! A VM reset gives the commands of its batch the GPU has not started back to the
-//! mediator ([`Mediator::requeue`]) before the reset drops them: the device never
-//! saw them, so what they would have freed (an `UNREF`'s host id) stays the VM's
-//! and the reset frees it on the device itself.
+//! So the rules are the dispatcher's: one batch of one VM is on the GPU at a time;
+//! it is sized so that the cost bounds ([`cost_bound_ns`]) of its commands, plus a
+//! context switch when the GPU changes VM, fit the time left in the slice (a fresh
+//! slice takes at least one command: one larger than a whole quantum runs alone, and
+//! is counted here as an overrun), and to the room left on the ring ([`RING_SLOTS`]).
+//! A slice closes when its time is up, its VM has nothing staged, or not even one
+//! more command fits; the scheduler is charged the wall time the slice held the GPU.
+//! A reserved slot (fixed-share and equal-share modes) of a VM without work stays
+//! idle until it ends.
+//!
+//! The simulated device runs what is on its ring one command at a time, in order:
+//! a command starts when the previous one finished (after a context switch of
+//! [`Scenario::switch_ns`] when the previous one was another VM's), takes the time
+//! [`SimGpu`] says, and its completion is reported at its finish time
+//! ([`Dispatcher::service`] hands it to the mediator at once), where the guest sees
+//! its response through the used ring and a virtual interrupt. What the GPU reads
+//! of guest memory is checked against the dispatcher's [`Grants`]; a read outside
+//! them is counted as a fault.
+//!
+//! As on the real device, the commands already on the ring when their VM is reset
+//! still run: they were asked for before the reset (and are checked against what the
+//! guest asked then), their completions reach the mediator as stale, and an `UNREF`
+//! among them frees its host id only then.
 //!
 //! Mediator CPU time is not simulated time here: the benchmark
 //! (`benches/mediator.rs`) measures it.
@@ -58,16 +77,16 @@ use core::fmt;
 
 use crate::command::{self, Command, Request, Response};
 use crate::counters::{Ratio, VmCounters};
+use crate::dispatch::{DispatchConfig, DispatchEvent, Dispatcher, Gpu, Memories};
+use crate::grants::{Grants, PAGE};
 use crate::mediator::{
-    Completion, HostCommand, IommuOp, Mediator, MediatorConfig, MediatorError, QueueId,
-    ScanoutConfig, VmConfig, VmState, DEVICE_NEEDS_RESET,
+    HostCommand, Mediator, MediatorConfig, MediatorError, QueueId, ScanoutConfig, VmConfig,
+    VmState, DEVICE_NEEDS_RESET,
 };
 use crate::memory::{Gpa, GuestMemory, Hpa, MemError, VecMemory};
 use crate::ring::driver::DriverQueue;
 use crate::ring::QueueLayout;
-use crate::sched::{
-    Mode, SchedConfig, SchedError, Scheduler, Slice, SliceKind, VmId, VmParams, MIN_QUANTUM_NS,
-};
+use crate::sched::{Mode, SchedConfig, SchedError, Scheduler, VmId, VmParams, MIN_QUANTUM_NS};
 use crate::sim_gpu::{CostModel, SimConfigError, SimGpu, SimGpuConfig, CURSOR_SIZE};
 use crate::wire::{self, format, CtrlHdr, CursorPos, MemEntry, Rect};
 
@@ -185,8 +204,9 @@ impl VmSpec {
     }
 }
 
-/// Slots of the physical ring (the control queue the kernel's virtio-gpu driver
-/// sets up): a batch is never larger than the room left on it.
+/// Slots of each queue's ring on the simulated GPU (the control queue the kernel's
+/// virtio-gpu driver sets up has as many): the dispatcher never sends more than
+/// the room left on it, and the ring refuses a command when it is full.
 pub const RING_SLOTS: usize = 64;
 
 /// Largest framebuffer a simulated guest can have (its RAM layout reserves this
@@ -435,82 +455,123 @@ fn full(w: u32, h: u32) -> Rect {
 }
 
 // ---------------------------------------------------------------------------
-// The IOMMU model and the GPU's view of host memory.
+// The simulated device: its rings, and the GPU's view of host memory.
 
-const PAGE: u64 = 4096;
+/// Why the simulated ring refused a command: its queue is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RingFull;
 
-/// The GPU's IOMMU domain as the mediator's reports built it, page-granular as a
-/// real IOMMU: mapped pages with their owner and how many mappings cover them.
-#[derive(Clone, Debug, Default)]
-struct Iommu {
-    pages: BTreeMap<u64, (VmId, u32)>,
-    /// Unmaps of pages not mapped (the mediator's reports disagree with
-    /// themselves).
-    errors: u64,
+/// A command on the ring the device has not started yet.
+struct OnRing {
+    token: u64,
+    vm: VmId,
+    cmd: HostCommand,
 }
 
-impl Iommu {
-    fn pages_of(hpa: Hpa, len: u64) -> core::ops::Range<u64> {
-        if len == 0 {
-            return 0..0;
+/// The command the device is running.
+struct Running {
+    token: u64,
+    vm: VmId,
+    queue: QueueId,
+    /// When the device took it (its context switch, if any, starts here).
+    start: u64,
+    /// When the command itself started (after the switch).
+    exec_start: u64,
+    finish: u64,
+    status: u32,
+    /// The guest chain it was matched to.
+    matched: Option<(usize, u16)>,
+}
+
+/// The simulated GPU's rings, as the dispatcher sees them ([`Gpu`]): they only
+/// hold what was submitted and what completed; the event loop runs the commands
+/// (with [`SimGpu`]) one at a time, in order, as the device does.
+struct SimRing {
+    cost: CostModel,
+    switch_ns: u64,
+    queued: VecDeque<OnRing>,
+    running: Option<Running>,
+    /// The VM whose command the device ran last: its context is loaded.
+    ctx: Option<VmId>,
+    /// `(token, response type)` of the commands finished and not yet polled.
+    done: Vec<(u64, u32)>,
+}
+
+impl SimRing {
+    fn new(cost: CostModel, switch_ns: u64) -> Self {
+        Self {
+            cost,
+            switch_ns,
+            queued: VecDeque::new(),
+            running: None,
+            ctx: None,
+            done: Vec::new(),
         }
-        hpa / PAGE..(hpa.saturating_add(len - 1)) / PAGE + 1
     }
 
-    fn map(&mut self, vm: VmId, hpa: Hpa, len: u64) {
-        for p in Self::pages_of(hpa, len) {
-            let e = self.pages.entry(p).or_insert((vm, 0));
-            if e.0 != vm {
-                self.errors += 1;
-            }
-            e.1 += 1;
+    /// Slots of queue `q` taken (a command holds its slot until it finished).
+    fn used(&self, q: QueueId) -> usize {
+        self.queued.iter().filter(|c| c.cmd.queue == q).count()
+            + usize::from(self.running.as_ref().is_some_and(|r| r.queue == q))
+    }
+}
+
+impl Gpu for SimRing {
+    type Error = RingFull;
+
+    fn free_slots(&self, queue: QueueId) -> usize {
+        RING_SLOTS.saturating_sub(self.used(queue))
+    }
+
+    fn submit(&mut self, vm: VmId, cmd: &HostCommand, token: u64) -> Result<(), RingFull> {
+        if self.used(cmd.queue) >= RING_SLOTS {
+            return Err(RingFull);
         }
+        self.queued.push_back(OnRing {
+            token,
+            vm,
+            cmd: cmd.clone(),
+        });
+        Ok(())
     }
 
-    fn unmap(&mut self, vm: VmId, hpa: Hpa, len: u64) {
-        for p in Self::pages_of(hpa, len) {
-            match self.pages.get_mut(&p) {
-                Some(e) if e.0 == vm => {
-                    e.1 -= 1;
-                    if e.1 == 0 {
-                        self.pages.remove(&p);
-                    }
-                }
-                _ => self.errors += 1,
-            }
-        }
+    fn poll(&mut self, out: &mut Vec<(u64, u32)>) {
+        out.append(&mut self.done);
     }
 
-    fn apply(&mut self, ops: &[IommuOp]) {
-        for op in ops {
-            match *op {
-                IommuOp::Map { vm, hpa, len } => self.map(vm, hpa, len),
-                IommuOp::Unmap { vm, hpa, len } => self.unmap(vm, hpa, len),
-            }
-        }
+    fn cost_bound_ns(&self, cmd: &Command) -> Option<u64> {
+        Some(cost_bound_ns(&self.cost, cmd))
     }
 
-    fn covers(&self, hpa: Hpa, len: u64) -> bool {
-        hpa.checked_add(len).is_some()
-            && Self::pages_of(hpa, len).all(|p| self.pages.contains_key(&p))
+    fn switch_ns(&self) -> u64 {
+        self.switch_ns
     }
+}
 
-    fn pages_of_vm(&self, vm: VmId) -> usize {
-        self.pages.values().filter(|e| e.0 == vm).count()
+/// Every guest's RAM, for the dispatcher: the mediator reads the rings and writes
+/// the responses there.
+struct GuestMems<'a>(&'a mut [Guest]);
+
+impl Memories for GuestMems<'_> {
+    fn memory(&mut self, vm: VmId) -> Option<&mut dyn GuestMemory> {
+        let i = usize::from(vm).checked_sub(1)?;
+        self.0
+            .get_mut(i)
+            .map(|g| &mut g.mem as &mut dyn GuestMemory)
     }
 }
 
 /// Host memory as the GPU reaches it: every guest's RAM at its host base, through
-/// the IOMMU. The 2D GPU only reads.
+/// the grants (what the IOMMU lets the GPU reach). The 2D GPU only reads.
 struct HostMem<'a> {
     guests: &'a [Guest],
-    iommu: &'a Iommu,
+    grants: &'a Grants,
     faults: Cell<u64>,
 }
 
 impl HostMem<'_> {
     fn find(&self, hpa: Hpa, len: u64) -> Result<(usize, Gpa), MemError> {
-        if !self.iommu.covers(hpa, len) {
+        if hpa.checked_add(len).is_none() || !self.grants.covers(hpa, len) {
             self.faults.set(self.faults.get() + 1);
             return Err(MemError::NotOwned);
         }
@@ -625,6 +686,11 @@ struct Guest {
     /// Host-bound chains in submission order, per queue: how the GPU's commands
     /// are matched back to the guest's.
     expect: [VecDeque<((usize, u16), u32)>; 2],
+    /// Commands of this VM that were on the GPU's ring at its last reset: they
+    /// still run, and are matched against `asked_before_reset`, what the guest had
+    /// asked for until then.
+    on_ring_at_reset: usize,
+    asked_before_reset: [VecDeque<((usize, u16), u32)>; 2],
     rng: Rng,
     next_wake: u64,
     reset_at: Option<u64>,
@@ -656,6 +722,8 @@ impl Guest {
             free: Self::slots(),
             pending: BTreeMap::new(),
             expect: [VecDeque::new(), VecDeque::new()],
+            on_ring_at_reset: 0,
+            asked_before_reset: [VecDeque::new(), VecDeque::new()],
             rng: Rng::new(seed ^ u64::from(vm).wrapping_mul(0xa076_1d64_78bd_642f)),
             next_wake: u64::MAX,
             reset_at: None,
@@ -773,7 +841,8 @@ pub struct VmReport {
     pub doorbells: u64,
     /// Virtual interrupts injected (whole run).
     pub interrupts: u64,
-    /// IOMMU pages mapped for it at the end.
+    /// Page grants (what the IOMMU lets the GPU reach) it holds at the end; a
+    /// page granted twice counts twice.
     pub mapped_pages: usize,
 }
 
@@ -852,9 +921,11 @@ pub struct Report {
     /// Of those, refused by the GPU: the mediator handed it something invalid
     /// (must be 0).
     pub gpu_errors: u64,
-    /// GPU accesses the IOMMU refused (must be 0).
+    /// GPU accesses outside the grants, which the IOMMU refuses (must be 0).
     pub iommu_faults: u64,
-    /// Inconsistent IOMMU reports: unmaps of pages not mapped (must be 0).
+    /// Inconsistent IOMMU reports: resets after which the VM still held grants,
+    /// i.e. what a reset took back is not what the mediator had granted (must
+    /// be 0).
     pub iommu_errors: u64,
     /// Host commands that matched no guest command and are not the mediator's
     /// own clean-up (must be 0: nothing a guest did not ask for runs).
@@ -862,8 +933,8 @@ pub struct Report {
     /// Commands whose GPU time exceeded their cost bound, or that ran past the
     /// end of their slice (must be 0 with the default costs).
     pub overruns: u64,
-    /// Completions the mediator took as stale (commands of a VM reset while on
-    /// the GPU).
+    /// Completions the mediator took as stale (commands of a VM that was reset
+    /// while they were on the GPU's ring).
     pub stale_completions: u64,
     /// VMs the watchdog declared hung.
     pub hangs: u64,
@@ -1049,23 +1120,6 @@ impl fmt::Display for Report {
 // ---------------------------------------------------------------------------
 // The simulation.
 
-struct Running {
-    vm: VmId,
-    cmd: HostCommand,
-    start: u64,
-    exec_start: u64,
-    finish: u64,
-    status: u32,
-    matched: Option<(usize, u16)>,
-}
-
-struct OpenSlice {
-    slice: Slice,
-    used: u64,
-    ops: u64,
-    switched: bool,
-}
-
 #[derive(Default)]
 struct Metrics {
     busy: Vec<u64>,
@@ -1076,25 +1130,20 @@ struct Metrics {
     switch_time: u64,
     overruns: u64,
     unexpected: u64,
-    stale: u64,
     faults: u64,
+    /// Resets after which the VM still held grants.
+    grants_kept: u64,
     hangs: u64,
 }
 
 struct Sim<'a> {
     sc: &'a Scenario,
-    med: Mediator,
-    sched: Scheduler,
+    /// The kernel's dispatcher over the simulated GPU's rings.
+    disp: Dispatcher<SimRing>,
+    /// The simulated GPU, running what is on the rings.
     gpu: SimGpu,
     guests: Vec<Guest>,
-    iommu: Iommu,
     now: u64,
-    running: Option<Running>,
-    batch: VecDeque<HostCommand>,
-    batch_vm: Option<VmId>,
-    slice: Option<OpenSlice>,
-    gpu_ctx: Option<VmId>,
-    runnable: Vec<bool>,
     in_window: bool,
     good_resources_at_warmup: Vec<u32>,
     m: Metrics,
@@ -1163,20 +1212,17 @@ impl<'a> Sim<'a> {
             guests.push(g);
         }
         med.take_events();
+        let cfg = DispatchConfig {
+            max_batch: sc.max_batch,
+            ..DispatchConfig::default()
+        };
+        let ring = SimRing::new(sc.cost, sc.switch_ns);
         let mut sim = Self {
             sc,
-            med,
-            sched,
+            disp: Dispatcher::new(med, sched, ring, cfg),
             gpu,
             guests,
-            iommu: Iommu::default(),
             now: 0,
-            running: None,
-            batch: VecDeque::new(),
-            batch_vm: None,
-            slice: None,
-            gpu_ctx: None,
-            runnable: vec![false; n],
             in_window: false,
             good_resources_at_warmup: Vec::new(),
             m: Metrics {
@@ -1213,18 +1259,16 @@ impl<'a> Sim<'a> {
     fn run(&mut self) {
         let end = self.sc.duration_ns;
         loop {
-            let t_gpu = self.running.as_ref().map(|r| r.finish);
+            let t_gpu = self.disp.gpu().running.as_ref().map(|r| r.finish);
             let t_guest = self.guests.iter().map(Guest::next_event).min();
-            // A reserved slot (fixed modes) ends by itself.
-            let t_slot = match (&self.running, &self.slice) {
-                (None, Some(o)) if o.slice.kind == SliceKind::Reserved => Some(o.slice.end_ns()),
-                _ => None,
-            };
-            let t = [t_gpu, t_guest, t_slot]
+            // The end of a reserved slot, or a batch becoming overdue.
+            let t_disp = self.disp.next_deadline();
+            let t = [t_gpu, t_guest, t_disp]
                 .into_iter()
                 .flatten()
                 .min()
-                .unwrap_or(u64::MAX);
+                .unwrap_or(u64::MAX)
+                .max(self.now);
             if t > end {
                 break;
             }
@@ -1232,34 +1276,40 @@ impl<'a> Sim<'a> {
             if !self.in_window && t >= self.sc.warmup_ns {
                 self.open_window();
             }
-            for vm in self.med.tick(t) {
-                self.m.hangs += 1;
-                self.hard_reset(Self::idx(vm));
-            }
-            if t_gpu == Some(t) {
-                self.finish_command();
+            let finished = if t_gpu == Some(t) {
+                self.finish_command()
+            } else {
+                None
+            };
+            // The bottom half: completions back to the guests, the watchdog, and
+            // the next batch.
+            self.service();
+            if let Some(vm) = finished {
+                self.poll(Self::idx(vm));
             } else if t_guest == Some(t) {
                 if let Some(i) = self.guests.iter().position(|g| g.next_event() == t) {
                     self.guest_event(i);
                 }
             }
             self.deliver_interrupts();
-            self.dispatch();
+            self.start_command();
+            self.take_events();
         }
         self.now = end;
         if !self.in_window {
             self.open_window();
         }
-        if let Some(r) = &self.running {
+        if let Some(r) = &self.disp.gpu().running {
             let i = Self::idx(r.vm);
             let b = overlap(r.start, r.finish, self.sc.warmup_ns, end);
             self.m.busy[i] += b;
         }
+        self.take_events();
     }
 
     fn open_window(&mut self) {
         self.in_window = true;
-        self.sched.begin_window(self.sc.warmup_ns);
+        self.disp.sched_mut().begin_window(self.sc.warmup_ns);
         self.good_resources_at_warmup = self.good_resources();
     }
 
@@ -1268,7 +1318,7 @@ impl<'a> Sim<'a> {
             .guests
             .iter()
             .filter(|g| !g.malicious())
-            .filter_map(|g| self.med.vm(g.vm))
+            .filter_map(|g| self.disp.mediator().vm(g.vm))
             .flat_map(|v| v.host_resources())
             .collect();
         ids.sort_unstable();
@@ -1277,189 +1327,138 @@ impl<'a> Sim<'a> {
 
     // -- the GPU side ------------------------------------------------------
 
-    fn has_work(&self, vm: VmId) -> bool {
-        let mediator = self
-            .med
-            .vm(vm)
-            .is_some_and(|v| v.staged_len() > 0 || v.has_batch_in_flight());
-        mediator
-            || (self.batch_vm == Some(vm) && !self.batch.is_empty())
-            || self.running.as_ref().is_some_and(|r| r.vm == vm)
-    }
-
-    fn update_runnable(&mut self) {
-        for i in 0..self.guests.len() {
-            let vm = self.guests[i].vm;
-            let has = self.has_work(vm);
-            if has != self.runnable[i] {
-                // The VM is scheduled: this cannot fail.
-                let _ = self.sched.set_runnable(vm, has, self.now);
-                self.runnable[i] = has;
-            }
-        }
-    }
-
     /// GPU work (cost bounds) `vm` has in the mediator and on the GPU.
     fn outstanding_ns(&self, vm: VmId) -> u64 {
         let cost = &self.sc.cost;
-        let staged: u64 = self.med.vm(vm).map_or(0, |v| {
+        let staged: u64 = self.disp.mediator().vm(vm).map_or(0, |v| {
             v.staged()
                 .map(|c| cost_bound_ns(cost, &c.request.cmd))
                 .sum()
         });
-        let batch: u64 = if self.batch_vm == Some(vm) {
-            self.batch
-                .iter()
-                .map(|c| cost_bound_ns(cost, &c.request.cmd))
-                .sum()
-        } else {
-            0
-        };
-        let running = self
+        let ring = self.disp.gpu();
+        let queued: u64 = ring
+            .queued
+            .iter()
+            .filter(|c| c.vm == vm)
+            .map(|c| cost_bound_ns(cost, &c.cmd.request.cmd))
+            .sum();
+        let running = ring
             .running
             .as_ref()
             .filter(|r| r.vm == vm)
             .map_or(0, |r| r.finish.saturating_sub(self.now));
-        staged + batch + running
+        staged + queued + running
     }
 
-    /// How many of `vm`'s staged commands fit in `remaining` ns after a switch of
-    /// `switch` ns (at least one in a fresh slice).
-    fn fit(&self, vm: VmId, remaining: u64, switch: u64, fresh: bool) -> usize {
-        let Some(v) = self.med.vm(vm) else { return 0 };
-        let mut total = switch;
-        let mut k = 0;
-        for c in v.staged().take(self.sc.max_batch) {
-            total = total.saturating_add(cost_bound_ns(&self.sc.cost, &c.request.cmd));
-            if total > remaining {
-                break;
-            }
-            k += 1;
-        }
-        if k == 0 && fresh && v.staged_len() > 0 {
-            1
-        } else {
-            k
+    /// The bottom half at `now`. A VM the watchdog found hung had its channel
+    /// reset by the dispatcher: its guest starts over.
+    fn service(&mut self) {
+        let s = self
+            .disp
+            .service(&mut GuestMems(&mut self.guests), self.now);
+        for vm in s.hung {
+            self.m.hangs += 1;
+            self.check_grants_gone(vm);
+            let i = Self::idx(vm);
+            self.note_reset(i);
+            self.reinit(i);
         }
     }
 
-    fn close_slice(&mut self) {
-        let Some(o) = self.slice.take() else { return };
-        let vm = o.slice.vm;
-        let (used, ops) = match o.slice.kind {
-            SliceKind::Run => (o.used, o.ops),
-            SliceKind::Reserved => (0, 0),
-        };
-        // The slice is the open one: this cannot fail.
-        let _ = self.sched.account(vm, used, ops, self.now);
-        self.med
-            .counters_mut()
-            .vm_mut(vm)
-            .record_slice(o.slice.quantum_ns, used, ops, o.switched);
-        if self.in_window && o.slice.start_ns >= self.sc.warmup_ns {
-            self.m.window[Self::idx(vm)].record_slice(o.slice.quantum_ns, used, ops, o.switched);
-        }
-    }
-
-    fn dispatch(&mut self) {
-        // Each round either starts a command, takes a batch, closes a slice or
-        // returns; the bound only guards against a scheduler that keeps handing
-        // out slices nobody can use.
-        for _ in 0..10_000 {
-            if self.running.is_some() {
-                return;
-            }
-            if let Some(cmd) = self.batch.pop_front() {
-                if let Some(vm) = self.batch_vm {
-                    self.start(vm, cmd);
-                    return;
-                }
-            }
-            self.update_runnable();
-            let Some(sl) = self.sched.pick(self.now) else {
-                return;
-            };
-            match &mut self.slice {
-                Some(o) if o.slice.start_ns == sl.start_ns && o.slice.vm == sl.vm => o.slice = sl,
-                _ => {
-                    self.slice = Some(OpenSlice {
-                        slice: sl,
-                        used: 0,
-                        ops: 0,
-                        switched: false,
-                    })
-                }
-            }
-            if sl.kind == SliceKind::Reserved {
-                if self.now >= sl.end_ns() {
-                    self.close_slice();
+    /// The dispatcher's events: the slices closed in the window are measured.
+    fn take_events(&mut self) {
+        for e in self.disp.take_events() {
+            if let DispatchEvent::SliceClosed {
+                vm,
+                slice,
+                used_ns,
+                ops,
+                switched,
+                ..
+            } = e
+            {
+                if slice.start_ns < self.sc.warmup_ns {
                     continue;
                 }
-                return;
-            }
-            let vm = sl.vm;
-            let remaining = sl.end_ns().saturating_sub(self.now);
-            let switch = if self.gpu_ctx == Some(vm) {
-                0
-            } else {
-                self.sc.switch_ns
-            };
-            let fresh = self.slice.as_ref().is_some_and(|o| o.ops == 0);
-            let room = RING_SLOTS - self.batch.len() - usize::from(self.running.is_some());
-            let k = self.fit(vm, remaining, switch, fresh).min(room);
-            self.sync_iommu();
-            match (k > 0).then(|| self.med.take_batch(vm, k)).flatten() {
-                Some(b) => {
-                    self.batch = b.commands.into();
-                    self.batch_vm = Some(vm);
+                if let Some(w) = self.m.window.get_mut(Self::idx(vm)) {
+                    w.record_slice(slice.quantum_ns, used_ns, ops, switched);
                 }
-                None => self.close_slice(),
             }
         }
     }
 
-    fn start(&mut self, vm: VmId, cmd: HostCommand) {
-        let i = Self::idx(vm);
-        let switch = if self.gpu_ctx == Some(vm) {
+    /// The device takes the next command off its ring when it is idle.
+    fn start_command(&mut self) {
+        let ring = self.disp.gpu_mut();
+        if ring.running.is_some() {
+            return;
+        }
+        let Some(c) = ring.queued.pop_front() else {
+            return;
+        };
+        let switch = if ring.ctx == Some(c.vm) {
             0
         } else {
             self.sc.switch_ns
         };
-        self.gpu_ctx = Some(vm);
-        if let Some(o) = self.slice.as_mut() {
-            if switch > 0 {
-                o.switched = true;
-            }
-        }
-        let bound = cost_bound_ns(&self.sc.cost, &cmd.request.cmd);
+        ring.ctx = Some(c.vm);
+        let bound = cost_bound_ns(&self.sc.cost, &c.cmd.request.cmd);
         let view = HostMem {
             guests: &self.guests,
-            iommu: &self.iommu,
+            grants: self.disp.grants(),
             faults: Cell::new(0),
         };
-        let done = self.gpu.execute(&cmd.request, &view);
+        let done = self.gpu.execute(&c.cmd.request, &view);
         self.m.faults += view.faults.get();
         let exec_start = self.now + switch;
         let finish = exec_start + done.cost_ns;
-        let past_slice = self
-            .slice
-            .as_ref()
-            .is_some_and(|o| finish > o.slice.end_ns());
+        let past_slice = self.disp.open_slice().is_some_and(|s| finish > s.end_ns());
         if done.cost_ns > bound || past_slice {
             self.m.overruns += 1;
         }
-        // Match the command to the guest chain it came from.
-        let g = &mut self.guests[i];
+        let matched = self.match_command(c.vm, &c.cmd);
+        self.disp.gpu_mut().running = Some(Running {
+            token: c.token,
+            vm: c.vm,
+            queue: c.cmd.queue,
+            start: self.now,
+            exec_start,
+            finish,
+            status: done.response.type_(),
+            matched,
+        });
+    }
+
+    /// Matches a command the GPU runs to the guest chain it came from; one that
+    /// matches none and is not the mediator's own clean-up is counted.
+    fn match_command(&mut self, vm: VmId, cmd: &HostCommand) -> Option<(usize, u16)> {
+        let g = &mut self.guests[Self::idx(vm)];
         let q = cmd.queue.index();
         let type_ = cmd.request.cmd.type_();
-        let matched = match g.expect[q].front() {
-            Some(&(key, t)) if t == type_ => {
-                g.expect[q].pop_front();
-                Some(key)
+        let (matched, asked) = if g.on_ring_at_reset > 0 {
+            // On the ring when the guest reset its device: asked for before that.
+            g.on_ring_at_reset -= 1;
+            let asked = match g.asked_before_reset[q].front() {
+                Some(&(_, t)) if t == type_ => {
+                    g.asked_before_reset[q].pop_front();
+                    true
+                }
+                _ => false,
+            };
+            if g.on_ring_at_reset == 0 {
+                g.asked_before_reset = [VecDeque::new(), VecDeque::new()];
             }
-            _ => None,
+            (None, asked)
+        } else {
+            match g.expect[q].front() {
+                Some(&(key, t)) if t == type_ => {
+                    g.expect[q].pop_front();
+                    (Some(key), true)
+                }
+                _ => (None, false),
+            }
         };
-        if matched.is_none() {
+        if !asked {
             // Only the mediator's own clean-up after a reset may run unasked.
             let cleanup = g.malicious()
                 && matches!(
@@ -1472,19 +1471,13 @@ impl<'a> Sim<'a> {
                 self.m.unexpected += 1;
             }
         }
-        self.running = Some(Running {
-            vm,
-            status: done.response.type_(),
-            cmd,
-            start: self.now,
-            exec_start,
-            finish,
-            matched,
-        });
+        matched
     }
 
-    fn finish_command(&mut self) {
-        let Some(r) = self.running.take() else { return };
+    /// The running command finishes now: its completion is reported. Returns
+    /// its VM.
+    fn finish_command(&mut self) -> Option<VmId> {
+        let r = self.disp.gpu_mut().running.take()?;
         let i = Self::idx(r.vm);
         let (lo, hi) = (self.sc.warmup_ns, self.sc.duration_ns);
         self.m.busy[i] += overlap(r.start, r.finish, lo, hi);
@@ -1494,49 +1487,39 @@ impl<'a> Sim<'a> {
             self.m.gpu_cmds[i] += 1;
             self.m.switch_time += r.exec_start - r.start;
         }
-        if let Some(o) = self.slice.as_mut().filter(|o| o.slice.vm == r.vm) {
-            o.used += r.finish - r.start;
-            o.ops += 1;
-        }
         if let Some(key) = r.matched {
             if let Some(p) = self.guests[i].pending.get_mut(&key) {
                 p.t_start = Some(r.exec_start);
                 p.t_done = Some(r.finish);
             }
         }
-        let c = Completion {
-            host_fence: r.cmd.host_fence,
-            status: r.status,
-        };
-        if let Ok(rep) = self.med.complete_batch(r.vm, &[c], &mut self.guests[i].mem) {
-            self.m.stale += rep.stale as u64;
-        }
-        self.sync_iommu();
-        self.poll(i);
-    }
-
-    fn sync_iommu(&mut self) {
-        let ops = self.med.take_iommu_ops();
-        self.iommu.apply(&ops);
+        self.disp.gpu_mut().done.push((r.token, r.status));
+        Some(r.vm)
     }
 
     /// The hypervisor polls a VM's queues when it has room again: chains the
     /// guest published that the mediator left in the ring (back-pressure).
     fn poll(&mut self, i: usize) {
         let vm = self.guests[i].vm;
-        for q in QueueId::ALL {
-            let Some(v) = self.med.vm(vm) else { return };
-            if v.state() != VmState::Active {
-                return;
-            }
+        let Some(v) = self.disp.mediator().vm(vm) else {
+            return;
+        };
+        if v.state() != VmState::Active {
+            return;
+        }
+        let g = &self.guests[i];
+        let behind = QueueId::ALL.into_iter().any(|q| {
             let taken = v.queue(q).map(|d| d.last_avail_idx());
             let published = match q {
-                QueueId::Control => self.guests[i].ctrl.avail_idx(),
-                QueueId::Cursor => self.guests[i].cursor.avail_idx(),
+                QueueId::Control => g.ctrl.avail_idx(),
+                QueueId::Cursor => g.cursor.avail_idx(),
             };
-            if taken.is_some_and(|t| t != published) {
-                self.doorbell(i, q);
-            }
+            taken.is_some_and(|t| t != published)
+        });
+        if behind {
+            self.disp.poll(vm, &mut self.guests[i].mem, self.now);
+            self.note_outstanding(i);
+            self.disp.schedule(self.now);
         }
     }
 
@@ -1546,10 +1529,16 @@ impl<'a> Sim<'a> {
         let vm = self.guests[i].vm;
         self.guests[i].stats.doorbells += 1;
         // A VM waiting for its reset is refused: nothing to do.
-        let _ = self.med.process_doorbell(vm, q, &mut self.guests[i].mem);
-        self.sync_iommu();
+        self.disp.doorbell(vm, q, &mut self.guests[i].mem, self.now);
+        self.note_outstanding(i);
+        self.disp.schedule(self.now);
+    }
+
+    /// In the window: the GPU work guest `i` has outstanding right after it was
+    /// served, for `L_exec`.
+    fn note_outstanding(&mut self, i: usize) {
         if self.in_window {
-            let out = self.outstanding_ns(vm);
+            let out = self.outstanding_ns(self.guests[i].vm);
             let s = &mut self.guests[i].stats;
             s.max_outstanding_ns = s.max_outstanding_ns.max(out);
         }
@@ -2028,7 +2017,7 @@ impl<'a> Sim<'a> {
         // Each round answers what the previous one submitted; guests submit only
         // in reaction to completions, so this settles quickly.
         for _ in 0..64 {
-            let irqs = self.med.take_interrupts();
+            let irqs = self.disp.take_interrupts();
             if irqs.is_empty() {
                 return;
             }
@@ -2036,7 +2025,8 @@ impl<'a> Sim<'a> {
                 let i = Self::idx(vm);
                 match vector {
                     0 => {
-                        let broken = self.med.device_status(vm) == Some(DEVICE_NEEDS_RESET);
+                        let broken =
+                            self.disp.mediator().device_status(vm) == Some(DEVICE_NEEDS_RESET);
                         let g = &mut self.guests[i];
                         if broken && g.reset_at.is_none() {
                             g.reset_at = Some(self.now + RESET_DELAY_NS);
@@ -2053,40 +2043,49 @@ impl<'a> Sim<'a> {
     /// starts over.
     fn guest_reset(&mut self, i: usize) {
         let vm = self.guests[i].vm;
-        self.unstart(vm);
-        if let Ok(r) = self.med.driver_reset(vm) {
-            for &(hpa, len) in &r.unmapped {
-                self.iommu.unmap(vm, hpa, len);
-            }
-        }
+        self.note_reset(i);
+        // The dispatcher revokes the VM's grants and stages its cleanup.
+        let _ = self.disp.driver_reset(vm, self.now);
+        self.check_grants_gone(vm);
         self.reinit(i);
+        self.disp.schedule(self.now);
     }
 
-    /// The watchdog declared the VM hung: the hypervisor resets its channel.
-    fn hard_reset(&mut self, i: usize) {
+    /// Right after `vm`'s reset: the GPU can reach nothing of it any more (no
+    /// simulated guest registers zero-copy buffers, which outlive a reset).
+    fn check_grants_gone(&mut self, vm: VmId) {
+        if self.disp.grants().of_vm(vm) > 0 {
+            self.m.grants_kept += 1;
+        }
+    }
+
+    /// Guest `i`'s device is being reset: its commands already on the GPU's ring
+    /// still run, as the device does not take back what it was given. They were
+    /// asked for before the reset: what the guest had asked for is kept to match
+    /// them, and the chain the running one belonged to is gone.
+    fn note_reset(&mut self, i: usize) {
         let vm = self.guests[i].vm;
-        self.unstart(vm);
-        if let Ok(r) = self.med.reset_vm(vm) {
-            for &(hpa, len) in &r.unmapped {
-                self.iommu.unmap(vm, hpa, len);
+        let ring = self.disp.gpu_mut();
+        let on_ring = ring.queued.iter().filter(|c| c.vm == vm).count();
+        if let Some(r) = ring.running.as_mut().filter(|r| r.vm == vm) {
+            r.matched = None;
+        }
+        let g = &mut self.guests[i];
+        g.on_ring_at_reset = on_ring;
+        if on_ring == 0 {
+            g.asked_before_reset = [VecDeque::new(), VecDeque::new()];
+        } else {
+            // Commands from before an earlier reset run first.
+            for (before, now) in g.asked_before_reset.iter_mut().zip(&mut g.expect) {
+                before.append(now);
             }
         }
-        self.reinit(i);
     }
 
-    /// The physical channel of `vm` drops what it had not started: back to the
-    /// mediator, which counts it as never submitted.
-    fn unstart(&mut self, vm: VmId) {
-        if self.batch_vm == Some(vm) && !self.batch.is_empty() {
-            let back: Vec<HostCommand> = self.batch.drain(..).collect();
-            // The VM exists: this cannot fail.
-            let _ = self.med.requeue(vm, back);
-        }
-    }
-
+    /// The guest resets its device state (after its own reset, or the
+    /// hypervisor's after a hang) and starts over.
     fn reinit(&mut self, i: usize) {
         let vm = self.guests[i].vm;
-        self.sync_iommu();
         let g = &mut self.guests[i];
         g.stats.resets += 1;
         g.stats.dropped += g.pending.len() as u64;
@@ -2106,7 +2105,7 @@ impl<'a> Sim<'a> {
             }
             _ => g.stats.driver_errors += 1,
         }
-        if Self::start_device(&mut self.med, vm).is_err() {
+        if Self::start_device(self.disp.mediator_mut(), vm).is_err() {
             self.guests[i].stats.driver_errors += 1;
         }
         if self.guests[i].malicious() {
@@ -2151,9 +2150,9 @@ impl<'a> Sim<'a> {
             } else {
                 QueueId::Control
             };
-            let _ = self.med.process_doorbell(vm, q, &mut self.guests[i].mem);
+            self.disp.doorbell(vm, q, &mut self.guests[i].mem, self.now);
         }
-        self.sync_iommu();
+        self.disp.schedule(self.now);
         let s = &mut self.guests[i].stats;
         s.storms += 1;
         s.storm_doorbells += n;
@@ -2202,8 +2201,8 @@ impl<'a> Sim<'a> {
                     .write(layout.avail + 2, &idx.wrapping_add(200).to_le_bytes());
                 g.stats.ring_attacks += 1;
                 let vm = g.vm;
-                let _ = self.med.process_doorbell(vm, q, &mut self.guests[i].mem);
-                self.sync_iommu();
+                self.disp.doorbell(vm, q, &mut self.guests[i].mem, self.now);
+                self.disp.schedule(self.now);
                 return;
             }
         };
@@ -2214,8 +2213,8 @@ impl<'a> Sim<'a> {
             .write(layout.avail + 2, &idx.wrapping_add(1).to_le_bytes());
         g.stats.ring_attacks += 1;
         let vm = g.vm;
-        let _ = self.med.process_doorbell(vm, q, &mut self.guests[i].mem);
-        self.sync_iommu();
+        self.disp.doorbell(vm, q, &mut self.guests[i].mem, self.now);
+        self.disp.schedule(self.now);
     }
 
     /// One command the mediator must refuse.
@@ -2492,7 +2491,8 @@ impl<'a> Sim<'a> {
         let total_share: u64 = (0..n).map(|i| sc.share(i)).sum();
         let mean_cmd = self.m.cmd_busy.checked_div(self.m.cmd_count).unwrap_or(0);
         let max_ops = (sc.sched.base_quantum_ns / mean_cmd.max(1)).max(1);
-        let counters = self.med.counters().clone();
+        let counters = self.disp.mediator().counters().clone();
+        let sched = self.disp.sched();
         let mut vms = Vec::with_capacity(n);
         let mut fences: Vec<(u64, u64, u64, u64)> = Vec::new();
         let mut echo_errors = 0;
@@ -2506,12 +2506,12 @@ impl<'a> Sim<'a> {
             let slice_len = if sc.sched.adaptive {
                 MIN_QUANTUM_NS
             } else {
-                self.sched.stats(vm).map_or(0, |s| s.quantum_ns)
+                sched.stats(vm).map_or(0, |s| s.quantum_ns)
             };
             let l_max = (l_exec <= slice_len)
-                .then(|| self.sched.latency_bound_ns(vm, l_exec))
+                .then(|| sched.latency_bound_ns(vm, l_exec))
                 .flatten();
-            let st = self.sched.stats(vm).unwrap_or_default();
+            let st = sched.stats(vm).unwrap_or_default();
             let c = counters.vm(vm).copied().unwrap_or_default();
             let wc = self.m.window[i];
             vms.push(VmReport {
@@ -2531,7 +2531,7 @@ impl<'a> Sim<'a> {
                 l_exec_ns: l_exec,
                 l_max_ns: l_max,
                 max_wait_ns: st.max_wait_ns,
-                wait_bound_ns: self.sched.max_wait_ns(vm).unwrap_or(0),
+                wait_bound_ns: sched.max_wait_ns(vm).unwrap_or(0),
                 window: wc,
                 efficiency: efficiency(&wc, mean_cmd),
                 attacks: g.stats.attacks,
@@ -2542,7 +2542,7 @@ impl<'a> Sim<'a> {
                 rejected: c.rejected_total(),
                 doorbells: c.doorbells,
                 interrupts: c.interrupts_injected,
-                mapped_pages: self.iommu.pages_of_vm(vm),
+                mapped_pages: usize::try_from(self.disp.grants().of_vm(vm)).unwrap_or(usize::MAX),
             });
         }
         // Fairness among the VMs that always had work.
@@ -2581,7 +2581,7 @@ impl<'a> Sim<'a> {
             vms,
             jain: jain_index(&x),
             u_gpu: total_busy as f64 / window as f64,
-            u_gpu_sched: self.sched.gpu_utilization(sc.duration_ns),
+            u_gpu_sched: self.disp.sched().gpu_utilization(sc.duration_ns),
             efficiency: efficiency(&all, mean_cmd),
             max_ops_per_quantum: max_ops,
             mean_command_ns: mean_cmd,
@@ -2598,10 +2598,10 @@ impl<'a> Sim<'a> {
             gpu_commands: self.gpu.commands_executed(),
             gpu_errors: self.gpu.errors(),
             iommu_faults: self.m.faults,
-            iommu_errors: self.iommu.errors,
+            iommu_errors: self.m.grants_kept,
             unexpected_host_commands: self.m.unexpected,
             overruns: self.m.overruns,
-            stale_completions: self.m.stale,
+            stale_completions: counters.spurious_interrupts,
             hangs: self.m.hangs,
             good_resources: (
                 core::mem::take(&mut self.good_resources_at_warmup),
