@@ -12,8 +12,9 @@ use core::fmt::Write;
 
 use log::Level;
 
-/// VMs with their own buffer (config allows 32); index `MAX_VMS` is the host's.
-const MAX_VMS: usize = 32;
+/// VMs with their own buffer: as many as the configuration allows (VM ids are config
+/// slots); index `MAX_VMS` is the host's.
+const MAX_VMS: usize = boot_info::MAX_VMS;
 /// Lines kept per buffer until the next [`flush`].
 const LINES: usize = 16;
 /// Longest line kept (longer ones are cut).

@@ -5,7 +5,7 @@
 //! zero-copy buffers are `gpu_pv::dispatch::Dispatcher`'s, the same code the host
 //! tests and the simulation run. Here:
 //!
-//! - [`Port`] is the physical GPU as the dispatcher sees it: the backend's ring,
+//! - [`PhysicalGpu`] is the physical GPU as the dispatcher sees it: the backend's ring,
 //!   the copies into a shared head's composite, and the notifications, rung only
 //!   after the lock is released.
 //! - Doorbells (notify writes) and polls during a VM's slice hand the VM's virtqueues
@@ -26,8 +26,9 @@
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use gpu_pv::budget::DEFAULT_BUDGET;
 use gpu_pv::command;
@@ -72,8 +73,6 @@ fn current_source() -> Source {
     crate::vm_context::current().map_or(Source::Host, Source::Vm)
 }
 
-/// Most VMs with a paravirtual GPU.
-pub const MAX_GPU_VMS: usize = 64;
 /// Commands handed to the physical ring per batch.
 pub const MAX_BATCH: usize = 32;
 
@@ -108,7 +107,7 @@ impl GuestMemory for VmMemory {
 }
 
 /// The physical GPU as the dispatcher sees it.
-pub struct Port {
+pub struct PhysicalGpu {
     backend: Box<dyn GpuBackend>,
     /// The shared heads' composite resources: host id -> their memory.
     composites: BTreeMap<u32, DmaRegion>,
@@ -116,7 +115,7 @@ pub struct Port {
     doorbells: crate::gpu::Doorbells,
 }
 
-impl Gpu for Port {
+impl Gpu for PhysicalGpu {
     type Error = GpuError;
 
     fn free_slots(&self, queue: QueueId) -> usize {
@@ -189,11 +188,13 @@ const OVERDUE_NS: u64 = 100_000_000;
 const FIRST_COST_NS: u64 = 100_000;
 
 struct GpuPv {
-    disp: Dispatcher<Port>,
+    disp: Dispatcher<PhysicalGpu>,
     /// The GPU's IOMMU domain, when the IOMMU translates its DMA.
     domain: Option<DomainId>,
     /// The memory of each VM with a paravirtual GPU.
     memory: BTreeMap<VmId, VmMemory>,
+    /// What each VM's [`GpuPort`] shares with this side.
+    links: BTreeMap<VmId, Arc<Link>>,
     scanouts: Vec<(u32, u32)>,
     /// VM names, for samples.
     names: BTreeMap<VmId, alloc::string::String>,
@@ -210,6 +211,126 @@ struct GpuPv {
 /// Completions every VM must have before the glue announces that all of them reach
 /// the GPU (a causal trigger for tests that look at every VM's display).
 pub const REACHED_COMPLETIONS: u64 = 20;
+
+/// What a VM's [`GpuPort`] shares with the GPU side, without the GPU-PV lock.
+#[derive(Debug, Default)]
+struct Link {
+    /// Virtual interrupts to raise: bit i = MSI-X entry i (coalesced).
+    mailbox: AtomicU64,
+    /// Doorbells rung while the lock was busy (bit = queue index), served by the
+    /// next [`service`] on any CPU.
+    pending_doorbells: AtomicU64,
+    /// Its vCPU runs now: its queues are polled (by the bottom half on idle CPUs,
+    /// and at its own exits), and the guest is asked not to kick.
+    in_slice: AtomicBool,
+    /// 1 + the CPU running its vCPU 0 (which takes the GPU's virtual interrupts), 0
+    /// when it does not run. A CPU that posts an interrupt for it sends that CPU a
+    /// wake IPI, so the guest exits and takes it at once.
+    running_on: AtomicUsize,
+}
+
+/// A VM's port to the shared GPU, from [`add_vm`]: its device's events, doorbells,
+/// slices and interrupts go through it. Dropping it takes the VM off the GPU: its
+/// channel is reset (work dropped, resources freed, mappings removed) and its
+/// memory is no longer reachable; it stays on the GPU schedule until its cleanup
+/// (scanouts blanked, host resources unref'd) ran.
+#[derive(Debug)]
+pub struct GpuPort {
+    vm: VmId,
+    link: Arc<Link>,
+}
+
+/// Whether a VM has GPU interrupts waiting: what the vCPU scheduler reads to wake a
+/// halted vCPU, without the VM's lock.
+#[derive(Clone, Debug)]
+pub struct PendingGpuInterrupts(Arc<Link>);
+
+impl PendingGpuInterrupts {
+    /// Whether any are waiting.
+    pub fn any(&self) -> bool {
+        self.0.mailbox.load(Ordering::Relaxed) != 0
+    }
+}
+
+impl GpuPort {
+    /// Scanouts the VM sees.
+    pub fn scanouts(&self) -> u32 {
+        1
+    }
+    /// The VM notified `queue`.
+    pub fn doorbell(&self, queue: QueueId) {
+        doorbell(self.vm, &self.link, queue);
+    }
+    /// Its vCPU starts a slice on this CPU (`takes_interrupts`: it is vCPU 0): its
+    /// queues are served now and polled until [`slice_end`](Self::slice_end), with
+    /// the guest's kicks suppressed.
+    pub fn slice_begin(&self, takes_interrupts: bool) {
+        slice_begin(self.vm, &self.link, takes_interrupts);
+    }
+    /// Its vCPU stopped running: what it queued is served, and the guest is asked
+    /// to kick again (nobody polls a VM that does not run).
+    pub fn slice_end(&self) {
+        slice_end(self.vm, &self.link);
+    }
+    /// Takes the pending virtual interrupts as a bitmask of MSI-X entries: all
+    /// completions since the last call coalesce into one interrupt per entry.
+    pub fn take_interrupts(&self) -> u64 {
+        self.link.mailbox.swap(0, Ordering::AcqRel)
+    }
+    /// Whether virtual interrupts are waiting.
+    pub fn has_interrupts(&self) -> bool {
+        self.link.mailbox.load(Ordering::Relaxed) != 0
+    }
+    /// The same, for the vCPU scheduler.
+    pub fn pending_interrupts(&self) -> PendingGpuInterrupts {
+        PendingGpuInterrupts(self.link.clone())
+    }
+    /// Whether commands were taken from its rings and not answered yet (so a
+    /// completion, and its interrupt, are coming).
+    pub fn has_work(&self) -> bool {
+        has_work(self.vm)
+    }
+    /// Whether its device shows DEVICE_NEEDS_RESET.
+    pub fn needs_reset(&self) -> bool {
+        needs_reset(self.vm)
+    }
+    /// The driver wrote DRIVER_OK with these queues.
+    pub fn start(&self, control: QueueLayout, cursor: QueueLayout) -> bool {
+        start(self.vm, control, cursor)
+    }
+    /// The driver reset the device.
+    pub fn driver_reset(&self) {
+        driver_reset(self.vm);
+    }
+    /// The driver set a queue's (or the config) MSI-X entry.
+    pub fn set_vector(&self, queue: Option<QueueId>, entry: u16) {
+        set_vector(self.vm, queue, entry);
+    }
+    /// The driver reset one queue (`VIRTIO_F_RING_RESET`).
+    pub fn reset_queue(&self, queue: QueueId) {
+        reset_queue(self.vm, queue);
+    }
+    /// The driver re-enabled a reset queue at `layout`.
+    pub fn restart_queue(&self, queue: QueueId, layout: QueueLayout) -> bool {
+        restart_queue(self.vm, queue, layout)
+    }
+    /// Zero-copy buffer exchange (hypercall GPU_REGISTER_BUFFER).
+    pub fn register_buffer(&self, gpa: u64, len: u64) -> Option<u64> {
+        register_buffer(self.vm, gpa, len)
+    }
+    /// Hypercall GPU_UNREGISTER_BUFFER.
+    pub fn unregister_buffer(&self, handle: u64) -> bool {
+        unregister_buffer(self.vm, handle)
+    }
+}
+
+impl Drop for GpuPort {
+    fn drop(&mut self) {
+        self.link.in_slice.store(false, Ordering::Release);
+        self.link.running_on.store(0, Ordering::Release);
+        remove_vm(self.vm);
+    }
+}
 
 /// The figures measured for `vm`.
 pub fn figures(vm: VmId) -> Option<Figures> {
@@ -318,9 +439,6 @@ pub fn longest_lock_hold(reset: bool) -> (u64, u32, u64) {
     }
     r
 }
-/// Per-VM mailbox of virtual interrupts to raise: bit i = MSI-X entry i.
-static MAILBOX: [AtomicU64; MAX_GPU_VMS] = [const { AtomicU64::new(0) }; MAX_GPU_VMS];
-
 fn now_ns() -> u64 {
     crate::apic::now_us() * 1000
 }
@@ -426,7 +544,7 @@ pub fn init(
         vram_in_hv_memory,
         ..MediatorConfig::new(vram_total, scanouts.len() as u32)
     };
-    let port = Port {
+    let port = PhysicalGpu {
         backend,
         composites,
         doorbells: crate::gpu::Doorbells::default(),
@@ -440,6 +558,7 @@ pub fn init(
         disp: Dispatcher::new(Mediator::new(config), sched, port, dispatch),
         domain,
         memory: BTreeMap::new(),
+        links: BTreeMap::new(),
         scanouts,
         names: BTreeMap::new(),
         last_sample: (now_ns(), BTreeMap::new()),
@@ -575,8 +694,8 @@ fn band_copies(composites: &mut BTreeMap<u32, DmaRegion>, cmd: &HostCommand) {
     }
 }
 
-/// Gives VM `vm` a paravirtual GPU on physical scanout `vm` (if there is one).
-/// Returns the number of scanouts it sees.
+/// Gives VM `vm` a paravirtual GPU on physical scanout `vm` (if there is one):
+/// returns its port, through which everything else goes.
 pub fn add_vm(
     vm: VmId,
     name: &str,
@@ -584,7 +703,7 @@ pub fn add_vm(
     weight: u32,
     alpha_tenths: u32,
     quota_mib: u32,
-) -> Option<u32> {
+) -> Option<GpuPort> {
     let mut g = lock();
     let s = g.as_mut()?;
     s.names.insert(vm, alloc::string::String::from(name));
@@ -631,17 +750,18 @@ pub fn add_vm(
             warn!("gpu-pv: vm {vm}: not scheduled: {e:?}");
         }
     }
+    let link = Arc::new(Link::default());
     s.memory.insert(vm, mem);
-    MAILBOX[vm as usize % MAX_GPU_VMS].store(0, Ordering::Relaxed);
+    s.links.insert(vm, link.clone());
     drain_events(s);
-    Some(1)
+    Some(GpuPort { vm, link })
 }
 
 /// Zero-copy buffer exchange (hypercall GPU_REGISTER_BUFFER): the VM names a
 /// page-aligned range of its RAM; after the validity and ownership checks it is
 /// registered in the GPU's IOMMU domain until unregistered or the VM goes. Returns
 /// the handle, or `None` when a check fails.
-pub fn register_buffer(vm: VmId, gpa: u64, len: u64) -> Option<u64> {
+fn register_buffer(vm: VmId, gpa: u64, len: u64) -> Option<u64> {
     let mut g = lock();
     let s = g.as_mut()?;
     let mem = *s.memory.get(&vm)?;
@@ -663,7 +783,7 @@ pub fn register_buffer(vm: VmId, gpa: u64, len: u64) -> Option<u64> {
 }
 
 /// Unregisters buffer `handle` of `vm` (hypercall GPU_UNREGISTER_BUFFER).
-pub fn unregister_buffer(vm: VmId, handle: u64) -> bool {
+fn unregister_buffer(vm: VmId, handle: u64) -> bool {
     let mut g = lock();
     let Some(s) = g.as_mut() else { return false };
     let Some(hpa) = s.disp.unregister_buffer(vm, handle) else {
@@ -688,11 +808,10 @@ pub fn gpu_can_reach(hpa: u64) -> Option<bool> {
 /// mappings removed) and its memory is no longer reachable. It stays on the GPU
 /// schedule until its cleanup (scanouts blanked, host resources unref'd) ran, or its
 /// last frame stays on the head and its resources on the device.
-pub fn remove_vm(vm: VmId) {
-    IN_SLICE[vm as usize % MAX_GPU_VMS].store(false, Ordering::Release);
-    RUNNING_ON[vm as usize % MAX_GPU_VMS].store(0, Ordering::Release);
+fn remove_vm(vm: VmId) {
     let mut g = lock();
     let Some(s) = g.as_mut() else { return };
+    s.links.remove(&vm);
     if s.memory.remove(&vm).is_some() {
         if let Ok(r) = s.disp.remove_vm(vm, now_ns()) {
             info!(
@@ -724,7 +843,7 @@ fn iommu_apply(s: &mut GpuPv) {
 }
 
 /// The driver wrote DRIVER_OK.
-pub fn start(vm: VmId, control: QueueLayout, cursor: QueueLayout) -> bool {
+fn start(vm: VmId, control: QueueLayout, cursor: QueueLayout) -> bool {
     let mut g = lock();
     let Some(s) = g.as_mut() else { return false };
     let r = s.disp.start_queues(vm, control, cursor);
@@ -737,7 +856,7 @@ pub fn start(vm: VmId, control: QueueLayout, cursor: QueueLayout) -> bool {
 
 /// The driver reset the device: its cleanup is scheduled now, not at the driver's
 /// next kick.
-pub fn driver_reset(vm: VmId) {
+fn driver_reset(vm: VmId) {
     let mut g = lock();
     let Some(s) = g.as_mut() else { return };
     let _ = s.disp.driver_reset(vm, now_ns());
@@ -745,7 +864,7 @@ pub fn driver_reset(vm: VmId) {
 }
 
 /// The driver set a queue's (or the config) MSI-X entry.
-pub fn set_vector(vm: VmId, queue: Option<QueueId>, entry: u16) {
+fn set_vector(vm: VmId, queue: Option<QueueId>, entry: u16) {
     let mut g = lock();
     let Some(s) = g.as_mut() else { return };
     let m = s.disp.mediator_mut();
@@ -755,15 +874,12 @@ pub fn set_vector(vm: VmId, queue: Option<QueueId>, entry: u16) {
     };
 }
 
-/// Doorbells rung while the mediator was busy, per VM (bit = queue index), served by
-/// the next [`service`] on any CPU.
-static PENDING_DOORBELLS: [AtomicU64; MAX_GPU_VMS] = [const { AtomicU64::new(0) }; MAX_GPU_VMS];
-
 /// A doorbell: the VM notified `queue`. Never waits for the mediator: when another
 /// CPU holds it, the doorbell is marked pending and served by that CPU's bottom half.
-pub fn doorbell(vm: VmId, queue: QueueId) {
+fn doorbell(vm: VmId, link: &Link, queue: QueueId) {
     let Some(mut g) = try_lock() else {
-        PENDING_DOORBELLS[vm as usize % MAX_GPU_VMS].fetch_or(1 << queue.index(), Ordering::AcqRel);
+        link.pending_doorbells
+            .fetch_or(1 << queue.index(), Ordering::AcqRel);
         return;
     };
     let Some(s) = g.as_mut() else { return };
@@ -777,29 +893,18 @@ pub fn doorbell(vm: VmId, queue: QueueId) {
     s.disp.schedule(now);
 }
 
-/// VMs whose vCPU is running now: their queues are polled (by the bottom half on
-/// idle CPUs, and at their own exits), and the guest is asked not to kick.
-static IN_SLICE: [core::sync::atomic::AtomicBool; MAX_GPU_VMS] =
-    [const { core::sync::atomic::AtomicBool::new(false) }; MAX_GPU_VMS];
-
-/// Per VM: 1 + the CPU running its vCPU 0 (which takes the GPU's virtual
-/// interrupts), 0 when it does not run. A CPU that posts an interrupt for it sends
-/// that CPU a wake IPI, so the guest exits and takes it at once.
-static RUNNING_ON: [core::sync::atomic::AtomicUsize; MAX_GPU_VMS] =
-    [const { core::sync::atomic::AtomicUsize::new(0) }; MAX_GPU_VMS];
-
 /// `vm`'s vCPU starts a slice on this CPU (`takes_interrupts`: it is vCPU 0): its
 /// queues are served now and polled until [`slice_end`], with the guest's kicks
 /// suppressed.
-pub fn slice_begin(vm: VmId, takes_interrupts: bool) {
+fn slice_begin(vm: VmId, link: &Link, takes_interrupts: bool) {
     let mut g = lock();
     let Some(s) = g.as_mut() else { return };
     let Some(mut mem) = s.memory.get(&vm).copied() else {
         return;
     };
-    IN_SLICE[vm as usize % MAX_GPU_VMS].store(true, Ordering::Release);
+    link.in_slice.store(true, Ordering::Release);
     if takes_interrupts {
-        RUNNING_ON[vm as usize % MAX_GPU_VMS]
+        link.running_on
             .store(crate::arch::cpu::current_index() + 1, Ordering::Release);
     }
     let now = now_ns();
@@ -811,9 +916,9 @@ pub fn slice_begin(vm: VmId, takes_interrupts: bool) {
 
 /// `vm`'s vCPU stopped running: what it queued is served, and the guest is asked
 /// to kick again (nobody polls a VM that does not run).
-pub fn slice_end(vm: VmId) {
-    IN_SLICE[vm as usize % MAX_GPU_VMS].store(false, Ordering::Release);
-    RUNNING_ON[vm as usize % MAX_GPU_VMS].store(0, Ordering::Release);
+fn slice_end(vm: VmId, link: &Link) {
+    link.in_slice.store(false, Ordering::Release);
+    link.running_on.store(0, Ordering::Release);
     let mut g = lock();
     let Some(s) = g.as_mut() else { return };
     let Some(mut mem) = s.memory.get(&vm).copied() else {
@@ -833,7 +938,7 @@ fn after_guest_work(s: &mut GpuPv) {
 }
 
 /// Whether the VM's device shows DEVICE_NEEDS_RESET.
-pub fn needs_reset(vm: VmId) -> bool {
+fn needs_reset(vm: VmId) -> bool {
     GPUPV
         .lock()
         .as_ref()
@@ -841,15 +946,9 @@ pub fn needs_reset(vm: VmId) -> bool {
         .is_some_and(|b| b & virtio_pci::status::DEVICE_NEEDS_RESET != 0)
 }
 
-/// Takes the VM's pending virtual interrupts as a bitmask of MSI-X entries: all
-/// completions since the last call coalesce into one interrupt per entry.
-pub fn take_interrupts(vm: VmId) -> u64 {
-    MAILBOX[vm as usize % MAX_GPU_VMS].swap(0, Ordering::AcqRel)
-}
-
 /// Whether `vm` has GPU commands taken from its rings and not yet answered (so a
 /// completion, and its interrupt, are coming).
-pub fn has_work(vm: VmId) -> bool {
+fn has_work(vm: VmId) -> bool {
     GPUPV
         .lock()
         .as_ref()
@@ -857,17 +956,14 @@ pub fn has_work(vm: VmId) -> bool {
         .is_some_and(|v| v.unanswered() > 0)
 }
 
-/// Whether the VM has virtual interrupts waiting.
-pub fn has_interrupts(vm: VmId) -> bool {
-    MAILBOX[vm as usize % MAX_GPU_VMS].load(Ordering::Relaxed) != 0
-}
-
 fn collect_interrupts(s: &mut GpuPv) {
     for (vm, entry) in s.disp.take_interrupts() {
+        let Some(link) = s.links.get(&vm) else {
+            continue;
+        };
         if entry < 64 {
-            let slot = vm as usize % MAX_GPU_VMS;
-            let before = MAILBOX[slot].fetch_or(1u64 << entry, Ordering::AcqRel);
-            let on = RUNNING_ON[slot].load(Ordering::Acquire);
+            let before = link.mailbox.fetch_or(1u64 << entry, Ordering::AcqRel);
+            let on = link.running_on.load(Ordering::Acquire);
             if before == 0 && on != 0 {
                 crate::interrupts::wake_cpu(on - 1);
             }
@@ -960,32 +1056,28 @@ pub fn service() -> bool {
     let Some(s) = g.as_mut() else { return false };
     let staged_before = staged(s);
     let now = now_ns();
-    for (vm, pending) in PENDING_DOORBELLS.iter().enumerate() {
-        let bits = pending.swap(0, Ordering::AcqRel);
-        if bits == 0 {
-            continue;
-        }
-        let vm = vm as VmId;
-        let Some(mut mem) = s.memory.get(&vm).copied() else {
+    let GpuPv {
+        disp,
+        links,
+        memory,
+        ..
+    } = s;
+    for (&vm, link) in links.iter() {
+        let Some(mut mem) = memory.get(&vm).copied() else {
             continue;
         };
+        // Doorbells rung while another CPU held the lock.
+        let bits = link.pending_doorbells.swap(0, Ordering::AcqRel);
         for q in QueueId::ALL {
             if bits & (1 << q.index()) != 0 {
-                s.disp.doorbell(vm, q, &mut mem, now);
+                disp.doorbell(vm, q, &mut mem, now);
             }
         }
-    }
-    // Polling: the queues of every VM that is running now.
-    for (vm, on) in IN_SLICE.iter().enumerate() {
-        if !on.load(Ordering::Acquire) {
-            continue;
-        }
-        let vm = vm as VmId;
-        let Some(mut mem) = s.memory.get(&vm).copied() else {
-            continue;
-        };
-        if s.disp.mediator().vm(vm).is_some_and(|v| v.polled()) {
-            s.disp.poll(vm, &mut mem, now);
+        // Polling: the queues of every VM that is running now.
+        if link.in_slice.load(Ordering::Acquire)
+            && disp.mediator().vm(vm).is_some_and(|v| v.polled())
+        {
+            disp.poll(vm, &mut mem, now);
         }
     }
     let done = s.disp.service(&mut s.memory, now);
@@ -1088,7 +1180,7 @@ pub fn iommu_table_frames() -> usize {
 /// response, no used entry; commands already validated still run as the mediator's
 /// own and their completions are applied without reaching the guest). Logged with
 /// the number of chains dropped; a refusal (context not live) is logged too.
-pub fn reset_queue(vm: VmId, queue: QueueId) {
+fn reset_queue(vm: VmId, queue: QueueId) {
     let mut g = lock();
     let Some(s) = g.as_mut() else { return };
     match s.disp.mediator_mut().reset_queue(vm, queue) {
@@ -1104,7 +1196,7 @@ pub fn reset_queue(vm: VmId, queue: QueueId) {
 /// mediator serves it again from index 0. Returns false (logged) when the mediator
 /// refuses (bad layout, queue not reset, context not live): the device then needs a
 /// reset.
-pub fn restart_queue(vm: VmId, queue: QueueId, layout: QueueLayout) -> bool {
+fn restart_queue(vm: VmId, queue: QueueId, layout: QueueLayout) -> bool {
     let mut g = lock();
     let Some(s) = g.as_mut() else { return false };
     let r = s.disp.mediator_mut().restart_queue(vm, queue, layout);

@@ -141,6 +141,8 @@ pub struct Vm {
     stuck_us: u64,
     /// Its paravirtual GPU, when the mediator runs and a scanout is free for it.
     gpu: Option<VirtioGpuDevice>,
+    /// Its port to the shared GPU (with `gpu`).
+    port: Option<crate::gpupv::GpuPort>,
 }
 
 /// Why a VM could not be created.
@@ -215,6 +217,7 @@ impl Vm {
             io_window: (0, 0),
             stuck_us: 0,
             gpu: None,
+            port: None,
         };
         // From here on, dropping `vm` returns its frames.
         vm.nested
@@ -239,7 +242,7 @@ impl Vm {
             gdt_limit: 23,
         };
         let mem = vm.memory();
-        if let Some(n) = crate::gpupv::add_vm(
+        if let Some(port) = crate::gpupv::add_vm(
             id,
             &spec.name,
             mem,
@@ -247,7 +250,8 @@ impl Vm {
             spec.gpu_alpha_tenths,
             spec.vram_quota_mib,
         ) {
-            vm.gpu = Some(VirtioGpuDevice::new(n));
+            vm.gpu = Some(VirtioGpuDevice::new(port.scanouts()));
+            vm.port = Some(port);
         }
         let root = vm.nested.root_pointer();
         for _ in 0..spec.vcpus.max(1) {
@@ -260,6 +264,11 @@ impl Vm {
             vm.vcpus.push(v);
         }
         Ok(vm)
+    }
+
+    /// Whether its GPU has interrupts waiting, readable without the VM's lock.
+    pub fn pending_gpu_interrupts(&self) -> Option<crate::gpupv::PendingGpuInterrupts> {
+        self.port.as_ref().map(|p| p.pending_interrupts())
     }
 
     /// The VM's RAM as a checked guest-memory view (what the mediator gets too).
@@ -381,7 +390,7 @@ impl Vm {
         // What the guest queued just before halting is taken (it is polled, so it
         // did not kick) and goes to the GPU now.
         let _ = crate::gpupv::service();
-        if !crate::gpupv::has_work(self.id) {
+        if !self.port.as_ref().is_some_and(|p| p.has_work()) {
             return false;
         }
         let until = (crate::apic::now_us() + HALT_POLL_US).min(slice_deadline);
@@ -411,7 +420,7 @@ impl Vm {
         self.lapics[idx].tick(now);
         self.lapics[idx].pending().is_some()
             || (idx == 0
-                && (crate::gpupv::has_interrupts(self.id)
+                && (self.port.as_ref().is_some_and(|p| p.has_interrupts())
                     || self.gpu.as_ref().is_some_and(|d| d.has_released())))
     }
 
@@ -424,7 +433,10 @@ impl Vm {
         for vector in dev.take_released() {
             self.lapics[0].raise(vector);
         }
-        let bits = crate::gpupv::take_interrupts(self.id);
+        let Some(port) = self.port.as_ref() else {
+            return;
+        };
+        let bits = port.take_interrupts();
         if bits == 0 {
             return;
         }
@@ -434,7 +446,7 @@ impl Vm {
                 continue;
             }
             let config = entry == config_entry;
-            if config && crate::gpupv::needs_reset(self.id) {
+            if config && port.needs_reset() {
                 dev.needs_reset = true;
             }
             if let Some(vector) = dev.raise(entry, config) {
@@ -480,10 +492,14 @@ impl Vm {
         }
         vm_context::set(Some(self.log_id));
         // While the vCPU runs, its GPU queues are polled instead of trapping kicks.
-        let polled = self.gpu.as_ref().is_some_and(|d| d.live());
-        if polled {
-            crate::gpupv::slice_begin(self.id, idx == 0);
+        let polled = self
+            .port
+            .as_ref()
+            .filter(|_| self.gpu.as_ref().is_some_and(|d| d.live()));
+        if let Some(port) = polled {
+            port.slice_begin(idx == 0);
         }
+        let polled = polled.is_some();
         let t0 = crate::apic::now_us();
         let deadline = if slice_us == 0 {
             u64::MAX
@@ -531,8 +547,8 @@ impl Vm {
         if let Some(v) = self.vcpus.get_mut(idx) {
             v.put();
         }
-        if polled {
-            crate::gpupv::slice_end(self.id);
+        if let Some(port) = self.port.as_ref().filter(|_| polled) {
+            port.slice_end();
         }
         self.stats.cpu_us += crate::apic::now_us().saturating_sub(t0);
         vm_context::set(None);
@@ -849,21 +865,24 @@ impl Vm {
 
     /// Carries out what the virtual GPU asked for after a register write.
     fn gpu_action(&mut self, action: Action) {
+        let Some(port) = self.port.as_ref() else {
+            return;
+        };
         match action {
             Action::None => {}
-            Action::Notify(q) => crate::gpupv::doorbell(self.id, q),
+            Action::Notify(q) => port.doorbell(q),
             Action::Start(control, cursor) => {
-                if !crate::gpupv::start(self.id, control, cursor) {
+                if !port.start(control, cursor) {
                     if let Some(d) = self.gpu.as_mut() {
                         d.needs_reset = true;
                     }
                 }
             }
-            Action::Reset => crate::gpupv::driver_reset(self.id),
-            Action::Vector(q, entry) => crate::gpupv::set_vector(self.id, q, entry),
-            Action::QueueReset(q) => crate::gpupv::reset_queue(self.id, q),
+            Action::Reset => port.driver_reset(),
+            Action::Vector(q, entry) => port.set_vector(q, entry),
+            Action::QueueReset(q) => port.reset_queue(q),
             Action::QueueRestart(q, layout) => {
-                if !crate::gpupv::restart_queue(self.id, q, layout) {
+                if !port.restart_queue(q, layout) {
                     if let Some(d) = self.gpu.as_mut() {
                         d.needs_reset = true;
                     }
@@ -926,7 +945,11 @@ impl Vm {
             }
             hypercall::YIELD => (hypercall::OK, false),
             hypercall::GPU_REGISTER_BUFFER => {
-                match crate::gpupv::register_buffer(self.id, r.rdi, r.rsi) {
+                match self
+                    .port
+                    .as_ref()
+                    .and_then(|p| p.register_buffer(r.rdi, r.rsi))
+                {
                     Some(handle) => {
                         self.vcpus[idx].regs().rdi = handle;
                         let reach = crate::gpupv::gpu_can_reach(self.mem_base + r.rdi);
@@ -940,7 +963,11 @@ impl Vm {
                 }
             }
             hypercall::GPU_UNREGISTER_BUFFER => {
-                if crate::gpupv::unregister_buffer(self.id, r.rdi) {
+                if self
+                    .port
+                    .as_ref()
+                    .is_some_and(|p| p.unregister_buffer(r.rdi))
+                {
                     (hypercall::OK, true)
                 } else {
                     (hypercall::ERR_INVALID, true)
@@ -974,9 +1001,8 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        if self.gpu.is_some() {
-            crate::gpupv::remove_vm(self.id);
-        }
+        // Off the GPU first: its memory must be unreachable before it is freed.
+        drop(self.port.take());
         self.vcpus.clear();
         frames::free(self.mem_base, (self.mem_size / 4096) as usize);
     }

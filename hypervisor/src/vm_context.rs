@@ -6,16 +6,19 @@ use core::sync::atomic::{AtomicU32, Ordering};
 
 use crate::arch::cpu::{current_index, MAX_CPUS};
 
-/// Most VM ids the log can name.
-pub const MAX_SLOTS: usize = 64;
+/// Most VM ids the log can name: as many as the configuration allows (VM ids are
+/// config slots, below `boot_info::MAX_VMS`).
+pub const MAX_SLOTS: usize = boot_info::MAX_VMS;
 const NONE: u32 = u32::MAX;
 static CURRENT: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(NONE) }; MAX_CPUS];
 static NAMES: spin::RwLock<[[u8; 32]; MAX_SLOTS]> = spin::RwLock::new([[0; 32]; MAX_SLOTS]);
 
-/// Names slot `id` (VM ids index the slots).
+/// Names slot `id` (VM ids index the slots); an id past the slots gets no name.
 pub fn register(id: u16, name: &str) -> u32 {
-    let slot = (id as usize) % MAX_SLOTS;
-    NAMES.write()[slot] = boot_info::to_fixed(name);
+    let slot = usize::from(id);
+    if let Some(n) = NAMES.write().get_mut(slot) {
+        *n = boot_info::to_fixed(name);
+    }
     slot as u32
 }
 

@@ -59,6 +59,21 @@ struct Monitor {
     wake_at: Vec<AtomicU64>,
     /// When each slot's vCPU was last put back on the run queue.
     queued_at: Vec<AtomicU64>,
+    /// Each slot's VM's waiting GPU interrupts (its GPU port's), readable without
+    /// the slot's lock: a halted vCPU with one is ready.
+    gpu_interrupts: Vec<spin::RwLock<Option<crate::gpupv::PendingGpuInterrupts>>>,
+}
+
+impl Monitor {
+    /// Whether VM `slot`'s vCPU 0 can run now: not halted, its timer is due, or a GPU
+    /// interrupt waits.
+    fn ready(&self, slot: usize, vcpu: usize, now: u64) -> bool {
+        vcpu != 0
+            || self.wake_at[slot].load(Ordering::Relaxed) <= now
+            || self.gpu_interrupts[slot]
+                .try_read()
+                .is_some_and(|p| p.as_ref().is_some_and(|p| p.any()))
+    }
 }
 
 static MONITOR: spin::Once<Monitor> = spin::Once::new();
@@ -137,6 +152,7 @@ pub fn configure(bi: &BootInfo, backend: Backend) {
     let vruntime = slots.iter().map(|_| AtomicU64::new(0)).collect();
     let wake_at = slots.iter().map(|_| AtomicU64::new(0)).collect();
     let queued_at = slots.iter().map(|_| AtomicU64::new(0)).collect();
+    let gpu_interrupts = slots.iter().map(|_| spin::RwLock::new(None)).collect();
     MONITOR.call_once(|| Monitor {
         backend,
         slots,
@@ -144,6 +160,7 @@ pub fn configure(bi: &BootInfo, backend: Backend) {
         vruntime,
         wake_at,
         queued_at,
+        gpu_interrupts,
     });
     // The other CPUs turn virtualization on as soon as the monitor exists; wait for
     // them so their per-CPU state is in place before any VM (and any frame count).
@@ -184,6 +201,7 @@ pub fn create(slot: usize) -> Result<(), CreateError> {
         vm.frames_held()
     );
     let n = vm.vcpus.len();
+    *m.gpu_interrupts[slot].write() = vm.pending_gpu_interrupts();
     g.vm = Some(vm);
     drop(g);
     // A new VM starts level with the others, neither owed nor owing CPU time.
@@ -235,11 +253,7 @@ pub fn others_ready() -> bool {
         return true;
     };
     let now = crate::apic::now_us();
-    q.iter().any(|(slot, vcpu)| {
-        *vcpu != 0
-            || m.wake_at[*slot].load(Ordering::Relaxed) <= now
-            || crate::gpupv::has_interrupts(*slot as u16)
-    })
+    q.iter().any(|&(slot, vcpu)| m.ready(slot, vcpu, now))
 }
 
 /// Pauses VM `slot` (it keeps its memory and state).
@@ -278,6 +292,7 @@ pub fn destroy(slot: usize) {
     let Some(m) = MONITOR.get() else { return };
     let Some(s) = m.slots.get(slot) else { return };
     let vm = s.lock().vm.take();
+    *m.gpu_interrupts[slot].write() = None;
     // A gone VM's CPU time no longer counts: a VM created later starts level with the
     // live ones, not with this stale figure (which would let it take the CPUs from
     // the others until it caught up).
@@ -402,11 +417,7 @@ fn run_loop(bsp: bool) {
             let best = q
                 .iter()
                 .enumerate()
-                .filter(|(_, (slot, vcpu))| {
-                    *vcpu != 0
-                        || m.wake_at[*slot].load(Ordering::Relaxed) <= now
-                        || crate::gpupv::has_interrupts(*slot as u16)
-                })
+                .filter(|(_, &(slot, vcpu))| m.ready(slot, vcpu, now))
                 .filter(|(_, (slot, _))| {
                     let waited = now.saturating_sub(m.queued_at[*slot].load(Ordering::Relaxed));
                     let ok = !gpu_cpu || waited >= BASE_SLICE_US / 2;
