@@ -333,11 +333,13 @@ impl Drop for GpuPort {
 }
 
 /// The figures measured for `vm`.
+#[cfg_attr(not(feature = "selftest"), allow(dead_code))]
 pub fn figures(vm: VmId) -> Option<Figures> {
     GPUPV.lock().as_ref().and_then(|s| s.disp.figures(vm))
 }
 
 /// Starts a new measurement of every VM's longest slice (after a warm-up).
+#[cfg_attr(not(feature = "selftest"), allow(dead_code))]
 pub fn reset_longest_slices() {
     if let Some(s) = GPUPV.lock().as_mut() {
         s.disp.reset_longest_slices();
@@ -426,6 +428,7 @@ fn try_lock() -> Option<Held> {
 
 /// The longest hold of the GPU-PV lock so far (µs), the source line that took it, and
 /// the longest GPU notify made under it (µs); `reset` starts a new measurement.
+#[cfg_attr(not(feature = "selftest"), allow(dead_code))]
 pub fn longest_lock_hold(reset: bool) -> (u64, u32, u64) {
     let per_us = (crate::apic::tsc_per_ms() / 1000).max(1);
     let r = (
@@ -1167,6 +1170,7 @@ pub fn sample() {
 
 /// Frames the GPU's IOMMU page tables use now (they grow with zero-copy mappings and
 /// are kept, empty, until the GPU is detached).
+#[cfg_attr(not(feature = "selftest"), allow(dead_code))]
 pub fn iommu_table_frames() -> usize {
     let g = lock();
     g.as_ref()

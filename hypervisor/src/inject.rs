@@ -30,6 +30,7 @@ static HANG_VM: AtomicU64 = AtomicU64::new(u64::MAX);
 static HANGING: AtomicBool = AtomicBool::new(false);
 
 /// Arms the bad-DMA injection for VM `vm`.
+#[cfg_attr(not(feature = "selftest"), allow(dead_code))]
 pub fn arm_bad_dma(vm: u16) -> Result<(), &'static str> {
     #[cfg(feature = "test-inject")]
     {

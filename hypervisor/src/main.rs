@@ -12,7 +12,6 @@ mod acpi;
 mod apic;
 mod arch;
 mod event_log;
-mod exit;
 mod gpu;
 mod gpupv;
 mod inject;
@@ -20,9 +19,11 @@ mod interrupts;
 mod iommu;
 mod mm;
 mod pci;
+#[cfg(feature = "selftest")]
 mod selftest;
 mod serial;
 mod smp;
+mod verdict;
 mod virt;
 mod vm;
 mod vm_context;
@@ -46,9 +47,9 @@ pub unsafe extern "sysv64" fn _start(boot_info: u64) -> ! {
     let bi: &'static BootInfo = unsafe { &*(boot_info as *const BootInfo) };
     if !bi.is_valid() {
         println!("hv: BootInfo is invalid (magic/version/size mismatch): stopping");
-        exit::fail("bad BootInfo");
+        verdict::fail("bad BootInfo");
     }
-    exit::set_harness(bi.has_flag("harness"));
+    verdict::set_harness(bi.has_flag("harness"));
     kmain(bi)
 }
 
@@ -71,7 +72,7 @@ fn kmain(bi: &'static BootInfo) -> ! {
             budgets >> 20,
             mm::frames::stats().free / 256
         );
-        exit::fail("config: hypervisor memory budgets");
+        verdict::fail("config: hypervisor memory budgets");
     }
     arch::gdt::init_this_cpu();
     arch::idt::init_this_cpu();
@@ -79,41 +80,30 @@ fn kmain(bi: &'static BootInfo) -> ! {
     cpu::log_in();
     info!("cpu0 online (bootstrap), W^X kernel tables loaded");
 
-    if bi.option("test") == Some("exception") {
-        info!("test: touching an unmapped address on purpose");
-        // SAFETY: deliberately faults (frame 0 is unmapped) to exercise the crash report.
-        unsafe { core::ptr::read_volatile(core::ptr::null::<u64>().wrapping_add(1)) };
-    }
+    refuse_missing_self_tests(bi);
+    #[cfg(feature = "selftest")]
+    selftest::early(bi);
 
     let platform = acpi::init(bi.rsdp);
     let devices = pci::scan(platform.as_ref());
     apic::init_bsp();
     let cpus = smp::start_aps(bi, platform.as_ref());
     summary(bi, platform.as_ref(), &devices, cpus);
-    if bi.option("test") == Some("gpu-native") {
-        selftest::gpu_native(bi, &devices);
-    }
     // The GPU driver comes up before the IOMMU translates, so its own set-up DMA
     // needs no mapping; the mediator then isolates it in a domain of its own.
-    let native_fps =
-        (bi.option("test") == Some("bench-gpu")).then(|| selftest::gpu_native_run(bi, &devices));
+    #[cfg(feature = "selftest")]
+    let native_fps = selftest::before_gpu(bi, &devices);
     let physical_gpu = probe_gpu(bi, &devices);
     iommu::init(platform.as_ref(), bi.option("iommu") != Some("off"));
-    if bi.option("test") == Some("iommu") {
-        selftest::iommu(&devices);
-    }
-
-    if bi.option("test") == Some("boot") {
-        let ok = cpus == platform.as_ref().map_or(1, |p| p.cpus.len().max(1));
-        if !ok {
-            error!("not every CPU came online");
-            exit::fail("cpus");
-        }
-        exit::pass();
-    }
+    #[cfg(feature = "selftest")]
+    selftest::after_iommu(
+        bi,
+        &devices,
+        cpus == platform.as_ref().map_or(1, |p| p.cpus.len().max(1)),
+    );
     let Some(backend) = vmm::enable_this_cpu() else {
         error!("no usable hardware virtualization (SVM with NPT or VMX with EPT): no VM can run");
-        exit::fail("no virtualization");
+        verdict::fail("no virtualization");
     };
     info!("virtualization: {backend:?}");
     vmm::configure(bi, backend);
@@ -123,35 +113,12 @@ fn kmain(bi: &'static BootInfo) -> ! {
     let sim = start_gpu_pv(bi, physical_gpu);
     check_memory(bi, sim);
     let run_ms = bi.option("run_ms").and_then(|v| v.parse::<u64>().ok());
-    match bi.option("test") {
-        Some("vm-cycles") => selftest::vm_cycles(),
-        Some("cpu-share") => selftest::cpu_share(run_ms.unwrap_or(3_000)),
-        Some("lifecycle") => selftest::lifecycle(),
-        Some("bench-vm") => selftest::bench_vm(bi, run_ms.unwrap_or(3_000)),
-        Some("iommu-bypass") => {
-            let vm = bi
-                .option("bypass_vm")
-                .and_then(|v| v.parse::<u16>().ok())
-                .unwrap_or(0);
-            if let Err(e) = inject::arm_bad_dma(vm) {
-                error!("test=iommu-bypass: {e}");
-                exit::fail("no test injection");
-            }
-        }
-        Some("gpu-restart") => selftest::gpu_restart(),
-        Some("gpu-destroy") => selftest::gpu_destroy(),
-        Some("bench-hostile") => selftest::bench_hostile(run_ms.unwrap_or(2_000)),
-        Some("gpu-share") => selftest::gpu_share(bi, run_ms.unwrap_or(6_000)),
-        Some("bench-gpu") => match native_fps {
-            Some(n) => selftest::bench_gpu(bi, n, run_ms.unwrap_or(5_000)),
-            None => exit::fail("no native figures"),
-        },
-        _ => {}
-    }
+    #[cfg(feature = "selftest")]
+    selftest::with_vms(bi, native_fps, run_ms);
     if let Some(vm) = bi.option("hang_vm").and_then(|v| v.parse().ok()) {
         if let Err(e) = inject::arm_hang(vm) {
             error!("hang_vm: {e}");
-            exit::fail("no test injection");
+            verdict::fail("no test injection");
         }
     }
     let created = vmm::create_all();
@@ -169,9 +136,23 @@ fn kmain(bi: &'static BootInfo) -> ! {
         mm::frames::stats().allocated
     );
     if failed > 0 {
-        exit::fail("a guest failed");
+        verdict::fail("a guest failed");
     }
-    exit::pass()
+    verdict::pass()
+}
+
+/// A `test=...` mode asked of a build without them (feature `selftest`): refused, the
+/// run fails. Production builds carry no self-test code.
+fn refuse_missing_self_tests(bi: &BootInfo) {
+    if cfg!(feature = "selftest") {
+        return;
+    }
+    if let Some(mode) = bi.option("test") {
+        error!(
+            "test={mode}: this hypervisor was built without the selftest feature (test-only modes are not in production builds)"
+        );
+        verdict::fail("no self-test modes");
+    }
 }
 
 /// The run's verdict on its guests: a VM that stopped other than by asking to with
@@ -245,7 +226,7 @@ fn check_memory(bi: &BootInfo, sim: bool) {
         println!(
             "hv: config error: the VMs need {need} MiB ({ram} MiB guest RAM, {pixels} MiB of budgets for simulated-GPU pixels, {overhead} MiB overhead), {free} MiB free"
         );
-        exit::fail("config: VM memory");
+        verdict::fail("config: VM memory");
     }
     info!("memory: {need} MiB needed by the VMs (RAM, budgets, overhead), {free} MiB free");
 }
@@ -440,5 +421,5 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
         "\r\n!!! PANIC on cpu{}: {info}\r\n",
         cpu::current_index()
     ));
-    exit::fail("panic")
+    verdict::fail("panic")
 }

@@ -5,7 +5,73 @@
 use log::{error, info};
 
 use crate::vm::VmState;
-use crate::{exit, mm, vmm};
+use crate::{mm, verdict, vmm};
+
+/// `test=exception`: a page fault in the hypervisor on purpose, for the crash report.
+pub fn early(bi: &boot_info::BootInfo) {
+    if bi.option("test") == Some("exception") {
+        log::info!("test: touching an unmapped address on purpose");
+        // SAFETY: deliberately faults (frame 0 is unmapped) to exercise the crash report.
+        unsafe { core::ptr::read_volatile(core::ptr::null::<u64>().wrapping_add(1)) };
+    }
+}
+
+/// Before the GPU driver and the IOMMU come up: `test=gpu-native` (the hypervisor
+/// draws alone, then ends the run) and `test=bench-gpu`'s native baseline.
+pub fn before_gpu(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) -> Option<NativeFps> {
+    match bi.option("test") {
+        Some("gpu-native") => gpu_native(bi, devices),
+        Some("bench-gpu") => Some(gpu_native_run(bi, devices)),
+        _ => None,
+    }
+}
+
+/// Once the IOMMU is up: `test=iommu` and `test=boot` (`all_cpus`: every CPU the
+/// firmware listed came online), which end the run.
+pub fn after_iommu(bi: &boot_info::BootInfo, devices: &[crate::pci::Device], all_cpus: bool) {
+    match bi.option("test") {
+        Some("iommu") => iommu(devices),
+        Some("boot") => {
+            if !all_cpus {
+                log::error!("not every CPU came online");
+                verdict::fail("cpus");
+            }
+            verdict::pass();
+        }
+        _ => {}
+    }
+}
+
+/// Once the VMs are configured and the mediator runs: the modes that drive VMs
+/// themselves (they end the run), and `test=iommu-bypass`, which arms its injection
+/// and lets the ordinary run go on.
+pub fn with_vms(bi: &boot_info::BootInfo, native: Option<NativeFps>, run_ms: Option<u64>) {
+    match bi.option("test") {
+        Some("vm-cycles") => vm_cycles(),
+        Some("cpu-share") => cpu_share(run_ms.unwrap_or(3_000)),
+        Some("lifecycle") => lifecycle(),
+        Some("bench-vm") => bench_vm(bi, run_ms.unwrap_or(3_000)),
+        Some("iommu-bypass") => {
+            let vm = bi
+                .option("bypass_vm")
+                .and_then(|v| v.parse::<u16>().ok())
+                .unwrap_or(0);
+            if let Err(e) = crate::inject::arm_bad_dma(vm) {
+                log::error!("test=iommu-bypass: {e}");
+                verdict::fail("no test injection");
+            }
+        }
+        Some("gpu-restart") => gpu_restart(),
+        Some("gpu-destroy") => gpu_destroy(),
+        Some("bench-hostile") => bench_hostile(run_ms.unwrap_or(2_000)),
+        Some("gpu-share") => gpu_share(bi, run_ms.unwrap_or(6_000)),
+        Some("bench-gpu") => match native {
+            Some(n) => bench_gpu(bi, n, run_ms.unwrap_or(5_000)),
+            None => verdict::fail("no native figures"),
+        },
+        _ => {}
+    }
+}
 
 /// `test=vm-cycles`: creates, runs and destroys the first configured VM 100 times;
 /// the frame count must come back to where it started.
@@ -14,12 +80,12 @@ pub fn vm_cycles() -> ! {
     for i in 0..100 {
         if let Err(e) = vmm::create(0) {
             error!("cycle {i}: create failed: {e}");
-            exit::fail("create");
+            verdict::fail("create");
         }
         vmm::run(Some(2_000));
         if vmm::state(0).is_some_and(|s| s == VmState::Running) {
             error!("cycle {i}: the VM did not finish in 2 s");
-            exit::fail("vm did not finish");
+            verdict::fail("vm did not finish");
         }
         vmm::destroy(0);
     }
@@ -29,9 +95,9 @@ pub fn vm_cycles() -> ! {
     );
     if before == after {
         info!("vm cycles: no frame leaked");
-        exit::pass()
+        verdict::pass()
     }
-    exit::fail("frames leaked")
+    verdict::fail("frames leaked")
 }
 
 /// `test=cpu-share run_ms=N`: runs every VM (CPU hogs) for N ms; each VM's share of
@@ -54,9 +120,9 @@ pub fn cpu_share(run_ms: u64) -> ! {
     }
     if ok {
         info!("cpu shares follow the weights");
-        exit::pass()
+        verdict::pass()
     }
-    exit::fail("cpu shares off")
+    verdict::fail("cpu shares off")
 }
 
 /// `test=lifecycle`: pause, resume, restart and destroy, with frame accounting.
@@ -70,14 +136,14 @@ pub fn lifecycle() -> ! {
     let cpu_after = vmm::with_vm(0, |vm| vm.stats.cpu_us).unwrap_or(0);
     if cpu_after != cpu_paused {
         error!("a paused VM ran ({cpu_paused} us -> {cpu_after} us)");
-        exit::fail("paused vm ran");
+        verdict::fail("paused vm ran");
     }
     info!("lifecycle: paused VM did not run");
     vmm::resume(0);
     vmm::run(Some(500));
     if let Err(e) = vmm::restart(0) {
         error!("restart failed: {e}");
-        exit::fail("restart");
+        verdict::fail("restart");
     }
     info!("lifecycle: VM restarted");
     vmm::run(Some(1_000));
@@ -88,9 +154,9 @@ pub fn lifecycle() -> ! {
     let after = mm::frames::stats().allocated;
     info!("lifecycle: frames allocated before {before}, after destroying all {after}");
     if before != after {
-        exit::fail("frames leaked");
+        verdict::fail("frames leaked");
     }
-    exit::pass()
+    verdict::pass()
 }
 
 /// Scanout size the `gpu-native` test draws on each head.
@@ -134,7 +200,7 @@ pub const STREAM_DEPTH: usize = 4;
 
 pub fn gpu_native(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) -> ! {
     gpu_native_run(bi, devices);
-    exit::pass()
+    verdict::pass()
 }
 
 /// The body of `test=gpu-native`; returns the native frame rates (interrupt
@@ -152,13 +218,13 @@ pub fn gpu_native_run(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) 
 
     let Some(dev) = devices.iter().find(|d| VirtioGpu::matches(d)) else {
         error!("gpu native: no virtio-gpu found");
-        exit::fail("no gpu")
+        verdict::fail("no gpu")
     };
     let mut vgpu = match VirtioGpu::new(dev) {
         Ok(g) => g,
         Err(e) => {
             error!("gpu native: bring-up failed: {e}");
-            exit::fail("gpu bring-up")
+            verdict::fail("gpu bring-up")
         }
     };
     let features = vgpu.features();
@@ -187,7 +253,7 @@ pub fn gpu_native_run(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) 
     let mut setup = Vec::new();
     for head in 0..heads {
         let Some(mut fb) = DmaRegion::alloc(u64::from(bytes)) else {
-            exit::fail("no memory for the framebuffers")
+            verdict::fail("no memory for the framebuffers")
         };
         draw_test_pattern(head, fb.as_mut_slice());
         let resource_id = head as u32 + 1;
@@ -235,22 +301,22 @@ pub fn gpu_native_run(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) 
     let mut waiter = GpuWaiter::default();
     let mut done = Vec::new();
     if gpu.free_slots(QueueId::Control) < setup.len() {
-        exit::fail("control queue too small for the set-up");
+        verdict::fail("control queue too small for the set-up");
     }
     for (token, cmd) in setup.iter().enumerate() {
         if let Err(e) = gpu.submit(QueueId::Control, cmd, token as u64) {
             error!("gpu native: submit {token}: {e}");
-            exit::fail("submit");
+            verdict::fail("submit");
         }
     }
     gpu.kick();
     if let Err(why) = waiter.wait(gpu, setup.len(), &mut done) {
         error!("gpu native: set-up: {why}");
-        exit::fail(why);
+        verdict::fail(why);
     }
     if let Some((token, status)) = done.iter().find(|d| d.1 != wire::RESP_OK_NODATA) {
         error!("gpu native: set-up command {token} answered {status:#x}");
-        exit::fail("set-up command refused");
+        verdict::fail("set-up command refused");
     }
     info!(
         "gpu native: test pattern on {heads} scanouts ({} commands, all OK_NODATA), {} interrupts",
@@ -258,7 +324,7 @@ pub fn gpu_native_run(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) 
         waiter.irqs
     );
     if waiter.irqs == 0 {
-        exit::fail("no GPU interrupt");
+        verdict::fail("no GPU interrupt");
     }
     // The cursor queue: one MOVE_CURSOR (no response in virtio-gpu; the backend
     // reports OK_NODATA when the device hands it back).
@@ -274,16 +340,16 @@ pub fn gpu_native_run(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) 
     let irqs_before = waiter.irqs;
     if let Err(e) = gpu.submit(QueueId::Cursor, &mv, 1000) {
         error!("gpu native: cursor submit: {e}");
-        exit::fail("cursor submit");
+        verdict::fail("cursor submit");
     }
     gpu.kick();
     if let Err(why) = waiter.wait(gpu, 1, &mut done) {
         error!("gpu native: cursor queue: {why}");
-        exit::fail(why);
+        verdict::fail(why);
     }
     if done.as_slice() != [(1000, wire::RESP_OK_NODATA)] {
         error!("gpu native: cursor queue returned {done:?}");
-        exit::fail("cursor queue");
+        verdict::fail("cursor queue");
     }
     info!(
         "gpu native: cursor queue: MOVE_CURSOR returned, {} interrupts",
@@ -317,7 +383,7 @@ pub fn gpu_native_run(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) 
     // Untimed warm-up: the first pass through these code paths is slow under TCG.
     let warm_us = match time_frames(gpu, &mut waiter, &per_head, 20) {
         Ok((us, _)) => us,
-        Err(why) => exit::fail(why),
+        Err(why) => verdict::fail(why),
     };
     // Measured in WINDOWS windows; the best one counts (a shared host machine only
     // ever slows a window down), the median is printed too.
@@ -329,7 +395,7 @@ pub fn gpu_native_run(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) 
     for _ in 0..WINDOWS {
         let (us, n) = match time_frames(gpu, &mut waiter, &per_head, per_window) {
             Ok(r) => r,
-            Err(why) => exit::fail(why),
+            Err(why) => verdict::fail(why),
         };
         irqs += n;
         rates.push(per_window * 10_000_000 / us);
@@ -346,14 +412,14 @@ pub fn gpu_native_run(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) 
     // The streaming workload: head 0's frames, STREAM_DEPTH in flight, polled.
     let warm_us = match stream_frames(gpu, &per_head[0], 20) {
         Ok(us) => us,
-        Err(why) => exit::fail(why),
+        Err(why) => verdict::fail(why),
     };
     let per_window = (native_ms * 1000 * 20 / warm_us.max(1) / WINDOWS).max(1);
     let mut rates = Vec::new();
     for _ in 0..WINDOWS {
         let us = match stream_frames(gpu, &per_head[0], per_window) {
             Ok(us) => us,
-            Err(why) => exit::fail(why),
+            Err(why) => verdict::fail(why),
         };
         rates.push(per_window * 10_000_000 / us);
     }
@@ -371,7 +437,7 @@ pub fn gpu_native_run(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) 
     let gpu: &mut dyn GpuBackend = &mut vgpu;
     let (us, irqs) = match time_frames(gpu, &mut waiter, &per_head, frames) {
         Ok(r) => r,
-        Err(why) => exit::fail(why),
+        Err(why) => verdict::fail(why),
     };
     let fps_x10 = frames * 10_000_000 / us;
     info!(
@@ -382,7 +448,7 @@ pub fn gpu_native_run(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) 
     crate::apic::disarm();
     if gpu.check_device() || gpu.failed().is_some() || gpu.in_flight() != 0 {
         error!("gpu native: the device reports a change or failure, or work is left");
-        exit::fail("gpu state after the run");
+        verdict::fail("gpu state after the run");
     }
     let hold_s = bi
         .option("hold")
@@ -580,8 +646,8 @@ fn draw_test_pattern(head: usize, buf: &mut [u8]) {
 /// (see `iommu::selftest`).
 pub fn iommu(devices: &[crate::pci::Device]) -> ! {
     match crate::iommu::selftest::run(devices) {
-        Ok(()) => exit::pass(),
-        Err(why) => exit::fail(why),
+        Ok(()) => verdict::pass(),
+        Err(why) => verdict::fail(why),
     }
 }
 
@@ -648,7 +714,7 @@ pub fn bench_vm(bi: &boot_info::BootInfo, run_ms: u64) -> ! {
             hv_ms * 100 / fw_ms.max(1) % 100
         );
     }
-    exit::pass()
+    verdict::pass()
 }
 
 /// `test=gpu-restart`: the GPU VMs draw; VM 0 is destroyed and created again (its
@@ -661,7 +727,7 @@ pub fn gpu_restart() -> ! {
     info!("gpu restart: restarting VM 0");
     if let Err(e) = vmm::restart(0) {
         error!("restart failed: {e}");
-        exit::fail("restart");
+        verdict::fail("restart");
     }
     vmm::run(Some(4_000));
     vmm::report();
@@ -677,9 +743,9 @@ pub fn gpu_restart() -> ! {
         "gpu restart: frames allocated before {before}, after destroying all {after} (not counting {tables} IOMMU table frames kept for the GPU's domain)"
     );
     if before != after {
-        exit::fail("frames leaked");
+        verdict::fail("frames leaked");
     }
-    exit::pass()
+    verdict::pass()
 }
 
 /// `test=bench-gpu run_ms=N [workload=serial]`: in one run, the native frame rates
@@ -724,7 +790,7 @@ pub fn bench_gpu(bi: &boot_info::BootInfo, native: NativeFps, run_ms: u64) -> ! 
     let (best_x10, median_x10) = best_and_median(&mut rates);
     vmm::report();
     if vmm::state(0) != Some(crate::vm::VmState::Running) {
-        exit::fail("the benchmark guest stopped");
+        verdict::fail("the benchmark guest stopped");
     }
     let elapsed_us = (t1 - t0).max(1);
     let completed = f1.completed - f0.completed;
@@ -734,7 +800,7 @@ pub fn bench_gpu(bi: &boot_info::BootInfo, native: NativeFps, run_ms: u64) -> ! 
     let batches = f1.batches - f0.batches;
     let frames = completed / 2;
     if frames == 0 {
-        exit::fail("no frame completed in the measured window");
+        verdict::fail("no frame completed in the measured window");
     }
     let fps_x10 = frames * 10_000_000 / elapsed_us;
     info!("bench: workload: {workload}");
@@ -778,7 +844,7 @@ pub fn bench_gpu(bi: &boot_info::BootInfo, native: NativeFps, run_ms: u64) -> ! 
         "bench: commands per second through the mediator: {}",
         commands * 1_000_000 / elapsed_us
     );
-    exit::pass()
+    verdict::pass()
 }
 
 /// `test=gpu-share run_ms=N [warmup_ms=M]`: the configured VMs (guests that keep
@@ -801,7 +867,7 @@ pub fn gpu_share(bi: &boot_info::BootInfo, run_ms: u64) -> ! {
         .unwrap_or(1_500);
     let n = vmm::create_all();
     if n == 0 {
-        exit::fail("no VM");
+        verdict::fail("no VM");
     }
     vmm::run(Some(warmup_ms));
     // Everything below is measured over the window only, warm-up excluded.
@@ -881,10 +947,10 @@ pub fn gpu_share(bi: &boot_info::BootInfo, run_ms: u64) -> ! {
         );
     }
     if !ok {
-        exit::fail("GPU shares outside the bound, or a VM stopped");
+        verdict::fail("GPU shares outside the bound, or a VM stopped");
     }
     info!("gpu shares follow the weights");
-    exit::pass()
+    verdict::pass()
 }
 
 /// `test=bench-hostile`: VM 0 draws; every other VM is hostile. In alternating
@@ -915,7 +981,7 @@ pub fn bench_hostile(window_ms: u64) -> ! {
         for slot in hostile.clone() {
             if let Err(e) = vmm::create(slot) {
                 error!("bench-hostile: cannot create VM {slot}: {e}");
-                exit::fail("create");
+                verdict::fail("create");
             }
         }
         let (c0, t0) = (completed(), crate::apic::now_us());
@@ -975,7 +1041,7 @@ pub fn bench_hostile(window_ms: u64) -> ! {
         "bench: hostile: longest GPU-PV lock hold: {} us with the hostile VMs (gpupv.rs line {}), {} us alone (line {}); longest GPU notify (made after the lock is released): {} us with, {} us alone",
         hold_with.0, hold_with.1, hold_alone.0, hold_alone.1, hold_with.2, hold_alone.2
     );
-    exit::pass()
+    verdict::pass()
 }
 
 /// `test=gpu-destroy`: the GPU VMs draw; VM 0 is destroyed for good. Its cleanup
@@ -990,5 +1056,5 @@ pub fn gpu_destroy() -> ! {
     info!("gpu destroy: VM 0 gone for 1 s");
     vmm::run(Some(4_000));
     vmm::report();
-    exit::pass()
+    verdict::pass()
 }

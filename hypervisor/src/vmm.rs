@@ -257,6 +257,7 @@ pub fn others_ready() -> bool {
 }
 
 /// Pauses VM `slot` (it keeps its memory and state).
+#[cfg_attr(not(feature = "selftest"), allow(dead_code))]
 pub fn pause(slot: usize) {
     with_vm(slot, |vm| {
         if vm.state == VmState::Running {
@@ -267,6 +268,7 @@ pub fn pause(slot: usize) {
 }
 
 /// Resumes a paused VM.
+#[cfg_attr(not(feature = "selftest"), allow(dead_code))]
 pub fn resume(slot: usize) {
     let n = with_vm(slot, |vm| {
         if vm.state == VmState::Paused {
@@ -310,6 +312,7 @@ pub fn destroy(slot: usize) {
 }
 
 /// Destroys and re-creates VM `slot` from its configuration.
+#[cfg_attr(not(feature = "selftest"), allow(dead_code))]
 pub fn restart(slot: usize) -> Result<(), CreateError> {
     destroy(slot);
     create(slot)
@@ -555,6 +558,7 @@ pub fn report() {
 
 /// CPU time shares (VM name, share of all VM time in per mille, weight share in per
 /// mille) of the VMs that exist.
+#[cfg_attr(not(feature = "selftest"), allow(dead_code))]
 pub fn shares() -> Vec<(String, u64, u64)> {
     let Some(m) = MONITOR.get() else {
         return Vec::new();
@@ -574,6 +578,7 @@ pub fn shares() -> Vec<(String, u64, u64)> {
 }
 
 /// The state of VM `slot`, if it exists.
+#[cfg_attr(not(feature = "selftest"), allow(dead_code))]
 pub fn state(slot: usize) -> Option<VmState> {
     with_vm(slot, |vm| vm.state.clone())
 }

@@ -458,7 +458,7 @@ fn exception(f: &ExceptionFrame) -> ! {
         f.r13, f.r14, f.r15
     ));
     if first {
-        crate::exit::fail("unhandled exception");
+        crate::verdict::fail("unhandled exception");
     }
     super::cpu::halt_forever()
 }

@@ -146,6 +146,7 @@ pub trait GpuBackend: Send {
     }
 
     /// Why the backend stopped, if it did.
+    #[cfg_attr(not(feature = "selftest"), allow(dead_code))]
     fn failed(&self) -> Option<GpuError> {
         None
     }

@@ -484,6 +484,7 @@ pub struct VirtioGpu {
     bdf: Bdf,
     common: Mmio,
     device: Mmio,
+    #[cfg_attr(not(feature = "selftest"), allow(dead_code))]
     features: u64,
     queues: [Queue; 2],
     scanouts: Vec<(u32, u32)>,
@@ -642,12 +643,14 @@ impl VirtioGpu {
     }
 
     /// The negotiated feature bits.
+    #[cfg_attr(not(feature = "selftest"), allow(dead_code))]
     pub fn features(&self) -> u64 {
         self.features
     }
 
     /// Whether interrupts are coalesced to one per kicked set of commands (the
     /// default; only with event idx) or raised per completion.
+    #[cfg_attr(not(feature = "selftest"), allow(dead_code))]
     pub fn set_coalescing(&mut self, on: bool) {
         self.coalesce = on;
     }

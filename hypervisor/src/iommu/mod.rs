@@ -37,6 +37,7 @@
 //! physical addresses.
 
 mod regs;
+#[cfg(feature = "selftest")]
 pub mod selftest;
 mod table;
 
@@ -894,6 +895,7 @@ pub fn attach(b: Bdf) -> Result<DomainId, Error> {
 
 /// Removes device `b`'s context entry (its DMA faults from now on) and destroys its
 /// domain when no other device uses it (its page-table frames are freed).
+#[cfg_attr(not(feature = "selftest"), allow(dead_code))]
 pub fn detach(b: Bdf) -> Result<(), Error> {
     let mut g = IOMMU.lock();
     let s = g.as_mut().ok_or(Error::NoIommu)?;
@@ -949,6 +951,7 @@ pub fn map(domain: DomainId, iova: u64, hpa: u64, len: u64, write: bool) -> Resu
 /// Unmaps `[iova, iova+len)` of `domain` (unmapped pages inside are skipped) and
 /// invalidates the IOTLB of every unit the domain is attached through: when this
 /// returns, the device can no longer reach the pages.
+#[cfg_attr(not(feature = "selftest"), allow(dead_code))]
 pub fn unmap(domain: DomainId, iova: u64, len: u64) -> Result<(), Error> {
     let mut g = IOMMU.lock();
     let s = g.as_mut().ok_or(Error::NoIommu)?;
@@ -1051,6 +1054,7 @@ pub fn translate(domain: DomainId, iova: u64) -> Option<u64> {
 }
 
 /// Like [`translate`], with whether the mapping is writable.
+#[cfg_attr(not(feature = "selftest"), allow(dead_code))]
 pub fn translate_perm(domain: DomainId, iova: u64) -> Option<(u64, bool)> {
     let g = IOMMU.lock();
     let s = g.as_ref()?;
@@ -1062,6 +1066,7 @@ pub fn translate_perm(domain: DomainId, iova: u64) -> Option<(u64, bool)> {
 }
 
 /// Page-table frames `domain` uses now.
+#[cfg_attr(not(feature = "selftest"), allow(dead_code))]
 pub fn table_frames(domain: DomainId) -> Option<usize> {
     let g = IOMMU.lock();
     let s = g.as_ref()?;
@@ -1104,11 +1109,13 @@ pub fn translating() -> bool {
 }
 
 /// Counters since boot.
+#[cfg_attr(not(feature = "selftest"), allow(dead_code))]
 pub fn stats() -> Stats {
     IOMMU.lock().as_ref().map(|s| s.stats).unwrap_or_default()
 }
 
 /// (levels, AGAW bits, IOVA limit, 2 MiB pages) of the domains' tables.
+#[cfg_attr(not(feature = "selftest"), allow(dead_code))]
 pub fn geometry() -> Option<(u32, u32, u64, bool)> {
     IOMMU
         .lock()

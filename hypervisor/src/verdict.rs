@@ -1,5 +1,6 @@
-//! How a run ends. Under the test harness (`harness` on the command line) the
-//! hypervisor leaves through the emulators' debug-exit ports; otherwise it halts.
+//! The run's verdict: how the hypervisor's run ends (not a VM exit). Under the test
+//! harness (`harness` on the command line) the hypervisor leaves through the
+//! emulators' debug-exit ports; otherwise it halts.
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
