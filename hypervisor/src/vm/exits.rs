@@ -1,0 +1,293 @@
+//! The exit dispatcher: every [`VmExit`] of a vCPU handled once for both backends,
+//! and the MMIO emulation it needs (the faulting instruction fetched through the
+//! guest's own page tables and decoded by `vdev::mmio`).
+
+use log::warn;
+use vdev::mmio::{self, Access};
+
+use crate::virt::{self, Instruction, VmExit};
+
+use super::{StopReason, Vm, GUEST_ECAM_BASE, GUEST_ECAM_SIZE, IO_STORM_PER_SECOND};
+
+impl Vm {
+    /// Translates a guest-virtual address through the guest's own 4-level page tables.
+    pub(super) fn guest_virt_to_phys(&mut self, cr3: u64, va: u64) -> Option<u64> {
+        let mut table = cr3 & 0x000f_ffff_ffff_f000;
+        for (level, shift) in [(4, 39u64), (3, 30), (2, 21), (1, 12)] {
+            let mut e = [0u8; 8];
+            if !self.read_guest(table + ((va >> shift) & 511) * 8, &mut e) {
+                return None;
+            }
+            let e = u64::from_le_bytes(e);
+            if e & 1 == 0 {
+                return None;
+            }
+            let addr = e & 0x000f_ffff_ffff_f000;
+            if (level == 3 || level == 2) && e & (1 << 7) != 0 {
+                let mask = (1u64 << shift) - 1;
+                return Some((addr & !mask) | (va & mask));
+            }
+            table = addr;
+        }
+        Some(table | (va & 0xfff))
+    }
+
+    /// Emulates the MMIO instruction at the guest's RIP against `dev`; returns false
+    /// (after stopping the VM) when it cannot be emulated.
+    pub(super) fn emulate_mmio(&mut self, idx: usize, gpa: u64) -> bool {
+        let (rip, cr3) = (self.vcpus[idx].rip(), self.vcpus[idx].cr3());
+        // The instruction may cross into the next page, which the guest's tables map
+        // elsewhere: fetch each part through them (the CPU just fetched it all, so
+        // both translate unless another vCPU changed the tables meanwhile).
+        let mut bytes = [0u8; 15];
+        let first = (4096 - (rip & 0xfff)).min(15) as usize;
+        let fetched = self
+            .guest_virt_to_phys(cr3, rip)
+            .is_some_and(|pa| self.read_guest(pa, &mut bytes[..first]));
+        let avail = if first < 15
+            && self
+                .guest_virt_to_phys(cr3, rip.wrapping_add(first as u64))
+                .is_some_and(|pa| self.read_guest(pa, &mut bytes[first..]))
+        {
+            15
+        } else {
+            first
+        };
+        if !fetched {
+            self.stop(idx, StopReason::BadMmio(gpa));
+            return false;
+        }
+        let now = crate::apic::now_us();
+        // Bytes past `avail` are unknown: an instruction running into them fails to decode.
+        let decoded = mmio::decode(&bytes[..avail], self.vcpus[idx].regs());
+        let Ok((access, len)) = decoded else {
+            warn!("cannot emulate the instruction at {rip:#x} touching {gpa:#x}: {decoded:?}");
+            self.stop(idx, StopReason::BadMmio(gpa));
+            return false;
+        };
+        let lapic = gpu_pv::abi::guest::LAPIC_BASE;
+        let in_ecam = (GUEST_ECAM_BASE..GUEST_ECAM_BASE + GUEST_ECAM_SIZE).contains(&gpa);
+        let ecam = |gpa: u64| {
+            let o = gpa - GUEST_ECAM_BASE;
+            (
+                (o >> 20) as u8,
+                ((o >> 15) & 31) as u8,
+                ((o >> 12) & 7) as u8,
+                (o & 0xfff) as u16,
+            )
+        };
+        match access {
+            Access::Read { reg, size } => {
+                let value = if (lapic..lapic + 4096).contains(&gpa) {
+                    u64::from(self.lapics[idx].read((gpa - lapic) as u32, now))
+                } else if in_ecam {
+                    let (bus, dev, func, off) = ecam(gpa);
+                    match self.gpu.as_ref() {
+                        Some(d) if bus == 0 => d.config_read(dev, func, off, size),
+                        _ => u64::MAX,
+                    }
+                } else if let Some(d) = self.gpu.as_mut().filter(|d| d.claims(gpa)) {
+                    d.mmio_read(gpa, size)
+                } else {
+                    u64::MAX
+                };
+                mmio::complete_read(self.vcpus[idx].regs(), reg, value);
+            }
+            Access::Write { value, size } => {
+                if (lapic..lapic + 4096).contains(&gpa) {
+                    self.lapics[idx].write((gpa - lapic) as u32, value as u32, now);
+                } else if in_ecam {
+                    let (bus, dev, func, off) = ecam(gpa);
+                    if let (Some(d), 0) = (self.gpu.as_mut(), bus) {
+                        d.config_write(dev, func, off, size, value as u32);
+                    }
+                } else if let Some(d) = self.gpu.as_mut().filter(|d| d.claims(gpa)) {
+                    let action = d.mmio_write(gpa, size, value);
+                    self.gpu_action(action);
+                }
+            }
+        }
+        self.vcpus[idx].skip(len as u64);
+        true
+    }
+
+    /// Handles one exit; returns false when the vCPU should give up the CPU.
+    pub(super) fn handle_exit(&mut self, idx: usize, exit: VmExit) -> bool {
+        match exit {
+            VmExit::Io(io) => {
+                self.stats.io_exits += 1;
+                if !matches!(io.port, 0x3f8..=0x3ff | 0xcf8..=0xcff) {
+                    let now = crate::apic::now_us();
+                    if now.saturating_sub(self.io_window.0) > 1_000_000 {
+                        self.io_window = (now, 0);
+                    }
+                    self.io_window.1 += 1;
+                    if self.io_window.1 > IO_STORM_PER_SECOND {
+                        self.stop(idx, StopReason::IoStorm);
+                        return false;
+                    }
+                }
+                if io.string || io.rep {
+                    self.stop(
+                        idx,
+                        StopReason::Unhandled(alloc::format!("string port I/O to {:#x}", io.port)),
+                    );
+                    return false;
+                }
+                let rax = self.vcpus[idx].regs().rax;
+                if io.input {
+                    let val = match io.port {
+                        0x3fd => 0x60, // COM1 LSR: transmitter empty
+                        0xcf8 => u64::from(self.pci_addr),
+                        0xcfc..=0xcff => self.pci_port_read(io.port, io.size),
+                        _ => 0xffff_ffff,
+                    };
+                    let mask = match io.size {
+                        1 => 0xff,
+                        2 => 0xffff,
+                        _ => 0xffff_ffff,
+                    };
+                    self.vcpus[idx].regs().rax = (rax & !mask) | (val & mask);
+                } else if io.port == 0x3f8 {
+                    self.serial_byte(rax as u8);
+                } else if io.port == 0xcf8 && io.size == 4 {
+                    self.pci_addr = rax as u32;
+                } else if (0xcfc..=0xcff).contains(&io.port) {
+                    self.pci_port_write(io.port, io.size, rax as u32);
+                }
+                let v = &mut self.vcpus[idx];
+                v.skip(u64::from(io.len.max(1)));
+                true
+            }
+            VmExit::Hypercall => {
+                self.stats.hypercalls += 1;
+                self.vcpus[idx].skip(3);
+                self.hypercall(idx)
+            }
+            VmExit::Cpuid => {
+                let v = &mut self.vcpus[idx];
+                let view = virt::cpuid::GuestView {
+                    cr4: v.cr4(),
+                    xcr0: v.cpu_state().xcr0(),
+                };
+                let r = v.regs();
+                let (leaf, sub) = (r.rax as u32, r.rcx as u32);
+                let res = match (leaf, virt::cpu_state::policy()) {
+                    (0x4000_0000, _) => {
+                        let sig = *b"GPUPVHVGPUPV";
+                        let word = |i: usize| {
+                            u32::from_le_bytes([sig[i], sig[i + 1], sig[i + 2], sig[i + 3]])
+                        };
+                        core::arch::x86_64::CpuidResult {
+                            eax: 0x4000_0000,
+                            ebx: word(0),
+                            ecx: word(4),
+                            edx: word(8),
+                        }
+                    }
+                    (_, Some(policy)) => {
+                        virt::cpuid::guest_cpuid(leaf, sub, &crate::arch::cpu::cpuid, &policy, view)
+                    }
+                    (_, None) => crate::arch::cpu::cpuid(leaf, sub),
+                };
+                r.rax = u64::from(res.eax);
+                r.rbx = u64::from(res.ebx);
+                r.rcx = u64::from(res.ecx);
+                r.rdx = u64::from(res.edx);
+                v.skip(2);
+                true
+            }
+            VmExit::Xsetbv => {
+                let v = &mut self.vcpus[idx];
+                let r = *v.regs();
+                let value = (r.rdx << 32) | (r.rax & 0xffff_ffff);
+                let ok = v.cpl() == 0 && v.cpu_state().set_xcr(r.rcx as u32, value).is_ok();
+                if ok {
+                    v.skip(3);
+                } else {
+                    v.inject_exception(13, Some(0));
+                }
+                true
+            }
+            VmExit::Instruction(insn) => {
+                let v = &mut self.vcpus[idx];
+                match insn {
+                    // Guest RAM is write-back and DMA to it is coherent: nothing to do,
+                    // and the machine's caches are not a guest's to flush or drop.
+                    Instruction::Wbinvd | Instruction::Invd => v.skip(insn.len()),
+                    // Host performance counters are not the guest's.
+                    Instruction::Rdpmc => v.inject_exception(13, Some(0)),
+                    // Not offered in CPUID.
+                    Instruction::Rdtscp | Instruction::Monitor | Instruction::Mwait => {
+                        v.inject_exception(6, None)
+                    }
+                }
+                true
+            }
+            VmExit::Msr { .. } => {
+                // No MSR is passed through or emulated yet: the guest gets #GP.
+                self.vcpus[idx].inject_exception(13, Some(0));
+                true
+            }
+            VmExit::Hlt => {
+                let v = &mut self.vcpus[idx];
+                v.skip(1);
+                if v.rflags() & (1 << 9) == 0 {
+                    self.stop(idx, StopReason::HaltedForever);
+                } else {
+                    self.halted[idx] = true;
+                }
+                false
+            }
+            VmExit::InterruptWindow => {
+                self.vcpus[idx].set_interrupt_window(false);
+                true
+            }
+            VmExit::ExternalInterrupt | VmExit::Preempted => {
+                // The interrupt may be the GPU's: its bottom half runs now, not at the
+                // end of this slice.
+                let _ = crate::gpupv::service();
+                true
+            }
+            VmExit::Shutdown => {
+                self.stop(idx, StopReason::TripleFault);
+                false
+            }
+            VmExit::NestedPageFault { gpa, .. } => {
+                let lapic = gpu_pv::abi::guest::LAPIC_BASE;
+                if (lapic..lapic + 4096).contains(&gpa)
+                    || (GUEST_ECAM_BASE..GUEST_ECAM_BASE + GUEST_ECAM_SIZE).contains(&gpa)
+                    || self.gpu.as_ref().is_some_and(|d| d.claims(gpa))
+                {
+                    return self.emulate_mmio(idx, gpa);
+                }
+                if gpa >= self.mem_size {
+                    self.stop(idx, StopReason::OutsideMemory(gpa));
+                } else {
+                    self.stop(
+                        idx,
+                        StopReason::Unhandled(alloc::format!(
+                            "nested fault inside RAM at {gpa:#x}"
+                        )),
+                    );
+                }
+                false
+            }
+            VmExit::Exception { vector, error_code } => {
+                self.vcpus[idx].inject_exception(vector, error_code);
+                true
+            }
+            VmExit::EntryFailed(code) => {
+                self.stop(idx, StopReason::EntryFailed(code));
+                false
+            }
+            VmExit::Other(code) => {
+                self.stop(
+                    idx,
+                    StopReason::Unhandled(alloc::format!("exit code {code:#x}")),
+                );
+                false
+            }
+        }
+    }
+}
