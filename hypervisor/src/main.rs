@@ -13,7 +13,7 @@ mod apic;
 mod arch;
 mod event_log;
 mod gpu;
-mod gpupv;
+mod gpu_share;
 mod inject;
 mod interrupts;
 mod iommu;
@@ -126,7 +126,7 @@ fn kmain(bi: &'static BootInfo) -> ! {
     vmm::run(run_ms);
     inject::check_faults(&iommu::service());
     vmm::report();
-    gpupv::dump_counters();
+    gpu_share::dump_counters();
     let failed = failed_guests(bi.option("allow_stop").unwrap_or(""));
     for i in 0..vmm::slot_count() {
         vmm::destroy(i);
@@ -246,7 +246,7 @@ fn start_gpu_pv(bi: &BootInfo, physical: Option<(gpu::virtio::VirtioGpu, pci::Bd
     let quantum = bi.gpu_quantum_us;
     let mode = bi.gpu_sched_mode;
     if let Some((g, bdf)) = physical {
-        gpupv::init(
+        gpu_share::init(
             alloc::boxed::Box::new(g),
             Some(bdf),
             quantum,
@@ -265,9 +265,13 @@ fn start_gpu_pv(bi: &BootInfo, physical: Option<(gpu::virtio::VirtioGpu, pci::Bd
         .max()
         .unwrap_or(0);
     let n = bi.vms().len().max(1);
-    match crate::gpu::sim::SimBackend::new(alloc::vec![gpupv::DEFAULT_DISPLAY; n], 256 << 20, top) {
+    match crate::gpu::sim::SimBackend::new(
+        alloc::vec![gpu_share::DEFAULT_DISPLAY; n],
+        256 << 20,
+        top,
+    ) {
         Some(b) => {
-            gpupv::init(
+            gpu_share::init(
                 alloc::boxed::Box::new(b),
                 None,
                 quantum,

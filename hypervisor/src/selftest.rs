@@ -721,7 +721,7 @@ pub fn bench_vm(bi: &boot_info::BootInfo, run_ms: u64) -> ! {
 /// GPU channel is reset and released) and must draw again while the others go on;
 /// at the end every VM is destroyed and every frame is back.
 pub fn gpu_restart() -> ! {
-    let before = mm::frames::stats().allocated - crate::gpupv::iommu_table_frames();
+    let before = mm::frames::stats().allocated - crate::gpu_share::iommu_table_frames();
     vmm::create_all();
     vmm::run(Some(3_000));
     info!("gpu restart: restarting VM 0");
@@ -731,13 +731,13 @@ pub fn gpu_restart() -> ! {
     }
     vmm::run(Some(4_000));
     vmm::report();
-    crate::gpupv::dump_counters();
+    crate::gpu_share::dump_counters();
     for i in 0..vmm::slot_count() {
         vmm::destroy(i);
     }
     // The released host resources are freed by cleanup batches the mediator staged.
     vmm::run(Some(200));
-    let tables = crate::gpupv::iommu_table_frames();
+    let tables = crate::gpu_share::iommu_table_frames();
     let after = mm::frames::stats().allocated - tables;
     info!(
         "gpu restart: frames allocated before {before}, after destroying all {after} (not counting {tables} IOMMU table frames kept for the GPU's domain)"
@@ -772,7 +772,7 @@ pub fn bench_gpu(bi: &boot_info::BootInfo, native: NativeFps, run_ms: u64) -> ! 
     vmm::create_all();
     vmm::run(Some(warmup_ms));
     let snapshot = || {
-        let f = crate::gpupv::figures(0).unwrap_or_default();
+        let f = crate::gpu_share::figures(0).unwrap_or_default();
         let exits = vmm::with_vm(0, |vm| vm.stats.exits).unwrap_or(0);
         (crate::apic::now_us(), f, exits)
     };
@@ -871,10 +871,10 @@ pub fn gpu_share(bi: &boot_info::BootInfo, run_ms: u64) -> ! {
     }
     vmm::run(Some(warmup_ms));
     // Everything below is measured over the window only, warm-up excluded.
-    crate::gpupv::reset_longest_slices();
-    let busy = |i: usize| crate::gpupv::figures(i as u16).map_or(0, |f| f.gpu_busy_us);
+    crate::gpu_share::reset_longest_slices();
+    let busy = |i: usize| crate::gpu_share::figures(i as u16).map_or(0, |f| f.gpu_busy_us);
     let slices =
-        |i: usize| crate::gpupv::figures(i as u16).map_or((0, 0), |f| (f.slices, f.overruns));
+        |i: usize| crate::gpu_share::figures(i as u16).map_or((0, 0), |f| (f.slices, f.overruns));
     let before: Vec<u64> = (0..n).map(busy).collect();
     let slices_before: Vec<(u64, u64)> = (0..n).map(slices).collect();
     let t0 = crate::apic::now_us();
@@ -900,7 +900,7 @@ pub fn gpu_share(bi: &boot_info::BootInfo, run_ms: u64) -> ! {
         .collect();
     let total_w: u64 = weights.iter().sum::<u64>().max(1);
     let q: Vec<u64> = (0..n)
-        .map(|i| crate::gpupv::figures(i as u16).map_or(0, |f| f.max_slice_us))
+        .map(|i| crate::gpu_share::figures(i as u16).map_or(0, |f| f.max_slice_us))
         .collect();
     let (sum_q, max_q) = (q.iter().sum::<u64>(), q.iter().copied().max().unwrap_or(0));
     info!(
@@ -963,7 +963,7 @@ pub fn bench_hostile(window_ms: u64) -> ! {
     vmm::create_all();
     vmm::run(Some(1_500)); // warm-up: VM 0's driver up and drawing
     let hostile = 1..vmm::slot_count();
-    let completed = || crate::gpupv::figures(0).map_or(0, |f| f.completed);
+    let completed = || crate::gpu_share::figures(0).map_or(0, |f| f.completed);
     let mut alone = alloc::vec::Vec::new();
     let mut with = alloc::vec::Vec::new();
     let mut gpu_share = alloc::vec::Vec::new();
@@ -972,12 +972,12 @@ pub fn bench_hostile(window_ms: u64) -> ! {
         for slot in hostile.clone() {
             vmm::destroy(slot);
         }
-        crate::gpupv::longest_lock_hold(true);
+        crate::gpu_share::longest_lock_hold(true);
         let (c0, t0) = (completed(), crate::apic::now_us());
         vmm::run(Some(window_ms));
         let rate = (completed() - c0) * 1_000_000 / crate::apic::now_us().saturating_sub(t0).max(1);
         alone.push(rate);
-        hold_alone = hold_alone.max(crate::gpupv::longest_lock_hold(true));
+        hold_alone = hold_alone.max(crate::gpu_share::longest_lock_hold(true));
         for slot in hostile.clone() {
             if let Err(e) = vmm::create(slot) {
                 error!("bench-hostile: cannot create VM {slot}: {e}");
@@ -987,7 +987,7 @@ pub fn bench_hostile(window_ms: u64) -> ! {
         let (c0, t0) = (completed(), crate::apic::now_us());
         let cpu = |i| vmm::with_vm(i, |vm| vm.stats.cpu_us).unwrap_or(0);
         let cpu_before: alloc::vec::Vec<u64> = (0..vmm::slot_count()).map(cpu).collect();
-        let gpu = |i: usize| crate::gpupv::figures(i as u16).map_or(0, |f| f.gpu_busy_us);
+        let gpu = |i: usize| crate::gpu_share::figures(i as u16).map_or(0, |f| f.gpu_busy_us);
         let gpu_before: alloc::vec::Vec<u64> = (0..vmm::slot_count()).map(gpu).collect();
         vmm::run(Some(window_ms));
         let gpu_used: alloc::vec::Vec<u64> = (0..vmm::slot_count())
@@ -1004,7 +1004,7 @@ pub fn bench_hostile(window_ms: u64) -> ! {
             "bench-hostile: window with the hostile VMs: CPU ms per VM {cpu_used:?} in {} ms",
             crate::apic::now_us().saturating_sub(t0) / 1000
         );
-        hold_with = hold_with.max(crate::gpupv::longest_lock_hold(true));
+        hold_with = hold_with.max(crate::gpu_share::longest_lock_hold(true));
     }
     vmm::report();
     let mut ratios: alloc::vec::Vec<u64> = alone
@@ -1038,7 +1038,7 @@ pub fn bench_hostile(window_ms: u64) -> ! {
         1000 / n % 10
     );
     info!(
-        "bench: hostile: longest GPU-PV lock hold: {} us with the hostile VMs (gpupv.rs line {}), {} us alone (line {}); longest GPU notify (made after the lock is released): {} us with, {} us alone",
+        "bench: hostile: longest GPU-PV lock hold: {} us with the hostile VMs (gpu_share line {}), {} us alone (line {}); longest GPU notify (made after the lock is released): {} us with, {} us alone",
         hold_with.0, hold_with.1, hold_alone.0, hold_alone.1, hold_with.2, hold_alone.2
     );
     verdict::pass()

@@ -4,7 +4,7 @@
 //! slice, preempted by the local APIC timer, so more vCPUs than CPUs share the
 //! machine by weight.
 //!
-//! A CPU with nothing to run is the GPU path's poller: it runs the `gpupv` bottom
+//! A CPU with nothing to run is the GPU path's poller: it runs the `gpu_share` bottom
 //! half (which polls the rings of running VMs), keeps polling for 50 us after work
 //! moved, then sleeps in `hlt` until a 100 us timer, a GPU interrupt or a wake IPI.
 //! The GPU's interrupt CPU leaves guests to idle CPUs, and a vCPU nobody waits for
@@ -61,7 +61,7 @@ struct Monitor {
     queued_at: Vec<AtomicU64>,
     /// Each slot's VM's waiting GPU interrupts (its GPU port's), readable without
     /// the slot's lock: a halted vCPU with one is ready.
-    gpu_interrupts: Vec<spin::RwLock<Option<crate::gpupv::PendingGpuInterrupts>>>,
+    gpu_interrupts: Vec<spin::RwLock<Option<crate::gpu_share::PendingGpuInterrupts>>>,
 }
 
 impl Monitor {
@@ -397,12 +397,12 @@ fn run_loop(bsp: bool) {
                 )
                 .is_ok()
         {
-            crate::gpupv::sample();
+            crate::gpu_share::sample();
         }
         if STOP_ALL.load(Ordering::SeqCst) {
             break;
         }
-        if crate::gpupv::service() {
+        if crate::gpu_share::service() {
             last_work = crate::apic::now_us();
         }
         if bsp {

@@ -2,7 +2,7 @@
 //! 00:01.0 of the VM's PCI configuration space, with the modern virtio-pci
 //! capabilities in BAR4 (common 0x0, ISR 0x1000, device 0x2000, notify 0x3000) and a
 //! 3-entry MSI-X table in BAR1, all trapped through nested paging. Notify writes are
-//! doorbells into the `gpu-pv` mediator (the kernel's `gpupv.rs`); MSI-X entries turn the
+//! doorbells into the `gpu-pv` mediator (the kernel's `gpu_share/`); MSI-X entries turn the
 //! mediator's interrupts into the VM's own vectors.
 //!
 //! It offers what an unmodified Linux virtio_gpu driver negotiates: VERSION_1, EDID,

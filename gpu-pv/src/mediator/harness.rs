@@ -518,7 +518,7 @@ impl World {
     }
 
     /// The physical ring refused `commands`, the tail of VM `i`'s batch (in
-    /// order): what the hypervisor's glue (`hypervisor/src/gpupv.rs`) does then.
+    /// order): what the hypervisor's glue (`hypervisor/src/gpu_share/`) does then.
     pub fn refused(&mut self, i: usize, commands: Vec<HostCommand>) {
         let vm = self.guests[i].vm;
         self.med.requeue(vm, commands).unwrap();

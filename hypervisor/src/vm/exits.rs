@@ -246,7 +246,7 @@ impl Vm {
             VmExit::ExternalInterrupt | VmExit::Preempted => {
                 // The interrupt may be the GPU's: its bottom half runs now, not at the
                 // end of this slice.
-                let _ = crate::gpupv::service();
+                let _ = crate::gpu_share::service();
                 true
             }
             VmExit::Shutdown => {

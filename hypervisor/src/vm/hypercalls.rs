@@ -35,7 +35,7 @@ impl Vm {
                 {
                     Some(handle) => {
                         self.vcpus[idx].regs().rdi = handle;
-                        let reach = crate::gpupv::gpu_can_reach(self.mem_base + r.rdi);
+                        let reach = crate::gpu_share::gpu_can_reach(self.mem_base + r.rdi);
                         info!("zero-copy buffer {handle}: GPU can reach it: {reach:?}");
                         (hypercall::OK, true)
                     }

@@ -150,7 +150,7 @@ pub struct Vm {
     /// Its paravirtual GPU, when the mediator runs and a scanout is free for it.
     gpu: Option<VirtioGpuDevice>,
     /// Its port to the shared GPU (with `gpu`).
-    port: Option<crate::gpupv::GpuPort>,
+    port: Option<crate::gpu_share::GpuPort>,
 }
 
 /// Why a VM could not be created.
@@ -250,7 +250,7 @@ impl Vm {
             gdt_limit: 23,
         };
         let mem = vm.memory();
-        if let Some(port) = crate::gpupv::add_vm(
+        if let Some(port) = crate::gpu_share::add_vm(
             id,
             &spec.name,
             mem,
@@ -275,13 +275,13 @@ impl Vm {
     }
 
     /// Whether its GPU has interrupts waiting, readable without the VM's lock.
-    pub fn pending_gpu_interrupts(&self) -> Option<crate::gpupv::PendingGpuInterrupts> {
+    pub fn pending_gpu_interrupts(&self) -> Option<crate::gpu_share::PendingGpuInterrupts> {
         self.port.as_ref().map(|p| p.pending_interrupts())
     }
 
     /// The VM's RAM as a checked guest-memory view (what the mediator gets too).
-    pub fn memory(&self) -> crate::gpupv::VmMemory {
-        crate::gpupv::VmMemory {
+    pub fn memory(&self) -> crate::gpu_share::VmMemory {
+        crate::gpu_share::VmMemory {
             base: self.mem_base,
             size: self.mem_size,
         }
@@ -332,13 +332,13 @@ impl Vm {
         }
         // What the guest queued just before halting is taken (it is polled, so it
         // did not kick) and goes to the GPU now.
-        let _ = crate::gpupv::service();
+        let _ = crate::gpu_share::service();
         if !self.port.as_ref().is_some_and(|p| p.has_work()) {
             return false;
         }
         let until = (crate::apic::now_us() + HALT_POLL_US).min(slice_deadline);
         loop {
-            let _ = crate::gpupv::service();
+            let _ = crate::gpu_share::service();
             if self.ready(0) {
                 self.halted[0] = false;
                 self.stats.halt_polls_won += 1;
