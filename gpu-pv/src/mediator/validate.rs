@@ -323,307 +323,37 @@ pub(super) fn validate(
     cmd: &Command,
     mem: &dyn GuestMemory,
 ) -> Result<Outcome, Rejection> {
-    // A command that commits nothing but its own staging: charged, then sent.
-    let simple = |sh: &mut Shared, v: &mut VmGpu, cmd: Command| {
-        let c = command_charge(&cmd, 0);
-        charge(sh, v, c)?;
-        Ok(host(cmd, Effect::None, c))
-    };
     match *cmd {
-        Command::GetDisplayInfo => {
-            let modes = v
-                .config
-                .scanouts
-                .iter()
-                .map(|s| {
-                    let r = Rect {
-                        x: 0,
-                        y: 0,
-                        width: s.width,
-                        height: s.height,
-                    };
-                    (r, true)
-                })
-                .collect();
-            Ok(Outcome::Emulated(Response::DisplayInfo(modes)))
-        }
-        Command::GetEdid { scanout } => {
-            physical_scanout(v, scanout)?;
-            let s = v.config.scanouts[scanout as usize];
-            let edid = command::edid_for(s.width, s.height);
-            Ok(Outcome::Emulated(Response::Edid(edid.to_vec())))
-        }
+        Command::GetDisplayInfo => display_info(v),
+        Command::GetEdid { scanout } => edid(v, scanout),
         Command::ResourceCreate2d {
             resource_id,
             format,
             width,
             height,
-        } => {
-            if resource_id == 0 || v.resources.contains_key(&resource_id) {
-                return Err(Rejection::resource());
-            }
-            let dim_ok = |d: u32| (1..=limits::MAX_RESOURCE_DIM).contains(&d);
-            if !format::is_known(format) || !dim_ok(width) || !dim_ok(height) {
-                return Err(Rejection::param(RejectReason::BadParameter));
-            }
-            let bytes = resource_bytes(width, height);
-            let over_quota = v.vram_used.saturating_add(bytes) > v.quota;
-            let over_vram = sh.vram_used.saturating_add(bytes) > sh.vram_total;
-            if v.resources.len() >= limits::MAX_RESOURCES_PER_VM || over_quota || over_vram {
-                return Err(Rejection::out_of_memory());
-            }
-            // The record lives until the device dropped the resource; so do its
-            // pixels when they are hypervisor memory.
-            let record = cost::RESOURCE + if sh.vram_in_hv_memory { bytes } else { 0 };
-            let c = cost::COMMAND;
-            charge(sh, v, record + c)?;
-            let Some(host_id) = sh.alloc_host_id() else {
-                sh.release(v, record + c);
-                return Err(Rejection::out_of_memory());
-            };
-            v.resources.insert(
-                resource_id,
-                Resource {
-                    host_id,
-                    format,
-                    width,
-                    height,
-                    backing: None,
-                },
-            );
-            v.held.insert(host_id, record);
-            v.vram_used += bytes;
-            sh.vram_used += bytes;
-            Ok(host(
-                Command::ResourceCreate2d {
-                    resource_id: host_id,
-                    format,
-                    width,
-                    height,
-                },
-                Effect::Created {
-                    guest: resource_id,
-                    host: host_id,
-                },
-                c,
-            ))
-        }
-        Command::ResourceUnref { resource_id } => {
-            let r = v
-                .resources
-                .remove(&resource_id)
-                .ok_or_else(Rejection::resource)?;
-            v.vram_used = v.vram_used.saturating_sub(r.bytes());
-            sh.refund(r.bytes());
-            // The device takes the resource off any scanout showing it.
-            for s in v.scanouts.iter_mut().filter(|s| s.resource == resource_id) {
-                *s = ScanoutState::default();
-            }
-            // The command was paid with the resource's record; what the backing
-            // holds stays charged until the device is done with it.
-            let (unmap, held) = r
-                .backing
-                .map_or((Vec::new(), 0), |b| (b.mappings().collect(), b.charge));
-            Ok(host(
-                Command::ResourceUnref {
-                    resource_id: r.host_id,
-                },
-                Effect::Released {
-                    host: r.host_id,
-                    unmap,
-                },
-                held,
-            ))
-        }
+        } => create_2d(sh, v, resource_id, format, width, height),
+        Command::ResourceUnref { resource_id } => unref(sh, v, resource_id),
         Command::SetScanout {
             rect,
             scanout_id,
             resource_id,
-        } if band_of(v, scanout_id).is_some() => {
-            // A band of a shared head: the head keeps showing the composite; the
-            // resource must be exactly the display's size, shown whole.
-            let Some((_, w, h)) = band_of(v, scanout_id) else {
-                return Err(Rejection::scanout());
-            };
-            if resource_id != 0 {
-                let r = resource(v, resource_id)?;
-                let whole = Rect {
-                    x: 0,
-                    y: 0,
-                    width: w,
-                    height: h,
-                };
-                if r.width != w || r.height != h || rect != whole {
-                    return Err(Rejection::param(RejectReason::BadParameter));
-                }
-            }
-            v.scanouts[scanout_id as usize] = ScanoutState {
-                resource: resource_id,
-                rect: if resource_id == 0 {
-                    Rect::default()
-                } else {
-                    rect
-                },
-            };
-            Ok(Outcome::Emulated(Response::OkNoData))
-        }
+        } if band_of(v, scanout_id).is_some() => set_band_scanout(v, rect, scanout_id, resource_id),
         Command::SetScanout {
             rect,
             scanout_id,
             resource_id,
-        } => {
-            let physical = physical_scanout(v, scanout_id)?;
-            let (host_id, rect) = if resource_id == 0 {
-                (0, Rect::default())
-            } else {
-                let r = resource(v, resource_id)?;
-                check_rect(r, &rect)?;
-                if rect.width < MIN_SCANOUT_EDGE || rect.height < MIN_SCANOUT_EDGE {
-                    return Err(Rejection::param(RejectReason::BadParameter));
-                }
-                (r.host_id, rect)
-            };
-            let cmd = Command::SetScanout {
-                rect,
-                scanout_id: physical,
-                resource_id: host_id,
-            };
-            let c = command_charge(&cmd, 0);
-            charge(sh, v, c)?;
-            v.scanouts[scanout_id as usize] = ScanoutState {
-                resource: resource_id,
-                rect,
-            };
-            Ok(host(cmd, Effect::None, c))
-        }
-        Command::ResourceFlush { rect, resource_id } => {
-            let r = resource(v, resource_id)?;
-            check_rect(r, &rect)?;
-            let host_id = r.host_id;
-            if let Some((band, _, h)) = banded_resource(v, resource_id) {
-                let cmd = Command::ResourceFlush {
-                    rect: Rect {
-                        y: rect.y + band.index * h,
-                        ..rect
-                    },
-                    resource_id: band.host_resource,
-                };
-                return simple(sh, v, cmd);
-            }
-            simple(
-                sh,
-                v,
-                Command::ResourceFlush {
-                    rect,
-                    resource_id: host_id,
-                },
-            )
-        }
+        } => set_scanout(sh, v, rect, scanout_id, resource_id),
+        Command::ResourceFlush { rect, resource_id } => flush(sh, v, rect, resource_id),
         Command::TransferToHost2d {
             rect,
             offset,
             resource_id,
-        } => {
-            let r = resource(v, resource_id)?;
-            check_rect(r, &rect)?;
-            let Some(b) = &r.backing else {
-                return Err(Rejection::unspec(RejectReason::BadResource));
-            };
-            if transfer_end(r.width, &rect, offset).is_none_or(|end| end > b.len) {
-                return Err(Rejection::param(RejectReason::BadParameter));
-            }
-            let host_id = r.host_id;
-            if let Some((band, w, h)) = banded_resource(v, resource_id) {
-                let (cmd, copies) = band_transfer(&band, w, h, &rect, offset, b)?;
-                let c = command_charge(&cmd, copies.len());
-                charge(sh, v, c)?;
-                return Ok(Outcome::Host {
-                    cmd,
-                    effect: Effect::None,
-                    copies,
-                    charge: c,
-                    buf: Vec::new(),
-                });
-            }
-            simple(
-                sh,
-                v,
-                Command::TransferToHost2d {
-                    rect,
-                    offset,
-                    resource_id: host_id,
-                },
-            )
-        }
+        } => transfer_to_host(sh, v, rect, offset, resource_id),
         Command::ResourceAttachBacking {
             resource_id,
             ref entries,
-        } => {
-            let r = resource(v, resource_id)?;
-            if r.backing.is_some() {
-                return Err(Rejection::unspec(RejectReason::BadResource));
-            }
-            let limit = r.bytes().div_ceil(BACKING_SLACK) * BACKING_SLACK;
-            let host_id = r.host_id;
-            let mut backing = translate_backing(mem, entries, limit)?;
-            // Everything the command and the backing need, reserved and charged
-            // before anything changes.
-            let mut host_entries = Vec::new();
-            host_entries
-                .try_reserve_exact(backing.host.len())
-                .map_err(|_| Rejection::over_budget())?;
-            host_entries.extend_from_slice(&backing.host);
-            let buf = encoding_buffer(backing.host.len())?;
-            sh.iommu
-                .try_reserve(backing.host.len())
-                .map_err(|_| Rejection::over_budget())?;
-            let cmd = Command::ResourceAttachBacking {
-                resource_id: host_id,
-                entries: host_entries,
-            };
-            backing.charge = backing_charge(backing.guest.len(), &backing.host);
-            let c = command_charge(&cmd, 0);
-            charge(sh, v, backing.charge + c)?;
-            sh.iommu
-                .extend(
-                    backing
-                        .mappings()
-                        .map(|(hpa, len)| IommuOp::Map { vm: v.id, hpa, len }),
-                );
-            if let Some(r) = v.resources.get_mut(&resource_id) {
-                r.backing = Some(backing);
-            }
-            Ok(Outcome::Host {
-                cmd,
-                effect: Effect::Attached {
-                    guest: resource_id,
-                    host: host_id,
-                },
-                copies: Vec::new(),
-                charge: c,
-                buf,
-            })
-        }
-        Command::ResourceDetachBacking { resource_id } => {
-            let r = resource(v, resource_id)?;
-            if r.backing.is_none() {
-                return Err(Rejection::unspec(RejectReason::BadResource));
-            }
-            let host_id = r.host_id;
-            // Paid with the backing, whose charge stays until it is unmapped.
-            let (unmap, held) = v
-                .resources
-                .get_mut(&resource_id)
-                .and_then(|r| r.backing.take())
-                .map_or((Vec::new(), 0), |b| (b.mappings().collect(), b.charge));
-            Ok(host(
-                Command::ResourceDetachBacking {
-                    resource_id: host_id,
-                },
-                Effect::Detached { unmap },
-                held,
-            ))
-        }
+        } => attach_backing(sh, v, mem, resource_id, entries),
+        Command::ResourceDetachBacking { resource_id } => detach_backing(v, resource_id),
         // A shared head has one hardware cursor and several VMs: a VM shown in a band
         // gets no cursor (its cursor commands are taken and dropped, after the same
         // checks), so no VM moves a cursor over another's band.
@@ -645,28 +375,375 @@ pub(super) fn validate(
             resource_id,
             hot_x,
             hot_y,
-        } => {
-            let pos = cursor_pos(v, &pos)?;
-            let host_id = match resource_id {
-                0 => 0,
-                id => resource(v, id)?.host_id,
-            };
-            simple(
-                sh,
-                v,
-                Command::UpdateCursor {
-                    pos,
-                    resource_id: host_id,
-                    hot_x,
-                    hot_y,
-                },
-            )
-        }
+        } => update_cursor(sh, v, pos, resource_id, hot_x, hot_y),
         Command::MoveCursor { pos } => {
             let pos = cursor_pos(v, &pos)?;
-            simple(sh, v, Command::MoveCursor { pos })
+            pass_through(sh, v, Command::MoveCursor { pos })
         }
     }
+}
+
+/// A command that commits nothing but its own staging: charged, then sent.
+fn pass_through(sh: &mut Shared, v: &mut VmGpu, cmd: Command) -> Result<Outcome, Rejection> {
+    let c = command_charge(&cmd, 0);
+    charge(sh, v, c)?;
+    Ok(host(cmd, Effect::None, c))
+}
+
+/// `GET_DISPLAY_INFO`, answered from the VM's own scanouts.
+fn display_info(v: &VmGpu) -> Result<Outcome, Rejection> {
+    let modes = v
+        .config
+        .scanouts
+        .iter()
+        .map(|s| {
+            let r = Rect {
+                x: 0,
+                y: 0,
+                width: s.width,
+                height: s.height,
+            };
+            (r, true)
+        })
+        .collect();
+    Ok(Outcome::Emulated(Response::DisplayInfo(modes)))
+}
+
+/// `GET_EDID`, answered with an EDID for the scanout's size.
+fn edid(v: &VmGpu, scanout: u32) -> Result<Outcome, Rejection> {
+    physical_scanout(v, scanout)?;
+    let s = v.config.scanouts[scanout as usize];
+    let edid = command::edid_for(s.width, s.height);
+    Ok(Outcome::Emulated(Response::Edid(edid.to_vec())))
+}
+
+/// `RESOURCE_CREATE_2D`: a fresh host id, the record and the VRAM charged.
+fn create_2d(
+    sh: &mut Shared,
+    v: &mut VmGpu,
+    resource_id: u32,
+    format: u32,
+    width: u32,
+    height: u32,
+) -> Result<Outcome, Rejection> {
+    if resource_id == 0 || v.resources.contains_key(&resource_id) {
+        return Err(Rejection::resource());
+    }
+    let dim_ok = |d: u32| (1..=limits::MAX_RESOURCE_DIM).contains(&d);
+    if !format::is_known(format) || !dim_ok(width) || !dim_ok(height) {
+        return Err(Rejection::param(RejectReason::BadParameter));
+    }
+    let bytes = resource_bytes(width, height);
+    let over_quota = v.vram_used.saturating_add(bytes) > v.quota;
+    let over_vram = sh.vram_used.saturating_add(bytes) > sh.vram_total;
+    if v.resources.len() >= limits::MAX_RESOURCES_PER_VM || over_quota || over_vram {
+        return Err(Rejection::out_of_memory());
+    }
+    // The record lives until the device dropped the resource; so do its
+    // pixels when they are hypervisor memory.
+    let record = cost::RESOURCE + if sh.vram_in_hv_memory { bytes } else { 0 };
+    let c = cost::COMMAND;
+    charge(sh, v, record + c)?;
+    let Some(host_id) = sh.alloc_host_id() else {
+        sh.release(v, record + c);
+        return Err(Rejection::out_of_memory());
+    };
+    v.resources.insert(
+        resource_id,
+        Resource {
+            host_id,
+            format,
+            width,
+            height,
+            backing: None,
+        },
+    );
+    v.held.insert(host_id, record);
+    v.vram_used += bytes;
+    sh.vram_used += bytes;
+    Ok(host(
+        Command::ResourceCreate2d {
+            resource_id: host_id,
+            format,
+            width,
+            height,
+        },
+        Effect::Created {
+            guest: resource_id,
+            host: host_id,
+        },
+        c,
+    ))
+}
+
+/// `RESOURCE_UNREF`: the host id goes with the device's completion.
+fn unref(sh: &mut Shared, v: &mut VmGpu, resource_id: u32) -> Result<Outcome, Rejection> {
+    let r = v
+        .resources
+        .remove(&resource_id)
+        .ok_or_else(Rejection::resource)?;
+    v.vram_used = v.vram_used.saturating_sub(r.bytes());
+    sh.refund(r.bytes());
+    // The device takes the resource off any scanout showing it.
+    for s in v.scanouts.iter_mut().filter(|s| s.resource == resource_id) {
+        *s = ScanoutState::default();
+    }
+    // The command was paid with the resource's record; what the backing
+    // holds stays charged until the device is done with it.
+    let (unmap, held) = r
+        .backing
+        .map_or((Vec::new(), 0), |b| (b.mappings().collect(), b.charge));
+    Ok(host(
+        Command::ResourceUnref {
+            resource_id: r.host_id,
+        },
+        Effect::Released {
+            host: r.host_id,
+            unmap,
+        },
+        held,
+    ))
+}
+
+/// `SET_SCANOUT` on a band of a shared head.
+fn set_band_scanout(
+    v: &mut VmGpu,
+    rect: Rect,
+    scanout_id: u32,
+    resource_id: u32,
+) -> Result<Outcome, Rejection> {
+    // A band of a shared head: the head keeps showing the composite; the
+    // resource must be exactly the display's size, shown whole.
+    let Some((_, w, h)) = band_of(v, scanout_id) else {
+        return Err(Rejection::scanout());
+    };
+    if resource_id != 0 {
+        let r = resource(v, resource_id)?;
+        let whole = Rect {
+            x: 0,
+            y: 0,
+            width: w,
+            height: h,
+        };
+        if r.width != w || r.height != h || rect != whole {
+            return Err(Rejection::param(RejectReason::BadParameter));
+        }
+    }
+    v.scanouts[scanout_id as usize] = ScanoutState {
+        resource: resource_id,
+        rect: if resource_id == 0 {
+            Rect::default()
+        } else {
+            rect
+        },
+    };
+    Ok(Outcome::Emulated(Response::OkNoData))
+}
+
+/// `SET_SCANOUT` on a head of the VM's own.
+fn set_scanout(
+    sh: &mut Shared,
+    v: &mut VmGpu,
+    rect: Rect,
+    scanout_id: u32,
+    resource_id: u32,
+) -> Result<Outcome, Rejection> {
+    let physical = physical_scanout(v, scanout_id)?;
+    let (host_id, rect) = if resource_id == 0 {
+        (0, Rect::default())
+    } else {
+        let r = resource(v, resource_id)?;
+        check_rect(r, &rect)?;
+        if rect.width < MIN_SCANOUT_EDGE || rect.height < MIN_SCANOUT_EDGE {
+            return Err(Rejection::param(RejectReason::BadParameter));
+        }
+        (r.host_id, rect)
+    };
+    let cmd = Command::SetScanout {
+        rect,
+        scanout_id: physical,
+        resource_id: host_id,
+    };
+    let c = command_charge(&cmd, 0);
+    charge(sh, v, c)?;
+    v.scanouts[scanout_id as usize] = ScanoutState {
+        resource: resource_id,
+        rect,
+    };
+    Ok(host(cmd, Effect::None, c))
+}
+
+/// `RESOURCE_FLUSH` (into the VM's band of a composite, if it has one).
+fn flush(
+    sh: &mut Shared,
+    v: &mut VmGpu,
+    rect: Rect,
+    resource_id: u32,
+) -> Result<Outcome, Rejection> {
+    let r = resource(v, resource_id)?;
+    check_rect(r, &rect)?;
+    let host_id = r.host_id;
+    if let Some((band, _, h)) = banded_resource(v, resource_id) {
+        let cmd = Command::ResourceFlush {
+            rect: Rect {
+                y: rect.y + band.index * h,
+                ..rect
+            },
+            resource_id: band.host_resource,
+        };
+        return pass_through(sh, v, cmd);
+    }
+    pass_through(
+        sh,
+        v,
+        Command::ResourceFlush {
+            rect,
+            resource_id: host_id,
+        },
+    )
+}
+
+/// `TRANSFER_TO_HOST_2D`, inside the backing (into the VM's band, as copies, if it
+/// has one).
+fn transfer_to_host(
+    sh: &mut Shared,
+    v: &mut VmGpu,
+    rect: Rect,
+    offset: u64,
+    resource_id: u32,
+) -> Result<Outcome, Rejection> {
+    let r = resource(v, resource_id)?;
+    check_rect(r, &rect)?;
+    let Some(b) = &r.backing else {
+        return Err(Rejection::unspec(RejectReason::BadResource));
+    };
+    if transfer_end(r.width, &rect, offset).is_none_or(|end| end > b.len) {
+        return Err(Rejection::param(RejectReason::BadParameter));
+    }
+    let host_id = r.host_id;
+    if let Some((band, w, h)) = banded_resource(v, resource_id) {
+        let (cmd, copies) = band_transfer(&band, w, h, &rect, offset, b)?;
+        let c = command_charge(&cmd, copies.len());
+        charge(sh, v, c)?;
+        return Ok(Outcome::Host {
+            cmd,
+            effect: Effect::None,
+            copies,
+            charge: c,
+            buf: Vec::new(),
+        });
+    }
+    pass_through(
+        sh,
+        v,
+        Command::TransferToHost2d {
+            rect,
+            offset,
+            resource_id: host_id,
+        },
+    )
+}
+
+/// `RESOURCE_ATTACH_BACKING`: every entry translated and checked against the VM's
+/// RAM, everything reserved and charged before anything changes.
+fn attach_backing(
+    sh: &mut Shared,
+    v: &mut VmGpu,
+    mem: &dyn GuestMemory,
+    resource_id: u32,
+    entries: &[MemEntry],
+) -> Result<Outcome, Rejection> {
+    let r = resource(v, resource_id)?;
+    if r.backing.is_some() {
+        return Err(Rejection::unspec(RejectReason::BadResource));
+    }
+    let limit = r.bytes().div_ceil(BACKING_SLACK) * BACKING_SLACK;
+    let host_id = r.host_id;
+    let mut backing = translate_backing(mem, entries, limit)?;
+    // Everything the command and the backing need, reserved and charged
+    // before anything changes.
+    let mut host_entries = Vec::new();
+    host_entries
+        .try_reserve_exact(backing.host.len())
+        .map_err(|_| Rejection::over_budget())?;
+    host_entries.extend_from_slice(&backing.host);
+    let buf = encoding_buffer(backing.host.len())?;
+    sh.iommu
+        .try_reserve(backing.host.len())
+        .map_err(|_| Rejection::over_budget())?;
+    let cmd = Command::ResourceAttachBacking {
+        resource_id: host_id,
+        entries: host_entries,
+    };
+    backing.charge = backing_charge(backing.guest.len(), &backing.host);
+    let c = command_charge(&cmd, 0);
+    charge(sh, v, backing.charge + c)?;
+    sh.iommu.extend(
+        backing
+            .mappings()
+            .map(|(hpa, len)| IommuOp::Map { vm: v.id, hpa, len }),
+    );
+    if let Some(r) = v.resources.get_mut(&resource_id) {
+        r.backing = Some(backing);
+    }
+    Ok(Outcome::Host {
+        cmd,
+        effect: Effect::Attached {
+            guest: resource_id,
+            host: host_id,
+        },
+        copies: Vec::new(),
+        charge: c,
+        buf,
+    })
+}
+
+/// `RESOURCE_DETACH_BACKING`: unmapped when the device is done with it.
+fn detach_backing(v: &mut VmGpu, resource_id: u32) -> Result<Outcome, Rejection> {
+    let r = resource(v, resource_id)?;
+    if r.backing.is_none() {
+        return Err(Rejection::unspec(RejectReason::BadResource));
+    }
+    let host_id = r.host_id;
+    // Paid with the backing, whose charge stays until it is unmapped.
+    let (unmap, held) = v
+        .resources
+        .get_mut(&resource_id)
+        .and_then(|r| r.backing.take())
+        .map_or((Vec::new(), 0), |b| (b.mappings().collect(), b.charge));
+    Ok(host(
+        Command::ResourceDetachBacking {
+            resource_id: host_id,
+        },
+        Effect::Detached { unmap },
+        held,
+    ))
+}
+
+/// `UPDATE_CURSOR` on a head of the VM's own.
+fn update_cursor(
+    sh: &mut Shared,
+    v: &mut VmGpu,
+    pos: CursorPos,
+    resource_id: u32,
+    hot_x: u32,
+    hot_y: u32,
+) -> Result<Outcome, Rejection> {
+    let pos = cursor_pos(v, &pos)?;
+    let host_id = match resource_id {
+        0 => 0,
+        id => resource(v, id)?.host_id,
+    };
+    pass_through(
+        sh,
+        v,
+        Command::UpdateCursor {
+            pos,
+            resource_id: host_id,
+            hot_x,
+            hot_y,
+        },
+    )
 }
 
 /// A host command that needs no band copies nor a reserved encoding.
