@@ -1,10 +1,11 @@
 //! Building the bare-metal artifacts: the UEFI loader, the hypervisor and the guests;
 //! and hypervisors built with the cargo features scenarios ask for (`hv_features`).
 //!
-//! A featured hypervisor is built in a target directory of its own,
-//! `<target>/xtask/hv-features/<key>/` (`key`: the features sorted and joined by `+`),
-//! so the ordinary build in `<target>/x86_64-unknown-none/release/hypervisor` is never
-//! replaced by a featured one.
+//! Featured hypervisors are built in a cargo target directory of their own,
+//! `<target>/xtask/hv-features/build/`, so the ordinary build in
+//! `<target>/x86_64-unknown-none/release/hypervisor` is never replaced by a featured
+//! one; each is then kept in `<target>/xtask/hv-features/<key>/` (`key`: the features
+//! sorted and joined by `+`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -204,9 +205,15 @@ pub fn build(paths: &Paths) -> Result<Artifacts> {
     })
 }
 
-/// The target directory of the hypervisor built with the features of `key`.
+/// Where the hypervisor built with the features of `key` is kept (its ELF in
+/// `x86_64-unknown-none/release/hypervisor` below it).
 pub fn featured_target_dir(paths: &Paths, key: &str) -> PathBuf {
     paths.xtask.join("hv-features").join(key)
+}
+
+/// The cargo target directory every featured hypervisor is built in.
+fn featured_build_dir(paths: &Paths) -> PathBuf {
+    paths.xtask.join("hv-features").join("build")
 }
 
 /// The `--prebuilt DIR` file names of the hypervisor with the features of `key`, in
@@ -221,7 +228,12 @@ fn featured(paths: &Paths, mode: &BuildMode, key: &str, features: &[String]) -> 
     let dir = featured_target_dir(paths, key);
     match mode {
         BuildMode::Build => {
-            let dir_arg = dir.to_string_lossy();
+            // One cargo target directory for every feature set: the dependencies are
+            // built once, and cargo keeps the hypervisor of each set apart (its
+            // features are in its fingerprint). The ELF is then copied to the set's
+            // own directory, where `--no-build` finds it.
+            let shared = featured_build_dir(paths);
+            let dir_arg = shared.to_string_lossy();
             let list = features.join(",");
             let built = cargo_build(
                 paths,
@@ -229,13 +241,21 @@ fn featured(paths: &Paths, mode: &BuildMode, key: &str, features: &[String]) -> 
                 &["hypervisor"],
                 &["--features", &list, "--target-dir", &dir_arg],
             )?;
-            built
+            let exe = built
                 .into_iter()
                 .find(|(m, name, _)| same_file(m, &hv_manifest) && name == "hypervisor")
                 .map(|(_, _, exe)| exe)
                 .ok_or_else(|| {
                     format!("cargo built no `hypervisor` executable with features {list}")
-                })
+                })?;
+            let elf = dir.join(NONE_TARGET).join("release").join("hypervisor");
+            if let Some(parent) = elf.parent() {
+                std::fs::create_dir_all(parent)
+                    .ctx(|| format!("cannot create {}", parent.display()))?;
+            }
+            std::fs::copy(&exe, &elf)
+                .ctx(|| format!("cannot copy {} to {}", exe.display(), elf.display()))?;
+            Ok(elf)
         }
         BuildMode::NoBuild => {
             let elf = dir.join(NONE_TARGET).join("release").join("hypervisor");
