@@ -26,7 +26,7 @@ use criterion::{criterion_group, Criterion, Throughput};
 
 use gpu_pv::command::{self, Command, Request};
 use gpu_pv::mediator::{
-    Channel, Completion, Mediator, MediatorConfig, QueueId, ScanoutConfig, VmConfig,
+    Channel, Completion, Mediator, MediatorConfig, QueueId, ScanoutConfig, VmGpuConfig,
 };
 use gpu_pv::memory::{Gpa, GuestMemory, VecMemory};
 use gpu_pv::ring::driver::DriverQueue;
@@ -271,7 +271,7 @@ impl World {
         let mut med = Mediator::new(MediatorConfig::new(1 << 30, 1));
         med.add_vm(
             VM,
-            VmConfig::new(vec![ScanoutConfig {
+            VmGpuConfig::new(vec![ScanoutConfig {
                 physical: 0,
                 width: W,
                 height: H,

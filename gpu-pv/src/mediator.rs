@@ -191,7 +191,7 @@ pub struct BandCopy {
 
 /// How a VM's paravirtual GPU is set up.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VmConfig {
+pub struct VmGpuConfig {
     /// Its scanouts: virtual scanout `i` is `scanouts[i]`.
     pub scanouts: Vec<ScanoutConfig>,
     /// Scanouts shown in a band of a shared physical head instead of a head of
@@ -207,7 +207,7 @@ pub struct VmConfig {
     pub hv_memory: u64,
 }
 
-impl VmConfig {
+impl VmGpuConfig {
     /// A VM with these scanouts, the default quota, watchdog and memory budget.
     pub fn new(scanouts: Vec<ScanoutConfig>) -> Self {
         Self {
@@ -764,7 +764,7 @@ impl Mediator {
     ///
     /// Each physical scanout belongs to at most one VM; a quota of `None` is one
     /// quarter of the GPU's VRAM.
-    pub fn add_vm(&mut self, vm: VmId, config: VmConfig) -> Result<(), MediatorError> {
+    pub fn add_vm(&mut self, vm: VmId, config: VmGpuConfig) -> Result<(), MediatorError> {
         if self.vms.contains_key(&vm) {
             return Err(MediatorError::VmExists(vm));
         }
@@ -785,7 +785,7 @@ impl Mediator {
         }
         // Every scanout and band already given out: (physical, band, width, height).
         let band_of =
-            |c: &VmConfig, i: usize| c.bands.iter().find(|b| b.scanout as usize == i).copied();
+            |c: &VmGpuConfig, i: usize| c.bands.iter().find(|b| b.scanout as usize == i).copied();
         let mut given: Vec<(u32, Option<Band>, u32, u32)> = Vec::new();
         for v in self.vms.values() {
             for (i, o) in v.config.scanouts.iter().enumerate() {

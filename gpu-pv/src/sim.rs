@@ -80,7 +80,7 @@ use crate::counters::{Ratio, VmCounters};
 use crate::dispatch::{DispatchConfig, DispatchEvent, Dispatcher, Gpu, Memories};
 use crate::grants::{Grants, PAGE};
 use crate::mediator::{
-    HostCommand, Mediator, MediatorConfig, MediatorError, QueueId, ScanoutConfig, VmConfig,
+    HostCommand, Mediator, MediatorConfig, MediatorError, QueueId, ScanoutConfig, VmGpuConfig,
     VmState, DEVICE_NEEDS_RESET,
 };
 use crate::memory::{Gpa, GuestMemory, Hpa, MemError, VecMemory};
@@ -1192,7 +1192,7 @@ impl<'a> Sim<'a> {
             let vm = g.vm;
             med.add_vm(
                 vm,
-                VmConfig::new(vec![ScanoutConfig {
+                VmGpuConfig::new(vec![ScanoutConfig {
                     physical: i as u32,
                     width: sc.display.0,
                     height: sc.display.1,

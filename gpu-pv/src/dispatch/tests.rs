@@ -8,7 +8,7 @@ use alloc::vec::Vec;
 use super::*;
 use crate::command::Command;
 use crate::mediator::harness::{self, host_base, req, Guest, FB};
-use crate::mediator::{MediatorConfig, ScanoutConfig, VmConfig};
+use crate::mediator::{MediatorConfig, ScanoutConfig, VmGpuConfig};
 use crate::sched::{Mode, SchedConfig, VmParams};
 use crate::wire::{self, format};
 
@@ -95,7 +95,7 @@ impl Rig {
         let mut guests = Vec::new();
         for i in 0..n {
             let vm = i as VmId + 1;
-            let cfg = VmConfig::new(vec![ScanoutConfig {
+            let cfg = VmGpuConfig::new(vec![ScanoutConfig {
                 physical: i as u32,
                 width: 64,
                 height: 64,

@@ -20,7 +20,7 @@ fn world() -> (Mediator, Vec<Guest>) {
     let mut guests = Vec::new();
     for i in 0..2u32 {
         let vm = i as VmId + 1;
-        let mut cfg = VmConfig::new(vec![ScanoutConfig {
+        let mut cfg = VmGpuConfig::new(vec![ScanoutConfig {
             physical: 5,
             width: W,
             height: H,
@@ -278,7 +278,7 @@ fn a_reset_blanks_only_the_band() {
 fn a_shared_head_takes_only_bands_of_its_composite() {
     let (mut med, _) = world();
     let cfg = |band: Option<Band>| {
-        let mut c = VmConfig::new(vec![ScanoutConfig {
+        let mut c = VmGpuConfig::new(vec![ScanoutConfig {
             physical: 5,
             width: W,
             height: H,

@@ -537,7 +537,7 @@ fn a_snapshot_restored_elsewhere_behaves_identically() {
     b.med
         .add_vm(
             1,
-            VmConfig::new(vec![ScanoutConfig {
+            VmGpuConfig::new(vec![ScanoutConfig {
                 physical: 0,
                 width: 640,
                 height: 480,

@@ -21,7 +21,7 @@ use crate::wire::{self, CtrlHdr, MemEntry, Rect};
 
 use super::{
     Completion, CompletionReport, HostCommand, IommuOp, Mediator, MediatorConfig, QueueId,
-    ResetReport, ScanoutConfig, VmConfig,
+    ResetReport, ScanoutConfig, VmGpuConfig,
 };
 
 /// Guest RAM per VM.
@@ -414,7 +414,7 @@ impl World {
         let mut guests = Vec::new();
         for (i, &(width, height)) in sizes.iter().enumerate() {
             let vm = i as VmId + 1;
-            let cfg = VmConfig::new(vec![ScanoutConfig {
+            let cfg = VmGpuConfig::new(vec![ScanoutConfig {
                 physical: i as u32,
                 width,
                 height,

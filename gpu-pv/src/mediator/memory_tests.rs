@@ -26,7 +26,7 @@ fn world(budgets: &[u64], vram_in_hv_memory: bool) -> World {
     let mut guests = Vec::new();
     for (i, &budget) in budgets.iter().enumerate() {
         let vm = i as VmId + 1;
-        let mut cfg = VmConfig::new(vec![ScanoutConfig {
+        let mut cfg = VmGpuConfig::new(vec![ScanoutConfig {
             physical: i as u32,
             width: 640,
             height: 480,
@@ -240,7 +240,7 @@ fn queues_reserve_their_answers_from_the_budget() {
     let queues = cost::queue(64) + cost::queue(16);
     let mut m = Mediator::new(MediatorConfig::new(VRAM, 2));
     for (vm, budget) in [(1, queues - 1), (2, queues)] {
-        let mut cfg = VmConfig::new(vec![ScanoutConfig {
+        let mut cfg = VmGpuConfig::new(vec![ScanoutConfig {
             physical: u32::from(vm) - 1,
             width: 640,
             height: 480,
@@ -368,7 +368,7 @@ fn restore_refuses_a_context_over_the_budget() {
     let used = a.med.vm(1).unwrap().memory().used();
     for (budget, ok) in [(used / 2, false), (4 * used, true)] {
         let mut m = Mediator::new(MediatorConfig::new(VRAM, 1));
-        let mut cfg = VmConfig::new(vec![ScanoutConfig {
+        let mut cfg = VmGpuConfig::new(vec![ScanoutConfig {
             physical: 0,
             width: 640,
             height: 480,
@@ -460,7 +460,7 @@ fn simulated_gpu_pixels_are_bounded_by_the_budget() {
         vram_in_hv_memory: true,
         ..MediatorConfig::new(256 << 20, 1)
     });
-    let cfg = VmConfig::new(alloc::vec![ScanoutConfig {
+    let cfg = VmGpuConfig::new(alloc::vec![ScanoutConfig {
         physical: 0,
         width: 640,
         height: 480,

@@ -481,7 +481,7 @@ proptest! {
             bytes.truncate(cut.index(bytes.len()));
         }
         let mut m = Mediator::new(MediatorConfig::new(VRAM, 1));
-        let cfg = VmConfig::new(vec![ScanoutConfig { physical: 0, width: 640, height: 480 }]);
+        let cfg = VmGpuConfig::new(vec![ScanoutConfig { physical: 0, width: 640, height: 480 }]);
         m.add_vm(1, cfg).unwrap();
         let mem = s.w.guests[0].mem.clone();
         match m.restore(1, &bytes, &mem) {

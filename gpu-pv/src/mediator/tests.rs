@@ -84,30 +84,30 @@ fn scanout(physical: u32) -> ScanoutConfig {
 #[test]
 fn vms_get_their_own_scanouts_and_a_quarter_of_vram_by_default() {
     let mut m = Mediator::new(MediatorConfig::new(VRAM, 3));
-    m.add_vm(1, VmConfig::new(vec![scanout(0)])).unwrap();
+    m.add_vm(1, VmGpuConfig::new(vec![scanout(0)])).unwrap();
     assert_eq!(m.vm(1).unwrap().vram_quota(), VRAM / 4);
     assert_eq!(m.vm(1).unwrap().state(), VmState::Reset);
     assert_eq!(
-        m.add_vm(1, VmConfig::new(vec![scanout(1)])),
+        m.add_vm(1, VmGpuConfig::new(vec![scanout(1)])),
         Err(MediatorError::VmExists(1))
     );
     assert_eq!(
-        m.add_vm(2, VmConfig::new(vec![scanout(0)])),
+        m.add_vm(2, VmGpuConfig::new(vec![scanout(0)])),
         Err(MediatorError::ScanoutUnavailable(0))
     );
     assert_eq!(
-        m.add_vm(2, VmConfig::new(vec![scanout(3)])),
+        m.add_vm(2, VmGpuConfig::new(vec![scanout(3)])),
         Err(MediatorError::ScanoutUnavailable(3))
     );
     assert_eq!(
-        m.add_vm(2, VmConfig::new(vec![scanout(1), scanout(1)])),
+        m.add_vm(2, VmGpuConfig::new(vec![scanout(1), scanout(1)])),
         Err(MediatorError::ScanoutUnavailable(1))
     );
     assert_eq!(
-        m.add_vm(2, VmConfig::new(vec![])),
+        m.add_vm(2, VmGpuConfig::new(vec![])),
         Err(MediatorError::BadScanoutCount(0))
     );
-    let mut cfg = VmConfig::new(vec![scanout(1), scanout(2)]);
+    let mut cfg = VmGpuConfig::new(vec![scanout(1), scanout(2)]);
     cfg.vram_quota = Some(1 << 20);
     m.add_vm(2, cfg).unwrap();
     assert_eq!(m.vm(2).unwrap().vram_quota(), 1 << 20);
@@ -525,7 +525,7 @@ fn transfers_and_rects_stay_inside_the_resource_and_its_backing() {
 #[test]
 fn vram_quota_is_per_vm_and_given_back_on_unref() {
     let mut m = Mediator::new(MediatorConfig::new(VRAM, 2));
-    let mut cfg = VmConfig::new(vec![scanout(0)]);
+    let mut cfg = VmGpuConfig::new(vec![scanout(0)]);
     cfg.vram_quota = Some(1 << 20);
     m.add_vm(1, cfg).unwrap();
     let mut w = World::new(0, true);
@@ -1268,7 +1268,7 @@ fn a_malformed_ring_needs_a_reset_and_spares_the_neighbours() {
 #[test]
 fn backpressure_leaves_chains_in_the_ring() {
     let mut m = Mediator::new(MediatorConfig::new(VRAM, 1));
-    m.add_vm(1, VmConfig::new(vec![scanout(0)])).unwrap();
+    m.add_vm(1, VmGpuConfig::new(vec![scanout(0)])).unwrap();
     let mut mem = VecMemory::new(0, host_base(0), RAM);
     let big = QueueLayout {
         size: 512,
@@ -1331,7 +1331,7 @@ fn events_are_bounded() {
         ..MediatorConfig::new(VRAM, 4)
     });
     for vm in 1..=4 {
-        m.add_vm(vm, VmConfig::new(vec![scanout(u32::from(vm) - 1)]))
+        m.add_vm(vm, VmGpuConfig::new(vec![scanout(u32::from(vm) - 1)]))
             .unwrap();
     }
     let ev = m.take_events();
@@ -1376,7 +1376,7 @@ fn snapshotted() -> (World, Vec<u8>) {
 /// A fresh mediator with VM 1 (one `width` x 480 scanout, quota `quota`).
 fn fresh(width: u32, quota: Option<u64>) -> Mediator {
     let mut m = Mediator::new(MediatorConfig::new(VRAM, 1));
-    let mut cfg = VmConfig::new(vec![ScanoutConfig {
+    let mut cfg = VmGpuConfig::new(vec![ScanoutConfig {
         physical: 0,
         width,
         height: 480,

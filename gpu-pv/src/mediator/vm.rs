@@ -17,7 +17,7 @@ use crate::ring::{DeviceQueue, Segment};
 use crate::sched::VmId;
 use crate::wire::{CtrlHdr, MemEntry, Rect};
 
-use super::{HostCommand, QueueId, VmConfig, VmState, NO_VECTOR};
+use super::{HostCommand, QueueId, VmGpuConfig, VmState, NO_VECTOR};
 
 /// A 2D resource as the guest created it, with its host twin.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -214,7 +214,7 @@ pub(super) struct InFlight {
 #[derive(Clone, Debug)]
 pub struct VmGpu {
     pub(super) id: VmId,
-    pub(super) config: VmConfig,
+    pub(super) config: VmGpuConfig,
     pub(super) quota: u64,
     pub(super) state: VmState,
     pub(super) needs_reset: bool,
@@ -248,7 +248,7 @@ pub struct VmGpu {
 }
 
 impl VmGpu {
-    pub(super) fn new(id: VmId, config: VmConfig, quota: u64, context: u32) -> Self {
+    pub(super) fn new(id: VmId, config: VmGpuConfig, quota: u64, context: u32) -> Self {
         let scanouts = alloc::vec![ScanoutState::default(); config.scanouts.len()];
         let memory = Budget::new(config.hv_memory);
         Self {
@@ -283,7 +283,7 @@ impl VmGpu {
     }
 
     /// The configuration the VM was added with.
-    pub fn config(&self) -> &VmConfig {
+    pub fn config(&self) -> &VmGpuConfig {
         &self.config
     }
 

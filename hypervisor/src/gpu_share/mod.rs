@@ -35,7 +35,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use gpu_pv::budget::DEFAULT_BUDGET;
 use gpu_pv::dispatch::{DispatchConfig, DispatchEvent, Dispatcher};
 use gpu_pv::mediator::{
-    Channel, EventKind, Mediator, MediatorConfig, QueueId, ScanoutConfig, VmConfig,
+    Channel, EventKind, Mediator, MediatorConfig, QueueId, ScanoutConfig, VmGpuConfig,
 };
 use gpu_pv::memory::{check_range, GuestMemory, MemError};
 use gpu_pv::sched::{Mode, SchedConfig, Scheduler, VmId, VmParams};
@@ -378,7 +378,7 @@ pub fn add_vm(
         return None;
     }
     if s.disp.mediator().vm(vm).is_none() {
-        let mut cfg = VmConfig::new(alloc::vec![ScanoutConfig {
+        let mut cfg = VmGpuConfig::new(alloc::vec![ScanoutConfig {
             physical: head,
             width: w,
             height: h

@@ -5,7 +5,7 @@
 
 use gpu_pv::command::{self, Command, Request};
 use gpu_pv::mediator::{
-    Completion, HostCommand, IommuOp, Mediator, MediatorConfig, QueueId, ScanoutConfig, VmConfig,
+    Completion, HostCommand, IommuOp, Mediator, MediatorConfig, QueueId, ScanoutConfig, VmGpuConfig,
     VmState,
 };
 use gpu_pv::memory::{Gpa, GuestMemory, Hpa, VecMemory};
@@ -174,7 +174,7 @@ pub fn mediator() -> Mediator {
     for (vm, physical) in [(EVIL, 0), (VICTIM, 1)] {
         med.add_vm(
             vm,
-            VmConfig::new(vec![ScanoutConfig {
+            VmGpuConfig::new(vec![ScanoutConfig {
                 physical,
                 width: 64,
                 height: 64,
