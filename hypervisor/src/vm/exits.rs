@@ -77,7 +77,8 @@ impl Vm {
             )
         };
         match access {
-            Access::Read { reg, size } => {
+            Access::Read(load) => {
+                let size = load.size;
                 let value = if (lapic..lapic + 4096).contains(&gpa) {
                     u64::from(self.lapics[idx].read((gpa - lapic) as u32, now))
                 } else if in_ecam {
@@ -91,7 +92,7 @@ impl Vm {
                 } else {
                     u64::MAX
                 };
-                mmio::complete_read(self.vcpus[idx].regs(), reg, value);
+                load.complete(self.vcpus[idx].regs(), value);
             }
             Access::Write { value, size } => {
                 if (lapic..lapic + 4096).contains(&gpa) {

@@ -2,11 +2,12 @@
 //! are decoded; a read is completed with an arbitrary device value. Nothing may
 //! panic, decoding leaves the registers alone, a store's value has no more bytes
 //! than its size, and completing a read changes the destination register only, as
-//! the CPU would (32-bit destinations zero-extend, 8- and 16-bit ones merge).
+//! the CPU would: the loaded bytes widened as the instruction says (`movzx`/`movsx`),
+//! then 32-bit destinations zero-extend, 8- and 16-bit ones merge.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vdev::mmio::{self, Access, Register};
+use vdev::mmio::{self, Access, Extend, Register};
 use vdev::GuestRegs;
 
 /// Instruction bytes, 15 registers, the value the device returns.
@@ -97,11 +98,16 @@ fuzz_target!(|data: &[u8]| {
                 assert!(matches!(size, 1 | 2 | 4 | 8), "{access:?}");
                 assert_eq!(value & mask(size), value, "{access:?}");
             }
-            Access::Read { reg, size } => {
+            Access::Read(load) => {
+                let (reg, size) = (load.reg, load.size);
                 assert!(matches!(size, 1 | 2 | 4 | 8), "{access:?}");
-                assert_eq!(usize::from(size), reg.size(), "{access:?}");
+                match load.extend {
+                    Extend::None => assert_eq!(usize::from(size), reg.size(), "{access:?}"),
+                    // movsxd r32, m32 moves 4 bytes as they are.
+                    _ => assert!(usize::from(size) <= reg.size(), "{access:?}"),
+                }
                 let slot = index_of(reg.full_register()).expect("a GuestRegs register");
-                mmio::complete_read(&mut regs, reg, device_value);
+                load.complete(&mut regs, device_value);
                 let after = to_array(&regs);
                 for (i, (&a, &b)) in after.iter().zip(values.iter()).enumerate() {
                     if i != slot {
@@ -112,13 +118,20 @@ fuzz_target!(|data: &[u8]| {
                     reg,
                     Register::AH | Register::BH | Register::CH | Register::DH
                 );
-                let (shift, keep) = match size {
+                // The loaded bytes, widened to the destination's width.
+                let loaded = device_value & mask(size);
+                let negative = loaded >> (u32::from(size) * 8 - 1) & 1 == 1;
+                let widened = match load.extend {
+                    Extend::Sign if negative => loaded | !mask(size),
+                    _ => loaded,
+                } & mask(reg.size() as u8);
+                let (shift, keep) = match reg.size() {
                     1 if high8 => (8, !0xff00),
                     4 => (0, 0),
                     8 => (0, 0),
-                    s => (0, !mask(s)),
+                    s => (0, !mask(s as u8)),
                 };
-                let expect = (values[slot] & keep) | ((device_value & mask(size)) << shift);
+                let expect = (values[slot] & keep) | (widened << shift);
                 assert_eq!(after[slot], expect, "{reg:?} <- {device_value:#x}");
             }
         }
