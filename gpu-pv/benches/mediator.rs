@@ -28,29 +28,31 @@ use gpu_pv::command::{self, Command, Request};
 use gpu_pv::mediator::{
     Channel, Completion, Mediator, MediatorConfig, QueueId, ScanoutConfig, VmGpuConfig,
 };
-use gpu_pv::memory::{Gpa, GuestMemory, VecMemory};
+use gpu_pv::memory::{Gpa, GuestMemory, Hpa, VecMemory};
 use gpu_pv::ring::driver::DriverQueue;
 use gpu_pv::ring::{self, DeviceQueue, QueueLayout, Segment};
 use gpu_pv::wire::{self, format, CtrlHdr, CursorPos, MemEntry, Rect};
 
 const RAM: usize = 16 << 20;
 const VM: u16 = 1;
-const SLOTS: Gpa = 0x1_0000;
-const SLOT: Gpa = 0x1000;
-const RESP_AT: Gpa = 0x800;
-const TABLE_AT: Gpa = 0xf00;
-const FB: [Gpa; 2] = [0x10_0000, 0x58_0000];
-const CURSOR_IMAGE: Gpa = 0xa0_0000;
-const SPARE: Gpa = 0xb0_0000;
+const SLOTS: Gpa = Gpa::new(0x1_0000);
+/// Bytes of a slot.
+const SLOT: u64 = 0x1000;
+/// Offsets in a slot.
+const RESP_AT: u64 = 0x800;
+const TABLE_AT: u64 = 0xf00;
+const FB: [Gpa; 2] = [Gpa::new(0x10_0000), Gpa::new(0x58_0000)];
+const CURSOR_IMAGE: Gpa = Gpa::new(0xa0_0000);
+const SPARE: Gpa = Gpa::new(0xb0_0000);
 const W: u32 = 1280;
 const H: u32 = 800;
 
 fn control_layout() -> QueueLayout {
     QueueLayout {
         size: 64,
-        desc: 0x1000,
-        avail: 0x1400,
-        used: 0x1600,
+        desc: Gpa::new(0x1000),
+        avail: Gpa::new(0x1400),
+        used: Gpa::new(0x1600),
         event_idx: true,
         indirect: true,
     }
@@ -59,9 +61,9 @@ fn control_layout() -> QueueLayout {
 fn cursor_layout() -> QueueLayout {
     QueueLayout {
         size: 16,
-        desc: 0x2000,
-        avail: 0x2100,
-        used: 0x2200,
+        desc: Gpa::new(0x2000),
+        avail: Gpa::new(0x2100),
+        used: Gpa::new(0x2200),
         event_idx: true,
         indirect: true,
     }
@@ -99,7 +101,7 @@ fn entries(base: Gpa, len: u64, n: u64) -> Vec<MemEntry> {
         .collect();
     (0..pieces)
         .map(|k| MemEntry {
-            addr: base + order[k as usize] * chunk,
+            addr: base.offset(order[k as usize] * chunk).get(),
             length: chunk.min(len - k * chunk) as u32,
             padding: 0,
         })
@@ -278,7 +280,7 @@ impl World {
             }]),
         )
         .unwrap();
-        let mut mem = VecMemory::new(0, 1 << 32, RAM);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(1 << 32), RAM);
         let ctrl = DriverQueue::new(&mut mem, control_layout()).unwrap();
         let cursor = DriverQueue::new(&mut mem, cursor_layout()).unwrap();
         med.start_queues(VM, control_layout(), cursor_layout())
@@ -342,19 +344,19 @@ impl World {
             let base = match cmd.queue {
                 QueueId::Control => {
                     c += 1;
-                    SLOTS + SLOT * (c - 1)
+                    SLOTS.offset(SLOT * (c - 1))
                 }
                 QueueId::Cursor => {
                     k += 1;
-                    SLOTS + SLOT * (64 + k - 1)
+                    SLOTS.offset(SLOT * (64 + k - 1))
                 }
             };
             let parts: Vec<(Gpa, u32)> = if cmd.req.cmd.type_() == wire::CMD_RESOURCE_ATTACH_BACKING
             {
                 let (h, e) = bytes.split_at(wire::size::RESOURCE_ATTACH_BACKING);
                 self.mem.write(base, h).unwrap();
-                self.mem.write(base + 0x40, e).unwrap();
-                vec![(base, h.len() as u32), (base + 0x40, e.len() as u32)]
+                self.mem.write(base.offset(0x40), e).unwrap();
+                vec![(base, h.len() as u32), (base.offset(0x40), e.len() as u32)]
             } else {
                 self.mem.write(base, &bytes).unwrap();
                 vec![(base, bytes.len() as u32)]
@@ -371,15 +373,17 @@ impl World {
     fn add_round(&mut self) {
         for &at in &self.fenced {
             self.fence += 1;
-            self.mem.write(at + 8, &self.fence.to_le_bytes()).unwrap();
+            self.mem
+                .write(at.offset(8), &self.fence.to_le_bytes())
+                .unwrap();
         }
         for (q, parts) in &self.round {
             let base = parts[0].0;
             match q {
                 QueueId::Control => {
-                    let resp = [(base + RESP_AT, 24)];
+                    let resp = [(base.offset(RESP_AT), 24)];
                     self.ctrl
-                        .add(&mut self.mem, parts, &resp, Some(base + TABLE_AT))
+                        .add(&mut self.mem, parts, &resp, Some(base.offset(TABLE_AT)))
                         .unwrap();
                 }
                 QueueId::Cursor => {
@@ -491,17 +495,17 @@ fn doorbell_benches(c: &mut Criterion) {
 fn stage_benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("stages");
     // Ring pop of 64 indirect control chains (1R + 1W each).
-    let mut mem = VecMemory::new(0, 1 << 32, RAM);
+    let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(1 << 32), RAM);
     let mut drv = DriverQueue::new(&mut mem, control_layout()).unwrap();
     let flip = enc(&req(transfer(2, rect(0, 0, W, H)), None));
     for k in 0..64u64 {
-        let base = SLOTS + SLOT * k;
+        let base = SLOTS.offset(SLOT * k);
         mem.write(base, &flip).unwrap();
         drv.add(
             &mut mem,
             &[(base, flip.len() as u32)],
-            &[(base + RESP_AT, 24)],
-            Some(base + TABLE_AT),
+            &[(base.offset(RESP_AT), 24)],
+            Some(base.offset(TABLE_AT)),
         )
         .unwrap();
     }
@@ -567,11 +571,11 @@ fn stage_benches(c: &mut Criterion) {
 /// 4 MiB region (so the source is not one run), and the same bytes as plain
 /// slices of a host buffer laid out the same way.
 fn bulk(total: usize, seg: usize) -> (VecMemory, Vec<Segment>) {
-    let mut mem = VecMemory::new(0, 1 << 32, 8 << 20);
+    let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(1 << 32), 8 << 20);
     let n = total / seg;
     let segs: Vec<Segment> = (0..n)
         .map(|k| Segment {
-            gpa: 0x10_0000 + ((k * 7) % n.max(1)) as u64 * (seg as u64 + 64),
+            gpa: Gpa::new(0x10_0000).offset(((k * 7) % n.max(1)) as u64 * (seg as u64 + 64)),
             len: seg as u32,
         })
         .collect();
@@ -587,7 +591,8 @@ fn bulk(total: usize, seg: usize) -> (VecMemory, Vec<Segment>) {
 fn memcpy(mem: &VecMemory, segs: &[Segment], out: &mut [u8]) -> usize {
     let mut at = 0;
     for s in segs {
-        let src = s.gpa as usize;
+        // The guest's RAM starts at GPA 0 of `mem.bytes`.
+        let src = s.gpa.get() as usize;
         let len = s.len as usize;
         out[at..at + len].copy_from_slice(&mem.bytes[src..src + len]);
         at += len;

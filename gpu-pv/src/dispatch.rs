@@ -33,7 +33,7 @@ use crate::grants::Grants;
 use crate::mediator::{
     Batch, Completion, HostCommand, IommuOp, Mediator, MediatorError, QueueId, ResetReport,
 };
-use crate::memory::{GuestMemory, Hpa, MemError};
+use crate::memory::{Gpa, GuestMemory, Hpa, MemError};
 use crate::ring::QueueLayout;
 use crate::sched::{Scheduler, Slice, SliceKind, VmId};
 
@@ -84,13 +84,13 @@ impl<M: GuestMemory> Memories for BTreeMap<VmId, M> {
 struct NoMemory;
 
 impl GuestMemory for NoMemory {
-    fn translate(&self, _: u64, _: u64) -> Result<Hpa, MemError> {
+    fn translate(&self, _: Gpa, _: u64) -> Result<Hpa, MemError> {
         Err(MemError::OutOfRange)
     }
-    fn read(&self, _: u64, _: &mut [u8]) -> Result<(), MemError> {
+    fn read(&self, _: Gpa, _: &mut [u8]) -> Result<(), MemError> {
         Err(MemError::OutOfRange)
     }
-    fn write(&mut self, _: u64, _: &[u8]) -> Result<(), MemError> {
+    fn write(&mut self, _: Gpa, _: &[u8]) -> Result<(), MemError> {
         Err(MemError::OutOfRange)
     }
 }
@@ -493,12 +493,12 @@ impl<G: Gpu> Dispatcher<G> {
         &mut self,
         vm: VmId,
         mem: &dyn GuestMemory,
-        gpa: u64,
+        gpa: Gpa,
         len: u64,
     ) -> Result<u64, BufferError> {
         if len == 0
             || len > MAX_BUFFER_BYTES
-            || !gpa.is_multiple_of(4096)
+            || !gpa.get().is_multiple_of(4096)
             || !len.is_multiple_of(4096)
         {
             return Err(BufferError::BadRange);
@@ -509,7 +509,7 @@ impl<G: Gpu> Dispatcher<G> {
         }
         // The buffer's record and a grant record per page come out of its budget.
         let charge = crate::budget::cost::BUFFER
-            + crate::budget::cost::PAGE * crate::budget::cost::pages(hpa, len);
+            + crate::budget::cost::PAGE * crate::budget::cost::pages(hpa.get(), len);
         self.mediator
             .charge(vm, charge)
             .map_err(BufferError::Mediator)?;

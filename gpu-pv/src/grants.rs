@@ -48,18 +48,18 @@ impl Changes {
 /// Host pages granted to the GPU, counted per page and per VM.
 #[derive(Clone, Debug, Default)]
 pub struct Grants {
-    pages: BTreeMap<u64, Page>,
+    pages: BTreeMap<Hpa, Page>,
     /// Pages whose state may differ from what the IOMMU has.
-    dirty: BTreeSet<u64>,
+    dirty: BTreeSet<Hpa>,
     /// Page grants each VM holds.
     per_vm: BTreeMap<VmId, u64>,
 }
 
 /// The page frames `[hpa, hpa+len)` touches, as page addresses.
-fn pages(hpa: Hpa, len: u64) -> impl Iterator<Item = u64> {
-    let start = hpa & !(PAGE - 1);
-    let end = hpa.saturating_add(len).saturating_add(PAGE - 1) & !(PAGE - 1);
-    (start..end).step_by(PAGE as usize)
+fn pages(hpa: Hpa, len: u64) -> impl Iterator<Item = Hpa> {
+    let start = hpa.get() & !(PAGE - 1);
+    let end = hpa.get().saturating_add(len).saturating_add(PAGE - 1) & !(PAGE - 1);
+    (start..end).step_by(PAGE as usize).map(Hpa::new)
 }
 
 impl Grants {
@@ -130,7 +130,7 @@ impl Grants {
                 p.applied = wanted;
                 let runs = if wanted { &mut out.map } else { &mut out.unmap };
                 match runs.last_mut() {
-                    Some((start, len)) if *start + *len == page => *len += PAGE,
+                    Some((start, len)) if start.offset(*len) == page => *len += PAGE,
                     _ => runs.push((page, PAGE)),
                 }
             }
@@ -151,22 +151,26 @@ mod tests {
     #[test]
     fn a_page_stays_mapped_while_any_grant_holds_it() {
         let mut g = Grants::new();
-        g.grant(1, 0x1000, 0x2000);
-        g.grant(2, 0x2000, 0x1000);
-        assert_eq!(g.take_changes().map, [(0x1000, 0x2000)]);
-        g.revoke(1, 0x1000, 0x2000);
+        g.grant(1, Hpa::new(0x1000), 0x2000);
+        g.grant(2, Hpa::new(0x2000), 0x1000);
+        assert_eq!(g.take_changes().map, [(Hpa::new(0x1000), 0x2000)]);
+        g.revoke(1, Hpa::new(0x1000), 0x2000);
         let c = g.take_changes();
-        assert_eq!(c.unmap, [(0x1000, 0x1000)], "0x2000 is still VM 2's");
-        assert!(g.covers(0x2000, 0x1000));
-        assert!(!g.covers(0x1000, 0x1000));
+        assert_eq!(
+            c.unmap,
+            [(Hpa::new(0x1000), 0x1000)],
+            "0x2000 is still VM 2's"
+        );
+        assert!(g.covers(Hpa::new(0x2000), 0x1000));
+        assert!(!g.covers(Hpa::new(0x1000), 0x1000));
         assert_eq!((g.of_vm(1), g.of_vm(2)), (0, 1));
     }
 
     #[test]
     fn granted_and_revoked_before_applying_is_no_change() {
         let mut g = Grants::new();
-        g.grant(1, 0x5000, 10);
-        g.revoke(1, 0x5000, 10);
+        g.grant(1, Hpa::new(0x5000), 10);
+        g.revoke(1, Hpa::new(0x5000), 10);
         assert!(g.take_changes().is_empty());
         assert_eq!(g.granted_pages(), 0);
     }
@@ -174,8 +178,8 @@ mod tests {
     #[test]
     fn unaligned_ranges_round_out_to_whole_pages() {
         let mut g = Grants::new();
-        g.grant(1, 0x1ff8, 16);
-        assert_eq!(g.take_changes().map, [(0x1000, 0x2000)]);
+        g.grant(1, Hpa::new(0x1ff8), 16);
+        assert_eq!(g.take_changes().map, [(Hpa::new(0x1000), 0x2000)]);
     }
 
     #[derive(Clone, Debug)]
@@ -209,28 +213,30 @@ mod tests {
             for op in ops.into_iter().chain([Op::Apply]) {
                 match op {
                     Op::Grant(vm, hpa, len) => {
-                        g.grant(vm, hpa, len);
+                        g.grant(vm, Hpa::new(hpa), len);
                         live.push((vm, hpa, len));
                     }
                     Op::Revoke(i) if !live.is_empty() => {
                         let (vm, hpa, len) = live.remove(i % live.len());
-                        g.revoke(vm, hpa, len);
+                        g.revoke(vm, Hpa::new(hpa), len);
                     }
                     Op::Revoke(_) => {}
                     Op::Apply => {
                         let c = g.take_changes();
                         for (start, len) in c.map {
+                            let start = start.get();
                             for p in (start..start + len).step_by(PAGE as usize) {
                                 prop_assert!(iommu.insert(p), "page {p:#x} mapped twice");
                             }
                         }
                         for (start, len) in c.unmap {
+                            let start = start.get();
                             for p in (start..start + len).step_by(PAGE as usize) {
                                 prop_assert!(iommu.remove(&p), "page {p:#x} unmapped twice");
                             }
                         }
                         let want: Set<u64> =
-                            live.iter().flat_map(|&(_, h, l)| pages(h, l)).collect();
+                            live.iter().flat_map(|&(_, h, l)| pages(Hpa::new(h), l)).map(Hpa::get).collect();
                         prop_assert_eq!(&iommu, &want);
                     }
                 }
@@ -239,7 +245,7 @@ mod tests {
                 let held: u64 = live
                     .iter()
                     .filter(|l| l.0 == vm)
-                    .map(|&(_, h, l)| pages(h, l).count() as u64)
+                    .map(|&(_, h, l)| pages(Hpa::new(h), l).count() as u64)
                     .sum();
                 prop_assert_eq!(g.of_vm(vm), held);
             }

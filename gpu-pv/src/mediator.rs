@@ -1532,7 +1532,7 @@ impl Shared {
                         v.id,
                         Channel::Debug,
                         EventKind::DmaFault {
-                            gpa: r.writable.first().map_or(0, |s| s.gpa),
+                            gpa: r.writable.first().map_or(Gpa::new(0), |s| s.gpa),
                             len: out.len() as u64,
                             error,
                         },

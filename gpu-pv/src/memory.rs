@@ -9,11 +9,74 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
+use core::fmt;
 
-/// A guest-physical address.
-pub type Gpa = u64;
-/// A host-physical address.
-pub type Hpa = u64;
+/// Defines a physical-address newtype. There is deliberately no `From<u64>`, no
+/// `Deref` and no arithmetic operator: an address is made from a raw `u64` only with
+/// `new`, read back only with `get`, so every place a raw number becomes an address
+/// (or an address of one kind becomes one of the other) is visible in the source.
+macro_rules! address {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+        #[repr(transparent)]
+        pub struct $name(u64);
+
+        impl $name {
+            /// The address `raw`.
+            pub const fn new(raw: u64) -> Self {
+                Self(raw)
+            }
+
+            /// The address as a raw number.
+            pub const fn get(self) -> u64 {
+                self.0
+            }
+
+            /// The address `by` bytes further on, `None` past the end of the
+            /// address space.
+            pub const fn checked_add(self, by: u64) -> Option<Self> {
+                match self.0.checked_add(by) {
+                    Some(a) => Some(Self(a)),
+                    None => None,
+                }
+            }
+
+            /// The address `by` bytes further on, for offsets already known to stay
+            /// inside the address space (a checked range, a validated ring). Same
+            /// overflow behaviour as `u64 + u64`; use
+            /// [`checked_add`](Self::checked_add) for anything not checked yet.
+            pub const fn offset(self, by: u64) -> Self {
+                Self(self.0 + by)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:#x}", self.0)
+            }
+        }
+
+        impl fmt::LowerHex for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::LowerHex::fmt(&self.0, f)
+            }
+        }
+    };
+}
+
+address! {
+    /// A guest-physical address: what a guest writes into its rings, descriptors,
+    /// backing entries and hypercall registers. Only a [`GuestMemory`] turns one into
+    /// an [`Hpa`].
+    Gpa
+}
+
+address! {
+    /// A host-physical address: what the GPU and the IOMMU are given, after
+    /// [`GuestMemory::translate`] checked that the guest owns the page.
+    Hpa
+}
 
 /// Why a guest memory access was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,14 +134,14 @@ impl VecMemory {
 
     fn offset(&self, gpa: Gpa, len: u64) -> Result<usize, MemError> {
         check_range(gpa, len, self.base, self.bytes.len() as u64)?;
-        Ok((gpa - self.base) as usize)
+        Ok((gpa.get() - self.base.get()) as usize)
     }
 }
 
 impl GuestMemory for VecMemory {
     fn translate(&self, gpa: Gpa, len: u64) -> Result<Hpa, MemError> {
         let off = self.offset(gpa, len)?;
-        Ok(self.host_base + off as u64)
+        Ok(self.host_base.offset(off as u64))
     }
     fn read(&self, gpa: Gpa, out: &mut [u8]) -> Result<(), MemError> {
         let off = self.offset(gpa, out.len() as u64)?;
@@ -98,15 +161,39 @@ mod tests {
 
     #[test]
     fn ranges_are_checked_for_overflow_and_bounds() {
-        let mut m = VecMemory::new(0x1000, 0x8000_0000, 0x2000);
-        assert_eq!(m.translate(0x1000, 0x2000), Ok(0x8000_0000));
-        assert_eq!(m.translate(0x0fff, 1), Err(MemError::OutOfRange));
-        assert_eq!(m.translate(0x2fff, 2), Err(MemError::OutOfRange));
-        assert_eq!(m.translate(u64::MAX, 2), Err(MemError::Overflow));
-        m.write(0x1ffe, &[1, 2, 3, 4]).unwrap();
+        let mut m = VecMemory::new(Gpa::new(0x1000), Hpa::new(0x8000_0000), 0x2000);
+        assert_eq!(
+            m.translate(Gpa::new(0x1000), 0x2000),
+            Ok(Hpa::new(0x8000_0000))
+        );
+        assert_eq!(m.translate(Gpa::new(0x0fff), 1), Err(MemError::OutOfRange));
+        assert_eq!(m.translate(Gpa::new(0x2fff), 2), Err(MemError::OutOfRange));
+        assert_eq!(m.translate(Gpa::new(u64::MAX), 2), Err(MemError::Overflow));
+        m.write(Gpa::new(0x1ffe), &[1, 2, 3, 4]).unwrap();
         let mut b = [0; 4];
-        m.read(0x1ffe, &mut b).unwrap();
+        m.read(Gpa::new(0x1ffe), &mut b).unwrap();
         assert_eq!(b, [1, 2, 3, 4]);
-        assert_eq!(m.write(0x2ffe, &[0; 3]), Err(MemError::OutOfRange));
+        assert_eq!(
+            m.write(Gpa::new(0x2ffe), &[0; 3]),
+            Err(MemError::OutOfRange)
+        );
+    }
+
+    #[test]
+    fn guest_and_host_addresses_are_distinct_types() {
+        // A guest address becomes a host one only through a translation.
+        let m = VecMemory::new(Gpa::new(0x1000), Hpa::new(0x8000_0000), 0x2000);
+        let hpa: Hpa = m.translate(Gpa::new(0x1234), 0x10).unwrap();
+        assert_eq!(hpa, Hpa::new(0x8000_0234));
+        assert_eq!(hpa.get(), 0x8000_0234);
+        // Offsets stay in the same kind of address; overflow is caught.
+        assert_eq!(Gpa::new(0x1000).checked_add(0x10), Some(Gpa::new(0x1010)));
+        assert_eq!(Gpa::new(u64::MAX).checked_add(1), None);
+        assert_eq!(Hpa::new(u64::MAX - 1).checked_add(2), None);
+        assert_eq!(Hpa::new(0x8000_0000).offset(0x234), hpa);
+        // Logs print addresses in hex.
+        assert_eq!(alloc::format!("{hpa}"), "0x80000234");
+        assert_eq!(alloc::format!("{:#x}", Gpa::new(0x1000)), "0x1000");
+        assert_eq!(alloc::format!("{:08x}", Gpa::new(0x1000)), "00001000");
     }
 }

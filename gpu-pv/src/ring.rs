@@ -74,9 +74,9 @@ impl QueueLayout {
         if self.size == 0 || self.size > MAX_QUEUE_SIZE || !self.size.is_power_of_two() {
             return Err(RingError::BadQueueSize);
         }
-        if !self.desc.is_multiple_of(16)
-            || !self.avail.is_multiple_of(2)
-            || !self.used.is_multiple_of(4)
+        if !self.desc.get().is_multiple_of(16)
+            || !self.avail.get().is_multiple_of(2)
+            || !self.used.get().is_multiple_of(4)
         {
             return Err(RingError::Misaligned);
         }
@@ -94,32 +94,35 @@ impl QueueLayout {
         Ok(())
     }
 
+    // The ring addresses below lie inside the areas `validate` checked not to
+    // wrap around the address space (every queue is validated when it is made).
     fn desc_addr(&self, index: u16) -> Gpa {
-        self.desc + DESC_SIZE * u64::from(index)
+        self.desc.offset(DESC_SIZE * u64::from(index))
     }
     fn avail_flags_addr(&self) -> Gpa {
         self.avail
     }
     fn avail_idx_addr(&self) -> Gpa {
-        self.avail + 2
+        self.avail.offset(2)
     }
     fn avail_ring_addr(&self, slot: u16) -> Gpa {
-        self.avail + 4 + 2 * u64::from(slot % self.size)
+        self.avail.offset(4 + 2 * u64::from(slot % self.size))
     }
     fn used_event_addr(&self) -> Gpa {
-        self.avail + 4 + 2 * u64::from(self.size)
+        self.avail.offset(4 + 2 * u64::from(self.size))
     }
     fn used_flags_addr(&self) -> Gpa {
         self.used
     }
     fn used_idx_addr(&self) -> Gpa {
-        self.used + 2
+        self.used.offset(2)
     }
     fn used_ring_addr(&self, slot: u16) -> Gpa {
-        self.used + 4 + USED_ELEM_SIZE * u64::from(slot % self.size)
+        self.used
+            .offset(4 + USED_ELEM_SIZE * u64::from(slot % self.size))
     }
     fn avail_event_addr(&self) -> Gpa {
-        self.used + 4 + USED_ELEM_SIZE * u64::from(self.size)
+        self.used.offset(4 + USED_ELEM_SIZE * u64::from(self.size))
     }
 }
 
@@ -238,7 +241,9 @@ fn write_u16(mem: &mut dyn GuestMemory, gpa: Gpa, v: u16) -> Result<(), RingErro
     Ok(())
 }
 
-/// `struct virtq_desc`.
+/// `struct virtq_desc`, as it is in guest memory: `addr` is the raw number the
+/// driver wrote, untrusted until [`ChainBuilder::push`] turned it into a checked
+/// [`Segment`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Desc {
     addr: u64,
@@ -316,14 +321,17 @@ fn check_segment(mem: &dyn GuestMemory, gpa: Gpa, len: u32) -> Result<(), RingEr
         Ok(_) => return Ok(()),
         Err(e) => e,
     };
-    if len == 0 || gpa / PAGE_SIZE == (end - 1) / PAGE_SIZE {
+    if len == 0 || gpa.get() / PAGE_SIZE == (end.get() - 1) / PAGE_SIZE {
         return Err(err.into());
     }
-    let mut cur = gpa;
-    while cur < end {
-        let next = (cur / PAGE_SIZE + 1).saturating_mul(PAGE_SIZE).min(end);
-        mem.translate(cur, next - cur)?;
-        cur = next;
+    // Page by page: `done` bytes checked so far, each step up to the next page
+    // boundary (or the end).
+    let mut done = 0;
+    while done < len {
+        let cur = gpa.offset(done);
+        let n = (PAGE_SIZE - cur.get() % PAGE_SIZE).min(len - done);
+        mem.translate(cur, n)?;
+        done += n;
     }
     Ok(())
 }
@@ -347,11 +355,11 @@ impl ChainBuilder {
         if self.total > u64::from(u32::MAX) {
             return Err(RingError::LengthOverflow);
         }
-        check_segment(mem, d.addr, d.len)?;
-        let seg = Segment {
-            gpa: d.addr,
-            len: d.len,
-        };
+        // Trust boundary: the address the guest wrote becomes a guest-physical
+        // address, checked to be the guest's own RAM before it goes anywhere.
+        let gpa = Gpa::new(d.addr);
+        check_segment(mem, gpa, d.len)?;
+        let seg = Segment { gpa, len: d.len };
         let list = if writable {
             &mut self.chain.writable
         } else {
@@ -616,7 +624,8 @@ fn walk_indirect(mem: &dyn GuestMemory, d: &Desc, b: &mut ChainBuilder) -> Resul
         .try_reserve_exact(n * Desc::SIZE)
         .map_err(|_| RingError::OutOfMemory)?;
     table.resize(n * Desc::SIZE, 0);
-    mem.read(d.addr, &mut table)?;
+    // The table address is the guest's too; the read is checked against its RAM.
+    mem.read(Gpa::new(d.addr), &mut table)?;
     let entry = |i: usize| {
         let raw = table.get(i * Desc::SIZE..(i + 1) * Desc::SIZE)?;
         <&[u8; Desc::SIZE]>::try_from(raw).ok().map(Desc::parse)
@@ -827,7 +836,7 @@ pub mod driver {
                     for (i, ((addr, len), write)) in bufs.enumerate() {
                         let last = i + 1 == n;
                         let d = Desc {
-                            addr,
+                            addr: addr.get(),
                             len,
                             flags: write | if last { 0 } else { DESC_F_NEXT },
                             next: if last { 0 } else { (i + 1) as u16 },
@@ -836,7 +845,7 @@ pub mod driver {
                     }
                     mem.write(table, &bytes)?;
                     let d = Desc {
-                        addr: table,
+                        addr: table.get(),
                         len: (n * Desc::SIZE) as u32,
                         flags: DESC_F_INDIRECT,
                         next: self.next[usize::from(head)],
@@ -855,7 +864,7 @@ pub mod driver {
                     for (i, ((addr, len), write)) in bufs.enumerate() {
                         let next = self.next[usize::from(idx)];
                         let d = Desc {
-                            addr,
+                            addr: addr.get(),
                             len,
                             flags: write | if i + 1 == n { 0 } else { DESC_F_NEXT },
                             next,
@@ -985,7 +994,7 @@ pub mod driver {
         while left > 0 {
             let n = left.min(CHUNK.len() as u64);
             mem.write(at, &CHUNK[..n as usize])?;
-            at += n;
+            at = at.offset(n);
             left -= n;
         }
         Ok(())
@@ -1000,11 +1009,11 @@ mod tests {
     use proptest::prelude::*;
 
     const RAM: usize = 0x10000;
-    const DESC: Gpa = 0x1000;
-    const AVAIL: Gpa = 0x2000;
-    const USED: Gpa = 0x3000;
-    const TABLE: Gpa = 0x4000;
-    const BUF: Gpa = 0x8000;
+    const DESC: Gpa = Gpa::new(0x1000);
+    const AVAIL: Gpa = Gpa::new(0x2000);
+    const USED: Gpa = Gpa::new(0x3000);
+    const TABLE: Gpa = Gpa::new(0x4000);
+    const BUF: Gpa = Gpa::new(0x8000);
 
     fn layout(size: u16, event_idx: bool, indirect: bool) -> QueueLayout {
         QueueLayout {
@@ -1019,16 +1028,16 @@ mod tests {
 
     /// A driver and a device on the same fresh queue.
     fn pair(size: u16, event_idx: bool, indirect: bool) -> (VecMemory, DriverQueue, DeviceQueue) {
-        let mut mem = VecMemory::new(0, 0x1_0000_0000, RAM);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(0x1_0000_0000), RAM);
         let l = layout(size, event_idx, indirect);
         let drv = DriverQueue::new(&mut mem, l).unwrap();
         let dev = DeviceQueue::new(l).unwrap();
         (mem, drv, dev)
     }
 
-    fn put_desc(mem: &mut VecMemory, at: Gpa, addr: u64, len: u32, flags: u16, next: u16) {
+    fn put_desc(mem: &mut VecMemory, at: Gpa, addr: Gpa, len: u32, flags: u16, next: u16) {
         let d = Desc {
-            addr,
+            addr: addr.get(),
             len,
             flags,
             next,
@@ -1037,8 +1046,8 @@ mod tests {
     }
 
     /// Writes descriptor `i` of the queue table.
-    fn desc(mem: &mut VecMemory, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        put_desc(mem, DESC + 16 * u64::from(i), addr, len, flags, next);
+    fn desc(mem: &mut VecMemory, i: u16, addr: Gpa, len: u32, flags: u16, next: u16) {
+        put_desc(mem, DESC.offset(16 * u64::from(i)), addr, len, flags, next);
     }
 
     /// Makes `heads` available by hand (what a hostile driver would do).
@@ -1046,10 +1055,11 @@ mod tests {
         let mut idx = start;
         for &h in heads {
             let slot = u64::from(idx % size);
-            mem.write(AVAIL + 4 + 2 * slot, &h.to_le_bytes()).unwrap();
+            mem.write(AVAIL.offset(4 + 2 * slot), &h.to_le_bytes())
+                .unwrap();
             idx = idx.wrapping_add(1);
         }
-        mem.write(AVAIL + 2, &idx.to_le_bytes()).unwrap();
+        mem.write(AVAIL.offset(2), &idx.to_le_bytes()).unwrap();
     }
 
     /// Pops one chain from a hand-built ring with head 0.
@@ -1076,46 +1086,46 @@ mod tests {
         }
         let misaligned = [
             QueueLayout {
-                desc: DESC + 8,
+                desc: DESC.offset(8),
                 ..layout(4, false, false)
             },
             QueueLayout {
-                avail: AVAIL + 1,
+                avail: AVAIL.offset(1),
                 ..layout(4, false, false)
             },
             QueueLayout {
-                used: USED + 2,
+                used: USED.offset(2),
                 ..layout(4, false, false)
             },
         ];
         for l in misaligned {
             assert_eq!(DeviceQueue::new(l).err(), Some(RingError::Misaligned));
         }
-        let top = u64::MAX - 15;
+        let top = Gpa::new(u64::MAX - 15);
         let overflowing = [
             QueueLayout {
                 desc: top,
                 ..layout(4, false, false)
             },
             QueueLayout {
-                avail: u64::MAX - 7,
+                avail: Gpa::new(u64::MAX - 7),
                 ..layout(4, false, false)
             },
             QueueLayout {
-                used: u64::MAX - 11,
+                used: Gpa::new(u64::MAX - 11),
                 ..layout(4, false, false)
             },
         ];
         for l in overflowing {
             assert_eq!(DeviceQueue::new(l).err(), Some(RingError::LayoutOverflow));
         }
-        let mut mem = VecMemory::new(0, 0, RAM);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(0), RAM);
         assert_eq!(
             DriverQueue::new(&mut mem, layout(6, false, false)).err(),
             Some(RingError::BadQueueSize)
         );
         let outside = QueueLayout {
-            used: RAM as u64,
+            used: Gpa::new(RAM as u64),
             ..layout(4, false, false)
         };
         assert_eq!(
@@ -1130,7 +1140,12 @@ mod tests {
         let req: Vec<u8> = (0..48u8).collect();
         mem.write(BUF, &req).unwrap();
         let head = drv
-            .add(&mut mem, &[(BUF, 48)], &[(BUF + 0x100, 24)], Some(TABLE))
+            .add(
+                &mut mem,
+                &[(BUF, 48)],
+                &[(BUF.offset(0x100), 24)],
+                Some(TABLE),
+            )
             .unwrap();
         assert_eq!(
             drv.num_free(),
@@ -1144,7 +1159,7 @@ mod tests {
         let chain = dev.pop(&mem).unwrap().unwrap();
         assert_eq!(chain.head, head);
         assert_eq!(chain.readable, [seg(BUF, 48)]);
-        assert_eq!(chain.writable, [seg(BUF + 0x100, 24)]);
+        assert_eq!(chain.writable, [seg(BUF.offset(0x100), 24)]);
         assert_eq!((chain.readable_len(), chain.writable_len()), (48, 24));
         let mut staging = Vec::new();
         assert_eq!(gather(&mem, &chain.readable, &mut staging, 4096), Ok(48));
@@ -1161,7 +1176,7 @@ mod tests {
         assert_eq!(drv.take_used(&mem), Ok(None));
         assert_eq!(drv.num_free(), 64);
         let mut back = [0u8; 24];
-        mem.read(BUF + 0x100, &mut back).unwrap();
+        mem.read(BUF.offset(0x100), &mut back).unwrap();
         assert_eq!(back, resp);
     }
 
@@ -1169,20 +1184,20 @@ mod tests {
     fn linux_attach_backing_is_indirect_2r_1w_and_gathers_in_order() {
         let (mut mem, mut drv, mut dev) = pair(64, true, true);
         mem.write(BUF, &[1u8; 32]).unwrap();
-        mem.write(BUF + 0x1000, &[2u8; 16 * 3]).unwrap();
+        mem.write(BUF.offset(0x1000), &[2u8; 16 * 3]).unwrap();
         let head = drv
             .add(
                 &mut mem,
-                &[(BUF, 32), (BUF + 0x1000, 48)],
-                &[(BUF + 0x2000, 24)],
+                &[(BUF, 32), (BUF.offset(0x1000), 48)],
+                &[(BUF.offset(0x2000), 24)],
                 Some(TABLE),
             )
             .unwrap();
         drv.kick(&mut mem).unwrap();
         let chain = dev.pop(&mem).unwrap().unwrap();
         assert_eq!(chain.head, head);
-        assert_eq!(chain.readable, [seg(BUF, 32), seg(BUF + 0x1000, 48)]);
-        assert_eq!(chain.writable, [seg(BUF + 0x2000, 24)]);
+        assert_eq!(chain.readable, [seg(BUF, 32), seg(BUF.offset(0x1000), 48)]);
+        assert_eq!(chain.writable, [seg(BUF.offset(0x2000), 24)]);
         let mut staging = vec![9u8];
         assert_eq!(gather(&mem, &chain.readable, &mut staging, 80), Ok(80));
         assert_eq!(staging.len(), 81, "gather appends");
@@ -1210,18 +1225,25 @@ mod tests {
     fn direct_chains_link_descriptors_and_are_freed() {
         let (mut mem, mut drv, mut dev) = pair(8, false, false);
         let a = drv
-            .add(&mut mem, &[(BUF, 4), (BUF + 4, 4)], &[(BUF + 8, 8)], None)
+            .add(
+                &mut mem,
+                &[(BUF, 4), (BUF.offset(4), 4)],
+                &[(BUF.offset(8), 8)],
+                None,
+            )
             .unwrap();
-        let b = drv.add(&mut mem, &[(BUF + 16, 1)], &[], None).unwrap();
+        let b = drv
+            .add(&mut mem, &[(BUF.offset(16), 1)], &[], None)
+            .unwrap();
         assert_eq!(drv.num_free(), 4);
         assert_eq!(drv.in_flight(), 2);
         assert_eq!(drv.kick(&mut mem), Ok(true));
         let ca = dev.pop(&mem).unwrap().unwrap();
         let cb = dev.pop(&mem).unwrap().unwrap();
         assert_eq!((ca.head, cb.head), (a, b));
-        assert_eq!(ca.readable, [seg(BUF, 4), seg(BUF + 4, 4)]);
-        assert_eq!(ca.writable, [seg(BUF + 8, 8)]);
-        assert_eq!(cb.readable, [seg(BUF + 16, 1)]);
+        assert_eq!(ca.readable, [seg(BUF, 4), seg(BUF.offset(4), 4)]);
+        assert_eq!(ca.writable, [seg(BUF.offset(8), 8)]);
+        assert_eq!(cb.readable, [seg(BUF.offset(16), 1)]);
         // Out-of-order completion.
         dev.push_used(&mut mem, b, 0).unwrap();
         dev.push_used(&mut mem, a, 8).unwrap();
@@ -1229,7 +1251,7 @@ mod tests {
         assert_eq!(drv.take_used(&mem), Ok(Some((a, 8))));
         assert_eq!(drv.num_free(), 8);
         // The whole queue can be used again as one chain.
-        let all: Vec<(Gpa, u32)> = (0..8).map(|i| (BUF + i, 1)).collect();
+        let all: Vec<(Gpa, u32)> = (0..8).map(|i| (BUF.offset(i), 1)).collect();
         let h = drv.add(&mut mem, &all, &[], None).unwrap();
         drv.kick(&mut mem).unwrap();
         let c = dev.pop(&mem).unwrap().unwrap();
@@ -1239,17 +1261,24 @@ mod tests {
     #[test]
     fn direct_descriptors_followed_by_an_indirect_one_are_accepted() {
         // virtio 1.2, 2.7.5.3.2: the device must handle this shape.
-        let mut mem = VecMemory::new(0, 0, RAM);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(0), RAM);
         desc(&mut mem, 0, BUF, 8, DESC_F_NEXT, 1);
         // The WRITE flag of the descriptor pointing at the table is ignored.
         desc(&mut mem, 1, TABLE, 32, DESC_F_INDIRECT | DESC_F_WRITE, 0);
-        put_desc(&mut mem, TABLE, BUF + 8, 8, DESC_F_NEXT, 1);
-        put_desc(&mut mem, TABLE + 16, BUF + 16, 8, DESC_F_WRITE, 0);
+        put_desc(&mut mem, TABLE, BUF.offset(8), 8, DESC_F_NEXT, 1);
+        put_desc(
+            &mut mem,
+            TABLE.offset(16),
+            BUF.offset(16),
+            8,
+            DESC_F_WRITE,
+            0,
+        );
         let c = pop_head0(&mut mem, layout(4, false, true))
             .unwrap()
             .unwrap();
-        assert_eq!(c.readable, [seg(BUF, 8), seg(BUF + 8, 8)]);
-        assert_eq!(c.writable, [seg(BUF + 16, 8)]);
+        assert_eq!(c.readable, [seg(BUF, 8), seg(BUF.offset(8), 8)]);
+        assert_eq!(c.writable, [seg(BUF.offset(16), 8)]);
     }
 
     #[test]
@@ -1258,7 +1287,7 @@ mod tests {
         // Driver: interrupt me only once the used index passes 2 (3 entries).
         drv.set_used_event(&mut mem, 2).unwrap();
         for i in 0..3 {
-            drv.add(&mut mem, &[(BUF + i, 1)], &[], None).unwrap();
+            drv.add(&mut mem, &[(BUF.offset(i), 1)], &[], None).unwrap();
         }
         drv.kick(&mut mem).unwrap();
         let mut notified = Vec::new();
@@ -1272,7 +1301,7 @@ mod tests {
         // A batch that jumps over used_event notifies once.
         drv.set_used_event(&mut mem, 4).unwrap();
         for i in 0..3 {
-            drv.add(&mut mem, &[(BUF + i, 1)], &[], None).unwrap();
+            drv.add(&mut mem, &[(BUF.offset(i), 1)], &[], None).unwrap();
         }
         drv.kick(&mut mem).unwrap();
         let old = dev.used_idx();
@@ -1310,7 +1339,7 @@ mod tests {
         drv.set_no_interrupt(&mut mem, true).unwrap();
         // set_avail_event does nothing without event idx.
         dev.set_avail_event(&mut mem).unwrap();
-        assert!(mem.bytes[(USED + 4 + 8 * 4) as usize..][..2] == [0, 0]);
+        assert!(mem.bytes[USED.offset(4 + 8 * 4).get() as usize..][..2] == [0, 0]);
         drv.add(&mut mem, &[(BUF, 1)], &[], None).unwrap();
         assert_eq!(drv.kick(&mut mem), Ok(true));
         let c = dev.pop(&mem).unwrap().unwrap();
@@ -1324,7 +1353,7 @@ mod tests {
         assert_eq!(drv.kick(&mut mem), Ok(false));
         // set_used_event does nothing without event idx.
         drv.set_used_event(&mut mem, 0x1234).unwrap();
-        assert!(mem.bytes[(AVAIL + 4 + 2 * 4) as usize..][..2] == [0, 0]);
+        assert!(mem.bytes[AVAIL.offset(4 + 2 * 4).get() as usize..][..2] == [0, 0]);
     }
 
     #[test]
@@ -1349,12 +1378,12 @@ mod tests {
             let mut heads = Vec::new();
             for i in 0..n {
                 let table = if i % 2 == 0 {
-                    Some(TABLE + 0x100 * u64::from(i))
+                    Some(TABLE.offset(0x100 * u64::from(i)))
                 } else {
                     None
                 };
                 heads.push(
-                    drv.add(&mut mem, &[(BUF, 4)], &[(BUF + 8, 4)], table)
+                    drv.add(&mut mem, &[(BUF, 4)], &[(BUF.offset(8), 4)], table)
                         .unwrap(),
                 );
             }
@@ -1381,7 +1410,7 @@ mod tests {
 
     #[test]
     fn pending_handles_wrap_and_rejects_jumps() {
-        let mut mem = VecMemory::new(0, 0, RAM);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(0), RAM);
         let l = layout(8, false, false);
         let mut dev = DeviceQueue::new(l).unwrap();
         desc(&mut mem, 0, BUF, 1, 0, 0);
@@ -1400,10 +1429,10 @@ mod tests {
         assert_eq!(dev.last_avail_idx(), 65534);
         publish(&mut mem, 8, 65534, &[0; 4]); // avail.idx = 2 after the wrap
         assert_eq!(dev.pending(&mem), Ok(4));
-        mem.write(AVAIL + 2, &7u16.to_le_bytes()).unwrap(); // 9 ahead of 65534
+        mem.write(AVAIL.offset(2), &7u16.to_le_bytes()).unwrap(); // 9 ahead of 65534
         assert_eq!(dev.pending(&mem), Err(RingError::AvailIdxJump));
         assert_eq!(dev.pop(&mem), Err(RingError::AvailIdxJump));
-        mem.write(AVAIL + 2, &65533u16.to_le_bytes()).unwrap(); // behind
+        mem.write(AVAIL.offset(2), &65533u16.to_le_bytes()).unwrap(); // behind
         assert_eq!(dev.pending(&mem), Err(RingError::AvailIdxJump));
     }
 
@@ -1425,7 +1454,7 @@ mod tests {
     #[test]
     fn bad_heads_and_nexts_are_typed_errors() {
         let l = layout(4, false, true);
-        let mut mem = VecMemory::new(0, 0, RAM);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(0), RAM);
         publish(&mut mem, 4, 0, &[4]);
         let mut dev = DeviceQueue::new(l).unwrap();
         assert_eq!(dev.pop(&mem), Err(RingError::HeadOutOfRange));
@@ -1436,11 +1465,11 @@ mod tests {
             Err(RingError::HeadOutOfRange)
         );
 
-        let mut mem = VecMemory::new(0, 0, RAM);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(0), RAM);
         desc(&mut mem, 0, BUF, 1, DESC_F_NEXT, 4);
         assert_eq!(pop_head0(&mut mem, l), Err(RingError::NextOutOfRange));
 
-        let mut mem = VecMemory::new(0, 0, RAM);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(0), RAM);
         desc(&mut mem, 0, TABLE, 32, DESC_F_INDIRECT, 0);
         put_desc(&mut mem, TABLE, BUF, 1, DESC_F_NEXT, 2);
         assert_eq!(pop_head0(&mut mem, l), Err(RingError::NextOutOfRange));
@@ -1449,20 +1478,20 @@ mod tests {
     #[test]
     fn loops_are_detected_direct_and_indirect() {
         let l = layout(8, false, true);
-        let mut mem = VecMemory::new(0, 0, RAM);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(0), RAM);
         desc(&mut mem, 0, BUF, 1, DESC_F_NEXT, 0);
         assert_eq!(pop_head0(&mut mem, l), Err(RingError::Loop), "self loop");
 
-        let mut mem = VecMemory::new(0, 0, RAM);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(0), RAM);
         desc(&mut mem, 0, BUF, 1, DESC_F_NEXT, 1);
         desc(&mut mem, 1, BUF, 1, DESC_F_NEXT, 2);
         desc(&mut mem, 2, BUF, 1, DESC_F_NEXT, 1);
         assert_eq!(pop_head0(&mut mem, l), Err(RingError::Loop));
 
-        let mut mem = VecMemory::new(0, 0, RAM);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(0), RAM);
         desc(&mut mem, 0, TABLE, 48, DESC_F_INDIRECT, 0);
         put_desc(&mut mem, TABLE, BUF, 1, DESC_F_NEXT, 2);
-        put_desc(&mut mem, TABLE + 32, BUF, 1, DESC_F_NEXT, 0);
+        put_desc(&mut mem, TABLE.offset(32), BUF, 1, DESC_F_NEXT, 0);
         assert_eq!(pop_head0(&mut mem, l), Err(RingError::Loop));
     }
 
@@ -1471,7 +1500,7 @@ mod tests {
         // A loop-free chain of MAX_CHAIN_DESCRIPTORS + 1 buffers in a big queue.
         let n = limits::MAX_CHAIN_DESCRIPTORS + 1;
         let (mut mem, mut drv, mut dev) = pair(512, false, true);
-        let bufs: Vec<(Gpa, u32)> = (0..n as u64).map(|i| (BUF + i, 1)).collect();
+        let bufs: Vec<(Gpa, u32)> = (0..n as u64).map(|i| (BUF.offset(i), 1)).collect();
         drv.add(&mut mem, &bufs, &[], None).unwrap();
         drv.kick(&mut mem).unwrap();
         assert_eq!(dev.pop(&mem), Err(RingError::ChainTooLong));
@@ -1483,21 +1512,28 @@ mod tests {
         assert_eq!(dev.pop(&mem).unwrap().unwrap().readable.len(), n - 1);
 
         // A direct buffer plus a full indirect table is one too many.
-        let mut mem = VecMemory::new(0, 0, RAM);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(0), RAM);
         desc(&mut mem, 0, BUF, 1, DESC_F_NEXT, 1);
         let table_len = limits::MAX_INDIRECT_DESCRIPTORS as u32 * 16;
         desc(&mut mem, 1, TABLE, table_len, DESC_F_INDIRECT, 0);
         for i in 0..limits::MAX_INDIRECT_DESCRIPTORS as u16 {
             put_desc(
                 &mut mem,
-                TABLE + 16 * u64::from(i),
+                TABLE.offset(16 * u64::from(i)),
                 BUF,
                 1,
                 DESC_F_NEXT,
                 i + 1,
             );
         }
-        put_desc(&mut mem, TABLE + u64::from(table_len) - 16, BUF, 1, 0, 0);
+        put_desc(
+            &mut mem,
+            TABLE.offset(u64::from(table_len) - 16),
+            BUF,
+            1,
+            0,
+            0,
+        );
         let l = layout(4, false, true);
         assert_eq!(pop_head0(&mut mem, l), Err(RingError::ChainTooLong));
         // Without the direct one, the full table is accepted.
@@ -1509,12 +1545,12 @@ mod tests {
     #[test]
     fn indirect_misuse_is_refused() {
         let l = layout(4, false, true);
-        let mut mem = VecMemory::new(0, 0, RAM);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(0), RAM);
         desc(&mut mem, 0, TABLE, 16, DESC_F_INDIRECT, 0);
         put_desc(&mut mem, TABLE, BUF, 16, DESC_F_INDIRECT, 0);
         assert_eq!(pop_head0(&mut mem, l), Err(RingError::NestedIndirect));
 
-        let mut mem = VecMemory::new(0, 0, RAM);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(0), RAM);
         desc(&mut mem, 0, TABLE, 16, DESC_F_INDIRECT, 0);
         put_desc(&mut mem, TABLE, BUF, 1, 0, 0);
         assert_eq!(
@@ -1533,7 +1569,14 @@ mod tests {
         let too_big = (limits::MAX_INDIRECT_DESCRIPTORS as u32 + 1) * 16;
         desc(&mut mem, 0, TABLE, too_big, DESC_F_INDIRECT, 0);
         assert_eq!(pop_head0(&mut mem, l), Err(RingError::IndirectTooLarge));
-        desc(&mut mem, 0, RAM as u64 - 16, 32, DESC_F_INDIRECT, 0);
+        desc(
+            &mut mem,
+            0,
+            Gpa::new(RAM as u64 - 16),
+            32,
+            DESC_F_INDIRECT,
+            0,
+        );
         assert_eq!(
             pop_head0(&mut mem, l),
             Err(RingError::Memory(MemError::OutOfRange)),
@@ -1544,7 +1587,7 @@ mod tests {
     #[test]
     fn readable_after_writable_is_refused() {
         let l = layout(4, false, true);
-        let mut mem = VecMemory::new(0, 0, RAM);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(0), RAM);
         desc(&mut mem, 0, BUF, 1, DESC_F_WRITE | DESC_F_NEXT, 1);
         desc(&mut mem, 1, BUF, 1, 0, 0);
         assert_eq!(
@@ -1553,7 +1596,7 @@ mod tests {
         );
 
         // Also across the switch from direct to indirect descriptors.
-        let mut mem = VecMemory::new(0, 0, RAM);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(0), RAM);
         desc(&mut mem, 0, BUF, 1, DESC_F_WRITE | DESC_F_NEXT, 1);
         desc(&mut mem, 1, TABLE, 16, DESC_F_INDIRECT, 0);
         put_desc(&mut mem, TABLE, BUF, 1, 0, 0);
@@ -1570,8 +1613,8 @@ mod tests {
 
     impl GuestMemory for HugeMem {
         fn translate(&self, gpa: Gpa, len: u64) -> Result<Hpa, MemError> {
-            crate::memory::check_range(gpa, len, 0, 1 << 40)?;
-            Ok(gpa)
+            crate::memory::check_range(gpa, len, Gpa::new(0), 1 << 40)?;
+            Ok(Hpa::new(gpa.get()))
         }
         fn read(&self, gpa: Gpa, out: &mut [u8]) -> Result<(), MemError> {
             self.0.read(gpa, out)
@@ -1584,19 +1627,26 @@ mod tests {
     #[test]
     fn lengths_that_overflow_are_refused() {
         let l = layout(4, false, true);
-        let mut mem = VecMemory::new(0, 0, RAM);
-        desc(&mut mem, 0, u64::MAX - 4, 8, 0, 0);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(0), RAM);
+        desc(&mut mem, 0, Gpa::new(u64::MAX - 4), 8, 0, 0);
         assert_eq!(pop_head0(&mut mem, l), Err(RingError::LengthOverflow));
 
-        let mut mem = VecMemory::new(0, 0, RAM);
-        desc(&mut mem, 0, 1 << 32, u32::MAX, DESC_F_NEXT, 1);
-        desc(&mut mem, 1, 0, 1, 0, 0);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(0), RAM);
+        desc(&mut mem, 0, Gpa::new(1 << 32), u32::MAX, DESC_F_NEXT, 1);
+        desc(&mut mem, 1, Gpa::new(0), 1, 0, 0);
         publish(&mut mem, 4, 0, &[0]);
         let mut huge = HugeMem(mem);
         let mut dev = DeviceQueue::new(l).unwrap();
         assert_eq!(dev.pop(&huge), Err(RingError::LengthOverflow));
         // u32::MAX bytes in total is the most a chain may describe.
-        desc(&mut huge.0, 0, 1 << 32, u32::MAX - 1, DESC_F_NEXT, 1);
+        desc(
+            &mut huge.0,
+            0,
+            Gpa::new(1 << 32),
+            u32::MAX - 1,
+            DESC_F_NEXT,
+            1,
+        );
         let c = dev.pop(&huge).unwrap().unwrap();
         assert_eq!(c.readable_len(), u32::MAX);
         // gather refuses before allocating anything.
@@ -1609,7 +1659,12 @@ mod tests {
 
         let (mut mem, mut drv, _) = pair(4, false, true);
         assert_eq!(
-            drv.add(&mut mem, &[(0, u32::MAX), (0, 1)], &[], None),
+            drv.add(
+                &mut mem,
+                &[(Gpa::new(0), u32::MAX), (Gpa::new(0), 1)],
+                &[],
+                None
+            ),
             Err(RingError::LengthOverflow)
         );
     }
@@ -1617,14 +1672,14 @@ mod tests {
     #[test]
     fn rings_and_buffers_outside_guest_ram_are_refused() {
         let out = RingError::Memory(MemError::OutOfRange);
-        let mut mem = VecMemory::new(0, 0, RAM);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(0), RAM);
         let far = QueueLayout {
-            desc: 0x10_0000,
+            desc: Gpa::new(0x10_0000),
             ..layout(4, false, false)
         };
         assert_eq!(pop_head0(&mut mem, far), Err(out), "descriptor table");
         let far = QueueLayout {
-            avail: 0x10_0000,
+            avail: Gpa::new(0x10_0000),
             ..layout(4, false, false)
         };
         assert_eq!(
@@ -1633,7 +1688,7 @@ mod tests {
             "avail ring"
         );
         let far = QueueLayout {
-            used: 0x10_0000,
+            used: Gpa::new(0x10_0000),
             ..layout(4, false, false)
         };
         let mut dev = DeviceQueue::new(far).unwrap();
@@ -1641,15 +1696,15 @@ mod tests {
         assert_eq!(dev.used_idx(), 0);
 
         let l = layout(4, false, false);
-        desc(&mut mem, 0, RAM as u64 - 4, 8, 0, 0);
+        desc(&mut mem, 0, Gpa::new(RAM as u64 - 4), 8, 0, 0);
         assert_eq!(
             pop_head0(&mut mem, l),
             Err(out),
             "buffer straddling the end"
         );
-        desc(&mut mem, 0, RAM as u64, 0, 0, 0);
+        desc(&mut mem, 0, Gpa::new(RAM as u64), 0, 0, 0);
         assert!(pop_head0(&mut mem, l).is_ok(), "empty buffer at the end");
-        desc(&mut mem, 0, RAM as u64 + 1, 0, 0, 0);
+        desc(&mut mem, 0, Gpa::new(RAM as u64 + 1), 0, 0, 0);
         assert_eq!(
             pop_head0(&mut mem, l),
             Err(out),
@@ -1664,10 +1719,10 @@ mod tests {
     impl GuestMemory for PagedMem {
         fn translate(&self, gpa: Gpa, len: u64) -> Result<Hpa, MemError> {
             let end = gpa.checked_add(len).ok_or(MemError::Overflow)?;
-            if len > 0 && gpa / 4096 != (end - 1) / 4096 {
+            if len > 0 && gpa.get() / 4096 != (end.get() - 1) / 4096 {
                 return Err(MemError::OutOfRange);
             }
-            if gpa / 4096 == 5 {
+            if gpa.get() / 4096 == 5 {
                 return Err(MemError::NotOwned);
             }
             self.0.translate(gpa, len)
@@ -1683,41 +1738,41 @@ mod tests {
     #[test]
     fn buffers_spanning_pages_are_checked_page_by_page() {
         let l = layout(4, false, false);
-        let mut mem = VecMemory::new(0, 0, RAM);
-        desc(&mut mem, 0, 0x6800, 0x2000, 0, 0);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(0), RAM);
+        desc(&mut mem, 0, Gpa::new(0x6800), 0x2000, 0, 0);
         publish(&mut mem, 4, 0, &[0]);
         let mut paged = PagedMem(mem);
         let mut dev = DeviceQueue::new(l).unwrap();
         assert_eq!(dev.pop(&paged).unwrap().unwrap().readable_len(), 0x2000);
         dev.push_used(&mut paged, 0, 0).unwrap();
-        desc(&mut paged.0, 0, 0x4800, 0x1000, 0, 0);
+        desc(&mut paged.0, 0, Gpa::new(0x4800), 0x1000, 0, 0);
         publish(&mut paged.0, 4, 1, &[0]);
         assert_eq!(dev.pop(&paged), Err(RingError::Memory(MemError::NotOwned)));
     }
 
     #[test]
     fn gather_and_scatter_respect_limits_and_lengths() {
-        let mut mem = VecMemory::new(0, 0, RAM);
+        let mut mem = VecMemory::new(Gpa::new(0), Hpa::new(0), RAM);
         mem.write(BUF, b"hello world").unwrap();
-        let segs = [seg(BUF, 5), seg(BUF + 5, 0), seg(BUF + 5, 6)];
+        let segs = [seg(BUF, 5), seg(BUF.offset(5), 0), seg(BUF.offset(5), 6)];
         let mut out = b">".to_vec();
         assert_eq!(gather(&mem, &segs, &mut out, 10), Err(RingError::TooLarge));
         assert_eq!(out, b">");
         assert_eq!(gather(&mem, &segs, &mut out, 11), Ok(11));
         assert_eq!(out, b">hello world");
-        let bad = [seg(BUF, 4), seg(RAM as u64, 4)];
+        let bad = [seg(BUF, 4), seg(Gpa::new(RAM as u64), 4)];
         assert_eq!(
             gather(&mem, &bad, &mut out, 100),
             Err(RingError::Memory(MemError::OutOfRange))
         );
         assert_eq!(out, b">hello world", "unchanged on error");
 
-        let w = [seg(BUF + 0x100, 3), seg(BUF + 0x200, 3)];
+        let w = [seg(BUF.offset(0x100), 3), seg(BUF.offset(0x200), 3)];
         assert_eq!(scatter(&mut mem, &w, b"abcd"), Ok(4));
-        assert_eq!(&mem.bytes[BUF as usize + 0x100..][..3], b"abc");
-        assert_eq!(&mem.bytes[BUF as usize + 0x200..][..2], b"d\0");
+        assert_eq!(&mem.bytes[BUF.get() as usize + 0x100..][..3], b"abc");
+        assert_eq!(&mem.bytes[BUF.get() as usize + 0x200..][..2], b"d\0");
         assert_eq!(scatter(&mut mem, &w, b"0123456789"), Ok(6), "truncated");
-        let bad = [seg(RAM as u64 - 1, 8)];
+        let bad = [seg(Gpa::new(RAM as u64 - 1), 8)];
         assert_eq!(
             scatter(&mut mem, &bad, b"xy"),
             Err(RingError::Memory(MemError::OutOfRange))
@@ -1735,7 +1790,7 @@ mod tests {
             drv.add(&mut mem, &[(BUF, 1)], &[], Some(TABLE)),
             Err(RingError::IndirectNotNegotiated)
         );
-        let five: Vec<(Gpa, u32)> = (0..5).map(|i| (BUF + i, 1)).collect();
+        let five: Vec<(Gpa, u32)> = (0..5).map(|i| (BUF.offset(i), 1)).collect();
         assert_eq!(
             drv.add(&mut mem, &five, &[], None),
             Err(RingError::ChainTooLong)
@@ -1754,17 +1809,17 @@ mod tests {
         drv.kick(&mut mem).unwrap();
 
         // The device names a head that is not in flight, or is out of range.
-        let used_elem = USED + 4;
+        let used_elem = USED.offset(4);
         mem.write(used_elem, &[1, 0, 0, 0, 0, 0, 0, 0]).unwrap();
-        mem.write(USED + 2, &1u16.to_le_bytes()).unwrap();
+        mem.write(USED.offset(2), &1u16.to_le_bytes()).unwrap();
         assert_eq!(drv.take_used(&mem), Err(RingError::UsedIdNotInFlight));
         mem.write(used_elem, &[4, 0, 0, 0, 0, 0, 0, 0]).unwrap();
         assert_eq!(drv.take_used(&mem), Err(RingError::HeadOutOfRange));
         mem.write(used_elem, &[0, 0, 1, 0, 0, 0, 0, 0]).unwrap();
         assert_eq!(drv.take_used(&mem), Err(RingError::HeadOutOfRange));
-        mem.write(USED + 2, &3u16.to_le_bytes()).unwrap();
+        mem.write(USED.offset(2), &3u16.to_le_bytes()).unwrap();
         assert_eq!(drv.take_used(&mem), Err(RingError::UsedIdxJump));
-        mem.write(USED + 2, &0u16.to_le_bytes()).unwrap();
+        mem.write(USED.offset(2), &0u16.to_le_bytes()).unwrap();
         assert_eq!(drv.in_flight(), 2);
 
         // A well-behaved device then works as usual.
@@ -1779,7 +1834,7 @@ mod tests {
 
         let (mut mem, mut drv, _) = pair(4, false, true);
         let many: Vec<(Gpa, u32)> = (0..=limits::MAX_INDIRECT_DESCRIPTORS as u64)
-            .map(|i| (BUF + i, 1))
+            .map(|i| (BUF.offset(i), 1))
             .collect();
         assert_eq!(
             drv.add(&mut mem, &many, &[], Some(TABLE)),
@@ -1857,18 +1912,18 @@ mod tests {
                         }
                     }
                     // Guest RAM is [0x1000, 0x4000): tables and buffers may leave it.
-                    let mut mem = VecMemory::new(0x1000, 0, 0x3000);
+                    let mut mem = VecMemory::new(Gpa::new(0x1000), Hpa::new(0), 0x3000);
                     let l = QueueLayout {
                         size,
-                        desc: 0x1000,
-                        avail: 0x1800,
-                        used: 0x1a00,
+                        desc: Gpa::new(0x1000),
+                        avail: Gpa::new(0x1800),
+                        used: Gpa::new(0x1a00),
                         event_idx,
                         indirect,
                     };
-                    mem.write(0x1000, &d[..n * 16]).unwrap();
-                    mem.write(0x1800, &a[..n * 2 + 6]).unwrap();
-                    mem.write(0x3000, &t).unwrap();
+                    mem.write(Gpa::new(0x1000), &d[..n * 16]).unwrap();
+                    mem.write(Gpa::new(0x1800), &a[..n * 2 + 6]).unwrap();
+                    mem.write(Gpa::new(0x3000), &t).unwrap();
                     let behind = if tamed { behind % (size + 2) } else { behind };
                     (l, mem, behind)
                 },
@@ -1882,9 +1937,9 @@ mod tests {
         fn arbitrary_rings_never_panic_and_chains_stay_in_ram((l, mut mem, behind) in hostile_ring()) {
             let mut dev = DeviceQueue::new(l).unwrap();
             // The device stands `behind` entries behind the guest's avail.idx.
-            let avail_idx = read_u16(&mem, l.avail + 2).unwrap();
+            let avail_idx = read_u16(&mem, l.avail.offset(2)).unwrap();
             dev.last_avail_idx = avail_idx.wrapping_sub(behind);
-            let (lo, hi) = (mem.base, mem.base + mem.bytes.len() as u64);
+            let (lo, hi) = (mem.base, mem.base.offset(mem.bytes.len() as u64));
             for _ in 0..=l.size {
                 match dev.pop(&mem) {
                     Ok(Some(c)) => {
@@ -1892,7 +1947,7 @@ mod tests {
                         let n = c.readable.len() + c.writable.len();
                         prop_assert!((1..=limits::MAX_CHAIN_DESCRIPTORS).contains(&n));
                         for s in c.readable.iter().chain(&c.writable) {
-                            prop_assert!(s.gpa >= lo && s.gpa + u64::from(s.len) <= hi);
+                            prop_assert!(s.gpa >= lo && s.gpa.offset(u64::from(s.len)) <= hi);
                         }
                         let mut out = Vec::new();
                         let got = gather(&mem, &c.readable, &mut out, limits::MAX_COMMAND_BYTES);
@@ -1921,9 +1976,9 @@ mod tests {
         ) {
             let (mut mem, mut drv, mut dev) = pair(8, true, true);
             for (i, &(r, w, ind)) in chains.iter().enumerate() {
-                let base = BUF + 0x100 * (i as u64 % 16);
-                let rd: Vec<(Gpa, u32)> = (0..r as u64).map(|k| (base + k, 1)).collect();
-                let wr: Vec<(Gpa, u32)> = (0..w as u64).map(|k| (base + 0x80 + k, 1)).collect();
+                let base = BUF.offset(0x100 * (i as u64 % 16));
+                let rd: Vec<(Gpa, u32)> = (0..r as u64).map(|k| (base.offset(k), 1)).collect();
+                let wr: Vec<(Gpa, u32)> = (0..w as u64).map(|k| (base.offset(0x80 + k), 1)).collect();
                 let table = ind.then_some(TABLE);
                 let head = drv.add(&mut mem, &rd, &wr, table).unwrap();
                 drv.kick(&mut mem).unwrap();

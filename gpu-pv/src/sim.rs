@@ -365,19 +365,21 @@ pub fn cost_bound_ns(cost: &CostModel, cmd: &Command) -> u64 {
 
 /// Guest RAM of each simulated VM.
 pub const RAM_BYTES: usize = 16 << 20;
-const CTRL_SLOTS: Gpa = 0x1_0000;
-const CTRL_SLOT: Gpa = 0x1000;
+const CTRL_SLOTS: Gpa = Gpa::new(0x1_0000);
+/// Bytes of a control slot.
+const CTRL_SLOT: u64 = 0x1000;
 /// Offset of the response buffer and of the indirect table in a control slot.
-const RESP_AT: Gpa = 0x800;
-const TABLE_AT: Gpa = 0xf00;
-const CURSOR_SLOTS: Gpa = 0x5_0000;
-const CURSOR_SLOT: Gpa = 0x100;
+const RESP_AT: u64 = 0x800;
+const TABLE_AT: u64 = 0xf00;
+const CURSOR_SLOTS: Gpa = Gpa::new(0x5_0000);
+/// Bytes of a cursor slot.
+const CURSOR_SLOT: u64 = 0x100;
 /// The two framebuffers, each in a region large enough for 85 page-rounded runs
 /// of a [`MAX_FRAMEBUFFER_BYTES`] buffer.
-const FB: [Gpa; 2] = [0x10_0000, 0x58_0000];
-const CURSOR_IMAGE: Gpa = 0xa0_0000;
+const FB: [Gpa; 2] = [Gpa::new(0x10_0000), Gpa::new(0x58_0000)];
+const CURSOR_IMAGE: Gpa = Gpa::new(0xa0_0000);
 /// A 68 KiB region a malicious guest points an oversized chain at.
-const BIG: Gpa = 0xa1_0000;
+const BIG: Gpa = Gpa::new(0xa1_0000);
 const BIG_LEN: u32 = 0x1_1000;
 
 /// How long a guest takes to reset its device after `DEVICE_NEEDS_RESET`.
@@ -390,15 +392,15 @@ const CURSOR_ID: u32 = 4;
 const EVIL_ID: u32 = 7;
 
 fn host_base(i: usize) -> Hpa {
-    (i as u64 + 1) << 32
+    Hpa::new((i as u64 + 1) << 32)
 }
 
 fn control_layout() -> QueueLayout {
     QueueLayout {
         size: 64,
-        desc: 0x1000,
-        avail: 0x1400,
-        used: 0x1600,
+        desc: Gpa::new(0x1000),
+        avail: Gpa::new(0x1400),
+        used: Gpa::new(0x1600),
         event_idx: true,
         indirect: true,
     }
@@ -407,9 +409,9 @@ fn control_layout() -> QueueLayout {
 fn cursor_layout() -> QueueLayout {
     QueueLayout {
         size: 16,
-        desc: 0x2000,
-        avail: 0x2100,
-        used: 0x2200,
+        desc: Gpa::new(0x2000),
+        avail: Gpa::new(0x2100),
+        used: Gpa::new(0x2200),
         event_idx: true,
         indirect: true,
     }
@@ -417,8 +419,8 @@ fn cursor_layout() -> QueueLayout {
 
 fn slot_addr(q: QueueId, slot: u16) -> Gpa {
     match q {
-        QueueId::Control => CTRL_SLOTS + CTRL_SLOT * u64::from(slot),
-        QueueId::Cursor => CURSOR_SLOTS + CURSOR_SLOT * u64::from(slot),
+        QueueId::Control => CTRL_SLOTS.offset(CTRL_SLOT * u64::from(slot)),
+        QueueId::Cursor => CURSOR_SLOTS.offset(CURSOR_SLOT * u64::from(slot)),
     }
 }
 
@@ -563,6 +565,10 @@ impl Memories for GuestMems<'_> {
 
 /// Host memory as the GPU reaches it: every guest's RAM at its host base, through
 /// the grants (what the IOMMU lets the GPU reach). The 2D GPU only reads.
+///
+/// As the simulated GPU's [`GuestMemory`] it is addressed by the GPU's DMA
+/// addresses, which are host-physical (the grants play an identity-mapping IOMMU):
+/// `translate` is the identity, and each access converts its address explicitly.
 struct HostMem<'a> {
     guests: &'a [Guest],
     grants: &'a Grants,
@@ -570,6 +576,8 @@ struct HostMem<'a> {
 }
 
 impl HostMem<'_> {
+    /// The guest whose RAM holds `[hpa, hpa+len)`, and the guest-physical address
+    /// of `hpa` there (the reverse of that guest's translation).
     fn find(&self, hpa: Hpa, len: u64) -> Result<(usize, Gpa), MemError> {
         if hpa.checked_add(len).is_none() || !self.grants.covers(hpa, len) {
             self.faults.set(self.faults.get() + 1);
@@ -578,21 +586,30 @@ impl HostMem<'_> {
         let end = hpa.checked_add(len).ok_or(MemError::Overflow)?;
         self.guests
             .iter()
-            .position(|g| hpa >= g.mem.host_base && end <= g.mem.host_base + RAM_BYTES as u64)
-            .map(|i| (i, hpa - self.guests[i].mem.host_base))
+            .position(|g| hpa >= g.mem.host_base && end <= g.mem.host_base.offset(RAM_BYTES as u64))
+            .map(|i| {
+                let m = &self.guests[i].mem;
+                (i, m.base.offset(hpa.get() - m.host_base.get()))
+            })
             .ok_or(MemError::OutOfRange)
     }
 }
 
+/// A GPU DMA address as the host-physical address it is (see [`HostMem`]).
+fn dma_to_hpa(addr: Gpa) -> Hpa {
+    Hpa::new(addr.get())
+}
+
 impl GuestMemory for HostMem<'_> {
-    fn translate(&self, hpa: Gpa, len: u64) -> Result<Hpa, MemError> {
+    fn translate(&self, addr: Gpa, len: u64) -> Result<Hpa, MemError> {
+        let hpa = dma_to_hpa(addr);
         self.find(hpa, len).map(|_| hpa)
     }
-    fn read(&self, hpa: Gpa, out: &mut [u8]) -> Result<(), MemError> {
-        let (i, gpa) = self.find(hpa, out.len() as u64)?;
+    fn read(&self, addr: Gpa, out: &mut [u8]) -> Result<(), MemError> {
+        let (i, gpa) = self.find(dma_to_hpa(addr), out.len() as u64)?;
         self.guests[i].mem.read(gpa, out)
     }
-    fn write(&mut self, _hpa: Gpa, _data: &[u8]) -> Result<(), MemError> {
+    fn write(&mut self, _addr: Gpa, _data: &[u8]) -> Result<(), MemError> {
         self.faults.set(self.faults.get() + 1);
         Err(MemError::NotOwned)
     }
@@ -708,7 +725,7 @@ struct Guest {
 
 impl Guest {
     fn new(i: usize, spec: VmSpec, seed: u64) -> Self {
-        let mut mem = VecMemory::new(0, host_base(i), RAM_BYTES);
+        let mut mem = VecMemory::new(Gpa::new(0), host_base(i), RAM_BYTES);
         // The layouts are constants that fit the RAM.
         let ctrl = DriverQueue::new(&mut mem, control_layout()).expect("control layout");
         let cursor = DriverQueue::new(&mut mem, cursor_layout()).expect("cursor layout");
@@ -770,7 +787,7 @@ impl Guest {
         }
         (0..pieces)
             .map(|k| MemEntry {
-                addr: FB[b] + perm[k as usize] * chunk,
+                addr: FB[b].offset(perm[k as usize] * chunk).get(),
                 length: chunk.min(len - k * chunk) as u32,
                 padding: 0,
             })
@@ -1577,15 +1594,15 @@ impl<'a> Sim<'a> {
                 g.stats.driver_errors += 1;
             }
             readable.push((at, p.len() as u32));
-            at += (p.len() as u64).div_ceil(16) * 16;
+            at = at.offset((p.len() as u64).div_ceil(16) * 16);
         }
         if let Some(r) = raw {
             readable.push(r);
         }
         let (writable, table) = match q {
             QueueId::Control => (
-                vec![(base + RESP_AT, response_len(sub.type_))],
-                Some(base + TABLE_AT),
+                vec![(base.offset(RESP_AT), response_len(sub.type_))],
+                Some(base.offset(TABLE_AT)),
             ),
             QueueId::Cursor => (Vec::new(), None),
         };
@@ -1756,7 +1773,7 @@ impl<'a> Sim<'a> {
                 Command::ResourceAttachBacking {
                     resource_id: CURSOR_ID,
                     entries: vec![MemEntry {
-                        addr: CURSOR_IMAGE,
+                        addr: CURSOR_IMAGE.get(),
                         length: CURSOR_SIZE * CURSOR_SIZE * 4,
                         padding: 0,
                     }],
@@ -1926,7 +1943,7 @@ impl<'a> Sim<'a> {
             let resp = if q == QueueId::Control && written >= 24 {
                 let mut b = vec![0u8; written.min(response_len_max()) as usize];
                 g.mem
-                    .read(slot_addr(q, p.slot) + RESP_AT, &mut b)
+                    .read(slot_addr(q, p.slot).offset(RESP_AT), &mut b)
                     .ok()
                     .and_then(|()| Response::decode(&b).ok())
             } else {
@@ -2173,18 +2190,32 @@ impl<'a> Sim<'a> {
             b[8..12].copy_from_slice(&len.to_le_bytes());
             b[12..14].copy_from_slice(&flags.to_le_bytes());
             b[14..16].copy_from_slice(&next.to_le_bytes());
-            let _ = mem.write(layout.desc + 16 * d, &b);
+            let _ = mem.write(layout.desc.offset(16 * d), &b);
         };
         let d = size - 1;
         let head: u16 = match g.rng.below(5) {
             // A descriptor that chains to itself.
             0 => {
-                desc(&mut g.mem, d, slot, 56, wire::virtq::DESC_F_NEXT, d as u16);
+                desc(
+                    &mut g.mem,
+                    d,
+                    slot.get(),
+                    56,
+                    wire::virtq::DESC_F_NEXT,
+                    d as u16,
+                );
                 d as u16
             }
             // An indirect table whose length is not whole descriptors.
             1 => {
-                desc(&mut g.mem, d, slot, 24, wire::virtq::DESC_F_INDIRECT, 0);
+                desc(
+                    &mut g.mem,
+                    d,
+                    slot.get(),
+                    24,
+                    wire::virtq::DESC_F_INDIRECT,
+                    0,
+                );
                 d as u16
             }
             // A buffer past the end of its RAM.
@@ -2198,7 +2229,7 @@ impl<'a> Sim<'a> {
             _ => {
                 let _ = g
                     .mem
-                    .write(layout.avail + 2, &idx.wrapping_add(200).to_le_bytes());
+                    .write(layout.avail.offset(2), &idx.wrapping_add(200).to_le_bytes());
                 g.stats.ring_attacks += 1;
                 let vm = g.vm;
                 self.disp.doorbell(vm, q, &mut self.guests[i].mem, self.now);
@@ -2206,11 +2237,11 @@ impl<'a> Sim<'a> {
                 return;
             }
         };
-        let slot_at = layout.avail + 4 + 2 * (u64::from(idx) % size);
+        let slot_at = layout.avail.offset(4 + 2 * (u64::from(idx) % size));
         let _ = g.mem.write(slot_at, &head.to_le_bytes());
         let _ = g
             .mem
-            .write(layout.avail + 2, &idx.wrapping_add(1).to_le_bytes());
+            .write(layout.avail.offset(2), &idx.wrapping_add(1).to_le_bytes());
         g.stats.ring_attacks += 1;
         let vm = g.vm;
         self.disp.doorbell(vm, q, &mut self.guests[i].mem, self.now);
@@ -2285,13 +2316,14 @@ impl<'a> Sim<'a> {
                 let good = self.guests[i].rng.below(84);
                 let bad = match variant {
                     0 => RAM_BYTES as u64 + 0x1000 * self.guests[i].rng.below(16),
-                    1 => host_base(self.guests[i].rng.below(4) as usize),
+                    // A guest can write any number, a host address too.
+                    1 => host_base(self.guests[i].rng.below(4) as usize).get(),
                     2 => u64::MAX - 0xfff,
                     _ => RAM_BYTES as u64 - 0x800,
                 };
                 let mut entries: Vec<MemEntry> = (0..good)
                     .map(|p| MemEntry {
-                        addr: FB[0] + p * PAGE,
+                        addr: FB[0].offset(p * PAGE).get(),
                         length: PAGE as u32,
                         padding: 0,
                     })

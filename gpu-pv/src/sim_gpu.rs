@@ -5,8 +5,8 @@
 //! model for the mediator's validator. Commands arrive as the mediator hands them
 //! to the device, after renaming: resource ids are host ids, and backing entries
 //! hold host-physical addresses, read through a [`GuestMemory`] view of host
-//! memory. Each command has a cost in nanoseconds ([`CostModel`]), which gives the
-//! simulation its notion of GPU time.
+//! memory addressed by them (see `dma_addr`). Each command has a cost in
+//! nanoseconds ([`CostModel`]), which gives the simulation its notion of GPU time.
 //!
 //! Semantics follow the virtio 1.2 specification (5.7.6) and, where it is silent,
 //! QEMU's `virtio-gpu` (the physical device under test): the same checks in the
@@ -32,7 +32,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use crate::command::{edid_for, Command, Request, Response};
-use crate::memory::GuestMemory;
+use crate::memory::{Gpa, GuestMemory};
 use crate::wire::{self, format, CursorPos, MemEntry, Rect};
 
 /// Bytes per pixel of every 2D format.
@@ -194,6 +194,17 @@ pub struct Executed {
     pub cost_ns: u64,
 }
 
+/// The address in the GPU's memory view of a host command's raw entry address.
+///
+/// After the mediator's renaming, a backing entry holds a host-physical address
+/// (the GPU's DMA address: the IOMMU maps granted pages 1:1). The view the GPU is
+/// given ([`SimGpu::execute`]'s `host_mem`) is a [`GuestMemory`] whose address space
+/// is that DMA space, the GPU being its "guest"; this is the one place the
+/// simulated GPU turns a raw entry address into an address of that view.
+fn dma_addr(raw: u64) -> Gpa {
+    Gpa::new(raw)
+}
+
 /// A resource's backing: its non-empty entries with their offsets in the backing.
 #[derive(Clone, Debug)]
 struct Backing {
@@ -216,7 +227,7 @@ impl Backing {
             let inner = off.checked_sub(*start)?;
             let avail = u64::from(e.length).checked_sub(inner)?;
             let n = usize::try_from(avail).map_or(out.len() - done, |a| a.min(out.len() - done));
-            let addr = e.addr.checked_add(inner)?;
+            let addr = dma_addr(e.addr).checked_add(inner)?;
             mem.read(addr, out.get_mut(done..done + n)?).ok()?;
             done += n;
             off += n as u64;
@@ -456,8 +467,9 @@ impl SimGpu {
         }
     }
 
-    /// Executes one command, reading backing memory through `host_mem` (host
-    /// physical addresses). Never panics; bad input gets a `RESP_ERR_*` response.
+    /// Executes one command, reading backing memory through `host_mem` (addressed
+    /// by host-physical DMA addresses, see `dma_addr`). Never panics; bad input
+    /// gets a `RESP_ERR_*` response.
     pub fn execute(&mut self, req: &Request, host_mem: &dyn GuestMemory) -> Executed {
         let c = self.cost;
         let outcome: Outcome = match &req.cmd {
@@ -593,7 +605,7 @@ impl SimGpu {
             .map_err(|_| wire::RESP_ERR_OUT_OF_MEMORY)?;
         let mut len = 0u64;
         for e in entries {
-            mem.translate(e.addr, u64::from(e.length))
+            mem.translate(dma_addr(e.addr), u64::from(e.length))
                 .map_err(|_| wire::RESP_ERR_UNSPEC)?;
             if e.length > 0 {
                 chunks.push((len, *e));
@@ -883,12 +895,18 @@ impl SimGpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::VecMemory;
+    use crate::memory::{Hpa, VecMemory};
     use crate::wire::CtrlHdr;
     use alloc::vec;
     use proptest::prelude::*;
 
     const BASE: u64 = 0x10_0000;
+
+    /// The GPU's memory view: 16 KiB of host memory at `BASE`, addressed by DMA
+    /// addresses that are host-physical ones (an identity mapping).
+    fn host_mem() -> VecMemory {
+        VecMemory::new(dma_addr(BASE), Hpa::new(BASE), 0x4000)
+    }
 
     fn gpu() -> SimGpu {
         SimGpu::new(SimGpuConfig {
@@ -946,7 +964,7 @@ mod tests {
     /// A 32x16 resource whose backing is split in two entries, the split falling
     /// inside a pixel, with `pattern` written into it.
     fn drawn() -> (SimGpu, VecMemory) {
-        let mut mem = VecMemory::new(BASE, BASE, 0x4000);
+        let mut mem = host_mem();
         let (w, h) = (32u32, 16u32);
         let first = 1002u32;
         let total = w * h * 4;
@@ -956,8 +974,10 @@ mod tests {
                 bytes.extend_from_slice(&pattern(x, y).to_le_bytes());
             }
         }
-        mem.write(BASE + 0x100, &bytes[..first as usize]).unwrap();
-        mem.write(BASE + 0x2000, &bytes[first as usize..]).unwrap();
+        mem.write(dma_addr(BASE + 0x100), &bytes[..first as usize])
+            .unwrap();
+        mem.write(dma_addr(BASE + 0x2000), &bytes[first as usize..])
+            .unwrap();
         let mut g = gpu();
         let ok = wire::RESP_OK_NODATA;
         assert_eq!(run(&mut g, &mem, create(2, w, h)), ok);
@@ -1023,7 +1043,7 @@ mod tests {
                 } else {
                     BASE + 0x2000 + o - 1002
                 };
-                mem.write(addr, &[*b]).unwrap();
+                mem.write(dma_addr(addr), &[*b]).unwrap();
             }
         }
         let t = Command::TransferToHost2d {
@@ -1087,7 +1107,7 @@ mod tests {
 
     #[test]
     fn resource_lifecycle_errors() {
-        let mem = VecMemory::new(BASE, BASE, 0x4000);
+        let mem = host_mem();
         let mut g = gpu();
         use wire::{
             RESP_ERR_INVALID_PARAMETER as PARAM, RESP_ERR_INVALID_RESOURCE_ID as RID,
@@ -1282,7 +1302,7 @@ mod tests {
             error_ns: 1,
             ..CostModel::FREE
         };
-        let mem = VecMemory::new(BASE, BASE, 0x4000);
+        let mem = host_mem();
         let mut g = SimGpu::new(SimGpuConfig {
             scanouts: vec![(64, 64)],
             vram_bytes: 1 << 20,
@@ -1429,7 +1449,7 @@ mod tests {
             cmds in proptest::collection::vec(arb_command(), 1..60),
             fill in any::<u8>(),
         ) {
-            let mut mem = VecMemory::new(BASE, BASE, 0x4000);
+            let mut mem = host_mem();
             mem.bytes.iter_mut().enumerate().for_each(|(i, b)| *b = fill ^ i as u8);
             let mut g = SimGpu::new(SimGpuConfig {
                 scanouts: vec![(1024, 768), (64, 64)],

@@ -7,7 +7,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use gpu_pv::memory::{check_range, Gpa, GuestMemory, MemError};
+use gpu_pv::memory::{check_range, Gpa, GuestMemory, Hpa, MemError};
 
 use crate::abi::guest;
 use crate::boot_info::BootInfo;
@@ -46,7 +46,8 @@ pub fn alloc_pages(pages: u64) -> Option<Gpa> {
                 // SAFETY: [base, end) is RAM of this guest past the image and the stack
                 // (which grows down from the image base), handed out only once.
                 unsafe { core::ptr::write_bytes(base as *mut u8, 0, bytes as usize) };
-                return Some(base);
+                // Identity mapped: the address is the guest-physical one.
+                return Some(Gpa::new(base));
             }
             Err(now) => cur = now,
         }
@@ -89,13 +90,18 @@ impl GuestRam {
 }
 
 impl GuestMemory for GuestRam {
-    fn translate(&self, gpa: Gpa, len: u64) -> Result<u64, MemError> {
-        check_range(gpa, len, 0, self.size)?;
-        Ok(gpa)
+    /// Only a range check: a guest cannot know where the host put its RAM, so the
+    /// "host" address it reports is the guest-physical one (the driver side of a
+    /// ring never translates anyway).
+    fn translate(&self, gpa: Gpa, len: u64) -> Result<Hpa, MemError> {
+        check_range(gpa, len, Gpa::new(0), self.size)?;
+        Ok(Hpa::new(gpa.get()))
     }
 
     fn read(&self, gpa: Gpa, out: &mut [u8]) -> Result<(), MemError> {
-        check_range(gpa, out.len() as u64, 0, self.size)?;
+        check_range(gpa, out.len() as u64, Gpa::new(0), self.size)?;
+        // Identity mapped: the guest-physical address is the pointer.
+        let gpa = gpa.get();
         let p = gpa as *const u8;
         // SAFETY: inside this guest's identity-mapped RAM (checked above); volatile
         // accesses of the matching width, aligned when the width is above one.
@@ -121,7 +127,9 @@ impl GuestMemory for GuestRam {
     }
 
     fn write(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), MemError> {
-        check_range(gpa, data.len() as u64, 0, self.size)?;
+        check_range(gpa, data.len() as u64, Gpa::new(0), self.size)?;
+        // Identity mapped: the guest-physical address is the pointer.
+        let gpa = gpa.get();
         let p = gpa as *mut u8;
         // SAFETY: as in `read`. The caller (the ring driver) only writes the rings,
         // indirect tables and buffers it owns.

@@ -23,6 +23,7 @@
 
 use gpu_pv::abi;
 use gpu_pv::mediator::QueueId;
+use gpu_pv::memory::Gpa;
 use gpu_pv::msix::{MsixTable, Signal};
 use gpu_pv::ring::QueueLayout;
 use gpu_pv::wire::feature;
@@ -488,11 +489,13 @@ impl VirtioGpuDevice {
     }
 
     fn layout(&self, q: &VirtQueue) -> QueueLayout {
+        // Trust boundary: the ring addresses the driver wrote into the queue
+        // registers are guest-physical; the mediator checks them before any use.
         QueueLayout {
             size: q.size,
-            desc: q.desc,
-            avail: q.driver,
-            used: q.device,
+            desc: Gpa::new(q.desc),
+            avail: Gpa::new(q.driver),
+            used: Gpa::new(q.device),
             event_idx: self.driver_features & feature::bit(feature::RING_EVENT_IDX) != 0,
             indirect: self.driver_features & feature::bit(feature::RING_INDIRECT_DESC) != 0,
         }

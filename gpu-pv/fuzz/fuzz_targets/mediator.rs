@@ -161,7 +161,7 @@ impl World {
         assert_eq!(n, 2);
         // Both answers are OK_NODATA.
         for k in 0..2u64 {
-            let at = SLOTS + SLOT * ((self.victim.next_slot - 2 + k) % 12) + RESP;
+            let at = SLOTS.offset(SLOT * ((self.victim.next_slot - 2 + k) % 12) + RESP);
             let b = guest_mem_read(&self.victim.mem, at, 4);
             assert_eq!(u32::from_le_bytes([b[0], b[1], b[2], b[3]]), 0x1100);
         }
@@ -213,7 +213,7 @@ fn command_bytes(b: &mut Bytes<'_>) -> (Vec<u8>, bool) {
                             addr: if wild & 0xc0 == 0xc0 {
                                 u64::from(b.u32()) << (wild & 31)
                             } else {
-                                BACKING + u64::from(b.u16() % 0xc000)
+                                BACKING.offset(u64::from(b.u16() % 0xc000)).get()
                             },
                             length: if wild & 0x20 != 0 {
                                 b.u32()
@@ -355,12 +355,12 @@ fuzz_target!(|data: &[u8]| {
                     resource_id: 2,
                     entries: vec![
                         MemEntry {
-                            addr: BACKING + 0x4000,
+                            addr: BACKING.offset(0x4000).get(),
                             length: 0x2000,
                             padding: 0,
                         },
                         MemEntry {
-                            addr: BACKING,
+                            addr: BACKING.get(),
                             length: 0x2000,
                             padding: 0,
                         },

@@ -8,12 +8,12 @@
 
 use gpu_pv::abi::limits;
 use gpu_pv::command::{self, Response};
-use gpu_pv::memory::{GuestMemory, VecMemory};
+use gpu_pv::memory::{Gpa, GuestMemory, Hpa, VecMemory};
 use gpu_pv::ring::{self, driver::DriverQueue, DeviceQueue, QueueLayout};
 use libfuzzer_sys::fuzz_target;
 
 /// Guest-physical address of the first RAM byte.
-const BASE: u64 = 0x10_0000;
+const BASE: Gpa = Gpa::new(0x10_0000);
 
 /// Header bytes that choose the layout; the rest of the input is guest RAM.
 const HDR: usize = 12;
@@ -48,7 +48,7 @@ fn raw(h: &[u8], ram: &[u8]) -> Option<(VecMemory, QueueLayout)> {
     };
     // Ring addresses inside the input or just past it.
     let span = ram.len() as u64 + 64;
-    let at = |i: usize| BASE + u64::from(u16::from_le_bytes([h[i], h[i + 1]])) % span;
+    let at = |i: usize| BASE.get() + u64::from(u16::from_le_bytes([h[i], h[i + 1]])) % span;
     let (mut desc, mut avail, mut used) = (at(2), at(4), at(6));
     // Usually aligned as virtio requires; now and then not.
     if ctl & 0x80 == 0 {
@@ -56,17 +56,18 @@ fn raw(h: &[u8], ram: &[u8]) -> Option<(VecMemory, QueueLayout)> {
         avail &= !1;
         used &= !3;
     }
+    // The ring addresses are what the guest (the fuzzer) wrote.
     let layout = QueueLayout {
         size,
-        desc,
-        avail,
-        used,
+        desc: Gpa::new(desc),
+        avail: Gpa::new(avail),
+        used: Gpa::new(used),
         event_idx: ctl & 1 != 0,
         indirect: ctl & 2 != 0,
     };
     let mem = VecMemory {
         base: BASE,
-        host_base: 0x8000_0000,
+        host_base: Hpa::new(0x8000_0000),
         bytes: ram.to_vec(),
     };
     Some((mem, layout))
@@ -86,19 +87,19 @@ fn linux_shaped(h: &[u8], rest: &[u8]) -> Option<(VecMemory, QueueLayout)> {
     let layout = QueueLayout {
         size: 1u16 << (h[0] % 7).max(2),
         desc: BASE,
-        avail: BASE + 0x400,
-        used: BASE + 0x600,
+        avail: BASE.offset(0x400),
+        used: BASE.offset(0x600),
         event_idx: h[1] & 1 != 0,
         indirect: h[1] & 2 != 0,
     };
-    let mut mem = VecMemory::new(BASE, 0x8000_0000, RAM);
+    let mut mem = VecMemory::new(BASE, Hpa::new(0x8000_0000), RAM);
     let mut drv = DriverQueue::new(&mut mem, layout).ok()?;
     let mut input = rest.iter().copied();
     let mut next = || input.next().unwrap_or(0);
     let commands = usize::from(next() % 8) + 1;
     for i in 0..commands as u64 {
-        let slot = BASE + 0x1000 + 0x200 * i;
-        let table = BASE + 0x800 + 0x40 * i;
+        let slot = BASE.offset(0x1000 + 0x200 * i);
+        let table = BASE.offset(0x800 + 0x40 * i);
         let type_ = TYPES[usize::from(next()) % TYPES.len()];
         let mut cmd = vec![0u8; 24 + 32];
         cmd[0..4].copy_from_slice(&type_.to_le_bytes());
@@ -106,7 +107,7 @@ fn linux_shaped(h: &[u8], rest: &[u8]) -> Option<(VecMemory, QueueLayout)> {
         for b in cmd[8..].iter_mut() {
             *b = next();
         }
-        let resp = (slot + 0x180, 0x80);
+        let resp = (slot.offset(0x180), 0x80);
         let added = match type_ {
             0x0300 | 0x0301 => {
                 mem.write(slot, &cmd).ok()?;
@@ -117,8 +118,8 @@ fn linux_shaped(h: &[u8], rest: &[u8]) -> Option<(VecMemory, QueueLayout)> {
                 let nr = u32::from(next() % 4);
                 cmd[28..32].copy_from_slice(&nr.to_le_bytes());
                 mem.write(slot, &cmd[..32]).ok()?;
-                mem.write(slot + 0x40, &cmd[..]).ok()?;
-                let readable = [(slot, 32), (slot + 0x40, 16 * nr)];
+                mem.write(slot.offset(0x40), &cmd[..]).ok()?;
+                let readable = [(slot, 32), (slot.offset(0x40), 16 * nr)];
                 let table = layout.indirect.then_some(table);
                 drv.add(&mut mem, &readable, &[resp], table)
             }
@@ -145,7 +146,7 @@ fn linux_shaped(h: &[u8], rest: &[u8]) -> Option<(VecMemory, QueueLayout)> {
 }
 
 fn device_side(mem: &mut VecMemory, q: &mut DeviceQueue) {
-    let (lo, hi) = (mem.base, mem.base + mem.bytes.len() as u64);
+    let (lo, hi) = (mem.base, mem.base.offset(mem.bytes.len() as u64));
     let size = q.layout().size;
     // Answers can rewrite the ring, so bound the rounds, not just the pending count.
     for _ in 0..=2 * u32::from(size) + 1 {
@@ -158,7 +159,7 @@ fn device_side(mem: &mut VecMemory, q: &mut DeviceQueue) {
         assert!((1..=limits::MAX_CHAIN_DESCRIPTORS).contains(&n));
         for s in chain.readable.iter().chain(&chain.writable) {
             assert!(
-                s.gpa >= lo && s.gpa + u64::from(s.len) <= hi,
+                s.gpa >= lo && s.gpa.offset(u64::from(s.len)) <= hi,
                 "{s:?} outside RAM"
             );
         }
@@ -222,9 +223,9 @@ fn driver_side(mem: &mut VecMemory, layout: QueueLayout, h: &[u8]) {
     let chains = usize::from(h[0] % 8);
     for i in 0..chains {
         let r = [(BASE, u32::from(h[1])); 2];
-        let w = [(BASE + 64, u32::from(h[2]))];
+        let w = [(BASE.offset(64), u32::from(h[2]))];
         let nr = 1 + (i % 2);
-        let table = (h[3] & (1 << i) != 0).then_some(BASE + 128);
+        let table = (h[3] & (1 << i) != 0).then_some(BASE.offset(128));
         let _ = drv.add(mem, &r[..nr], &w, table);
     }
     let _ = drv.kick(mem);

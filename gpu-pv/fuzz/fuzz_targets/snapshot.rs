@@ -14,7 +14,7 @@ mod common;
 
 use common::*;
 use gpu_pv::mediator::{Mediator, QueueId, VmState};
-use gpu_pv::memory::VecMemory;
+use gpu_pv::memory::{Gpa, VecMemory};
 use libfuzzer_sys::fuzz_target;
 
 /// Drives VM 1 of a fresh mediator with well-formed-looking commands from the
@@ -39,7 +39,9 @@ fn structured(b: &mut Bytes<'_>) -> (Vec<u8>, VecMemory) {
                 resource_id: id,
                 entries: (0..b.u8() % 3 + 1)
                     .map(|k| gpu_pv::wire::MemEntry {
-                        addr: BACKING + 0x2000 * u64::from(k) + u64::from(b.u8()) * 64,
+                        addr: BACKING
+                            .offset(0x2000 * u64::from(k) + u64::from(b.u8()) * 64)
+                            .get(),
                         length: u32::from(b.u16() % 0x2000) + 1,
                         padding: 0,
                     })
@@ -104,7 +106,10 @@ fuzz_target!(|data: &[u8]| {
     let mut b = Bytes::new(data);
     let mode = b.u8();
     let (bytes, mut mem) = if mode & 1 == 0 {
-        (b.rest().to_vec(), VecMemory::new(0, host_base(EVIL), RAM))
+        (
+            b.rest().to_vec(),
+            VecMemory::new(Gpa::new(0), host_base(EVIL), RAM),
+        )
     } else {
         let (mut s, mem) = structured(&mut b);
         // Corrupt it: (offset, xor) pairs, and maybe a cut.

@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 
 use super::*;
 use crate::command::Command;
-use crate::mediator::harness::{self, host_base, req, Guest, FB};
+use crate::mediator::harness::{self, host_addr, host_base, req, Guest, FB};
 use crate::mediator::{MediatorConfig, ScanoutConfig, VmGpuConfig};
 use crate::sched::{Mode, SchedConfig, VmParams};
 use crate::wire::{self, format};
@@ -361,7 +361,7 @@ fn a_hung_vm_is_reset_its_grants_revoked_and_the_other_vm_runs() {
     r.now += MS;
     r.service();
     assert!(r.d.grants().of_vm(1) > 0);
-    assert!(r.d.grants().covers(host_base(0) + FB, 4096));
+    assert!(r.d.grants().covers(host_addr(0, FB), 4096));
     // Then a command that never completes.
     r.send(1, &creates(2, 1));
     r.d.gpu_mut().on_ring.clear();
@@ -373,7 +373,7 @@ fn a_hung_vm_is_reset_its_grants_revoked_and_the_other_vm_runs() {
         0,
         "a reset VM's pages are unreachable"
     );
-    assert!(!r.d.grants().covers(host_base(0) + FB, 4096));
+    assert!(!r.d.grants().covers(host_addr(0, FB), 4096));
     // VM 2 is served.
     r.send(2, &creates(100, 1));
     r.d.gpu_mut().complete(64);
@@ -397,27 +397,27 @@ fn zero_copy_buffers_are_checked_granted_charged_and_taken_back() {
     );
     let mem = r.g.0[0].mem.clone();
     assert_eq!(
-        r.d.register_buffer(1, &mem, 0x1001, 4096),
+        r.d.register_buffer(1, &mem, Gpa::new(0x1001), 4096),
         Err(BufferError::BadRange)
     );
     assert_eq!(
-        r.d.register_buffer(1, &mem, 0, 0),
+        r.d.register_buffer(1, &mem, Gpa::new(0), 0),
         Err(BufferError::BadRange)
     );
     assert!(matches!(
-        r.d.register_buffer(1, &mem, harness::RAM as u64, 4096),
+        r.d.register_buffer(1, &mem, Gpa::new(harness::RAM as u64), 4096),
         Err(BufferError::NotOwned(_))
     ));
     let before = r.d.mediator().vm(1).unwrap().memory().used();
     let h = r.d.register_buffer(1, &mem, FB, 2 * 4096).unwrap();
-    assert!(r.d.grants().covers(host_base(0) + FB, 2 * 4096));
+    assert!(r.d.grants().covers(host_addr(0, FB), 2 * 4096));
     assert!(
         r.d.mediator().vm(1).unwrap().memory().used() > before,
         "charged"
     );
     assert_eq!(r.d.unregister_buffer(1, h + 1), None);
-    assert_eq!(r.d.unregister_buffer(1, h), Some(host_base(0) + FB));
-    assert!(!r.d.grants().covers(host_base(0) + FB, 4096));
+    assert_eq!(r.d.unregister_buffer(1, h), Some(host_addr(0, FB)));
+    assert!(!r.d.grants().covers(host_addr(0, FB), 4096));
     assert_eq!(r.d.mediator().vm(1).unwrap().memory().used(), before);
     let mut handles = Vec::new();
     for _ in 0..MAX_BUFFERS_PER_VM {

@@ -8,7 +8,7 @@ use alloc::vec::Vec;
 use super::harness::*;
 use super::*;
 use crate::command::Command;
-use crate::wire::{format, MemEntry};
+use crate::wire::format;
 
 const W: u32 = 64;
 const H: u32 = 32;
@@ -135,11 +135,11 @@ fn frames_of_two_vms_land_in_their_own_bands() {
         let copies = &staged[0].copies;
         let total: u64 = copies.iter().map(|c| c.len).sum();
         assert_eq!(total, band_bytes);
-        let base = host_base(i);
+        let fb = host_addr(i, FB);
         for c in copies {
             assert!(c.dst >= i as u64 * band_bytes && c.dst + c.len <= (i as u64 + 1) * band_bytes);
             let src = c.src.expect("pixels, not zeros");
-            assert!(src >= base + FB && src + c.len <= base + FB + band_bytes + 0x10_0000);
+            assert!(src >= fb && src.offset(c.len) <= fb.offset(band_bytes + 0x10_0000));
         }
         match staged[1].request.cmd {
             Command::ResourceFlush { rect, resource_id } => {
@@ -350,11 +350,11 @@ fn reference_runs(b: &vm::Backing, off: u64, len: u64, dst: u64) -> Vec<BandCopy
     let mut out = Vec::new();
     let (mut at, mut off, mut left, mut dst) = (0u64, off, len, dst);
     for e in &b.host {
-        let elen = u64::from(e.length);
+        let elen = u64::from(e.len);
         if left > 0 && off < at + elen {
             let n = (elen - (off - at)).min(left);
             out.push(BandCopy {
-                src: Some(e.addr + (off - at)),
+                src: Some(e.hpa.offset(off - at)),
                 dst,
                 len: n,
             });
@@ -379,13 +379,13 @@ proptest::proptest! {
         gap in 0u64..3000,
         rows in 1u64..64,
     ) {
-        let mut addr = 0x10_0000u64;
-        let host: Vec<MemEntry> = lens
+        let mut hpa = Hpa::new(0x10_0000);
+        let host: Vec<vm::HostRun> = lens
             .iter()
             .map(|&l| {
-                let e = MemEntry { addr, length: l, padding: 0 };
-                addr += u64::from(l) + 0x1000;
-                e
+                let r = vm::HostRun { hpa, len: l };
+                hpa = hpa.offset(u64::from(l) + 0x1000);
+                r
             })
             .collect();
         let len = lens.iter().map(|&l| u64::from(l)).sum();

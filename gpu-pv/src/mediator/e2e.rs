@@ -23,10 +23,10 @@ fn scattered_backing(len: u64) -> Vec<MemEntry> {
     let third = (len / 3).div_ceil(4096) * 4096;
     let mut out = Vec::new();
     let mut at = 0;
-    for gpa in [FB + 0x8_0000, FB, FB + 0x40_0000] {
+    for gpa in [FB.offset(0x8_0000), FB, FB.offset(0x40_0000)] {
         let n = third.min(len - at);
         out.push(MemEntry {
-            addr: gpa,
+            addr: gpa.get(),
             length: n as u32,
             padding: 0,
         });
@@ -56,7 +56,7 @@ fn paint(
     let mut off = 0usize;
     for e in entries {
         let n = (e.length as usize).min(bytes.len() - off);
-        g.mem.write(e.addr, &bytes[off..off + n]).unwrap();
+        g.mem.write(Gpa::new(e.addr), &bytes[off..off + n]).unwrap();
         off += n;
     }
 }
@@ -199,7 +199,7 @@ fn a_fenced_cursor_upload_then_the_cursor_queue() {
     bring_up(&mut w, 1, &mut gpu, 0);
     // As Linux does for the cursor: create 64x64, attach, fenced TRANSFER, wait
     // for the fence, then UPDATE_CURSOR on the cursor queue.
-    let cursor_backing = entries(FB + 0x60_0000, 64 * 64 * 4, 1);
+    let cursor_backing = entries(FB.offset(0x60_0000), 64 * 64 * 4, 1);
     paint(&mut w.guests[1], &cursor_backing, 64, 64, |x, y| {
         0xff00_0000 | (y << 8) | x
     });
@@ -340,7 +340,7 @@ fn isolation_attacks_are_refused_before_the_gpu_and_change_nothing() {
             req(Command::ResourceAttachBacking {
                 resource_id: 5,
                 entries: vec![MemEntry {
-                    addr: host_base(0) + FB,
+                    addr: host_addr(0, FB).get(),
                     length: 4096,
                     padding: 0,
                 }],

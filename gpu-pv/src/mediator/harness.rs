@@ -27,13 +27,18 @@ use super::{
 /// Guest RAM per VM.
 pub const RAM: usize = 8 << 20;
 /// Where command buffers, indirect tables and response buffers are carved from.
-const SCRATCH: Gpa = 0x1_0000;
-const SCRATCH_END: Gpa = 0x10_0000;
+const SCRATCH: Gpa = Gpa::new(0x1_0000);
+const SCRATCH_END: Gpa = Gpa::new(0x10_0000);
 /// Where tests put framebuffers and other backing.
-pub const FB: Gpa = 0x10_0000;
+pub const FB: Gpa = Gpa::new(0x10_0000);
 /// Host-physical base of VM `i`'s RAM (distinct, far apart).
 pub fn host_base(i: usize) -> Hpa {
-    (i as u64 + 1) << 32
+    Hpa::new((i as u64 + 1) << 32)
+}
+/// Where guest-physical `gpa` of VM `i`'s RAM (which starts at GPA 0) lies on the
+/// host: the translation the tests expect, written out.
+pub fn host_addr(i: usize, gpa: Gpa) -> Hpa {
+    host_base(i).offset(gpa.get())
 }
 /// MSI-X vectors the harness programs: config, control, cursor.
 pub const VECTORS: [u16; 3] = [0, 1, 2];
@@ -42,9 +47,9 @@ pub const VECTORS: [u16; 3] = [0, 1, 2];
 pub fn control_layout(event_idx: bool) -> QueueLayout {
     QueueLayout {
         size: 64,
-        desc: 0x1000,
-        avail: 0x1400,
-        used: 0x1600,
+        desc: Gpa::new(0x1000),
+        avail: Gpa::new(0x1400),
+        used: Gpa::new(0x1600),
         event_idx,
         indirect: true,
     }
@@ -54,9 +59,9 @@ pub fn control_layout(event_idx: bool) -> QueueLayout {
 pub fn cursor_layout(event_idx: bool) -> QueueLayout {
     QueueLayout {
         size: 16,
-        desc: 0x2000,
-        avail: 0x2100,
-        used: 0x2200,
+        desc: Gpa::new(0x2000),
+        avail: Gpa::new(0x2100),
+        used: Gpa::new(0x2200),
         event_idx,
         indirect: true,
     }
@@ -92,7 +97,7 @@ pub struct Returned {
 impl Guest {
     /// A guest with zeroed RAM at GPA 0 and fresh queues.
     pub fn new(vm: VmId, host: Hpa, event_idx: bool) -> Self {
-        let mut mem = VecMemory::new(0, host, RAM);
+        let mut mem = VecMemory::new(Gpa::new(0), host, RAM);
         let ctrl = DriverQueue::new(&mut mem, control_layout(event_idx)).unwrap();
         let cursor = DriverQueue::new(&mut mem, cursor_layout(event_idx)).unwrap();
         Self {
@@ -114,11 +119,11 @@ impl Guest {
 
     fn alloc(&mut self, len: u64) -> Gpa {
         let len = len.div_ceil(64) * 64;
-        if self.next + len > SCRATCH_END {
+        if self.next.offset(len) > SCRATCH_END {
             self.next = SCRATCH;
         }
         let at = self.next;
-        self.next += len;
+        self.next = at.offset(len);
         at
     }
 
@@ -260,7 +265,7 @@ pub fn entries(gpa: Gpa, len: u64, pieces: u64) -> Vec<MemEntry> {
     while at < len {
         let n = step.min(len - at);
         out.push(MemEntry {
-            addr: gpa + at,
+            addr: gpa.offset(at).get(),
             length: n as u32,
             padding: 0,
         });
@@ -304,7 +309,7 @@ impl Iommu {
     pub fn covers(&self, hpa: Hpa, len: u64) -> bool {
         self.maps
             .iter()
-            .any(|&(_, a, l)| hpa >= a && hpa + len <= a + l)
+            .any(|&(_, a, l)| hpa >= a && hpa.offset(len) <= a.offset(l))
     }
     /// Mappings of `vm`.
     pub fn of(&self, vm: VmId) -> usize {
@@ -314,6 +319,10 @@ impl Iommu {
 
 /// Host memory as the GPU reaches it: every guest's RAM at its host address,
 /// through the IOMMU model. Accesses outside a mapping are recorded as faults.
+///
+/// As the GPU's [`GuestMemory`] it is addressed by the GPU's DMA addresses, which
+/// are host-physical (the model IOMMU maps 1:1): each access converts its address
+/// explicitly, and `translate` is the identity.
 pub struct HostView<'a> {
     /// The guests.
     pub guests: &'a mut [Guest],
@@ -331,22 +340,33 @@ impl HostView<'_> {
         }
         self.guests
             .iter()
-            .position(|g| hpa >= g.mem.host_base && hpa + len <= g.mem.host_base + RAM as u64)
-            .map(|i| (i, hpa - self.guests[i].mem.host_base))
+            .position(|g| {
+                hpa >= g.mem.host_base && hpa.offset(len) <= g.mem.host_base.offset(RAM as u64)
+            })
+            .map(|i| {
+                let m = &self.guests[i].mem;
+                (i, m.base.offset(hpa.get() - m.host_base.get()))
+            })
             .ok_or(MemError::OutOfRange)
     }
 }
 
+/// A GPU DMA address as the host-physical address it is (see [`HostView`]).
+fn dma_to_hpa(addr: Gpa) -> Hpa {
+    Hpa::new(addr.get())
+}
+
 impl GuestMemory for HostView<'_> {
-    fn translate(&self, hpa: Gpa, len: u64) -> Result<Hpa, MemError> {
+    fn translate(&self, addr: Gpa, len: u64) -> Result<Hpa, MemError> {
+        let hpa = dma_to_hpa(addr);
         self.find(hpa, len).map(|_| hpa)
     }
-    fn read(&self, hpa: Gpa, out: &mut [u8]) -> Result<(), MemError> {
-        let (i, gpa) = self.find(hpa, out.len() as u64)?;
+    fn read(&self, addr: Gpa, out: &mut [u8]) -> Result<(), MemError> {
+        let (i, gpa) = self.find(dma_to_hpa(addr), out.len() as u64)?;
         self.guests[i].mem.read(gpa, out)
     }
-    fn write(&mut self, hpa: Gpa, data: &[u8]) -> Result<(), MemError> {
-        let (i, gpa) = self.find(hpa, data.len() as u64)?;
+    fn write(&mut self, addr: Gpa, data: &[u8]) -> Result<(), MemError> {
+        let (i, gpa) = self.find(dma_to_hpa(addr), data.len() as u64)?;
         self.guests[i].mem.write(gpa, data)
     }
 }

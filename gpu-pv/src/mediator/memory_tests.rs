@@ -8,7 +8,7 @@ use core::mem::size_of;
 use proptest::prelude::*;
 
 use super::harness::*;
-use super::vm::{PendingReply, ReplyState, Resource, Tracked};
+use super::vm::{HostRun, PendingReply, ReplyState, Resource, Tracked};
 use super::*;
 use crate::command::{Command, Response};
 use crate::ring::Segment;
@@ -57,10 +57,8 @@ fn kept(v: &VmGpu, pixels_in_hv_memory: bool) -> u64 {
     for r in v.resources.values() {
         bytes += len(1, size_of::<(u32, Resource)>());
         if let Some(b) = &r.backing {
-            bytes += len(
-                b.guest.capacity() + b.host.capacity(),
-                size_of::<MemEntry>(),
-            );
+            bytes += len(b.guest.capacity(), size_of::<MemEntry>());
+            bytes += len(b.host.capacity(), size_of::<HostRun>());
         }
     }
     for (_, record) in v.held.iter() {
@@ -101,10 +99,10 @@ fn create(id: u32, width: u32, height: u32) -> Command {
 }
 
 /// `n` one-byte entries two bytes apart from `gpa`: no two merge into one run.
-fn tiny_entries(gpa: u64, n: usize) -> Vec<MemEntry> {
+fn tiny_entries(gpa: Gpa, n: usize) -> Vec<MemEntry> {
     (0..n as u64)
         .map(|k| MemEntry {
-            addr: gpa + 2 * k,
+            addr: gpa.offset(2 * k).get(),
             length: 1,
             padding: 0,
         })
@@ -208,7 +206,7 @@ fn staged_commands_are_charged_until_they_complete() {
     for id in 1..=40 {
         let attach = Command::ResourceAttachBacking {
             resource_id: id,
-            entries: tiny_entries(FB + 0x1_0000 * u64::from(id), 1024),
+            entries: tiny_entries(FB.offset(0x1_0000 * u64::from(id)), 1024),
         };
         w.send(0, QueueId::Control, &req(attach));
     }
@@ -398,12 +396,12 @@ fn restore_refuses_a_context_over_the_budget() {
 fn republish(g: &mut Guest, head: u16) {
     let l = control_layout(true);
     let mut idx = [0u8; 2];
-    g.mem.read(l.avail + 2, &mut idx).unwrap();
+    g.mem.read(l.avail.offset(2), &mut idx).unwrap();
     let idx = u16::from_le_bytes(idx);
-    let slot = l.avail + 4 + 2 * u64::from(idx % l.size);
+    let slot = l.avail.offset(4 + 2 * u64::from(idx % l.size));
     g.mem.write(slot, &head.to_le_bytes()).unwrap();
     g.mem
-        .write(l.avail + 2, &idx.wrapping_add(1).to_le_bytes())
+        .write(l.avail.offset(2), &idx.wrapping_add(1).to_le_bytes())
         .unwrap();
 }
 
@@ -568,11 +566,11 @@ proptest! {
                 Hostile::Create(id, wd, h) => Some(create(id, wd, h)),
                 Hostile::Tiny(id, n) => Some(Command::ResourceAttachBacking {
                     resource_id: id,
-                    entries: tiny_entries(FB + 0x2000 * u64::from(id), n),
+                    entries: tiny_entries(FB.offset(0x2000 * u64::from(id)), n),
                 }),
                 Hostile::Pages(id, p) => Some(Command::ResourceAttachBacking {
                     resource_id: id,
-                    entries: entries(FB + 0x4_0000 * u64::from(id % 16), p * 4096, p),
+                    entries: entries(FB.offset(0x4_0000 * u64::from(id % 16)), p * 4096, p),
                 }),
                 Hostile::Detach(id) => Some(Command::ResourceDetachBacking { resource_id: id }),
                 Hostile::Unref(id) => Some(Command::ResourceUnref { resource_id: id }),

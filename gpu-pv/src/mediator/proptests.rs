@@ -139,9 +139,10 @@ fn request(v: usize, c: &Cmd, fence: u64) -> (QueueId, Request) {
         Cmd::Unref(id) => Command::ResourceUnref { resource_id: id },
         Cmd::Attach { id, addr, pages } => {
             let gpa = match addr {
-                Addr::Own(n) => FB + n * 4096,
+                Addr::Own(n) => FB.offset(n * 4096).get(),
                 Addr::PastRam => RAM as u64 - 4096,
-                Addr::Neighbour => host_base(1 - v) + FB,
+                // The neighbour's host address, as a number the guest writes.
+                Addr::Neighbour => host_addr(1 - v, FB).get(),
                 Addr::Wrap => u64::MAX - 4095,
             };
             Command::ResourceAttachBacking {
@@ -270,7 +271,7 @@ impl Sim {
         let Some(batch) = self.w.med.take_batch(vm, 8) else {
             return Ok(());
         };
-        let own = host_base(v)..host_base(v) + RAM as u64;
+        let own = host_base(v)..host_base(v).offset(RAM as u64);
         let mut completions = Vec::new();
         let view = HostView {
             guests: &mut self.w.guests,
@@ -309,9 +310,11 @@ impl Sim {
             }
             if let Command::ResourceAttachBacking { entries, .. } = &c.request.cmd {
                 for e in entries {
-                    let end = e.addr + u64::from(e.length);
+                    // A host command's entries hold host-physical addresses.
+                    let start = Hpa::new(e.addr);
+                    let end = start.offset(u64::from(e.length));
                     prop_assert!(
-                        own.contains(&e.addr) && end <= own.end,
+                        own.contains(&start) && end <= own.end,
                         "VM {} backing {:?}",
                         vm,
                         e
@@ -370,7 +373,7 @@ impl Sim {
         prop_assert!(a.is_disjoint(&b), "host ids shared: {:?} {:?}", a, b);
         for &(vm, hpa, len) in &self.w.iommu.maps {
             let base = host_base(usize::from(vm) - 1);
-            prop_assert!(hpa >= base && hpa + len <= base + RAM as u64);
+            prop_assert!(hpa >= base && hpa.offset(len) <= base.offset(RAM as u64));
         }
         Ok(())
     }
@@ -493,7 +496,8 @@ proptest! {
                     let IommuOp::Map { hpa, len, .. } = op else {
                         return Err(TestCaseError::fail("unmap after restore"));
                     };
-                    prop_assert!(hpa >= host_base(0) && hpa + len <= host_base(0) + RAM as u64);
+                    let base = host_base(0);
+                    prop_assert!(hpa >= base && hpa.offset(len) <= base.offset(RAM as u64));
                 }
             }
             Err(_) => {

@@ -44,7 +44,7 @@ use super::validate::{
     backing_charge, command_charge, encoding_buffer, transfer_end, translate_backing,
     BACKING_SLACK, MIN_SCANOUT_EDGE,
 };
-use super::vm::{resource_bytes, Effect, Resource, ScanoutState, Tracked, VmGpu};
+use super::vm::{resource_bytes, Effect, HostRun, Resource, ScanoutState, Tracked, VmGpu};
 use super::{BandCopy, Channel, EventKind, IommuOp, Mediator, QueueId, VmState};
 use crate::budget::cost;
 
@@ -307,9 +307,9 @@ fn write_snapshot(v: &VmGpu, counters: &VmCounters) -> Vec<u8> {
             for q in [c, k] {
                 let l = q.layout();
                 w.u16(l.size);
-                w.u64(l.desc);
-                w.u64(l.avail);
-                w.u64(l.used);
+                w.u64(l.desc.get());
+                w.u64(l.avail.get());
+                w.u64(l.used.get());
                 w.u8(u8::from(l.event_idx));
                 w.u8(u8::from(l.indirect));
                 w.u16(q.last_avail_idx());
@@ -367,22 +367,27 @@ fn check_owned(mem: &dyn GuestMemory, gpa: Gpa, len: u64) -> Result<(), MemError
     if mem.translate(gpa, len).is_ok() {
         return Ok(());
     }
-    let end = gpa.checked_add(len).ok_or(MemError::Overflow)?;
-    let mut cur = gpa;
-    while cur < end {
-        let next = (cur / 4096 + 1).saturating_mul(4096).min(end);
-        mem.translate(cur, next - cur)?;
-        cur = next;
+    gpa.checked_add(len).ok_or(MemError::Overflow)?;
+    // Page by page: `done` bytes checked so far, each step up to the next page
+    // boundary (or the end).
+    let mut done = 0;
+    while done < len {
+        let cur = gpa.offset(done);
+        let n = (4096 - cur.get() % 4096).min(len - done);
+        mem.translate(cur, n)?;
+        done += n;
     }
     Ok(())
 }
 
 fn read_queue(r: &mut Reader<'_>, mem: &dyn GuestMemory) -> Result<QueueState, SnapshotError> {
+    // Trust boundary: the ring addresses in a snapshot are guest-physical, and
+    // checked (validated, then owned by the VM) before they are used.
     let layout = QueueLayout {
         size: r.u16()?,
-        desc: r.u64()?,
-        avail: r.u64()?,
-        used: r.u64()?,
+        desc: Gpa::new(r.u64()?),
+        avail: Gpa::new(r.u64()?),
+        used: Gpa::new(r.u64()?),
         event_idx: r.bool()?,
         indirect: r.bool()?,
     };
@@ -664,7 +669,7 @@ impl Mediator {
             rebuild.push((
                 Command::ResourceAttachBacking {
                     resource_id: host_id,
-                    entries: b.host.clone(),
+                    entries: b.host.iter().map(HostRun::entry).collect(),
                 },
                 Effect::Attached {
                     guest: id,

@@ -20,7 +20,7 @@ fn create(id: u32, width: u32, height: u32) -> Command {
     }
 }
 
-fn attach(id: u32, gpa: u64, len: u64, pieces: u64) -> Command {
+fn attach(id: u32, gpa: Gpa, len: u64, pieces: u64) -> Command {
     Command::ResourceAttachBacking {
         resource_id: id,
         entries: entries(gpa, len, pieces),
@@ -39,7 +39,7 @@ fn err(code: u32) -> Response {
 }
 
 /// Creates resource `id` (w x h) with backing at `gpa` for guest `i`.
-fn make_resource(w: &mut World, i: usize, id: u32, width: u32, height: u32, gpa: u64) {
+fn make_resource(w: &mut World, i: usize, id: u32, width: u32, height: u32, gpa: Gpa) {
     let len = u64::from(width) * u64::from(height) * 4;
     assert_eq!(
         w.call(i, &req(create(id, width, height)), &mut NullGpu),
@@ -286,13 +286,13 @@ fn backing_is_translated_merged_and_mapped_until_detached() {
         Response::OkNoData
     );
     let host = w.med.vm(2).unwrap().host_resource(2).unwrap();
-    let hpa = host_base(1) + FB;
+    let hpa = host_addr(1, FB);
     assert_eq!(
         last_host_cmd(&w, 2),
         Command::ResourceAttachBacking {
             resource_id: host,
             entries: vec![MemEntry {
-                addr: hpa,
+                addr: hpa.get(),
                 length: 16384,
                 padding: 0
             }]
@@ -342,7 +342,7 @@ fn backing_outside_the_vms_ram_is_refused_and_logged() {
         }],
         // Another VM's host address is just an address outside this VM's RAM.
         vec![MemEntry {
-            addr: host_base(1) + FB,
+            addr: host_addr(1, FB).get(),
             length: 4096,
             padding: 0,
         }],
@@ -385,7 +385,7 @@ fn backing_outside_the_vms_ram_is_refused_and_logged() {
 /// is host-contiguous only page by page.
 struct Holey<'a> {
     inner: &'a mut VecMemory,
-    hole: (u64, u64),
+    hole: (Gpa, Gpa),
 }
 
 impl GuestMemory for Holey<'_> {
@@ -395,7 +395,7 @@ impl GuestMemory for Holey<'_> {
             return Err(MemError::NotOwned);
         }
         // Pages are host-contiguous one at a time only.
-        if gpa / 4096 != (end.max(1) - 1) / 4096 {
+        if gpa.get() / 4096 != (end.get().max(1) - 1) / 4096 {
             return Err(MemError::OutOfRange);
         }
         self.inner.translate(gpa, len)
@@ -413,12 +413,12 @@ fn backing_is_checked_page_by_page_and_ownership_is_enforced() {
     let mut w = World::new(1, true);
     w.call(0, &req(create(2, 64, 64)), &mut NullGpu);
     w.call(0, &req(create(3, 64, 64)), &mut NullGpu);
-    let hole = (FB + 0x4000, FB + 0x5000);
+    let hole = (FB.offset(0x4000), FB.offset(0x5000));
     // Resource 2: 16 KiB ending where the hole starts: fine, page by page.
     // Resource 3: 8 KiB that overlaps the hole: refused as not owned.
     for (id, gpa, len, expect) in [
         (2, FB, 0x4000, Response::OkNoData),
-        (3, FB + 0x3000, 0x2000, err(wire::RESP_ERR_UNSPEC)),
+        (3, FB.offset(0x3000), 0x2000, err(wire::RESP_ERR_UNSPEC)),
     ] {
         let g = &mut w.guests[0];
         g.add(QueueId::Control, &req(attach(id, gpa, len, 1)));
@@ -440,14 +440,14 @@ fn backing_is_checked_page_by_page_and_ownership_is_enforced() {
     assert_eq!(
         entries,
         &vec![MemEntry {
-            addr: host_base(0) + FB,
+            addr: host_addr(0, FB).get(),
             length: 0x4000,
             padding: 0
         }]
     );
     assert!(w.med.take_events().iter().any(|e| e.kind
         == EventKind::DmaFault {
-            gpa: FB + 0x4000,
+            gpa: FB.offset(0x4000),
             len: 0x1000,
             error: MemError::NotOwned
         }));
@@ -1082,7 +1082,7 @@ fn reset_gives_everything_back_and_leaves_neighbours_alone() {
         });
         assert_eq!(w.call(i, &set, &mut NullGpu), Response::OkNoData);
     }
-    make_resource(&mut w, 0, 3, 32, 32, FB + 0x10_0000);
+    make_resource(&mut w, 0, 3, 32, 32, FB.offset(0x10_0000));
     // VM 1 also has work staged, work in flight, and an unanswered chain.
     w.send(0, QueueId::Control, &req(create(4, 8, 8)));
     let in_flight = w.med.take_batch(1, 1).unwrap();
@@ -1243,7 +1243,7 @@ fn a_malformed_ring_needs_a_reset_and_spares_the_neighbours() {
     // avail.idx jumps by more than the queue size.
     let g = &mut w.guests[0];
     g.mem
-        .write(control_layout(true).avail + 2, &500u16.to_le_bytes())
+        .write(control_layout(true).avail.offset(2), &500u16.to_le_bytes())
         .unwrap();
     let r = w
         .med
@@ -1269,12 +1269,12 @@ fn a_malformed_ring_needs_a_reset_and_spares_the_neighbours() {
 fn backpressure_leaves_chains_in_the_ring() {
     let mut m = Mediator::new(MediatorConfig::new(VRAM, 1));
     m.add_vm(1, VmGpuConfig::new(vec![scanout(0)])).unwrap();
-    let mut mem = VecMemory::new(0, host_base(0), RAM);
+    let mut mem = VecMemory::new(Gpa::new(0), host_base(0), RAM);
     let big = QueueLayout {
         size: 512,
-        desc: 0x4_0000,
-        avail: 0x4_4000,
-        used: 0x4_5000,
+        desc: Gpa::new(0x4_0000),
+        avail: Gpa::new(0x4_4000),
+        used: Gpa::new(0x4_5000),
         event_idx: true,
         indirect: true,
     };
@@ -1285,10 +1285,10 @@ fn backpressure_leaves_chains_in_the_ring() {
     for (i, r) in cmds.iter().enumerate() {
         let mut b = Vec::new();
         command::encode(r, &mut b);
-        let at = 0x10_0000 + 64 * i as u64;
+        let at = Gpa::new(0x10_0000 + 64 * i as u64);
         mem.write(at, &b).unwrap();
-        let resp = 0x20_0000 + 32 * i as u64;
-        let table = 0x30_0000 + 32 * i as u64;
+        let resp = Gpa::new(0x20_0000 + 32 * i as u64);
+        let table = Gpa::new(0x30_0000 + 32 * i as u64);
         dq.add(
             &mut mem,
             &[(at, b.len() as u32)],
@@ -1447,7 +1447,7 @@ fn restore_checks_everything_and_changes_nothing_when_it_refuses() {
         SnapshotError::Quota
     );
     // Memory at the destination that does not hold the backing.
-    let small = VecMemory::new(0, host_base(3), FB as usize);
+    let small = VecMemory::new(Gpa::new(0), host_base(3), FB.get() as usize);
     assert!(matches!(
         refused(&mut fresh(640, None), &bytes, &small),
         SnapshotError::BadBacking {
@@ -1497,9 +1497,9 @@ fn restore_checks_everything_and_changes_nothing_when_it_refuses() {
 fn moved_control_layout() -> QueueLayout {
     QueueLayout {
         size: 32,
-        desc: 0x3000,
-        avail: 0x3400,
-        used: 0x3600,
+        desc: Gpa::new(0x3000),
+        avail: Gpa::new(0x3400),
+        used: Gpa::new(0x3600),
         event_idx: true,
         indirect: true,
     }
@@ -1651,7 +1651,7 @@ fn queue_reset_and_restart_refuse_what_they_cannot_do() {
         Err(MediatorError::BadQueue(_))
     ));
     let misaligned = QueueLayout {
-        desc: 0x3008,
+        desc: Gpa::new(0x3008),
         ..layout
     };
     assert!(matches!(

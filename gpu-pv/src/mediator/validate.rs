@@ -12,10 +12,10 @@ use crate::abi::limits;
 use crate::budget::cost;
 use crate::command::{self, Command, Response};
 use crate::counters::RejectReason;
-use crate::memory::{Gpa, GuestMemory, MemError};
+use crate::memory::{Gpa, GuestMemory, Hpa, MemError};
 use crate::wire::{self, format, CursorPos, MemEntry, Rect};
 
-use super::vm::{resource_bytes, Backing, Effect, Resource, ScanoutState, VmGpu};
+use super::vm::{resource_bytes, Backing, Effect, HostRun, Resource, ScanoutState, VmGpu};
 use super::{Band, BandCopy, IommuOp, Shared};
 
 /// Granule in which a backing range that is not host-contiguous as a whole is
@@ -125,10 +125,10 @@ pub(super) fn command_charge(cmd: &Command, copies: usize) -> u64 {
 
 /// What a backing keeps until it is detached and unmapped: its record, its guest
 /// entries, its host runs, and a grant record per page the GPU may reach.
-pub(super) fn backing_charge(guest: usize, host: &[MemEntry]) -> u64 {
+pub(super) fn backing_charge(guest: usize, host: &[HostRun]) -> u64 {
     let pages: u64 = host
         .iter()
-        .map(|e| cost::pages(e.addr, u64::from(e.length)))
+        .map(|r| cost::pages(r.hpa.get(), u64::from(r.len)))
         .sum();
     cost::BACKING + cost::ENTRY * guest as u64 + cost::RUN * host.len() as u64 + cost::PAGE * pages
 }
@@ -235,7 +235,7 @@ pub(super) fn backing_runs(
         let Some(e) = b.host.get(cursor.idx) else {
             break;
         };
-        let elen = u64::from(e.length);
+        let elen = u64::from(e.len);
         if off >= cursor.at + elen {
             cursor.at += elen;
             cursor.idx += 1;
@@ -244,7 +244,7 @@ pub(super) fn backing_runs(
         let within = off.saturating_sub(cursor.at);
         let n = (elen - within).min(left);
         out.push(BandCopy {
-            src: Some(e.addr + within),
+            src: Some(e.hpa.offset(within)),
             dst,
             len: n,
         });
@@ -666,7 +666,8 @@ fn attach_backing(
     host_entries
         .try_reserve_exact(backing.host.len())
         .map_err(|_| Rejection::over_budget())?;
-    host_entries.extend_from_slice(&backing.host);
+    // The host command names the runs by their raw host-physical addresses.
+    host_entries.extend(backing.host.iter().map(HostRun::entry));
     let buf = encoding_buffer(backing.host.len())?;
     sh.iommu
         .try_reserve(backing.host.len())
@@ -781,7 +782,7 @@ pub(super) fn translate_backing(
     if entries.is_empty() {
         return Err(Rejection::param(RejectReason::BadParameter));
     }
-    let mut host: Vec<MemEntry> = Vec::new();
+    let mut host: Vec<HostRun> = Vec::new();
     let mut total = 0u64;
     for e in entries {
         let len = u64::from(e.length);
@@ -789,24 +790,29 @@ pub(super) fn translate_backing(
         if len == 0 || total > limit {
             return Err(Rejection::param(RejectReason::BadParameter));
         }
-        let end =
-            e.addr
-                .checked_add(len)
-                .ok_or(Rejection::memory(e.addr, len, MemError::Overflow))?;
-        match mem.translate(e.addr, len) {
+        // Trust boundary: the address the guest wrote into its entry is taken as
+        // guest-physical; only `mem.translate` below turns it into a host address.
+        let gpa = Gpa::new(e.addr);
+        let end = gpa
+            .checked_add(len)
+            .ok_or(Rejection::memory(gpa, len, MemError::Overflow))?;
+        match mem.translate(gpa, len) {
             Ok(hpa) => push_run(&mut host, hpa, len)?,
-            Err(err) if e.addr / PAGE_SIZE == (end - 1) / PAGE_SIZE => {
-                return Err(Rejection::memory(e.addr, len, err));
+            Err(err) if gpa.get() / PAGE_SIZE == (end.get() - 1) / PAGE_SIZE => {
+                return Err(Rejection::memory(gpa, len, err));
             }
             Err(_) => {
-                let mut cur = e.addr;
-                while cur < end {
-                    let next = (cur / PAGE_SIZE + 1).saturating_mul(PAGE_SIZE).min(end);
+                // Page by page: `done` bytes translated so far, each step up to the
+                // next page boundary (or the end).
+                let mut done = 0;
+                while done < len {
+                    let cur = gpa.offset(done);
+                    let n = (PAGE_SIZE - cur.get() % PAGE_SIZE).min(len - done);
                     let hpa = mem
-                        .translate(cur, next - cur)
-                        .map_err(|err| Rejection::memory(cur, next - cur, err))?;
-                    push_run(&mut host, hpa, next - cur)?;
-                    cur = next;
+                        .translate(cur, n)
+                        .map_err(|err| Rejection::memory(cur, n, err))?;
+                    push_run(&mut host, hpa, n)?;
+                    done += n;
                 }
             }
         }
@@ -825,22 +831,19 @@ pub(super) fn translate_backing(
 }
 
 /// Appends a host run, merging it into the previous one when they touch.
-fn push_run(runs: &mut Vec<MemEntry>, hpa: u64, len: u64) -> Result<(), Rejection> {
+fn push_run(runs: &mut Vec<HostRun>, hpa: Hpa, len: u64) -> Result<(), Rejection> {
     if let Some(last) = runs.last_mut() {
-        let merged = u64::from(last.length) + len;
-        if last.addr.checked_add(u64::from(last.length)) == Some(hpa)
-            && merged <= u64::from(u32::MAX)
-        {
-            last.length = merged as u32;
+        let merged = u64::from(last.len) + len;
+        if last.hpa.checked_add(u64::from(last.len)) == Some(hpa) && merged <= u64::from(u32::MAX) {
+            last.len = merged as u32;
             return Ok(());
         }
     }
     runs.try_reserve(1).map_err(|_| Rejection::over_budget())?;
     // `len` came from one guest entry's u32 length, or less.
-    runs.push(MemEntry {
-        addr: hpa,
-        length: len as u32,
-        padding: 0,
+    runs.push(HostRun {
+        hpa,
+        len: len as u32,
     });
     Ok(())
 }

@@ -46,14 +46,36 @@ pub(super) fn resource_bytes(width: u32, height: u32) -> u64 {
     u64::from(width) * u64::from(height) * 4
 }
 
+/// One host-contiguous run of a backing: what the IOMMU maps, and (as a
+/// [`MemEntry`] of the host command, [`HostRun::entry`]) what the device is given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct HostRun {
+    /// Host-physical start, from [`crate::memory::GuestMemory::translate`].
+    pub hpa: Hpa,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+impl HostRun {
+    /// The run as an entry of a host command (the wire format's raw address).
+    pub fn entry(&self) -> MemEntry {
+        MemEntry {
+            addr: self.hpa.get(),
+            length: self.len,
+            padding: 0,
+        }
+    }
+}
+
 /// A resource's backing pages, as the guest named them and as the device sees them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Backing {
-    /// The entries as the guest sent them (guest-physical), kept for snapshots.
+    /// The entries as the guest sent them (guest-physical, raw as on the wire),
+    /// kept for snapshots.
     pub guest: Vec<MemEntry>,
     /// The same pages translated and merged into host-contiguous runs: what the
     /// device is given and what the IOMMU maps.
-    pub host: Vec<MemEntry>,
+    pub host: Vec<HostRun>,
     /// Total length in bytes.
     pub len: u64,
     /// Hypervisor memory charged to the VM for it (see [`crate::budget::cost`]).
@@ -63,7 +85,7 @@ pub(super) struct Backing {
 impl Backing {
     /// The IOMMU mappings this backing needs, as `(hpa, len)`.
     pub fn mappings(&self) -> impl Iterator<Item = (Hpa, u64)> + '_ {
-        self.host.iter().map(|e| (e.addr, u64::from(e.length)))
+        self.host.iter().map(|r| (r.hpa, u64::from(r.len)))
     }
 }
 

@@ -77,7 +77,7 @@ fn main(info: &BootInfo) -> ! {
         resource_id: FB_RESOURCE,
         entries: alloc::vec![
             MemEntry {
-                addr: fb.addr,
+                addr: fb.addr.get(),
                 length: 4096,
                 padding: 0
             },

@@ -120,7 +120,7 @@ fn tiny_backings(app: &mut App) {
     };
     let entries: Vec<MemEntry> = (0..ENTRIES as u64)
         .map(|k| MemEntry {
-            addr: page + 2 * k,
+            addr: page.offset(2 * k).get(),
             length: 1,
             padding: 0,
         })
@@ -172,7 +172,7 @@ fn republished_head(app: &mut App) {
         app.fail(&e);
     }
     let idx = app.gpu.avail_idx(CONTROL_QUEUE);
-    let slot = |i: u16| layout.avail + 4 + 2 * u64::from(i % layout.size);
+    let slot = |i: u16| layout.avail.offset(4 + 2 * u64::from(i % layout.size));
     let ram = app.gpu.ram();
     let mut head = [0u8; 2];
     let ok = ram.read(slot(idx.wrapping_sub(1)), &mut head).is_ok()
@@ -181,7 +181,7 @@ fn republished_head(app: &mut App) {
     // Both entries become visible at once.
     let ok = ok
         && ram
-            .write(layout.avail + 2, &idx.wrapping_add(1).to_le_bytes())
+            .write(layout.avail.offset(2), &idx.wrapping_add(1).to_le_bytes())
             .is_ok();
     if !ok {
         app.fail(&Error::OutOfMemory);
@@ -225,7 +225,7 @@ fn registered_buffers(tag: &str) {
     sleep_ticks(u64::from(TICK_HZ) + 2);
     loop {
         sleep_ticks(2);
-        let (r, handle) = hypercall::call(GPU_REGISTER_BUFFER, gpa, BUFFER_BYTES, 0, 0);
+        let (r, handle) = hypercall::call(GPU_REGISTER_BUFFER, gpa.get(), BUFFER_BYTES, 0, 0);
         if r != OK || handles.len() >= 1000 {
             break;
         }
@@ -236,7 +236,7 @@ fn registered_buffers(tag: &str) {
         .into_iter()
         .filter(|&h| hypercall::call(GPU_UNREGISTER_BUFFER, h, 0, 0, 0).0 == OK)
         .count();
-    let (again, handle) = hypercall::call(GPU_REGISTER_BUFFER, gpa, BUFFER_BYTES, 0, 0);
+    let (again, handle) = hypercall::call(GPU_REGISTER_BUFFER, gpa.get(), BUFFER_BYTES, 0, 0);
     let back = again == OK && hypercall::call(GPU_UNREGISTER_BUFFER, handle, 0, 0, 0).0 == OK;
     println!(
         "{tag}: step 4: {n} registrations of the same {} MiB accepted, the next refused; {freed} unregistered; registering again {}",

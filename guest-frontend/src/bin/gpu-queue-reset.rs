@@ -136,18 +136,20 @@ impl Control {
         if bytes.len() as u64 > RESPONSE {
             return Err(format!("request of {} bytes too large", bytes.len()));
         }
-        let slot = self.slots + (self.next_slot % (2 * u64::from(self.layout.size))) * SLOT;
+        let slot = self
+            .slots
+            .offset((self.next_slot % (2 * u64::from(self.layout.size))) * SLOT);
         self.next_slot += 1;
         let w = |m: &mut GuestRam, a: Gpa, b: &[u8]| m.write(a, b).map_err(|e| format!("{e:?}"));
         w(&mut self.mem, slot, &bytes)?;
-        w(&mut self.mem, slot + RESPONSE, &[0u8; 64])?;
+        w(&mut self.mem, slot.offset(RESPONSE), &[0u8; 64])?;
         let head = self
             .dq
             .add(
                 &mut self.mem,
                 &[(slot, bytes.len() as u32)],
-                &[(slot + RESPONSE, wire::size::RESP_NODATA as u32)],
-                self.layout.indirect.then_some(slot + TABLE),
+                &[(slot.offset(RESPONSE), wire::size::RESP_NODATA as u32)],
+                self.layout.indirect.then_some(slot.offset(TABLE)),
             )
             .map_err(|e| format!("add: {e:?}"))?;
         let fence = (req.hdr.flags & wire::FLAG_FENCE != 0).then_some(req.hdr.fence_id);
@@ -190,7 +192,7 @@ impl Control {
             ))?;
             let mut b = [0u8; wire::size::RESP_NODATA];
             self.mem
-                .read(s.slot + RESPONSE, &mut b)
+                .read(s.slot.offset(RESPONSE), &mut b)
                 .map_err(|e| format!("{e:?}"))?;
             let (hdr, resp) = Response::decode(&b).map_err(|e| format!("response: {e:?}"))?;
             if resp != Response::OkNoData {
@@ -249,8 +251,8 @@ fn ring_pages(size: u16, event_idx: bool, indirect: bool) -> R<QueueLayout> {
     Ok(QueueLayout {
         size,
         desc: p,
-        avail: p + dma::PAGE_SIZE,
-        used: p + 2 * dma::PAGE_SIZE,
+        avail: p.offset(dma::PAGE_SIZE),
+        used: p.offset(2 * dma::PAGE_SIZE),
         event_idx,
         indirect,
     })
@@ -259,7 +261,7 @@ fn ring_pages(size: u16, event_idx: bool, indirect: bool) -> R<QueueLayout> {
 /// The used index the device last published in `layout`'s used ring.
 fn used_idx(mem: &GuestRam, layout: &QueueLayout) -> R<u16> {
     let mut b = [0u8; 2];
-    mem.read(layout.used + 2, &mut b)
+    mem.read(layout.used.offset(2), &mut b)
         .map_err(|e| format!("{e:?}"))?;
     Ok(u16::from_le_bytes(b))
 }
@@ -429,7 +431,7 @@ fn run(info: &BootInfo, prog: &str, tag: &str) -> R<core::convert::Infallible> {
     for s in ctl.sent.values() {
         let mut b = [0u8; 4];
         ctl.mem
-            .read(s.slot + RESPONSE, &mut b)
+            .read(s.slot.offset(RESPONSE), &mut b)
             .map_err(|e| format!("{e:?}"))?;
         if u32::from_le_bytes(b) != 0 {
             answered += 1;

@@ -6,7 +6,7 @@
 #![no_std]
 #![no_main]
 
-use gpu_pv::memory::GuestMemory;
+use gpu_pv::memory::{Gpa, GuestMemory};
 use gpu_pv::wire::virtq::{DESC_F_NEXT, DESC_SIZE};
 use guest_frontend::boot_info::BootInfo;
 use guest_frontend::virtio_gpu::app::App;
@@ -53,9 +53,9 @@ fn main(info: &BootInfo) -> ! {
     let (cfg_before, _, _) = app.gpu.interrupts();
     let idx = app.gpu.avail_idx(CONTROL_QUEUE);
     let ram = app.gpu.ram();
-    let desc = |addr: u64, next: u16| {
+    let desc = |addr: Gpa, next: u16| {
         let mut d = [0u8; 16];
-        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[0..8].copy_from_slice(&addr.get().to_le_bytes());
         d[8..12].copy_from_slice(&24u32.to_le_bytes());
         d[12..14].copy_from_slice(&DESC_F_NEXT.to_le_bytes());
         d[14..16].copy_from_slice(&next.to_le_bytes());
@@ -63,18 +63,18 @@ fn main(info: &BootInfo) -> ! {
     };
     let ok = ram.write(layout.desc, &desc(scratch, 1)).is_ok()
         && ram
-            .write(layout.desc + DESC_SIZE, &desc(scratch + 64, 0))
+            .write(layout.desc.offset(DESC_SIZE), &desc(scratch.offset(64), 0))
             .is_ok()
         && ram
             .write(
-                layout.avail + 4 + 2 * u64::from(idx % layout.size),
+                layout.avail.offset(4 + 2 * u64::from(idx % layout.size)),
                 &0u16.to_le_bytes(),
             )
             .is_ok();
     core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
     let ok = ok
         && ram
-            .write(layout.avail + 2, &idx.wrapping_add(1).to_le_bytes())
+            .write(layout.avail.offset(2), &idx.wrapping_add(1).to_le_bytes())
             .is_ok();
     if !ok {
         app.fail(&Error::OutOfMemory);

@@ -30,6 +30,8 @@ fn main(_: &BootInfo) -> ! {
         println!("mmio-cross: out of memory");
         hypercall::shutdown(exit::FAILED)
     };
+    // Page-table entries and pointers take the raw addresses (identity mapped).
+    let (pd, pt, p1, p2) = (pd.get(), pt.get(), p1.get(), p2.get());
     // SAFETY: the pages are ours (identity-mapped below 4 GiB); PDPT entry 4 is unused
     // by the boot tables, so the new mapping touches nothing else.
     unsafe {

@@ -67,7 +67,7 @@ impl Framebuffer {
         // for this framebuffer alone (identity mapped); the device only reads it.
         unsafe {
             core::slice::from_raw_parts_mut(
-                self.addr as *mut u32,
+                self.addr.get() as *mut u32,
                 (self.width * self.height) as usize,
             )
         }
@@ -76,7 +76,7 @@ impl Framebuffer {
     /// The image as bytes.
     pub fn bytes(&self) -> &[u8] {
         // SAFETY: as in `pixels`.
-        unsafe { core::slice::from_raw_parts(self.addr as *const u8, self.len() as usize) }
+        unsafe { core::slice::from_raw_parts(self.addr.get() as *const u8, self.len() as usize) }
     }
 
     /// The whole image as a rectangle.

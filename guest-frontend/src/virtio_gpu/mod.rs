@@ -435,7 +435,7 @@ impl Queue {
     }
 
     fn slot_addr(&self, slot: u16) -> Gpa {
-        self.slot_base + u64::from(slot) * self.slot_bytes
+        self.slot_base.offset(u64::from(slot) * self.slot_bytes)
     }
 
     fn free_slot(&self) -> Option<u16> {
@@ -752,18 +752,18 @@ impl VirtioGpu {
         let layout = QueueLayout {
             size,
             desc: q.ring,
-            avail: q.ring + dma::PAGE_SIZE,
-            used: q.ring + 2 * dma::PAGE_SIZE,
+            avail: q.ring.offset(dma::PAGE_SIZE),
+            used: q.ring.offset(2 * dma::PAGE_SIZE),
             event_idx,
             indirect,
         };
         q.dq = Some(DriverQueue::new(&mut self.mem, layout)?);
-        t.write64_split(c::QUEUE_DESC, layout.desc);
-        t.write64_split(c::QUEUE_DRIVER, layout.avail);
-        t.write64_split(c::QUEUE_DEVICE, layout.used);
-        if t.read64_split(c::QUEUE_DESC) != layout.desc
-            || t.read64_split(c::QUEUE_DRIVER) != layout.avail
-            || t.read64_split(c::QUEUE_DEVICE) != layout.used
+        t.write64_split(c::QUEUE_DESC, layout.desc.get());
+        t.write64_split(c::QUEUE_DRIVER, layout.avail.get());
+        t.write64_split(c::QUEUE_DEVICE, layout.used.get());
+        if t.read64_split(c::QUEUE_DESC) != layout.desc.get()
+            || t.read64_split(c::QUEUE_DRIVER) != layout.avail.get()
+            || t.read64_split(c::QUEUE_DEVICE) != layout.used.get()
         {
             t.set_status(status::FAILED);
             return Err(Error::QueueAddressRefused(q.index));
@@ -938,8 +938,8 @@ impl VirtioGpu {
         let q = &mut self.queues[0];
         let slot = q.free_slot().ok_or(Error::Ring(RingError::QueueFull))?;
         let base = q.slot_addr(slot);
-        let req = base + SLOT_REQUEST;
-        let resp = base + SLOT_RESPONSE;
+        let req = base.offset(SLOT_REQUEST);
+        let resp = base.offset(SLOT_RESPONSE);
         self.mem.write(req, bytes).map_err(RingError::from)?;
         self.mem
             .write(resp, &[0u8; wire::size::RESP_NODATA])
@@ -947,12 +947,12 @@ impl VirtioGpu {
         let len = bytes.len() as u32;
         let readable: Vec<(Gpa, u32)> = match split {
             Some(s) if s > 0 && s < bytes.len() => {
-                vec![(req, s as u32), (req + s as u64, len - s as u32)]
+                vec![(req, s as u32), (req.offset(s as u64), len - s as u32)]
             }
             _ => vec![(req, len)],
         };
         let dq = q.dq.as_mut().ok_or(Error::NotLive(0))?;
-        let table = dq.layout().indirect.then_some(base + SLOT_TABLE);
+        let table = dq.layout().indirect.then_some(base.offset(SLOT_TABLE));
         let head = dq.add(&mut self.mem, &readable, &[(resp, resp_len)], table)?;
         self.seq = self.seq.wrapping_add(1);
         q.by_head[usize::from(head)] = slot;
@@ -1141,7 +1141,7 @@ impl VirtioGpu {
         }
         let mut buf = vec![0u8; n];
         self.mem
-            .read(q.slot_addr(t.slot) + SLOT_RESPONSE, &mut buf)
+            .read(q.slot_addr(t.slot).offset(SLOT_RESPONSE), &mut buf)
             .map_err(RingError::from)?;
         let (hdr, resp) = Response::decode(&buf).map_err(Error::BadResponse)?;
         Ok(Completed {
@@ -1291,15 +1291,17 @@ pub fn full_rect(width: u32, height: u32) -> Rect {
 pub fn backing_entries(addr: Gpa, bytes: u64, max_entry: u64) -> Vec<MemEntry> {
     let mut out = Vec::new();
     let mut at = addr;
-    let end = addr + bytes;
+    let end = addr.offset(bytes);
     while at < end {
-        let len = (end - at).min(max_entry.max(1)).min(u64::from(u32::MAX));
+        let len = (end.get() - at.get())
+            .min(max_entry.max(1))
+            .min(u64::from(u32::MAX));
         out.push(MemEntry {
-            addr: at,
+            addr: at.get(),
             length: len as u32,
             padding: 0,
         });
-        at += len;
+        at = at.offset(len);
     }
     out
 }

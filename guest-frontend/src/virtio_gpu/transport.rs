@@ -359,8 +359,8 @@ impl VirtioPci {
             (common::QUEUE_DRIVER, layout.avail),
             (common::QUEUE_DEVICE, layout.used),
         ] {
-            self.write64_split(reg, v);
-            if self.read64_split(reg) != v {
+            self.write64_split(reg, v.get());
+            if self.read64_split(reg) != v.get() {
                 return Err(refused(reg));
             }
         }

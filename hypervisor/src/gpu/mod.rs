@@ -30,7 +30,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use gpu_pv::mediator::QueueId;
-use gpu_pv::memory::{check_range, GuestMemory, MemError};
+use gpu_pv::memory::{check_range, Gpa, GuestMemory, Hpa, MemError};
 use gpu_pv::ring::RingError;
 
 use crate::mm::{frames, phys_to_ptr, PAGE_SIZE};
@@ -223,12 +223,31 @@ pub const fn device_addr(hpa: u64) -> u64 {
     hpa
 }
 
+/// A device address as an address of a `gpu_pv` ring. The ring code is typed in
+/// [`Gpa`]: the physical address space of the ring's driver, as its device sees
+/// it. For the hypervisor's own rings to the physical GPU that space is the
+/// device (bus) address space, so [`DmaRegion`]'s memory view is addressed by
+/// device addresses; this is where one becomes such an address.
+pub const fn ring_addr(device_addr: u64) -> Gpa {
+    Gpa::new(device_addr)
+}
+
+/// Checks that `[off, off+len)` neither overflows nor leaves `[0, size)`.
+fn check_offset(off: u64, len: u64, size: u64) -> Result<(), MemError> {
+    let end = off.checked_add(len).ok_or(MemError::Overflow)?;
+    if end > size {
+        return Err(MemError::OutOfRange);
+    }
+    Ok(())
+}
+
 /// Physically contiguous, zeroed hypervisor memory for device DMA, freed (and
 /// scrubbed) on drop. Whoever lets a device reach it must stop the device before
 /// dropping it.
 ///
-/// As a [`GuestMemory`] it is addressed by *device address* (so virtqueue code in
-/// `gpu-pv` can lay rings out in it and hand the same addresses to the device), and
+/// As a [`GuestMemory`] it is addressed by *device address* (see [`ring_addr`]; so
+/// virtqueue code in `gpu-pv` can lay rings out in it and hand the same addresses
+/// to the device), translates to its host-physical frames, and
 /// its accesses are volatile: 2-, 4- and 8-byte aligned accesses are single loads
 /// and stores, so a ring index is never seen torn.
 #[derive(Debug)]
@@ -267,7 +286,7 @@ impl DmaRegion {
     /// Copies `data` to byte offset `off` (plain copy: for buffers published to
     /// the device afterwards through a ring, whose release fence orders them).
     pub fn write_at(&mut self, off: u64, data: &[u8]) -> Result<(), MemError> {
-        check_range(off, data.len() as u64, 0, self.len())?;
+        check_offset(off, data.len() as u64, self.len())?;
         // SAFETY: the range is inside the region (checked above); see `as_mut_slice`.
         unsafe {
             core::ptr::copy_nonoverlapping(
@@ -282,15 +301,15 @@ impl DmaRegion {
     /// Copies bytes at offset `off` into `out`, volatile (the device may have
     /// written them).
     pub fn read_at(&self, off: u64, out: &mut [u8]) -> Result<(), MemError> {
-        check_range(off, out.len() as u64, 0, self.len())?;
+        check_offset(off, out.len() as u64, self.len())?;
         // SAFETY: the range is inside the region (checked above), identity mapped.
         unsafe { crate::mm::read_shared(self.pa + off, out) };
         Ok(())
     }
 
-    fn offset(&self, addr: u64, len: u64) -> Result<u64, MemError> {
-        check_range(addr, len, self.device_addr(), self.len())?;
-        Ok(addr - self.device_addr())
+    fn offset(&self, addr: Gpa, len: u64) -> Result<u64, MemError> {
+        check_range(addr, len, ring_addr(self.device_addr()), self.len())?;
+        Ok(addr.get() - self.device_addr())
     }
 }
 
@@ -301,17 +320,17 @@ impl Drop for DmaRegion {
 }
 
 impl GuestMemory for DmaRegion {
-    fn translate(&self, addr: u64, len: u64) -> Result<u64, MemError> {
-        self.offset(addr, len)?;
-        Ok(addr)
+    fn translate(&self, addr: Gpa, len: u64) -> Result<Hpa, MemError> {
+        let off = self.offset(addr, len)?;
+        Ok(Hpa::new(self.pa + off))
     }
 
-    fn read(&self, addr: u64, out: &mut [u8]) -> Result<(), MemError> {
+    fn read(&self, addr: Gpa, out: &mut [u8]) -> Result<(), MemError> {
         let off = self.offset(addr, out.len() as u64)?;
         self.read_at(off, out)
     }
 
-    fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), MemError> {
+    fn write(&mut self, addr: Gpa, data: &[u8]) -> Result<(), MemError> {
         let off = self.offset(addr, data.len() as u64)?;
         // SAFETY: the range is inside the region (checked by `offset`), identity mapped.
         unsafe { crate::mm::write_shared(self.pa + off, data) };

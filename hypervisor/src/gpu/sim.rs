@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 
 use gpu_pv::command;
 use gpu_pv::mediator::QueueId;
-use gpu_pv::memory::{check_range, GuestMemory, MemError};
+use gpu_pv::memory::{check_range, Gpa, GuestMemory, Hpa, MemError};
 use gpu_pv::sim_gpu::{CostModel, PixelBuf, SimGpu, SimGpuConfig};
 
 use super::{DmaRegion, GpuBackend, GpuError};
@@ -25,27 +25,32 @@ pub struct SimBackend {
 }
 
 /// All RAM below `top`, for the simulated GPU's DMA.
+///
+/// It is the simulated GPU's memory view, addressed by the GPU's DMA addresses:
+/// the host-physical addresses the mediator renamed the backing to (no IOMMU
+/// stands between this GPU and memory). So `translate` is the identity, converting
+/// the view's address to the host-physical one explicitly.
 #[derive(Clone, Copy)]
 struct HostMemory {
     top: u64,
 }
 
 impl GuestMemory for HostMemory {
-    fn translate(&self, gpa: u64, len: u64) -> Result<u64, MemError> {
-        check_range(gpa, len, 0x10_0000, self.top - 0x10_0000)?;
-        Ok(gpa)
+    fn translate(&self, addr: Gpa, len: u64) -> Result<Hpa, MemError> {
+        check_range(addr, len, Gpa::new(0x10_0000), self.top - 0x10_0000)?;
+        Ok(Hpa::new(addr.get()))
     }
-    fn read(&self, gpa: u64, out: &mut [u8]) -> Result<(), MemError> {
-        self.translate(gpa, out.len() as u64)?;
+    fn read(&self, addr: Gpa, out: &mut [u8]) -> Result<(), MemError> {
+        let hpa = self.translate(addr, out.len() as u64)?;
         // SAFETY: RAM below the top of memory, identity mapped; the mediator only
         // hands the GPU addresses of pages it validated as the VM's own.
-        unsafe { crate::mm::read_shared(gpa, out) };
+        unsafe { crate::mm::read_shared(hpa.get(), out) };
         Ok(())
     }
-    fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
-        self.translate(gpa, data.len() as u64)?;
+    fn write(&mut self, addr: Gpa, data: &[u8]) -> Result<(), MemError> {
+        let hpa = self.translate(addr, data.len() as u64)?;
         // SAFETY: as in `read`.
-        unsafe { crate::mm::write_shared(gpa, data) };
+        unsafe { crate::mm::write_shared(hpa.get(), data) };
         Ok(())
     }
 }

@@ -40,13 +40,14 @@ use alloc::vec::Vec;
 
 use gpu_pv::command::{self, Command, Request, Response};
 use gpu_pv::mediator::QueueId;
+use gpu_pv::memory::Gpa;
 use gpu_pv::ring::driver::DriverQueue;
 use gpu_pv::ring::{QueueLayout, RingError};
 use gpu_pv::wire::{self, feature, CtrlHdr, Wire};
 use log::{info, warn};
 use virtio_pci::{cap, common, status};
 
-use super::{DmaRegion, GpuBackend, GpuError};
+use super::{ring_addr, DmaRegion, GpuBackend, GpuError};
 use crate::apic;
 use crate::interrupts::GPU_VECTOR;
 use crate::mm::{phys_to_ptr, PAGE_SIZE};
@@ -273,9 +274,9 @@ impl Queue {
         let base = mem.device_addr();
         let layout = QueueLayout {
             size,
-            desc: base,
-            avail: base + avail_off,
-            used: base + used_off,
+            desc: ring_addr(base),
+            avail: ring_addr(base + avail_off),
+            used: ring_addr(base + used_off),
             event_idx,
             indirect,
         };
@@ -291,9 +292,9 @@ impl Queue {
         if common.r16(common::QUEUE_MSIX_VECTOR) != msix_entry {
             return Err(GpuError::MsixRefused);
         }
-        common.w64(common::QUEUE_DESC, layout.desc);
-        common.w64(common::QUEUE_DRIVER, layout.avail);
-        common.w64(common::QUEUE_DEVICE, layout.used);
+        common.w64(common::QUEUE_DESC, layout.desc.get());
+        common.w64(common::QUEUE_DRIVER, layout.avail.get());
+        common.w64(common::QUEUE_DEVICE, layout.used.get());
         let off = u64::from(common.r16(common::QUEUE_NOTIFY_OFF)) * u64::from(multiplier);
         if !notify.fits::<u16>(off) {
             return Err(GpuError::Missing(
@@ -362,10 +363,10 @@ impl Queue {
             at + REQ_OFF
         };
         // `len` <= BIG_MAX, far below u32::MAX.
-        let readable = [(req, len as u32)];
-        let response = [(at + RESP_OFF, RESP_MAX)];
-        let writable: &[(u64, u32)] = if self.responds { &response } else { &[] };
-        let table = self.indirect.then_some(at + TABLE_OFF);
+        let readable = [(ring_addr(req), len as u32)];
+        let response = [(ring_addr(at + RESP_OFF), RESP_MAX)];
+        let writable: &[(Gpa, u32)] = if self.responds { &response } else { &[] };
+        let table = self.indirect.then_some(ring_addr(at + TABLE_OFF));
         let head = self
             .dq
             .add(&mut self.mem, &readable, writable, table)
@@ -406,8 +407,10 @@ impl Queue {
     /// Whether the device has returned entries not yet taken.
     fn more_used(&self) -> Result<bool, RingError> {
         let mut b = [0u8; 2];
-        self.mem
-            .read_at(self.dq.layout().used + 2 - self.mem.device_addr(), &mut b)?;
+        self.mem.read_at(
+            self.dq.layout().used.get() + 2 - self.mem.device_addr(),
+            &mut b,
+        )?;
         Ok(u16::from_le_bytes(b) != self.dq.last_used_idx())
     }
 

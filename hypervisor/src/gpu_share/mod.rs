@@ -37,7 +37,7 @@ use gpu_pv::dispatch::{DispatchConfig, DispatchEvent, Dispatcher};
 use gpu_pv::mediator::{
     Channel, EventKind, Mediator, MediatorConfig, QueueId, ScanoutConfig, VmGpuConfig,
 };
-use gpu_pv::memory::{check_range, GuestMemory, MemError};
+use gpu_pv::memory::{check_range, Gpa, GuestMemory, Hpa, MemError};
 use gpu_pv::sched::{Mode, SchedConfig, Scheduler, VmId, VmParams};
 use spin::Mutex;
 
@@ -91,27 +91,29 @@ pub const MAX_BATCH: usize = 32;
 #[derive(Clone, Copy, Debug)]
 pub struct VmMemory {
     /// Host-physical base.
-    pub base: u64,
+    pub base: Hpa,
     /// Bytes.
     pub size: u64,
 }
 
 impl GuestMemory for VmMemory {
-    fn translate(&self, gpa: u64, len: u64) -> Result<u64, MemError> {
-        check_range(gpa, len, 0, self.size)?;
-        Ok(self.base + gpa)
+    fn translate(&self, gpa: Gpa, len: u64) -> Result<Hpa, MemError> {
+        check_range(gpa, len, Gpa::new(0), self.size)?;
+        // The one GPA -> HPA translation of a VM's RAM: guest-physical `[0, size)`
+        // is host-physical `[base, base + size)`.
+        Ok(self.base.offset(gpa.get()))
     }
-    fn read(&self, gpa: u64, out: &mut [u8]) -> Result<(), MemError> {
+    fn read(&self, gpa: Gpa, out: &mut [u8]) -> Result<(), MemError> {
         let hpa = self.translate(gpa, out.len() as u64)?;
         // SAFETY: inside the VM's RAM, which the hypervisor owns (identity mapped) for
         // as long as the VM is registered here.
-        unsafe { crate::mm::read_shared(hpa, out) };
+        unsafe { crate::mm::read_shared(hpa.get(), out) };
         Ok(())
     }
-    fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
+    fn write(&mut self, gpa: Gpa, data: &[u8]) -> Result<(), MemError> {
         let hpa = self.translate(gpa, data.len() as u64)?;
         // SAFETY: as in `read`.
-        unsafe { crate::mm::write_shared(hpa, data) };
+        unsafe { crate::mm::write_shared(hpa.get(), data) };
         Ok(())
     }
 }
@@ -421,10 +423,11 @@ pub fn add_vm(
 }
 
 /// Whether `[hpa, hpa+len)` is reachable by the GPU now (for tests).
-pub fn gpu_can_reach(hpa: u64) -> Option<bool> {
+pub fn gpu_can_reach(hpa: Hpa) -> Option<bool> {
     let g = lock();
     let d = g.as_ref()?.domain?;
-    Some(crate::iommu::translate(d, hpa).is_some())
+    // The GPU's IOVA of a granted page is its host-physical address.
+    Some(crate::iommu::translate(d, hpa.get()).is_some())
 }
 
 /// Applies the grants' changes to the GPU's IOMMU domain in one update (runs of

@@ -207,7 +207,7 @@ fn band_copies(composites: &mut BTreeMap<u32, DmaRegion>, cmd: &HostCommand) {
             // are identity mapped and do not overlap (hypervisor vs guest memory).
             Some(src) => unsafe {
                 core::ptr::copy_nonoverlapping(
-                    phys_to_ptr::<u8>(src),
+                    phys_to_ptr::<u8>(src.get()),
                     phys_to_ptr::<u8>(dst),
                     c.len as usize,
                 )

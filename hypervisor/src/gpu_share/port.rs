@@ -7,6 +7,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use gpu_pv::dispatch::BufferError;
 use gpu_pv::mediator::QueueId;
+use gpu_pv::memory::Gpa;
 use gpu_pv::ring::QueueLayout;
 use gpu_pv::sched::VmId;
 
@@ -115,7 +116,7 @@ impl GpuPort {
         restart_queue(self.vm, queue, layout)
     }
     /// Zero-copy buffer exchange (hypercall GPU_REGISTER_BUFFER).
-    pub fn register_buffer(&self, gpa: u64, len: u64) -> Option<u64> {
+    pub fn register_buffer(&self, gpa: Gpa, len: u64) -> Option<u64> {
         register_buffer(self.vm, gpa, len)
     }
     /// Hypercall GPU_UNREGISTER_BUFFER.
@@ -136,7 +137,7 @@ impl Drop for GpuPort {
 /// page-aligned range of its RAM; after the validity and ownership checks it is
 /// registered in the GPU's IOMMU domain until unregistered or the VM goes. Returns
 /// the handle, or `None` when a check fails.
-fn register_buffer(vm: VmId, gpa: u64, len: u64) -> Option<u64> {
+fn register_buffer(vm: VmId, gpa: Gpa, len: u64) -> Option<u64> {
     let mut g = lock();
     let s = g.as_mut()?;
     let mem = *s.memory.get(&vm)?;
@@ -165,7 +166,10 @@ fn unregister_buffer(vm: VmId, handle: u64) -> bool {
         return false;
     };
     iommu_apply(s);
-    let reach = s.domain.map(|d| crate::iommu::translate(d, hpa).is_some());
+    // The GPU's IOVA of a granted page is its host-physical address.
+    let reach = s
+        .domain
+        .map(|d| crate::iommu::translate(d, hpa.get()).is_some());
     info!(
         "gpu-pv/Operational: vm {vm}: buffer {handle} unregistered; GPU still reaches its first page (another grant holds it): {reach:?}"
     );

@@ -44,6 +44,7 @@ mod table;
 use alloc::vec::Vec;
 use core::fmt;
 
+use gpu_pv::memory::Hpa;
 use log::{error, info, warn};
 use spin::Mutex;
 
@@ -976,18 +977,20 @@ pub fn unmap(domain: DomainId, iova: u64, len: u64) -> Result<(), Error> {
 }
 
 /// Applies many changes to `domain` at once, unmaps first: identity mappings
-/// `maps` (`(address, len)`, readable and writable) and removals `unmaps`. One
-/// write-buffer flush and at most one IOTLB invalidation per unit (covering the
+/// `maps` (`(host-physical address, len)`, each at the IOVA equal to its address,
+/// readable and writable) and removals `unmaps`. One write-buffer flush and at
+/// most one IOTLB invalidation per unit (covering the
 /// span of what changed) however many ranges there are: a guest command that
 /// scatters its backing over thousands of pages costs one invalidation wait, not
 /// thousands. When this returns, unmapped pages are unreachable.
-pub fn update(domain: DomainId, maps: &[(u64, u64)], unmaps: &[(u64, u64)]) -> Result<(), Error> {
+pub fn update(domain: DomainId, maps: &[(Hpa, u64)], unmaps: &[(Hpa, u64)]) -> Result<(), Error> {
     if maps.is_empty() && unmaps.is_empty() {
         return Ok(());
     }
     let mut g = IOMMU.lock();
     let s = g.as_mut().ok_or(Error::NoIommu)?;
     for &(a, len) in maps.iter().chain(unmaps) {
+        let a = a.get();
         check_range(s, a, len)?;
         if a.saturating_add(len) > s.hpa_limit {
             return Err(Error::BadRange);
@@ -1006,6 +1009,7 @@ pub fn update(domain: DomainId, maps: &[(u64, u64)], unmaps: &[(u64, u64)]) -> R
     };
     let mut result = Ok(());
     for &(a, len) in unmaps {
+        let a = a.get();
         match d.table.unmap(a, len) {
             Ok(true) => widen(a, len),
             Ok(false) => {}
@@ -1014,6 +1018,7 @@ pub fn update(domain: DomainId, maps: &[(u64, u64)], unmaps: &[(u64, u64)]) -> R
     }
     let mut mapped = false;
     for &(a, len) in maps {
+        let a = a.get();
         match d.table.map(a, a, len, true, large) {
             Ok(()) => mapped = true,
             Err(e) => result = Err(e.into()),

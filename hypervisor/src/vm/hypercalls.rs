@@ -2,6 +2,7 @@
 //! zero-copy buffer registration, shutdown).
 
 use gpu_pv::abi::hypercall;
+use gpu_pv::memory::{Gpa, GuestMemory};
 use log::{info, warn};
 
 use super::{StopReason, Vm, VmState};
@@ -28,14 +29,22 @@ impl Vm {
             }
             hypercall::YIELD => (hypercall::OK, false),
             hypercall::GPU_REGISTER_BUFFER => {
+                // Trust boundary: the guest names its buffer by a raw number in a
+                // register; it is a guest-physical address, checked by the mediator.
+                let gpa = Gpa::new(r.rdi);
                 match self
                     .port
                     .as_ref()
-                    .and_then(|p| p.register_buffer(r.rdi, r.rsi))
+                    .and_then(|p| p.register_buffer(gpa, r.rsi))
                 {
                     Some(handle) => {
                         self.vcpus[idx].regs().rdi = handle;
-                        let reach = crate::gpu_share::gpu_can_reach(self.mem_base + r.rdi);
+                        // Registered, so it translates (the same check passed).
+                        let reach = self
+                            .memory()
+                            .translate(gpa, r.rsi)
+                            .ok()
+                            .and_then(crate::gpu_share::gpu_can_reach);
                         info!("zero-copy buffer {handle}: GPU can reach it: {reach:?}");
                         (hypercall::OK, true)
                     }

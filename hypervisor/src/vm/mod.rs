@@ -12,7 +12,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use gpu_pv::abi::guest;
-use gpu_pv::memory::GuestMemory;
+use gpu_pv::memory::{Gpa, GuestMemory, Hpa};
 use log::{info, warn};
 use vdev::vgpu::VirtioGpuDevice;
 use vdev::vlapic::VLapic;
@@ -282,18 +282,23 @@ impl Vm {
     /// The VM's RAM as a checked guest-memory view (what the mediator gets too).
     pub fn memory(&self) -> crate::gpu_share::VmMemory {
         crate::gpu_share::VmMemory {
-            base: self.mem_base,
+            // Where the frame allocator put the VM's RAM.
+            base: Hpa::new(self.mem_base),
             size: self.mem_size,
         }
     }
 
-    /// Copies guest memory out, checked against the VM's RAM.
+    /// Copies guest memory out, checked against the VM's RAM. `gpa` is a raw
+    /// guest-physical address as the guest gave it (a register, a page-table
+    /// entry): it becomes a [`Gpa`] here and is checked by the read.
     pub fn read_guest(&mut self, gpa: u64, out: &mut [u8]) -> bool {
-        GuestMemory::read(&self.memory(), gpa, out).is_ok()
+        GuestMemory::read(&self.memory(), Gpa::new(gpa), out).is_ok()
     }
 
+    /// Copies into guest memory, checked against the VM's RAM; `gpa` is raw, as
+    /// for [`read_guest`](Self::read_guest) (an ELF load address, a boot-info field).
     fn write_guest(&mut self, gpa: u64, data: &[u8]) -> bool {
-        GuestMemory::write(&mut self.memory(), gpa, data).is_ok()
+        GuestMemory::write(&mut self.memory(), Gpa::new(gpa), data).is_ok()
     }
 
     /// Frames this VM holds (RAM plus nested tables plus VMCB/VMCS pages).

@@ -5,8 +5,8 @@
 
 use gpu_pv::command::{self, Command, Request};
 use gpu_pv::mediator::{
-    Completion, HostCommand, IommuOp, Mediator, MediatorConfig, QueueId, ScanoutConfig, VmGpuConfig,
-    VmState,
+    Completion, HostCommand, IommuOp, Mediator, MediatorConfig, QueueId, ScanoutConfig,
+    VmGpuConfig, VmState,
 };
 use gpu_pv::memory::{Gpa, GuestMemory, Hpa, VecMemory};
 use gpu_pv::ring::driver::DriverQueue;
@@ -19,30 +19,34 @@ pub const RAM: usize = 0x1_0000;
 pub const EVIL: u16 = 1;
 pub const VICTIM: u16 = 2;
 /// Command slots: request at +0, response at +RESP, indirect table at TABLES.
-pub const SLOTS: Gpa = 0x1000;
-pub const SLOT: Gpa = 0x200;
-pub const RESP: Gpa = 0x180;
+pub const SLOTS: Gpa = Gpa::new(0x1000);
+/// Bytes of a slot, and the offset of the response in one.
+pub const SLOT: u64 = 0x200;
+pub const RESP: u64 = 0x180;
 pub const RESP_LEN: u32 = 0x80;
-pub const TABLES: Gpa = 0x400;
+pub const TABLES: Gpa = Gpa::new(0x400);
 /// Where backing may live.
-pub const BACKING: Gpa = 0x4000;
+pub const BACKING: Gpa = Gpa::new(0x4000);
 
 pub fn host_base(vm: u16) -> Hpa {
-    u64::from(vm) << 32
+    Hpa::new(u64::from(vm) << 32)
 }
 
 /// Whether `[hpa, hpa+len)` lies in `vm`'s RAM as the host sees it.
 pub fn in_ram_of(vm: u16, hpa: Hpa, len: u64) -> bool {
     let base = host_base(vm);
-    hpa >= base && hpa.checked_add(len).is_some_and(|e| e <= base + RAM as u64)
+    hpa >= base
+        && hpa
+            .checked_add(len)
+            .is_some_and(|e| e <= base.offset(RAM as u64))
 }
 
 pub fn control_layout(event_idx: bool, indirect: bool) -> QueueLayout {
     QueueLayout {
         size: 16,
-        desc: 0x0,
-        avail: 0x100,
-        used: 0x200,
+        desc: Gpa::new(0x0),
+        avail: Gpa::new(0x100),
+        used: Gpa::new(0x200),
         event_idx,
         indirect,
     }
@@ -51,9 +55,9 @@ pub fn control_layout(event_idx: bool, indirect: bool) -> QueueLayout {
 pub fn cursor_layout(event_idx: bool, indirect: bool) -> QueueLayout {
     QueueLayout {
         size: 4,
-        desc: 0x300,
-        avail: 0x340,
-        used: 0x360,
+        desc: Gpa::new(0x300),
+        avail: Gpa::new(0x340),
+        used: Gpa::new(0x360),
         event_idx,
         indirect,
     }
@@ -72,7 +76,7 @@ pub struct Guest {
 
 impl Guest {
     pub fn new(vm: u16, event_idx: bool, indirect: bool) -> Self {
-        let mut mem = VecMemory::new(0, host_base(vm), RAM);
+        let mut mem = VecMemory::new(Gpa::new(0), host_base(vm), RAM);
         let ctrl = DriverQueue::new(&mut mem, control_layout(event_idx, indirect)).unwrap();
         let cursor = DriverQueue::new(&mut mem, cursor_layout(event_idx, indirect)).unwrap();
         Self {
@@ -110,27 +114,29 @@ impl Guest {
     fn slot(&mut self) -> Gpa {
         let k = self.next_slot % 12;
         self.next_slot += 1;
-        SLOTS + SLOT * k
+        SLOTS.offset(SLOT * k)
     }
 
     /// Adds a chain holding `bytes` (split after 32 bytes when `split`), with a
     /// response buffer on the control queue. Returns false when the queue is full.
     pub fn add(&mut self, q: QueueId, bytes: &[u8], split: bool) -> bool {
         let at = self.slot();
-        let k = (at - SLOTS) / SLOT;
+        let k = (at.get() - SLOTS.get()) / SLOT;
         let bytes = &bytes[..bytes.len().min(RESP as usize)];
         self.mem.write(at, bytes).unwrap();
         let readable: Vec<(Gpa, u32)> = if split && bytes.len() > 32 {
-            vec![(at, 32), (at + 32, bytes.len() as u32 - 32)]
+            vec![(at, 32), (at.offset(32), bytes.len() as u32 - 32)]
         } else {
             vec![(at, bytes.len() as u32)]
         };
-        let table = self.indirect.then_some(TABLES + 0x40 * k);
+        let table = self.indirect.then_some(TABLES.offset(0x40 * k));
         let r = match q {
-            QueueId::Control => {
-                self.ctrl
-                    .add(&mut self.mem, &readable, &[(at + RESP, RESP_LEN)], table)
-            }
+            QueueId::Control => self.ctrl.add(
+                &mut self.mem,
+                &readable,
+                &[(at.offset(RESP), RESP_LEN)],
+                table,
+            ),
             QueueId::Cursor => self.cursor.add(&mut self.mem, &readable, &[], None),
         };
         r.is_ok()
@@ -242,7 +248,7 @@ pub fn victim(med: &mut Mediator) -> Guest {
             Command::ResourceAttachBacking {
                 resource_id: 2,
                 entries: vec![MemEntry {
-                    addr: BACKING,
+                    addr: BACKING.get(),
                     length: 32 * 32 * 4,
                     padding: 0,
                 }],
@@ -343,7 +349,8 @@ pub fn check_host_command(c: &HostCommand, vm: u16, physical: u32, victim_host: 
             res(*resource_id);
             for e in entries {
                 assert!(
-                    in_ram_of(vm, e.addr, u64::from(e.length)),
+                    // A host command's entries hold host-physical addresses.
+                    in_ram_of(vm, Hpa::new(e.addr), u64::from(e.length)),
                     "backing {e:?} outside VM {vm}"
                 );
             }
