@@ -83,6 +83,67 @@ fn read_file(path: &str) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("cannot read {path}: {e}"))
 }
 
+/// The module of file `path` below `\hv\` (loaded once for every VM naming it);
+/// `what` and `vm` name it in errors.
+fn load_module(bi: &mut BootInfo, path: &str, vm: &str, what: &str) -> Result<u32, String> {
+    if let Some(i) = bi.modules().iter().position(|m| m.name() == path) {
+        return Ok(i as u32);
+    }
+    let bytes = read_file(&format!("\\hv\\{}", path.replace('/', "\\")))
+        .map_err(|e| format!("VM {vm}: {what}: {e}"))?;
+    let i = add_module(bi, path, &bytes)?;
+    say!("boot: {what} {path} ({} bytes)", bytes.len());
+    Ok(i)
+}
+
+/// Copies `bytes` into pages of their own and lists them as module `name`.
+fn add_module(bi: &mut BootInfo, name: &str, bytes: &[u8]) -> Result<u32, String> {
+    let i = bi.modules_len as usize;
+    if i >= boot_info::MAX_MODULES {
+        return Err("too many files for the VMs (guest images, kernels, initrds)".into());
+    }
+    let dst = alloc_pages(MEMTYPE_MODULE, bytes.len(), name)?;
+    // SAFETY: `dst` has room for `bytes.len()` bytes and does not overlap `bytes`.
+    unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
+    bi.modules[i] = Module {
+        name: boot_info::to_fixed(name),
+        phys: dst as u64,
+        len: bytes.len() as u64,
+    };
+    bi.modules_len += 1;
+    Ok(i as u32)
+}
+
+/// A Linux VM's kernel, initrd and command line checked as the hypervisor will
+/// place them: a bootable bzImage that fits the VM's RAM with its initrd.
+fn check_linux(
+    bi: &BootInfo,
+    vm: &config::VmConfig,
+    kernel: u32,
+    initrd: u32,
+    cmdline_len: usize,
+) -> Result<(), String> {
+    let module = |i: u32| bi.modules().get(i as usize).copied();
+    let bytes = |m: Module| {
+        // SAFETY: a module's pages were filled by `add_module` and stay allocated.
+        unsafe { core::slice::from_raw_parts(m.phys as *const u8, m.len as usize) }
+    };
+    let k = module(kernel).ok_or("kernel module missing")?;
+    let bz =
+        linux_boot::BzImage::parse(bytes(k)).map_err(|e| format!("VM {}: kernel: {e}", vm.name))?;
+    let initrd_len = module(initrd).map_or(0, |m| m.len);
+    let ram = u64::from(vm.memory_mib) << 20;
+    linux_boot::plan(
+        &bz.header,
+        bz.kernel.len() as u64,
+        ram,
+        initrd_len,
+        cmdline_len,
+    )
+    .map_err(|e| format!("VM {}: {e}", vm.name))?;
+    Ok(())
+}
+
 fn alloc_pages(ty: MemoryType, bytes: usize, what: &str) -> Result<*mut u8, String> {
     let pages = bytes.div_ceil(4096).max(1);
     let p = boot::allocate_pages(AllocateType::AnyPages, ty, pages)
@@ -143,26 +204,29 @@ fn load() -> Result<core::convert::Infallible, String> {
     );
 
     for vm in &cfg.vm {
-        let idx = match bi.modules().iter().position(|m| m.name() == vm.image) {
-            Some(i) => i,
-            None => {
-                let bytes = read_file(&format!("\\hv\\{}", vm.image.replace('/', "\\")))
-                    .map_err(|e| format!("VM {}: guest image: {e}", vm.name))?;
-                let dst = alloc_pages(MEMTYPE_MODULE, bytes.len(), &vm.image)?;
-                // SAFETY: `dst` has room for `bytes.len()` bytes and does not overlap `bytes`.
-                unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
-                let i = bi.modules_len as usize;
-                if i >= boot_info::MAX_MODULES {
-                    return Err("too many guest images".into());
-                }
-                bi.modules[i] = Module {
-                    name: boot_info::to_fixed(&vm.image),
-                    phys: dst as u64,
-                    len: bytes.len() as u64,
+        let (kind, idx, initrd, cmdline) = match vm.guest() {
+            config::Guest::Elf(image) => {
+                let idx = load_module(bi, image, &vm.name, "guest image")?;
+                (
+                    boot_info::GUEST_ELF,
+                    idx,
+                    boot_info::NO_MODULE,
+                    boot_info::NO_MODULE,
+                )
+            }
+            config::Guest::Linux {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                let k = load_module(bi, kernel, &vm.name, "kernel")?;
+                let i = match initrd {
+                    Some(path) => load_module(bi, path, &vm.name, "initrd")?,
+                    None => boot_info::NO_MODULE,
                 };
-                bi.modules_len += 1;
-                say!("boot: guest image {} ({} bytes)", vm.image, bytes.len());
-                i
+                check_linux(bi, vm, k, i, cmdline.len())?;
+                let c = add_module(bi, &format!("cmdline:{}", vm.name), cmdline.as_bytes())?;
+                (boot_info::GUEST_LINUX, k, i, c)
             }
         };
         let slot = bi.vms_len as usize;
@@ -170,7 +234,10 @@ fn load() -> Result<core::convert::Infallible, String> {
             name: boot_info::to_fixed(&vm.name),
             memory_mib: vm.memory_mib,
             vcpus: vm.vcpus,
-            image_module: idx as u32,
+            image_module: idx,
+            kind,
+            initrd_module: initrd,
+            cmdline_module: cmdline,
             gpu_weight: vm.gpu_weight,
             gpu_alpha_tenths: vm.alpha_tenths(),
             vram_quota_mib: vm.vram_quota_mib.unwrap_or(0),

@@ -21,7 +21,7 @@ use spin::Mutex;
 
 use crate::arch::cpu;
 use crate::virt::{self, Backend};
-use crate::vm::{CreateError, StopReason, Vm, VmSpec, VmState};
+use crate::vm::{CreateError, LinuxSpec, StopReason, Vm, VmSpec, VmState};
 
 /// vCPU time slice in microseconds.
 pub const BASE_SLICE_US: u64 = 2_000;
@@ -124,6 +124,14 @@ pub fn enable_this_cpu() -> Option<Backend> {
     }
 }
 
+/// The bytes of module `i` (`None` for [`boot_info::NO_MODULE`]).
+fn module(bi: &BootInfo, i: u32) -> Option<&'static [u8]> {
+    let m = bi.modules().get(i as usize)?;
+    // SAFETY: the loader placed the module's bytes at `phys` (identity mapped, in a
+    // Module region the frame allocator never hands out); they live forever.
+    Some(unsafe { core::slice::from_raw_parts(m.phys as *const u8, m.len as usize) })
+}
+
 /// Records the configured VMs (nothing is created yet).
 pub fn configure(bi: &BootInfo, backend: Backend) {
     let mut slots = Vec::new();
@@ -142,6 +150,10 @@ pub fn configure(bi: &BootInfo, backend: Backend) {
             weight: e.gpu_weight,
             gpu_alpha_tenths: e.gpu_alpha_tenths,
             vram_quota_mib: e.vram_quota_mib,
+            linux: (e.kind == boot_info::GUEST_LINUX).then(|| LinuxSpec {
+                initrd: module(bi, e.initrd_module),
+                cmdline: module(bi, e.cmdline_module).unwrap_or(&[]),
+            }),
         };
         slots.push(Mutex::new(Slot {
             spec,

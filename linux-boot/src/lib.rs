@@ -81,8 +81,10 @@ pub enum BootError {
     ProtocolTooOld(u16),
     /// The kernel has no 64-bit entry point.
     No64BitEntry,
-    /// The kernel needs `needs` bytes from its load address, past the VM's RAM.
+    /// The kernel needs `needs` bytes from its load address `load`, past the VM's RAM.
     KernelTooLarge {
+        /// Where it is loaded.
+        load: u64,
         /// Bytes from the load address (the larger of the image and `init_size`).
         needs: u64,
         /// Bytes of RAM the VM has.
@@ -119,10 +121,11 @@ impl fmt::Display for BootError {
                 MIN_PROTOCOL & 0xff
             ),
             BootError::No64BitEntry => write!(f, "the kernel has no 64-bit entry point"),
-            BootError::KernelTooLarge { needs, ram } => write!(
+            BootError::KernelTooLarge { load, needs, ram } => write!(
                 f,
-                "the kernel needs {} MiB from its load address; the VM has {} MiB of RAM",
+                "the kernel needs {} MiB from its load address at {} MiB; the VM has {} MiB of RAM",
                 needs.div_ceil(1 << 20),
+                load >> 20,
                 ram >> 20
             ),
             BootError::InitrdTooLarge { len, room } => write!(
@@ -301,7 +304,8 @@ pub fn plan(
     let kernel_end = kernel.saturating_add(needs);
     if kernel_end > ram {
         return Err(BootError::KernelTooLarge {
-            needs: kernel_end,
+            load: kernel,
+            needs,
             ram,
         });
     }

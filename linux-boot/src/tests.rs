@@ -132,7 +132,8 @@ fn what_does_not_fit_is_refused_by_name() {
     assert_eq!(
         plan(&h, 8 * MIB, 64 * MIB, 0, 0),
         Err(BootError::KernelTooLarge {
-            needs: 80 * MIB,
+            load: 16 * MIB,
+            needs: 64 * MIB,
             ram: 64 * MIB
         })
     );

@@ -15,6 +15,7 @@ mod image;
 mod judge;
 #[cfg(test)]
 mod layers;
+mod linux;
 mod plot;
 mod process;
 mod qemu;
@@ -476,6 +477,7 @@ fn cmd_run(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
     let art = artifacts::obtain(paths, &mode)?;
     let esp = paths.esp_dir("run");
     esp::make(&esp, &art, &config, &cmdline)?;
+    linux::add_to_esp(paths, &esp, &config)?;
     let display = std::env::var_os("DISPLAY").is_some_and(|d| !d.is_empty());
     let logs = paths.logs_dir();
     std::fs::create_dir_all(&logs).ctx(|| "cannot create the log directory".to_string())?;
@@ -659,6 +661,7 @@ fn cmd_image(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
     let art = artifacts::obtain(paths, &mode)?;
     let esp = paths.esp_dir("image");
     esp::make(&esp, &art, &config, &cmdline)?;
+    linux::add_to_esp(paths, &esp, &config)?;
     gpt::write_image(&esp, &out)?;
     let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
     println!(

@@ -10,8 +10,8 @@ use crate::judge;
 use crate::process::{self, Outcome, Watch};
 use crate::scenario::{self, BootFrom, Emulator, Scenario};
 use crate::{
-    bochs, counters, esp, gpt, qemu, run_checked, screendump, show_command, tools, Context, Paths,
-    Result,
+    bochs, counters, esp, gpt, linux, qemu, run_checked, screendump, show_command, tools, Context,
+    Paths, Result,
 };
 
 /// Serial log lines shown for a failing scenario.
@@ -289,6 +289,7 @@ fn run_qemu(paths: &Paths, art: &Artifacts, s: &Scenario) -> Result<Report> {
         &config,
         &s.harness_cmdline(),
     )?;
+    linux::add_to_esp(paths, &esp_dir, &config)?;
     let disk = match s.boot_from {
         BootFrom::Dir => qemu::Disk::Dir(esp_dir.clone()),
         BootFrom::Image => {
@@ -373,6 +374,7 @@ fn run_bochs(paths: &Paths, art: &Artifacts, s: &Scenario) -> Result<Report> {
         &config,
         &s.harness_cmdline(),
     )?;
+    linux::add_to_esp(paths, &esp_dir, &config)?;
     let work = paths.work_dir_ensure(&s.name)?;
     let iso = bochs::make_iso(&esp_dir, &work)?;
     let logs = paths.logs_dir();

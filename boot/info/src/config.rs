@@ -94,8 +94,20 @@ pub struct VmConfig {
     /// vCPU count.
     #[serde(default = "one")]
     pub vcpus: u32,
-    /// Guest image path below `\hv\`.
-    pub image: String,
+    /// Guest image path below `\hv\` (an ELF guest of this hypervisor's ABI);
+    /// exactly one of `image` and `kernel`.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Linux kernel (a bzImage) path below `\hv\`, booted with the Linux x86
+    /// 64-bit boot protocol.
+    #[serde(default)]
+    pub kernel: Option<String>,
+    /// The Linux kernel's initial RAM disk, path below `\hv\` (only with `kernel`).
+    #[serde(default)]
+    pub initrd: Option<String>,
+    /// The Linux kernel's command line (only with `kernel`).
+    #[serde(default)]
+    pub cmdline: Option<String>,
     /// GPU share weight.
     #[serde(default = "one")]
     pub gpu_weight: u32,
@@ -137,7 +149,40 @@ pub const MIN_MEMORY_MIB: u32 = guest_abi::guest::MIN_MEMORY_MIB;
 /// would sit where the guest expects those devices. 0xB000_0000 bytes = 2816 MiB.
 pub const MAX_MEMORY_MIB: u32 = (0xb000_0000u64 >> 20) as u32;
 
+/// What a VM runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Guest<'a> {
+    /// An ELF guest of this hypervisor's ABI.
+    Elf(&'a str),
+    /// A Linux kernel.
+    Linux {
+        /// The bzImage.
+        kernel: &'a str,
+        /// Its initial RAM disk.
+        initrd: Option<&'a str>,
+        /// Its command line.
+        cmdline: &'a str,
+    },
+}
+
+/// Longest Linux command line in a config (`linux_boot::MAX_CMDLINE`; the kernel's
+/// own limit, 2047 bytes for Debian's, is checked when it is loaded).
+pub const MAX_LINUX_CMDLINE: usize = 4095;
+
 impl VmConfig {
+    /// What the VM runs (validated: exactly one of `image` and `kernel`).
+    pub fn guest(&self) -> Guest<'_> {
+        match (&self.image, &self.kernel) {
+            (_, Some(kernel)) => Guest::Linux {
+                kernel,
+                initrd: self.initrd.as_deref(),
+                cmdline: self.cmdline.as_deref().unwrap_or(""),
+            },
+            (Some(image), None) => Guest::Elf(image),
+            (None, None) => Guest::Elf(""),
+        }
+    }
+
     /// Alpha in tenths (0..=20), as the scheduler takes it.
     pub fn alpha_tenths(&self) -> u32 {
         // Validated to 0.0..=2.0 before this is called.
@@ -226,12 +271,35 @@ fn validate(cfg: &Config) -> Result<(), ConfigError> {
         if !(1..=16).contains(&vm.vcpus) {
             return bad(n, "vcpus", "must be 1..=16");
         }
-        if vm.image.is_empty() || vm.image.len() >= crate::NAME_LEN || vm.image.contains("..") {
-            return bad(
-                n,
-                "image",
-                "must be a path of 1..=31 bytes below \\hv\\ without '..'",
-            );
+        let path_ok = |p: &str| !p.is_empty() && p.len() < crate::NAME_LEN && !p.contains("..");
+        const PATH: &str = "must be a path of 1..=31 bytes below \\hv\\ without '..'";
+        match (&vm.image, &vm.kernel) {
+            (Some(_), Some(_)) | (None, None) => {
+                return bad(n, "image", "or kernel: exactly one of them is needed");
+            }
+            (Some(image), None) => {
+                if !path_ok(image) {
+                    return bad(n, "image", PATH);
+                }
+                if vm.initrd.is_some() || vm.cmdline.is_some() {
+                    return bad(n, "initrd", "and cmdline go only with kernel");
+                }
+            }
+            (None, Some(kernel)) => {
+                if !path_ok(kernel) {
+                    return bad(n, "kernel", PATH);
+                }
+                if vm.initrd.as_deref().is_some_and(|p| !path_ok(p)) {
+                    return bad(n, "initrd", PATH);
+                }
+                let cmdline = vm.cmdline.as_deref().unwrap_or("");
+                if cmdline.len() > MAX_LINUX_CMDLINE {
+                    return bad(n, "cmdline", "must be at most 4095 bytes");
+                }
+                if cmdline.contains(|c: char| c.is_control()) {
+                    return bad(n, "cmdline", "must be one line of printable text");
+                }
+            }
         }
         if !(1..=1000).contains(&vm.gpu_weight) {
             return bad(n, "gpu_weight", "must be 1..=1000");
@@ -387,6 +455,63 @@ hv_memory_mib = 16
             assert!(msg.starts_with("big-vm: memory_mib"), "{msg}");
             assert!(msg.contains("4..=2816"), "{msg}");
         }
+    }
+
+    #[test]
+    fn a_vm_runs_an_elf_image_or_a_linux_kernel() {
+        let vm = |body: &str| {
+            parse(&alloc::format!(
+                "[[vm]]\nname=\"a\"\nmemory_mib=256\n{body}"
+            ))
+        };
+        let c = vm(
+            "kernel=\"linux/vmlinuz\"\ninitrd=\"linux/initrd\"\ncmdline=\"console=ttyS0 quiet\"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.vm[0].guest(),
+            Guest::Linux {
+                kernel: "linux/vmlinuz",
+                initrd: Some("linux/initrd"),
+                cmdline: "console=ttyS0 quiet"
+            }
+        );
+        let c = vm("kernel=\"linux/vmlinuz\"").unwrap();
+        assert!(matches!(
+            c.vm[0].guest(),
+            Guest::Linux {
+                initrd: None,
+                cmdline: "",
+                ..
+            }
+        ));
+        assert_eq!(
+            vm("image=\"g.elf\"").unwrap().vm[0].guest(),
+            Guest::Elf("g.elf")
+        );
+        let refused = |body: &str, field: &str| {
+            assert!(
+                matches!(vm(body), Err(ConfigError::Invalid(_, f, _)) if f == field),
+                "{body}: {:?}",
+                vm(body)
+            )
+        };
+        refused("", "image");
+        refused("image=\"g.elf\"\nkernel=\"k\"", "image");
+        refused("image=\"g.elf\"\ninitrd=\"i\"", "initrd");
+        refused("image=\"g.elf\"\ncmdline=\"x\"", "initrd");
+        refused("kernel=\"../k\"", "kernel");
+        refused("kernel=\"k\"\ninitrd=\"\"", "initrd");
+        refused(
+            &alloc::format!("kernel=\"k\"\ncmdline=\"{}\"", "x".repeat(4096)),
+            "cmdline",
+        );
+        refused("kernel=\"k\"\ncmdline=\"a\\nb\"", "cmdline");
+        assert!(vm(&alloc::format!(
+            "kernel=\"k\"\ncmdline=\"{}\"",
+            "x".repeat(4095)
+        ))
+        .is_ok());
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub mod config;
 /// `"GPUPVBI\0"` little endian: marks a valid [`BootInfo`].
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"GPUPVBI\0");
 /// Layout version of [`BootInfo`]; bumped on every incompatible change.
-pub const BOOT_INFO_VERSION: u32 = 3;
+pub const BOOT_INFO_VERSION: u32 = 4;
 /// Most memory-map entries carried.
 pub const MAX_MEMORY_REGIONS: usize = 512;
 /// Most loaded files carried.
@@ -123,8 +123,16 @@ pub struct VmEntry {
     pub memory_mib: u32,
     /// Number of vCPUs.
     pub vcpus: u32,
-    /// Index into [`BootInfo::modules`] of its guest image.
+    /// Index into [`BootInfo::modules`] of its guest image (its bzImage when `kind`
+    /// is [`GUEST_LINUX`]).
     pub image_module: u32,
+    /// [`GUEST_ELF`] or [`GUEST_LINUX`].
+    pub kind: u32,
+    /// Index into [`BootInfo::modules`] of a Linux guest's initrd, or [`NO_MODULE`].
+    pub initrd_module: u32,
+    /// Index into [`BootInfo::modules`] of a Linux guest's command line (its bytes,
+    /// without a NUL), or [`NO_MODULE`].
+    pub cmdline_module: u32,
     /// GPU share weight (>= 1).
     pub gpu_weight: u32,
     /// Priority boost alpha in tenths (0..=20 for 0.0..=2.0).
@@ -142,6 +150,9 @@ impl VmEntry {
         memory_mib: 0,
         vcpus: 0,
         image_module: 0,
+        kind: GUEST_ELF,
+        initrd_module: NO_MODULE,
+        cmdline_module: NO_MODULE,
         gpu_weight: 0,
         gpu_alpha_tenths: 0,
         vram_quota_mib: 0,
@@ -152,6 +163,13 @@ impl VmEntry {
         fixed_str(&self.name)
     }
 }
+
+/// [`VmEntry::kind`]: an ELF guest of this hypervisor's ABI.
+pub const GUEST_ELF: u32 = 0;
+/// [`VmEntry::kind`]: a Linux kernel, booted with the 64-bit boot protocol.
+pub const GUEST_LINUX: u32 = 1;
+/// No module.
+pub const NO_MODULE: u32 = u32::MAX;
 
 /// The loader's hand-over to the hypervisor.
 #[repr(C)]

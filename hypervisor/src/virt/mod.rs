@@ -202,6 +202,8 @@ pub struct StartState {
     pub rsp: u64,
     /// First argument (guest boot-info page).
     pub rdi: u64,
+    /// Second argument (a Linux guest's zero page).
+    pub rsi: u64,
     /// Guest page-table root.
     pub cr3: u64,
     /// Guest GDT base (null, code 0x08, data 0x10).

@@ -222,6 +222,7 @@ impl SvmVcpu {
         v.w::<u64>(S_RSP, start.rsp);
         v.w::<u64>(S_G_PAT, 0x0007_0406_0007_0406);
         v.regs.rdi = start.rdi;
+        v.regs.rsi = start.rsi;
         Ok(v)
     }
 

@@ -949,6 +949,7 @@ impl VmxVcpu {
             cpu_state,
         };
         v.regs.rdi = start.rdi;
+        v.regs.rsi = start.rsi;
         // SAFETY: the VMCS is ours and not active anywhere; VMX operation is on.
         let r = unsafe { vmclear(vmcs).and_then(|()| vmptrld(vmcs)) };
         if let Err(e) = r {

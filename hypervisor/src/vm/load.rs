@@ -3,7 +3,9 @@
 
 use gpu_pv::abi::guest;
 
-use super::{CreateError, Vm, VmSpec};
+use crate::virt::StartState;
+
+use super::{CreateError, LinuxSpec, Vm, VmSpec};
 
 impl Vm {
     pub(super) fn load_elf(&mut self, image: &[u8]) -> Result<u64, CreateError> {
@@ -40,7 +42,9 @@ impl Vm {
         Ok(file.ehdr.e_entry)
     }
 
-    pub(super) fn write_guest_abi(&mut self, spec: &VmSpec) {
+    /// The start-up page tables (the first 4 GiB identity mapped with 2 MiB pages)
+    /// and GDT (null, 64-bit code 0x08, data 0x10) both kinds of guest start with.
+    fn write_boot_tables(&mut self) {
         let w64 = |vm: &mut Vm, gpa: u64, v: u64| {
             vm.write_guest(gpa, &v.to_le_bytes());
         };
@@ -55,6 +59,54 @@ impl Vm {
         w64(self, guest::GDT, 0);
         w64(self, guest::GDT + 8, 0x00af_9a00_0000_ffff);
         w64(self, guest::GDT + 16, 0x00cf_9200_0000_ffff);
+    }
+
+    /// A Linux guest: its kernel, initrd, command line and zero page placed as the
+    /// 64-bit boot protocol says (`linux_boot`); returns where it starts (RSI: the
+    /// zero page).
+    pub(super) fn load_linux(
+        &mut self,
+        image: &[u8],
+        linux: &LinuxSpec,
+    ) -> Result<StartState, CreateError> {
+        let bz = linux_boot::BzImage::parse(image).map_err(CreateError::Linux)?;
+        let initrd_len = linux.initrd.map_or(0, |i| i.len() as u64);
+        let plan = linux_boot::plan(
+            &bz.header,
+            bz.kernel.len() as u64,
+            self.mem_size,
+            initrd_len,
+            linux.cmdline.len(),
+        )
+        .map_err(CreateError::Linux)?;
+        self.write_boot_tables();
+        let mut ok = self.write_guest(plan.kernel, bz.kernel);
+        if let (Some((at, _)), Some(initrd)) = (plan.initrd, linux.initrd) {
+            ok &= self.write_guest(at, initrd);
+        }
+        ok &= self.write_guest(plan.cmdline.0, linux.cmdline);
+        ok &= self.write_guest(plan.cmdline.0 + linux.cmdline.len() as u64, &[0]);
+        ok &= self.write_guest(plan.zero_page, &linux_boot::zero_page(&bz, &plan));
+        if !ok {
+            return Err(CreateError::BadConfig("the Linux layout left the VM's RAM"));
+        }
+        Ok(StartState {
+            rip: plan.entry,
+            // The kernel sets up its own stack first thing; this one is unused RAM.
+            rsp: linux_boot::CMDLINE,
+            rdi: 0,
+            rsi: plan.zero_page,
+            cr3: guest::PML4,
+            gdt_base: guest::GDT,
+            gdt_limit: 23,
+        })
+    }
+
+    pub(super) fn write_guest_abi(&mut self, spec: &VmSpec) {
+        let w64 = |vm: &mut Vm, gpa: u64, v: u64| {
+            vm.write_guest(gpa, &v.to_le_bytes());
+        };
+        self.write_boot_tables();
         use guest::boot_info as bi;
         let base = guest::BOOT_INFO;
         w64(self, base + bi::MAGIC as u64, guest::BOOT_INFO_MAGIC);

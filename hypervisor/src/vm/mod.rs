@@ -34,6 +34,9 @@ pub const IO_STORM_PER_SECOND: u64 = 1_000;
 /// How long a vCPU may spin with interrupts off (never exiting on its own) before
 /// the VM is stopped as hung.
 pub const STUCK_LIMIT_US: u64 = 1_000_000;
+/// The same for a Linux guest: its decompressor and early boot run with interrupts
+/// off and without an exit for seconds under emulation.
+pub const LINUX_STUCK_LIMIT_US: u64 = 60_000_000;
 /// How long a halted vCPU whose VM has GPU work in flight is polled for before it
 /// gives up its slice (see `Vm::halt_poll`).
 pub const HALT_POLL_US: u64 = 1_000;
@@ -58,7 +61,8 @@ pub enum StopReason {
     OutsideMemory(u64),
     /// Port I/O at a rate no device needs.
     IoStorm,
-    /// Spun with interrupts off for longer than [`STUCK_LIMIT_US`].
+    /// Spun with interrupts off for longer than [`STUCK_LIMIT_US`] ([`LINUX_STUCK_LIMIT_US`]
+    /// for a Linux guest).
     StuckInterruptsOff,
     /// An MMIO instruction the hypervisor cannot emulate.
     BadMmio(u64),
@@ -113,6 +117,17 @@ pub struct VmSpec {
     pub gpu_alpha_tenths: u32,
     /// VRAM quota in MiB (0: the default).
     pub vram_quota_mib: u32,
+    /// For a Linux guest (the image is its bzImage): its initrd and command line.
+    pub linux: Option<LinuxSpec>,
+}
+
+/// What a Linux guest boots with besides its kernel.
+#[derive(Clone, Copy, Debug)]
+pub struct LinuxSpec {
+    /// Its initial RAM disk.
+    pub initrd: Option<&'static [u8]>,
+    /// Its command line.
+    pub cmdline: &'static [u8],
 }
 
 /// One virtual machine.
@@ -147,6 +162,8 @@ pub struct Vm {
     pci_addr: u32,
     io_window: (u64, u64),
     stuck_us: u64,
+    /// [`STUCK_LIMIT_US`], or [`LINUX_STUCK_LIMIT_US`] for a Linux guest.
+    stuck_limit_us: u64,
     /// Its paravirtual GPU, when the mediator runs and a scanout is free for it.
     gpu: Option<VirtioGpuDevice>,
     /// Its port to the shared GPU (with `gpu`).
@@ -162,6 +179,8 @@ pub enum CreateError {
     BadImage(&'static str),
     /// The configuration asks for something impossible.
     BadConfig(&'static str),
+    /// A Linux kernel that cannot boot as configured.
+    Linux(linux_boot::BootError),
     /// The backend refused.
     Backend(&'static str),
 }
@@ -172,6 +191,7 @@ impl core::fmt::Display for CreateError {
             CreateError::OutOfMemory => write!(f, "not enough memory"),
             CreateError::BadImage(why) => write!(f, "bad guest image: {why}"),
             CreateError::BadConfig(why) => write!(f, "bad configuration: {why}"),
+            CreateError::Linux(why) => write!(f, "Linux kernel: {why}"),
             CreateError::Backend(why) => write!(f, "virtualization backend: {why}"),
         }
     }
@@ -224,6 +244,11 @@ impl Vm {
             pci_addr: 0,
             io_window: (0, 0),
             stuck_us: 0,
+            stuck_limit_us: if spec.linux.is_some() {
+                LINUX_STUCK_LIMIT_US
+            } else {
+                STUCK_LIMIT_US
+            },
             gpu: None,
             port: None,
         };
@@ -239,15 +264,21 @@ impl Vm {
                 },
             )
             .ok_or(CreateError::OutOfMemory)?;
-        let entry = vm.load_elf(image)?;
-        vm.write_guest_abi(spec);
-        let start = StartState {
-            rip: entry,
-            rsp: guest::STACK_TOP,
-            rdi: guest::BOOT_INFO,
-            cr3: guest::PML4,
-            gdt_base: guest::GDT,
-            gdt_limit: 23,
+        let start = match spec.linux {
+            Some(linux) => vm.load_linux(image, &linux)?,
+            None => {
+                let entry = vm.load_elf(image)?;
+                vm.write_guest_abi(spec);
+                StartState {
+                    rip: entry,
+                    rsp: guest::STACK_TOP,
+                    rdi: guest::BOOT_INFO,
+                    rsi: 0,
+                    cr3: guest::PML4,
+                    gdt_base: guest::GDT,
+                    gdt_limit: 23,
+                }
+            }
         };
         let mem = vm.memory();
         if let Some(port) = crate::gpu_share::add_vm(
@@ -478,7 +509,7 @@ impl Vm {
                 && self.vcpus[idx].rflags() & (1 << 9) == 0
             {
                 self.stuck_us += after.saturating_sub(now);
-                if self.stuck_us > STUCK_LIMIT_US {
+                if self.stuck_us > self.stuck_limit_us {
                     self.stop(idx, StopReason::StuckInterruptsOff);
                     break;
                 }
