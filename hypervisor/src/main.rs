@@ -184,15 +184,18 @@ fn failed_guests(allowed: &str) -> usize {
 
 /// Brings up the physical virtio-gpu, if there is one (and `gpu=sim` does not ask
 /// for the simulated GPU).
-fn probe_gpu(bi: &BootInfo, devices: &[pci::Device]) -> Option<(gpu::virtio::VirtioGpu, pci::Bdf)> {
+fn probe_gpu(
+    bi: &BootInfo,
+    devices: &[pci::Device],
+) -> Option<(gpu::virtio::HostVirtioGpu, pci::Bdf)> {
     if bi.option("gpu") == Some("sim") {
         return None;
     }
     for d in devices
         .iter()
-        .filter(|d| gpu::virtio::VirtioGpu::matches(d))
+        .filter(|d| gpu::virtio::HostVirtioGpu::matches(d))
     {
-        match gpu::virtio::VirtioGpu::new(d) {
+        match gpu::virtio::HostVirtioGpu::new(d) {
             Ok(g) => return Some((g, d.bdf)),
             Err(e) => warn!(
                 "gpu: virtio-gpu at {} not usable ({e:?}); using the simulated GPU",
@@ -242,7 +245,7 @@ fn budgets(bi: &BootInfo) -> alloc::vec::Vec<u64> {
 /// Starts the mediator over the best GPU backend available: the physical virtio-gpu
 /// when its driver came up, otherwise the CPU-rendered simulated GPU. Returns
 /// whether the simulated GPU runs (its pixels are hypervisor memory).
-fn start_gpu_pv(bi: &BootInfo, physical: Option<(gpu::virtio::VirtioGpu, pci::Bdf)>) -> bool {
+fn start_gpu_pv(bi: &BootInfo, physical: Option<(gpu::virtio::HostVirtioGpu, pci::Bdf)>) -> bool {
     let quantum = bi.gpu_quantum_us;
     let mode = bi.gpu_sched_mode;
     if let Some((g, bdf)) = physical {

@@ -212,15 +212,15 @@ pub fn gpu_native_run(bi: &boot_info::BootInfo, devices: &[crate::pci::Device]) 
     use gpu_pv::mediator::QueueId;
     use gpu_pv::wire::{self, format, CtrlHdr, MemEntry, Rect};
 
-    use crate::gpu::virtio::VirtioGpu;
+    use crate::gpu::virtio::HostVirtioGpu;
     use crate::gpu::{DmaRegion, GpuBackend};
     use crate::interrupts::{self, GPU_VECTOR};
 
-    let Some(dev) = devices.iter().find(|d| VirtioGpu::matches(d)) else {
+    let Some(dev) = devices.iter().find(|d| HostVirtioGpu::matches(d)) else {
         error!("gpu native: no virtio-gpu found");
         verdict::fail("no gpu")
     };
-    let mut vgpu = match VirtioGpu::new(dev) {
+    let mut vgpu = match HostVirtioGpu::new(dev) {
         Ok(g) => g,
         Err(e) => {
             error!("gpu native: bring-up failed: {e}");

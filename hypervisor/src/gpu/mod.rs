@@ -9,7 +9,7 @@
 //! means implementing this trait; the mediator does not change.
 //!
 //! Drivers:
-//! - [`virtio::VirtioGpu`]: virtio-gpu over the modern virtio-pci transport (QEMU's
+//! - [`virtio::HostVirtioGpu`]: virtio-gpu over the modern virtio-pci transport (QEMU's
 //!   `virtio-gpu-pci`), MSI-X on [`crate::interrupts::GPU_VECTOR`].
 //!
 //! # Device addresses

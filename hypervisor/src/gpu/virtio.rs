@@ -26,7 +26,7 @@
 //! kicked so far has completed (`used_event` = last used index plus commands in
 //! flight, minus one), so a batch costs one interrupt; after harvesting, the driver
 //! re-arms and re-checks the used ring, so a completion that raced the re-arm is
-//! never lost. [`VirtioGpu::set_coalescing`] switches to an interrupt per
+//! never lost. [`HostVirtioGpu::set_coalescing`] switches to an interrupt per
 //! completion (for pipelined submitters that want early completions).
 //!
 //! Everything the device writes (used ring entries, response lengths, response
@@ -482,7 +482,7 @@ impl Queue {
 }
 
 /// A virtio-gpu, brought up and ready for commands.
-pub struct VirtioGpu {
+pub struct HostVirtioGpu {
     name: String,
     bdf: Bdf,
     common: Mmio,
@@ -500,7 +500,7 @@ pub struct VirtioGpu {
     internal: Option<Vec<u8>>,
 }
 
-impl VirtioGpu {
+impl HostVirtioGpu {
     /// Whether this driver drives `dev`.
     pub fn matches(dev: &Device) -> bool {
         dev.vendor == VENDOR && dev.device == DEVICE
@@ -797,7 +797,7 @@ fn enable_msix(bdf: Bdf, msix: &MsiX, table: &Mmio, apic_id: u32) -> Result<u16,
     Ok(entries)
 }
 
-impl Drop for VirtioGpu {
+impl Drop for HostVirtioGpu {
     fn drop(&mut self) {
         // Stop all DMA before the rings and buffers go back to the frame allocator:
         // reset the device, then take away its bus mastering.
@@ -807,7 +807,7 @@ impl Drop for VirtioGpu {
     }
 }
 
-impl GpuBackend for VirtioGpu {
+impl GpuBackend for HostVirtioGpu {
     fn name(&self) -> &str {
         &self.name
     }
