@@ -162,6 +162,7 @@ fn load() -> Result<core::convert::Infallible, String> {
         HARNESS.store(true, core::sync::atomic::Ordering::Relaxed);
     }
     say!("boot: GPU-PV hypervisor loader, cmdline {cmdline:?}");
+    boot_info::cmdline::check(&cmdline).map_err(|e| format!("config error: cmdline.txt: {e}"))?;
 
     let text = read_file("\\hv\\vms.toml").map_err(|e| format!("config error: {e}"))?;
     let text = core::str::from_utf8(&text).map_err(|_| "config error: vms.toml is not UTF-8")?;

@@ -191,8 +191,9 @@ commands:
                              first failing stage)
       --no-unit --no-fuzz --no-qemu --no-bochs   skip a stage
       --fuzz-secs N          seconds per fuzz target (default 30, or $XTASK_FUZZ_SECS)
-  check-config FILE...       parse VM configs as the loader will (run, image and every
-                             scenario not about a bad config do this before booting)
+  check-config [--cmdline STR] FILE...   parse VM configs (and a hypervisor command line)
+                             as the loader will (run, image and every scenario not about
+                             a bad config do this before booting)
   image [opts]               write a bootable GPT disk image (FAT32 ESP) for bare-metal hosts
       --out FILE             default target/xtask/hypervisor.img
       --config FILE, --cmdline STR   as for run
@@ -407,13 +408,35 @@ fn read_config(root: &Path, file: Option<&str>) -> Result<String> {
     Ok(text)
 }
 
-/// `check-config FILE...`: each VM config parsed as the loader will.
+/// `check-config [--cmdline STR] FILE...`: each VM config (and the command line)
+/// parsed as the loader will.
 fn cmd_check_config(args: &[String]) -> Result<ExitCode> {
-    if args.is_empty() || args.iter().any(|a| a.starts_with('-')) {
-        return Err("usage: cargo xtask check-config FILE...".into());
+    let usage = "usage: cargo xtask check-config [--cmdline STR] FILE...";
+    let mut files = Vec::new();
+    let mut cmdline = None;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--cmdline" => cmdline = Some(value(args, &mut i, "--cmdline")?),
+            a if a.starts_with('-') => return Err(usage.into()),
+            f => files.push(f.to_string()),
+        }
+        i += 1;
+    }
+    if files.is_empty() && cmdline.is_none() {
+        return Err(usage.into());
     }
     let mut ok = true;
-    for f in args {
+    if let Some(c) = &cmdline {
+        match boot_info::cmdline::check(c) {
+            Ok(()) => println!("--cmdline: ok"),
+            Err(e) => {
+                println!("--cmdline: {e}");
+                ok = false;
+            }
+        }
+    }
+    for f in &files {
         let text = std::fs::read_to_string(f).ctx(|| format!("cannot read VM config {f}"))?;
         match vmconfig::check(&text) {
             Ok(summary) => println!("{f}: ok: {summary}"),
@@ -472,6 +495,7 @@ fn cmd_run(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
         }
         i += 1;
     }
+    boot_info::cmdline::check(&cmdline).map_err(|e| format!("run: --cmdline: {e}"))?;
     tools::ensure(&[tools::Tool::Qemu, tools::Tool::Ovmf])?;
     let config = read_config(&paths.root, config.as_deref())?;
     let art = artifacts::obtain(paths, &mode)?;
@@ -656,6 +680,7 @@ fn cmd_image(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
         }
         i += 1;
     }
+    boot_info::cmdline::check(&cmdline).map_err(|e| format!("image: --cmdline: {e}"))?;
     tools::ensure(&[tools::Tool::Mtools])?;
     let config = read_config(&paths.root, config.as_deref())?;
     let art = artifacts::obtain(paths, &mode)?;

@@ -440,6 +440,11 @@ impl Scenario {
         if self.cmdline.contains(['\n', '\r']) {
             return Err("`cmdline` must be one line".into());
         }
+        // The loader's own check of the hypervisor command line (a scenario about a
+        // bad one expects its `config error`).
+        if !self.expect.iter().any(|e| e.contains("config error")) {
+            boot_info::cmdline::check(&self.cmdline).map_err(|e| format!("`cmdline`: {e}"))?;
+        }
         if self.boot_from == BootFrom::Image && self.emulators.contains(&Emulator::Bochs) {
             return Err("`boot_from = \"image\"` is supported for qemu only".into());
         }

@@ -9,6 +9,7 @@
 
 extern crate alloc;
 
+pub mod cmdline;
 pub mod config;
 
 /// `"GPUPVBI\0"` little endian: marks a valid [`BootInfo`].
