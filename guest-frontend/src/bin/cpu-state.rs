@@ -4,13 +4,16 @@
 //!
 //! Every round the guest writes values tagged with its VM id into xmm0-15 (ymm0-15
 //! when AVX is offered), DR0-DR3 and DR6, the GS base and, through SWAPGS, the kernel
-//! GS base (when FSGSBASE is offered), and sets XCR0; then it yields, so a neighbour
+//! GS base (when FSGSBASE is offered), the syscall MSRs LSTAR and SYSENTER_EIP (when
+//! the hypervisor lets it reach them: a RDMSR that does not fault), and sets XCR0;
+//! then it yields, so a neighbour
 //! runs on the same CPU, and reads everything back. A guest named `spy*` also flips
 //! its XCR0 between x87|SSE and x87|SSE|AVX every round, so a hypervisor that lets a
 //! guest's XCR0 reach the CPU for others breaks its neighbour's AVX state.
 //!
 //! Before its first write it checks that a fresh vCPU sees the architectural reset
-//! state (zeroed vector registers, DR0-3, kernel GS base; XCR0 = 1). It also checks
+//! state (zeroed vector registers, DR0-3, kernel GS base, LSTAR, SYSENTER_EIP;
+//! XCR0 = 1). It also checks
 //! what the hypervisor refuses: XSETBV of values that are invalid or not offered
 //! (#GP), CPUID.1:ECX.OSXSAVE following CR4, RDTSCP and MONITOR only when offered
 //! (#UD otherwise), RDPMC (#GP: host performance counters are not the guest's), and
@@ -40,6 +43,8 @@ struct Offered {
     xsave: bool,
     avx: bool,
     fsgsbase: bool,
+    /// RDMSR/WRMSR of LSTAR and SYSENTER_EIP reach this vCPU's own copies.
+    msrs: bool,
     rdtscp: bool,
     monitor: bool,
     /// XCR0 bits the hypervisor lets the guest enable (CPUID.(0xD,0):EDX:EAX).
@@ -57,7 +62,27 @@ struct OtherRegs {
     dr6: u64,
     gs_base: u64,
     kernel_gs_base: u64,
+    lstar: u64,
+    sysenter_eip: u64,
     xcr0: u64,
+}
+
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_SYSENTER_EIP: u32 = 0x176;
+
+fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: only called for MSRs `offered` found readable.
+    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+fn wrmsr(msr: u32, v: u64) {
+    // SAFETY: LSTAR and SYSENTER_EIP get canonical values; nothing in this guest
+    // executes SYSCALL or SYSENTER.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32, options(nomem, nostack))
+    };
 }
 
 fn fail(name: &str, what: core::fmt::Arguments<'_>) -> ! {
@@ -124,6 +149,7 @@ fn offered() -> Offered {
         xsave,
         avx: xsave && l1.ecx & (1 << 28) != 0 && xcr0_mask & XCR0_AVX != 0,
         fsgsbase: l7.ebx & 1 != 0,
+        msrs: probe!("rdmsr"; in("ecx") MSR_LSTAR, out("eax") _, out("edx") _).is_none(),
         rdtscp: ext.edx & (1 << 27) != 0,
         monitor: l1.ecx & (1 << 3) != 0,
         xcr0_mask,
@@ -226,6 +252,10 @@ fn read_other(o: &Offered) -> OtherRegs {
             )
         };
     }
+    if o.msrs {
+        r.lstar = rdmsr(MSR_LSTAR);
+        r.sysenter_eip = rdmsr(MSR_SYSENTER_EIP);
+    }
     if o.xsave {
         r.xcr0 = cpu::xgetbv(0);
     }
@@ -250,6 +280,10 @@ fn write_other(o: &Offered, r: &OtherRegs) {
                 k = in(reg) r.kernel_gs_base, g = in(reg) r.gs_base, options(nomem, nostack),
             )
         };
+    }
+    if o.msrs {
+        wrmsr(MSR_LSTAR, r.lstar);
+        wrmsr(MSR_SYSENTER_EIP, r.sysenter_eip);
     }
 }
 
@@ -290,6 +324,17 @@ fn check_fresh(name: &str, o: &Offered) {
             format_args!(
                 "fresh vCPU: kernel GS base {:#x}, not zero",
                 r.kernel_gs_base
+            ),
+        );
+    }
+    if r.lstar != 0 || r.sysenter_eip != 0 {
+        fail(
+            name,
+            format_args!(
+                "fresh vCPU: LSTAR {:#x}, SYSENTER_EIP {:#x}, not zero (value of vm {})",
+                r.lstar,
+                r.sysenter_eip,
+                owner(r.lstar | r.sysenter_eip)
             ),
         );
     }
@@ -400,8 +445,8 @@ fn main(info: &BootInfo) -> ! {
         XCR0_X87 | XCR0_SSE
     };
     println!(
-        "cpu-state: {name}: checking {ROUNDS} switches (xsave {}, avx {}, fsgsbase {}, xcr0 mask {:#x})",
-        o.xsave, o.avx, o.fsgsbase, o.xcr0_mask
+        "cpu-state: {name}: checking {ROUNDS} switches (xsave {}, avx {}, fsgsbase {}, msrs {}, xcr0 mask {:#x})",
+        o.xsave, o.avx, o.fsgsbase, o.msrs, o.xcr0_mask
     );
     for round in 0..ROUNDS {
         let xcr0 = if spy && round % 2 == 0 {
@@ -438,6 +483,8 @@ fn main(info: &BootInfo) -> ! {
             } else {
                 0
             },
+            lstar: if o.msrs { tagged(vm, round, 0xa2) } else { 0 },
+            sysenter_eip: if o.msrs { tagged(vm, round, 0xa3) } else { 0 },
             xcr0: if o.xsave { xcr0 } else { 0 },
         };
         load_vectors(&want, avx);
@@ -469,20 +516,30 @@ fn main(info: &BootInfo) -> ! {
                 "GS base"
             } else if got_other.kernel_gs_base != other.kernel_gs_base {
                 "kernel GS base"
+            } else if got_other.lstar != other.lstar {
+                "LSTAR"
+            } else if got_other.sysenter_eip != other.sysenter_eip {
+                "SYSENTER_EIP"
             } else {
                 "XCR0"
             };
-            fail(name, format_args!(
-                "round {round}: {what} changed: dr {:x?} dr6 {:#x} gs {:#x} kgs {:#x} xcr0 {:#x}, \
-                 expected dr {:x?} dr6 {:#x} gs {:#x} kgs {:#x} xcr0 {:#x}",
-                got_other.dr, got_other.dr6, got_other.gs_base, got_other.kernel_gs_base, got_other.xcr0,
-                other.dr, other.dr6, other.gs_base, other.kernel_gs_base, other.xcr0
-            ));
+            fail(
+                name,
+                format_args!(
+                "round {round}: {what} changed: dr {:x?} dr6 {:#x} gs {:#x} kgs {:#x} lstar {:#x} \
+                 sysenter_eip {:#x} xcr0 {:#x}, expected dr {:x?} dr6 {:#x} gs {:#x} kgs {:#x} \
+                 lstar {:#x} sysenter_eip {:#x} xcr0 {:#x}",
+                got_other.dr, got_other.dr6, got_other.gs_base, got_other.kernel_gs_base,
+                got_other.lstar, got_other.sysenter_eip, got_other.xcr0,
+                other.dr, other.dr6, other.gs_base, other.kernel_gs_base, other.lstar,
+                other.sysenter_eip, other.xcr0
+            ),
+            );
         }
     }
     println!(
         "cpu-state: {name}: {ROUNDS} rounds, own state intact after every switch \
-         (vector registers, DR0-3, DR6, GS bases, XCR0)"
+         (vector registers, DR0-3, DR6, GS bases, syscall MSRs, XCR0)"
     );
     hypercall::shutdown(exit::OK)
 }

@@ -153,6 +153,11 @@ pub trait Vcpu: Send {
     fn cpl(&self) -> u8;
     /// Guest CR4 as the guest sees it.
     fn cr4(&self) -> u64;
+    /// Guest EFER as the guest sees it (under SVM without SVME).
+    fn efer(&self) -> u64;
+    /// Sets the guest's EFER to `efer` (already checked by the caller: long mode stays
+    /// on).
+    fn set_efer(&mut self, efer: u64);
     /// The vCPU's own copy of the state the hardware does not switch (FPU/vector
     /// registers, XCR0, debug registers).
     fn cpu_state(&mut self) -> &mut CpuState;

@@ -121,6 +121,37 @@ fn filled_pages(pages: usize) -> Option<u64> {
     Some(pa)
 }
 
+/// MSRs the guest reads and writes itself, all others exit: VMLOAD and VMSAVE
+/// switch these with the guest's VMCB at every entry and exit (APM 15.5.2), so each
+/// vCPU has its own. FS, GS and kernel GS base; STAR, LSTAR, CSTAR, SFMASK;
+/// SYSENTER CS, ESP, EIP.
+const PASSED_MSRS: [u32; 10] = [
+    0xc000_0100,
+    0xc000_0101,
+    0xc000_0102,
+    0xc000_0081,
+    0xc000_0082,
+    0xc000_0083,
+    0xc000_0084,
+    0x174,
+    0x175,
+    0x176,
+];
+
+/// Clears `msr`'s read and write intercept bits in the MSR permission map at `pm`
+/// (APM 15.11: two bits per MSR, three 2 KiB ranges).
+fn pass_msr(pm: u64, msr: u32) {
+    let (offset, first) = match msr {
+        0..=0x1fff => (0, 0),
+        0xc000_0000..=0xc000_1fff => (0x800, 0xc000_0000),
+        0xc001_0000..=0xc001_1fff => (0x1000, 0xc001_0000),
+        _ => return,
+    };
+    let bit = (msr - first) as u64 * 2;
+    // SAFETY: inside the 8 KiB map, which is ours and not yet in use.
+    unsafe { *phys_to_ptr::<u8>(pm + offset + bit / 8) &= !(0b11 << (bit % 8)) };
+}
+
 /// Sets EFER.SVME and this CPU's host save area.
 pub fn enable_this_cpu() -> Result<(), &'static str> {
     let i = cpu::current_index();
@@ -136,7 +167,13 @@ pub fn enable_this_cpu() -> Result<(), &'static str> {
     HOST_VMCB[i].store(hvmcb, Ordering::Relaxed);
     ASID_COUNT.call_once(|| u64::from(cpuid(0x8000_000a, 0).ebx).max(2));
     IOPM.call_once(|| filled_pages(3).expect("no memory for the IOPM"));
-    MSRPM.call_once(|| filled_pages(2).expect("no memory for the MSRPM"));
+    MSRPM.call_once(|| {
+        let pm = filled_pages(2).expect("no memory for the MSRPM");
+        for msr in PASSED_MSRS {
+            pass_msr(pm, msr);
+        }
+        pm
+    });
     Ok(())
 }
 
@@ -454,6 +491,13 @@ impl Vcpu for SvmVcpu {
     }
     fn cr4(&self) -> u64 {
         self.r(S_CR4)
+    }
+    fn efer(&self) -> u64 {
+        self.r::<u64>(S_EFER) & !EFER_SVME
+    }
+    fn set_efer(&mut self, efer: u64) {
+        // VMRUN needs SVME in the guest's EFER; the guest never sees it.
+        self.w::<u64>(S_EFER, efer | EFER_SVME);
     }
     fn cpu_state(&mut self) -> &mut CpuState {
         &mut self.cpu_state

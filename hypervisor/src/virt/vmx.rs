@@ -1455,6 +1455,15 @@ impl Vcpu for VmxVcpu {
         let mask = vmr(CR4_GUEST_HOST_MASK);
         (vmr(GUEST_CR4) & !mask) | (vmr(CR4_READ_SHADOW) & mask)
     }
+    fn efer(&self) -> u64 {
+        vmr(GUEST_EFER)
+    }
+    fn set_efer(&mut self, efer: u64) {
+        // SAFETY: a guest-state field of this vCPU's current VMCS; VM entry loads it
+        // (ENTRY_LOAD_EFER), and the caller kept long mode on, as the entry controls
+        // (IA-32e mode guest) require.
+        let _ = unsafe { vmwrite(GUEST_EFER, efer) };
+    }
     fn cpu_state(&mut self) -> &mut CpuState {
         &mut self.cpu_state
     }

@@ -112,12 +112,54 @@ impl Vm {
         true
     }
 
+    /// RDMSR/WRMSR of an MSR the vCPU does not reach directly (the backend passes
+    /// some through, see `virt::svm::PASSED_MSRS`). EFER is emulated: the guest may
+    /// turn SCE and NXE on and off, long mode stays on. Any other MSR gets #GP, as
+    /// on a CPU without it.
+    fn emulate_msr(&mut self, idx: usize, write: bool) -> bool {
+        const EFER: u32 = 0xc000_0080;
+        /// SCE, LME, LMA (read-only: what is written there is ignored), NXE.
+        const EFER_WRITABLE: u64 = (1 << 0) | (1 << 8) | (1 << 10) | (1 << 11);
+        /// LME: this hypervisor's guests stay in long mode.
+        const EFER_LME: u64 = 1 << 8;
+        const EFER_LMA: u64 = 1 << 10;
+        let v = &mut self.vcpus[idx];
+        let r = *v.regs();
+        let msr = r.rcx as u32;
+        let value = (r.rdx << 32) | (r.rax & 0xffff_ffff);
+        match (msr, write) {
+            (EFER, false) => {
+                let efer = v.efer();
+                let regs = v.regs();
+                regs.rax = efer & 0xffff_ffff;
+                regs.rdx = efer >> 32;
+            }
+            (EFER, true) if value & !EFER_WRITABLE == 0 && value & EFER_LME != 0 => {
+                v.set_efer(value | EFER_LMA);
+            }
+            _ => {
+                v.inject_exception(13, Some(0));
+                return true;
+            }
+        }
+        v.skip(2);
+        true
+    }
+
     /// Handles one exit; returns false when the vCPU should give up the CPU.
     pub(super) fn handle_exit(&mut self, idx: usize, exit: VmExit) -> bool {
         match exit {
             VmExit::Io(io) => {
                 self.stats.io_exits += 1;
-                if !matches!(io.port, 0x3f8..=0x3ff | 0xcf8..=0xcff) {
+                // The legacy PC ports Linux probes (PIC, PIT, keyboard controller,
+                // CMOS, POST delay) read as absent, cheaply; for a Linux guest they
+                // are expected, not a storm.
+                let legacy = matches!(
+                    io.port,
+                    0x20 | 0x21 | 0x40
+                        ..=0x43 | 0x60 | 0x61 | 0x64 | 0x70 | 0x71 | 0x80 | 0xa0 | 0xa1 | 0xed
+                );
+                if !matches!(io.port, 0x3f8..=0x3ff | 0xcf8..=0xcff) && !(legacy && self.linux) {
                     let now = crate::apic::now_us();
                     if now.saturating_sub(self.io_window.0) > 1_000_000 {
                         self.io_window = (now, 0);
@@ -225,11 +267,7 @@ impl Vm {
                 }
                 true
             }
-            VmExit::Msr { .. } => {
-                // No MSR is passed through or emulated yet: the guest gets #GP.
-                self.vcpus[idx].inject_exception(13, Some(0));
-                true
-            }
+            VmExit::Msr { write } => self.emulate_msr(idx, write),
             VmExit::Hlt => {
                 let v = &mut self.vcpus[idx];
                 v.skip(1);

@@ -164,6 +164,8 @@ pub struct Vm {
     stuck_us: u64,
     /// [`STUCK_LIMIT_US`], or [`LINUX_STUCK_LIMIT_US`] for a Linux guest.
     stuck_limit_us: u64,
+    /// Whether it runs a Linux kernel (rather than an ELF guest of this ABI).
+    linux: bool,
     /// Its paravirtual GPU, when the mediator runs and a scanout is free for it.
     gpu: Option<VirtioGpuDevice>,
     /// Its port to the shared GPU (with `gpu`).
@@ -244,6 +246,7 @@ impl Vm {
             pci_addr: 0,
             io_window: (0, 0),
             stuck_us: 0,
+            linux: spec.linux.is_some(),
             stuck_limit_us: if spec.linux.is_some() {
                 LINUX_STUCK_LIMIT_US
             } else {
