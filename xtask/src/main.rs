@@ -622,43 +622,86 @@ fn cmd_test(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
         i += 1;
     }
     process::install_interrupt_handler();
-    let started = std::time::Instant::now();
-    let stage = |name: &str| eprintln!("\n==== xtask test: stage {name} ====");
+    let total = [unit, fuzz, qemu, bochs].iter().filter(|&&on| on).count();
+    let mut stages = Stages::new(total);
     if unit {
-        stage("cargo test");
-        run_checked(cargo().arg("test").current_dir(&paths.root))
-            .map_err(|e| format!("stage `cargo test` failed: {e}"))?;
+        stages.run("cargo test", || {
+            run_checked(cargo().arg("test").current_dir(&paths.root))
+                .map_err(|e| format!("stage `cargo test` failed: {e}"))
+        })?;
     }
     if fuzz {
-        stage("fuzz smoke run");
-        suite::fuzz_smoke(paths, fuzz_secs).map_err(|e| format!("stage `fuzz` failed: {e}"))?;
+        stages.run("fuzz smoke run", || {
+            suite::fuzz_smoke(paths, fuzz_secs).map_err(|e| format!("stage `fuzz` failed: {e}"))
+        })?;
     }
     let mut art = None;
     if qemu {
-        stage("qemu-test");
-        let mut a = artifacts::obtain(paths, &mode)?;
-        let ok = suite::run_suite(paths, &mut a, scenario::Emulator::Qemu, None)?;
-        if !ok {
-            return Err("stage `qemu-test` failed (see above)".into());
-        }
-        art = Some(a);
+        art = Some(stages.run("qemu-test", || {
+            let mut a = artifacts::obtain(paths, &mode)?;
+            if !suite::run_suite(paths, &mut a, scenario::Emulator::Qemu, None)? {
+                return Err("stage `qemu-test` failed (see above)".into());
+            }
+            Ok(a)
+        })?);
     }
     if bochs {
-        stage("bochs-test");
-        let mut a = match art {
-            Some(a) => a,
-            None => artifacts::obtain(paths, &mode)?,
-        };
-        let ok = suite::run_suite(paths, &mut a, scenario::Emulator::Bochs, None)?;
-        if !ok {
-            return Err("stage `bochs-test` failed (see above)".into());
+        stages.run("bochs-test", || {
+            let mut a = match art.take() {
+                Some(a) => a,
+                None => artifacts::obtain(paths, &mode)?,
+            };
+            if !suite::run_suite(paths, &mut a, scenario::Emulator::Bochs, None)? {
+                return Err("stage `bochs-test` failed (see above)".into());
+            }
+            Ok(())
+        })?;
+    }
+    stages.report();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The stages of `cargo xtask test`: each announced with its place and the time so
+/// far, timed, and listed slowest first at the end.
+struct Stages {
+    total: usize,
+    started: std::time::Instant,
+    took: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Stages {
+    fn new(total: usize) -> Self {
+        Self {
+            total,
+            started: std::time::Instant::now(),
+            took: Vec::new(),
         }
     }
-    eprintln!(
-        "\nxtask test: all stages passed in {:.0?}",
-        started.elapsed()
-    );
-    Ok(ExitCode::SUCCESS)
+
+    fn run<T>(&mut self, name: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        eprintln!(
+            "\n==== xtask test: stage {name} [{}/{}], {:.0}s so far ====",
+            self.took.len() + 1,
+            self.total,
+            self.started.elapsed().as_secs_f64()
+        );
+        let t = std::time::Instant::now();
+        let r = f();
+        self.took.push((name, t.elapsed()));
+        r
+    }
+
+    fn report(mut self) {
+        eprintln!(
+            "\nxtask test: all stages passed in {:.0?}",
+            self.started.elapsed()
+        );
+        self.took.sort_by(|a, b| b.1.cmp(&a.1));
+        eprintln!("xtask test: stages, slowest first:");
+        for (name, d) in &self.took {
+            eprintln!("    {:>7.1}s  {name}", d.as_secs_f64());
+        }
+    }
 }
 
 fn cmd_image(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {

@@ -140,13 +140,22 @@ pub fn run_suite(
     let started = Instant::now();
     let (mut passed, mut failed) = (0, 0);
     let mut failed_names = Vec::new();
-    for s in selected {
+    let mut times: Vec<(&str, f64)> = Vec::new();
+    let n = selected.len();
+    for (k, s) in selected.iter().enumerate() {
         if process::interrupted() {
             break;
         }
+        eprintln!(
+            "{label} [{}/{n}, {:.0}s so far]: {}",
+            k + 1,
+            started.elapsed().as_secs_f64(),
+            s.name
+        );
         let Some(r) = run_and_print(paths, art, emu, s) else {
             break;
         };
+        times.push((&s.name, r.secs));
         if r.passed {
             passed += 1;
         } else {
@@ -168,6 +177,13 @@ pub fn run_suite(
         }
     );
     println!("{label}: {passed} passed, {failed} failed");
+    times.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let slowest: Vec<String> = times
+        .iter()
+        .take(5)
+        .map(|(name, secs)| format!("{name} {secs:.1}s"))
+        .collect();
+    println!("{label}: slowest: {}", slowest.join(", "));
     Ok(failed == 0)
 }
 
