@@ -177,16 +177,53 @@ pub fn send_ipi(dest: u32, low: u32) {
 /// Vector of the hypervisor's preemption timer.
 pub const TIMER_VECTOR: u8 = 0xf0;
 
+/// Per CPU: when its APIC timer fires (`now_us` time), 0 when it is not armed.
+static ARMED_UNTIL: [AtomicU64; cpu::MAX_CPUS] = [const { AtomicU64::new(0) }; cpu::MAX_CPUS];
+/// Per CPU: whether the timer's divider and vector are set (they never change).
+static TIMER_SET_UP: [AtomicBool; cpu::MAX_CPUS] =
+    [const { AtomicBool::new(false) }; cpu::MAX_CPUS];
+
 /// Arms this CPU's APIC timer to fire once in about `us` microseconds.
 pub fn arm_oneshot_us(us: u64) {
+    let i = cpu::current_index();
     let ticks = (ticks_per_ms() * us / 1000).clamp(1, u64::from(u32::MAX)) as u32;
-    write(REG_TIMER_DIV, 0b1011);
-    write(REG_LVT_TIMER, u32::from(TIMER_VECTOR));
+    if !TIMER_SET_UP[i].swap(true, Ordering::Relaxed) {
+        write(REG_TIMER_DIV, 0b1011);
+        write(REG_LVT_TIMER, u32::from(TIMER_VECTOR));
+    }
     write(REG_TIMER_INIT, ticks);
+    ARMED_UNTIL[i].store(now_us() + us, Ordering::Relaxed);
+}
+
+/// Makes this CPU's APIC timer fire within about `us` microseconds (a vCPU's time
+/// slice): an armed timer that fires no later is kept, since each register write is
+/// an emulator exit of its own and a guest's exits come far faster than its slices
+/// end. A timer that fires earlier than needed only makes the vCPU exit early; the
+/// run loop enters it again. A timer that fired is known by its interrupt
+/// ([`timer_fired`]), not by the clock: it may fire a little before the time it was
+/// armed for, and a vCPU entered without a timer would never be preempted.
+pub fn arm_within_us(us: u64) {
+    let i = cpu::current_index();
+    let armed = ARMED_UNTIL[i].load(Ordering::Relaxed);
+    let now = now_us();
+    if armed > now && armed <= now + us {
+        return;
+    }
+    arm_oneshot_us(us);
+}
+
+/// This CPU's APIC timer fired (from its interrupt handler): the next
+/// [`arm_within_us`] arms it again.
+pub fn timer_fired() {
+    ARMED_UNTIL[cpu::current_index()].store(0, Ordering::Relaxed);
 }
 
 /// Stops this CPU's APIC timer.
+#[cfg_attr(not(feature = "selftest"), allow(dead_code))]
 pub fn disarm() {
+    let i = cpu::current_index();
     write(REG_TIMER_INIT, 0);
     write(REG_LVT_TIMER, 1 << 16);
+    TIMER_SET_UP[i].store(false, Ordering::Relaxed);
+    ARMED_UNTIL[i].store(0, Ordering::Relaxed);
 }

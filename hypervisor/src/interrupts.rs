@@ -27,6 +27,7 @@ pub static DEVICE_PENDING: [AtomicU64; 16] = [const { AtomicU64::new(0) }; 16];
 pub fn top_half(vector: u8) {
     if vector == apic::TIMER_VECTOR {
         TIMER_TICKS[current_index()].fetch_add(1, Ordering::Relaxed);
+        apic::timer_fired();
     } else if (DEVICE_VECTOR_BASE..DEVICE_VECTOR_BASE + 16).contains(&vector) {
         DEVICE_PENDING[(vector - DEVICE_VECTOR_BASE) as usize].fetch_add(1, Ordering::Release);
     }

@@ -411,16 +411,15 @@ impl Vcpu for SvmVcpu {
         self.assign_asid(i);
         self.cpu_state.load();
         if self.slice_us != 0 {
-            crate::apic::arm_oneshot_us(self.slice_us);
+            // Left armed after the exit: most exits are handled well within the
+            // slice, and the next entry keeps the timer if it still fires in time.
+            crate::apic::arm_within_us(self.slice_us);
         }
         self.cpu_state.before_entry();
         // SAFETY: this CPU has SVM enabled with a host save area; the VMCB is ours and
         // fully initialised; `regs` outlives the call.
         unsafe { svm_run(&mut self.regs, self.vmcb, host) };
         self.cpu_state.after_exit();
-        if self.slice_us != 0 {
-            crate::apic::disarm();
-        }
         self.regs.rax = self.r(S_RAX);
         self.w::<u8>(C_TLB_CONTROL, 0);
         let exit = self.decode_exit();
