@@ -85,8 +85,10 @@ pub fn guest_cpuid(
                 // 4VNNIW, 4FMAPS, VP2INTERSECT, FP16
                 r.edx &= !((1 << 2) | (1 << 3) | (1 << 8) | (1 << 23));
             }
-            // PKU, OSPKE, CET_SS, RDPID
-            r.ecx &= !((1 << 3) | (1 << 4) | (1 << 7) | (1 << 22));
+            // PKU, OSPKE, CET_SS, LA57, RDPID. LA57: this hypervisor walks a guest's
+            // page tables in four levels (MMIO emulation fetches the instruction
+            // through them); a Linux guest offered LA57 turns on 5-level paging.
+            r.ecx &= !((1 << 3) | (1 << 4) | (1 << 7) | (1 << 16) | (1 << 22));
             // CET_IBT, AMX-BF16, AMX-TILE, AMX-INT8
             r.edx &= !((1 << 20) | (1 << 22) | (1 << 24) | (1 << 25));
         }
