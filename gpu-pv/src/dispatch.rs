@@ -34,7 +34,6 @@ use crate::mediator::{
     Batch, Completion, HostCommand, IommuOp, Mediator, MediatorError, QueueId, ResetReport,
 };
 use crate::memory::{Gpa, GuestMemory, Hpa, MemError};
-use crate::ring::QueueLayout;
 use crate::sched::{Scheduler, Slice, SliceKind, VmId};
 
 /// The device's side: a ring that takes host commands and gives back completions.
@@ -447,16 +446,6 @@ impl<G: Gpu> Dispatcher<G> {
         Ok(r)
     }
 
-    /// The driver of `vm` set its queues up.
-    pub fn start_queues(
-        &mut self,
-        vm: VmId,
-        control: QueueLayout,
-        cursor: QueueLayout,
-    ) -> Result<(), MediatorError> {
-        self.mediator.start_queues(vm, control, cursor)
-    }
-
     /// `vm` is gone (or its channel is torn down): its buffers are unregistered,
     /// its channel reset, and it stays on the schedule until its cleanup ran.
     pub fn remove_vm(&mut self, vm: VmId, now: u64) -> Result<ResetReport, MediatorError> {
@@ -589,9 +578,13 @@ impl<G: Gpu> Dispatcher<G> {
         for &vm in &out.hung {
             // Its batch will never complete: the GPU is free for the others, and a
             // late completion finds no token.
+            // Its time on the GPU counts for the slice, not as a measured cost per
+            // command (the watchdog's wait would make its next batches one command).
             if self.in_flight.as_ref().is_some_and(|f| f.vm == vm) {
                 if let Some(f) = self.in_flight.take() {
-                    self.landed(&f, now);
+                    if let Some(o) = self.slice.as_mut() {
+                        o.busy_ns += now.saturating_sub(f.submitted_ns);
+                    }
                 }
             }
             self.parked.retain(|f| f.vm != vm);

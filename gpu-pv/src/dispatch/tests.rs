@@ -368,6 +368,10 @@ fn a_hung_vm_is_reset_its_grants_revoked_and_the_other_vm_runs() {
     r.now += 3_000 * MS;
     let s = r.service();
     assert_eq!(s.hung, [1]);
+    // The watchdog's wait is not taken as GPU time of its commands (it would make
+    // the VM's next batches one command each).
+    assert!(r.d.figures(1).unwrap().gpu_busy_us < 10_000);
+    assert!(r.d.cost_per_cmd_ns.get(&1).is_none_or(|&c| c < 10 * MS));
     assert_eq!(
         r.d.grants().of_vm(1),
         0,

@@ -199,7 +199,7 @@ fn remove_vm(vm: VmId) {
 fn start(vm: VmId, control: QueueLayout, cursor: QueueLayout) -> bool {
     let mut g = lock();
     let Some(s) = g.as_mut() else { return false };
-    let r = s.disp.start_queues(vm, control, cursor);
+    let r = s.disp.mediator_mut().start_queues(vm, control, cursor);
     if let Err(e) = &r {
         warn!("gpu-pv: vm {vm}: cannot start its queues: {e:?}");
     }

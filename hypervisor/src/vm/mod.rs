@@ -162,8 +162,6 @@ pub struct Vm {
     pci_addr: u32,
     io_window: (u64, u64),
     stuck_us: u64,
-    /// [`STUCK_LIMIT_US`], or [`LINUX_STUCK_LIMIT_US`] for a Linux guest.
-    stuck_limit_us: u64,
     /// Whether it runs a Linux kernel (rather than an ELF guest of this ABI).
     linux: bool,
     /// Its paravirtual GPU, when the mediator runs and a scanout is free for it.
@@ -247,11 +245,6 @@ impl Vm {
             io_window: (0, 0),
             stuck_us: 0,
             linux: spec.linux.is_some(),
-            stuck_limit_us: if spec.linux.is_some() {
-                LINUX_STUCK_LIMIT_US
-            } else {
-                STUCK_LIMIT_US
-            },
             gpu: None,
             port: None,
         };
@@ -512,7 +505,12 @@ impl Vm {
                 && self.vcpus[idx].rflags() & (1 << 9) == 0
             {
                 self.stuck_us += after.saturating_sub(now);
-                if self.stuck_us > self.stuck_limit_us {
+                let limit = if self.linux {
+                    LINUX_STUCK_LIMIT_US
+                } else {
+                    STUCK_LIMIT_US
+                };
+                if self.stuck_us > limit {
                     self.stop(idx, StopReason::StuckInterruptsOff);
                     break;
                 }
