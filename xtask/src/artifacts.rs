@@ -94,8 +94,8 @@ impl Artifacts {
     }
 }
 
-const UEFI_TARGET: &str = "x86_64-unknown-uefi";
-const NONE_TARGET: &str = "x86_64-unknown-none";
+const UEFI_TARGET: &str = crate::tools::RUST_TARGETS[0];
+const NONE_TARGET: &str = crate::tools::RUST_TARGETS[1];
 
 /// Gets the artifacts as `mode` says.
 pub fn obtain(paths: &Paths, mode: &BuildMode) -> Result<Artifacts> {
@@ -175,6 +175,7 @@ pub fn build(paths: &Paths) -> Result<Artifacts> {
     let boot_manifest = paths.root.join("boot/Cargo.toml");
     let hv_manifest = paths.root.join("hypervisor/Cargo.toml");
     let guest_manifest = paths.root.join("guest-frontend/Cargo.toml");
+    crate::tools::ensure_rust_targets(&paths.root)?;
 
     let uefi = cargo_build(paths, UEFI_TARGET, &["boot"], &[])?;
     let boot_efi = uefi

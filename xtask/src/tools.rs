@@ -117,3 +117,72 @@ pub fn ensure(tools: &[Tool]) -> Result<()> {
         names.join(", ")
     ))
 }
+
+/// The bare-metal targets the loader and the hypervisor are built for.
+pub const RUST_TARGETS: &[&str] = &["x86_64-unknown-uefi", "x86_64-unknown-none"];
+
+/// Which of `wanted` are not in `installed` (`rustup target list --installed`).
+fn missing_targets<'a>(installed: &str, wanted: &[&'a str]) -> Vec<&'a str> {
+    wanted
+        .iter()
+        .copied()
+        .filter(|t| !installed.lines().any(|l| l.trim() == *t))
+        .collect()
+}
+
+/// Makes sure the pinned toolchain (rust-toolchain.toml, in effect in `root`) has
+/// [`RUST_TARGETS`]: a toolchain installed before the file named them, or by a
+/// rustup that does not read the file's `targets`, lacks them, and cargo then
+/// fails with a bare "can't find crate for `core`". Adds them with rustup,
+/// saying so first; without rustup, says the command.
+pub fn ensure_rust_targets(root: &Path) -> Result<()> {
+    let listed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .current_dir(root)
+        .output();
+    let installed = match listed {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).into_owned(),
+        // No rustup: the toolchain is someone else's to manage; cargo will tell.
+        _ => return Ok(()),
+    };
+    let missing = missing_targets(&installed, RUST_TARGETS);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: the pinned Rust toolchain lacks the targets {}; installing them: rustup target add {}",
+        missing.join(", "),
+        missing.join(" ")
+    );
+    run_checked(
+        Command::new("rustup")
+            .args(["target", "add"])
+            .args(&missing)
+            .current_dir(root),
+    )
+    .map_err(|e| {
+        format!(
+            "{e}\nthe build needs them; run in {}: rustup target add {}",
+            root.display(),
+            missing.join(" ")
+        )
+    })
+}
+
+#[cfg(test)]
+mod target_tests {
+    use super::*;
+
+    #[test]
+    fn missing_targets_are_those_not_listed() {
+        let listed = "x86_64-unknown-linux-gnu\nx86_64-unknown-none\n";
+        assert_eq!(
+            missing_targets(listed, RUST_TARGETS),
+            vec!["x86_64-unknown-uefi"]
+        );
+        let all = "x86_64-unknown-uefi\nx86_64-unknown-none\n";
+        assert!(missing_targets(all, RUST_TARGETS).is_empty());
+        // A target name inside another line does not count.
+        assert_eq!(missing_targets("x86_64-unknown-none-elf\n", &["x86_64-unknown-none"]).len(), 1);
+    }
+}
