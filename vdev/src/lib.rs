@@ -1,6 +1,8 @@
 //! The devices the hypervisor emulates for every guest, as pure logic: the virtual
-//! local APIC ([`vlapic`]), the decoder for the instruction that touched an emulated
-//! MMIO page ([`mmio`]), and the virtual virtio-gpu PCI function ([`vgpu`]).
+//! local APIC ([`vlapic`]), the virtual I/O APIC routing device interrupts to it
+//! ([`ioapic`]), the decoder for the instruction that touched an emulated MMIO page
+//! ([`mmio`]), the virtual virtio-gpu PCI function ([`vgpu`]), and the
+//! 16550A serial port on COM1 ([`uart`]).
 //!
 //! Every register a guest reads or writes lands here with guest-chosen offsets,
 //! sizes and values, so this is attack surface. It lives in its own crate, apart
@@ -19,8 +21,10 @@ extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
+pub mod ioapic;
 pub mod mmio;
 pub mod regs;
+pub mod uart;
 pub mod vgpu;
 pub mod vlapic;
 pub mod xsave;
