@@ -1,13 +1,14 @@
 //! Linux guests' files: Debian's stock kernel, fetched with `apt-get download` (no
 //! install, no root needed for the fetch itself) and unpacked with `dpkg -x`, cached
 //! under `target/xtask/linux/` so a second run fetches nothing. A VM config names it
-//! as `kernel = "linux/vmlinuz"`; the ESP gets it as `\hv\linux\vmlinuz`.
+//! as `kernel = "linux/vmlinuz"`; the ESP gets it as `\hv\linux\vmlinuz`, and with
+//! it the busybox initramfs of [`crate::initramfs`] when a VM names that.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{Context, Paths, Result};
+use crate::{initramfs, Context, Paths, Result};
 
 /// The path a VM config uses for Debian's kernel.
 pub const KERNEL: &str = "linux/vmlinuz";
@@ -15,7 +16,8 @@ pub const KERNEL: &str = "linux/vmlinuz";
 /// The metapackage whose dependency is the current kernel of the Debian release.
 const METAPACKAGE: &str = "linux-image-amd64";
 
-fn run(cmd: &mut Command) -> Result<String> {
+/// Runs `cmd` and returns its stdout, or its stderr as the error.
+pub(crate) fn run(cmd: &mut Command) -> Result<String> {
     let shown = format!("{cmd:?}");
     let out = cmd.output().ctx(|| format!("cannot start {shown}"))?;
     if !out.status.success() {
@@ -83,20 +85,27 @@ pub fn wants_kernel(config: &str) -> bool {
         .is_ok_and(|c| c.vm.iter().any(|v| v.kernel.as_deref() == Some(KERNEL)))
 }
 
-/// Puts Debian's kernel into the ESP at `esp` (`\hv\linux\vmlinuz`) when `config`
-/// boots it.
+/// Puts Debian's kernel (`\hv\linux\vmlinuz`) and the busybox initramfs
+/// (`\hv\linux\initramfs.cpio`) into the ESP at `esp`, each when `config` names it.
 pub fn add_to_esp(paths: &Paths, esp: &Path, config: &str) -> Result<()> {
-    if !wants_kernel(config) {
-        return Ok(());
+    if wants_kernel(config) {
+        copy_into_esp(&kernel(paths)?, esp, KERNEL)?;
     }
-    let kernel = kernel(paths)?;
-    let dst = esp.join("hv").join(KERNEL);
+    if initramfs::wants_initramfs(config) {
+        copy_into_esp(&initramfs::build(paths)?, esp, initramfs::INITRD)?;
+    }
+    Ok(())
+}
+
+/// Copies `src` to `\hv\<name>` of the ESP at `esp`.
+fn copy_into_esp(src: &Path, esp: &Path, name: &str) -> Result<()> {
+    let dst = esp.join("hv").join(name);
     if let Some(parent) = dst.parent() {
         fs::create_dir_all(parent).ctx(|| format!("cannot create {}", parent.display()))?;
     }
-    fs::copy(&kernel, &dst)
+    fs::copy(src, &dst)
         .map(|_| ())
-        .ctx(|| format!("cannot copy {} to {}", kernel.display(), dst.display()))
+        .ctx(|| format!("cannot copy {} to {}", src.display(), dst.display()))
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ mod counters;
 mod esp;
 mod gpt;
 mod image;
+mod initramfs;
 mod judge;
 #[cfg(test)]
 mod layers;
