@@ -23,6 +23,7 @@ extern crate std;
 
 pub mod ioapic;
 pub mod mmio;
+pub mod platform;
 pub mod regs;
 pub mod uart;
 pub mod vgpu;
