@@ -18,6 +18,8 @@
 
 use core::fmt;
 
+pub mod mptable;
+
 /// Where the zero page goes (guest-physical; below the first MiB, beside the page
 /// tables and GDT the hypervisor builds at 0x1000..0x8000).
 pub const ZERO_PAGE: u64 = 0x8000;
@@ -271,6 +273,54 @@ pub struct Plan {
     pub zero_page: u64,
     /// The VM's RAM as the kernel sees it.
     pub e820: [E820Entry; 3],
+}
+
+/// The command-line parameter that hands Linux the TSC frequency.
+const TSC_KHZ_PARAM: &[u8] = b"tsc_early_khz=";
+
+/// The command line a VM's kernel gets: the configured one with
+/// `tsc_early_khz=<kHz>` appended (unless it sets that itself), written into `buf`.
+/// Linux times everything with the TSC and the TSC-deadline timer, but on AMD it
+/// learns the TSC's frequency only by calibrating against the PIT, which a VM here
+/// does not have; the hypervisor has measured the frequency and says it this way.
+pub fn with_tsc_khz<'a>(
+    cmdline: &[u8],
+    tsc_khz: u64,
+    buf: &'a mut [u8; MAX_CMDLINE],
+) -> Result<&'a [u8], BootError> {
+    let present = cmdline
+        .split(|&b| b == b' ')
+        .any(|w| w.starts_with(TSC_KHZ_PARAM));
+    let mut digits = [0u8; 20];
+    let mut n = digits.len();
+    let mut k = tsc_khz;
+    loop {
+        n -= 1;
+        digits[n] = b'0' + (k % 10) as u8;
+        k /= 10;
+        if k == 0 {
+            break;
+        }
+    }
+    let sep: &[u8] = if cmdline.is_empty() { b"" } else { b" " };
+    let parts: [&[u8]; 4] = if present {
+        [cmdline, b"", b"", b""]
+    } else {
+        [cmdline, sep, TSC_KHZ_PARAM, &digits[n..]]
+    };
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if len > MAX_CMDLINE {
+        return Err(BootError::CmdlineTooLong {
+            len,
+            max: MAX_CMDLINE,
+        });
+    }
+    let mut at = 0;
+    for p in parts {
+        buf[at..at + p.len()].copy_from_slice(p);
+        at += p.len();
+    }
+    Ok(&buf[..len])
 }
 
 /// Places a kernel of header `h` and `kernel_len` bytes, an initrd of `initrd_len`

@@ -216,3 +216,25 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_tsc_frequency_is_appended_unless_the_command_line_sets_it() {
+    let mut buf = [0u8; MAX_CMDLINE];
+    assert_eq!(
+        with_tsc_khz(b"console=ttyS0", 2_994_373, &mut buf).unwrap(),
+        b"console=ttyS0 tsc_early_khz=2994373"
+    );
+    assert_eq!(with_tsc_khz(b"", 0, &mut buf).unwrap(), b"tsc_early_khz=0");
+    let own = b"quiet tsc_early_khz=1000 ro";
+    assert_eq!(with_tsc_khz(own, 2_000_000, &mut buf).unwrap(), own);
+    // A word that merely contains the name does not count.
+    assert_eq!(
+        with_tsc_khz(b"xtsc_early_khz=5", 7, &mut buf).unwrap(),
+        b"xtsc_early_khz=5 tsc_early_khz=7"
+    );
+    let long = vec![b'a'; MAX_CMDLINE - 5];
+    assert!(matches!(
+        with_tsc_khz(&long, 1_000_000, &mut buf),
+        Err(BootError::CmdlineTooLong { max: MAX_CMDLINE, .. })
+    ));
+}
