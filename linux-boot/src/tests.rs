@@ -235,6 +235,9 @@ fn the_tsc_frequency_is_appended_unless_the_command_line_sets_it() {
     let long = vec![b'a'; MAX_CMDLINE - 5];
     assert!(matches!(
         with_tsc_khz(&long, 1_000_000, &mut buf),
-        Err(BootError::CmdlineTooLong { max: MAX_CMDLINE, .. })
+        Err(BootError::CmdlineTooLong {
+            max: MAX_CMDLINE,
+            ..
+        })
     ));
 }

@@ -253,7 +253,7 @@ mod tests {
         assert_eq!(p.com1_read(IIR, &mut l) & 0x0f, 0x01, "no interrupt left");
         let _ = p.com1_read(LSR, &mut l);
         l[1].write(0xb0, 0, 0); // EOI
-        // Writing a byte transmits it and raises THRE again: a new edge.
+                                // Writing a byte transmits it and raises THRE again: a new edge.
         assert_eq!(p.com1_write(COM1_BASE, b'x', &mut l), Some(b'x'));
         assert_eq!(l[1].pending(), Some(0x24));
     }
@@ -294,9 +294,15 @@ mod tests {
         let mut l = lapics(3);
         let mut p = Platform::new(3);
         let ipi = |vector, mode, dest| Effect::Ipi(Ipi { vector, mode, dest });
-        assert_eq!(p.lapic_effect(0, ipi(0xf0, 0, IpiDest::ToSelf), &mut l), None);
+        assert_eq!(
+            p.lapic_effect(0, ipi(0xf0, 0, IpiDest::ToSelf), &mut l),
+            None
+        );
         assert_eq!(l[0].pending(), Some(0xf0));
-        assert_eq!(p.lapic_effect(0, ipi(0xf1, 0, IpiDest::Others), &mut l), None);
+        assert_eq!(
+            p.lapic_effect(0, ipi(0xf1, 0, IpiDest::Others), &mut l),
+            None
+        );
         assert_eq!((l[1].pending(), l[2].pending()), (Some(0xf1), Some(0xf1)));
         p.lapic_effect(1, ipi(0xf2, 0, IpiDest::Physical(2)), &mut l);
         assert_eq!(l[2].pending(), Some(0xf2));
@@ -344,6 +350,10 @@ mod tests {
         assert_eq!(p.ioapic.set_level(9, true), None, "remote IRR holds it");
         let eoi = l[0].write(0xb0, 0, 0).expect("EOI effect");
         p.lapic_effect(0, eoi, &mut l);
-        assert_eq!(l[0].pending(), Some(0x41), "still asserted: delivered again");
+        assert_eq!(
+            l[0].pending(),
+            Some(0x41),
+            "still asserted: delivered again"
+        );
     }
 }

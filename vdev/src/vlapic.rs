@@ -567,7 +567,11 @@ mod tests {
         l.write(REG_LDR, 0x0200_00ff, 0);
         assert_eq!(l.read(REG_LDR, 0), 0x0200_0000);
         assert!(l.matches_logical(0x02) && !l.matches_logical(0x01));
-        for (reg, v) in [(REG_LVT_LINT0, 0x700), (REG_LVT_LINT1, 0x400), (REG_LVT_ERROR, 0xfe)] {
+        for (reg, v) in [
+            (REG_LVT_LINT0, 0x700),
+            (REG_LVT_LINT1, 0x400),
+            (REG_LVT_ERROR, 0xfe),
+        ] {
             assert_eq!(l.read(reg, 0), LVT_MASKED, "{reg:#x} masked after reset");
             l.write(reg, v, 0);
             assert_eq!(l.read(reg, 0), v, "{reg:#x}");

@@ -183,6 +183,9 @@ mod target_tests {
         let all = "x86_64-unknown-uefi\nx86_64-unknown-none\n";
         assert!(missing_targets(all, RUST_TARGETS).is_empty());
         // A target name inside another line does not count.
-        assert_eq!(missing_targets("x86_64-unknown-none-elf\n", &["x86_64-unknown-none"]).len(), 1);
+        assert_eq!(
+            missing_targets("x86_64-unknown-none-elf\n", &["x86_64-unknown-none"]).len(),
+            1
+        );
     }
 }
