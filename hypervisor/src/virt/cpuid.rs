@@ -5,7 +5,14 @@
 //! Hidden: VMX and SVM; MONITOR/MWAIT (intercepted, #UD); RDTSCP and RDPID (TSC_AUX is
 //! not the guest's); performance monitoring (leaf 0xA, PDCM, PERFCTR_CORE: RDPMC is
 //! refused); PKU, CET, MPX, AMX and XSAVES (state not offered); AVX/AVX-512 when the
-//! XCR0 policy does not offer them.
+//! XCR0 policy does not offer them; x2APIC (the virtual local APIC is an xAPIC) and
+//! the host's topology (HTT, leaves 0xB/0x1F/0x8000_001E: each vCPU is a core of its
+//! own with its APIC id in leaf 1); machine checks and MTRRs (MCE, MCA, MTRR: their
+//! MSRs are not emulated, and guest RAM is write-back whatever they would say).
+//!
+//! Offered beyond the host: TSC-deadline (the virtual local APIC emulates
+//! IA32_TSC_DEADLINE) and ARAT (its timer does not stop in deep C-states: there are
+//! none), which together let Linux run its clock events without a PIT.
 
 use core::arch::x86_64::CpuidResult;
 
@@ -18,6 +25,8 @@ pub struct GuestView {
     pub cr4: u64,
     /// The guest's XCR0.
     pub xcr0: u64,
+    /// The vCPU's local APIC id.
+    pub apic_id: u8,
 }
 
 const ZERO: CpuidResult = CpuidResult {
@@ -51,8 +60,12 @@ pub fn guest_cpuid(
     let mut r = host(leaf, sub);
     match leaf {
         1 => {
-            r.ecx &= !((1 << 3) | (1 << 5) | (1 << 15)); // MONITOR, VMX, PDCM
-            r.ecx |= 1 << 31; // hypervisor present
+            r.ecx &= !((1 << 3) | (1 << 5) | (1 << 15) | (1 << 21)); // MONITOR, VMX, PDCM, x2APIC
+            r.ecx |= (1 << 31) | (1 << 24); // hypervisor present, TSC-deadline
+                                            // Initial APIC id (31:24), one logical processor (23:16), no HTT.
+            r.ebx = (r.ebx & 0xffff) | (u32::from(view.apic_id) << 24) | (1 << 16);
+            // HTT; MCE, MCA and MTRR: their MSRs are not offered.
+            r.edx &= !((1 << 28) | (1 << 7) | (1 << 14) | (1 << 12));
             if !policy.xsave {
                 r.ecx &= !(1 << 26);
             }
@@ -93,7 +106,8 @@ pub fn guest_cpuid(
             r.edx &= !((1 << 20) | (1 << 22) | (1 << 24) | (1 << 25));
         }
         7 => {}
-        0xa => r = ZERO,
+        6 => r.eax |= 1 << 2, // ARAT
+        0xa | 0xb | 0x1f | 0x8000_001e => r = ZERO,
         0xd if !policy.xsave => r = ZERO,
         0xd => match sub {
             0 => {
@@ -113,9 +127,12 @@ pub fn guest_cpuid(
             _ => r = ZERO,
         },
         0x8000_0001 => {
-            r.ecx &= !((1 << 2) | (1 << 23) | (1 << 29)); // SVM, PERFCTR_CORE, MONITORX
+            // CmpLegacy, SVM, TOPOEXT, PERFCTR_CORE, MONITORX
+            r.ecx &= !((1 << 1) | (1 << 2) | (1 << 22) | (1 << 23) | (1 << 29));
             r.edx &= !(1 << 27); // RDTSCP
         }
+        // One core per package (NC, bits 7:0, and the APIC id size, 15:12).
+        0x8000_0008 => r.ecx &= !0xf0ff,
         _ => {}
     }
     r

@@ -4,6 +4,7 @@
 
 use log::warn;
 use vdev::mmio::{self, Access};
+use vdev::platform::Platform;
 
 use crate::virt::{self, Instruction, VmExit};
 
@@ -81,6 +82,8 @@ impl Vm {
                 let size = load.size;
                 let value = if (lapic..lapic + 4096).contains(&gpa) {
                     u64::from(self.lapics[idx].read((gpa - lapic) as u32, now))
+                } else if Platform::is_ioapic(gpa) {
+                    u64::from(self.platform.ioapic_read(gpa))
                 } else if in_ecam {
                     let (bus, dev, func, off) = ecam(gpa);
                     match self.gpu.as_ref() {
@@ -96,7 +99,19 @@ impl Vm {
             }
             Access::Write { value, size } => {
                 if (lapic..lapic + 4096).contains(&gpa) {
-                    self.lapics[idx].write((gpa - lapic) as u32, value as u32, now);
+                    let effect = self.lapics[idx].write((gpa - lapic) as u32, value as u32, now);
+                    let request =
+                        effect.and_then(|e| self.platform.lapic_effect(idx, e, &mut self.lapics));
+                    if let Some(request) = request {
+                        self.stop(
+                            idx,
+                            StopReason::Unhandled(alloc::format!("IPI {request:?}")),
+                        );
+                        return false;
+                    }
+                } else if Platform::is_ioapic(gpa) {
+                    self.platform
+                        .ioapic_write(gpa, value as u32, &mut self.lapics);
                 } else if in_ecam {
                     let (bus, dev, func, off) = ecam(gpa);
                     if let (Some(d), 0) = (self.gpu.as_mut(), bus) {
@@ -113,34 +128,77 @@ impl Vm {
     }
 
     /// RDMSR/WRMSR of an MSR the vCPU does not reach directly (the backend passes
-    /// some through, see `virt::svm::PASSED_MSRS`). EFER is emulated: the guest may
-    /// turn SCE and NXE on and off, long mode stays on. Any other MSR gets #GP, as
-    /// on a CPU without it.
+    /// some through, see `virt::svm::PASSED_MSRS`). Emulated: EFER (the guest may
+    /// turn SCE and NXE on and off, long mode stays on), APIC_BASE (the xAPIC at its
+    /// fixed base, enabled; x2APIC is not offered), TSC_DEADLINE (the virtual local
+    /// APIC's timer), PAT (kept per vCPU; guest RAM is write-back whatever it says)
+    /// MISC_ENABLE (fast strings; writes ignored) and AMD's INT_PENDING_MSG (0: no
+    /// C1E, which Linux asks of CPUs that report a K8 family, as QEMU's does). Any
+    /// other MSR gets #GP, as on a CPU without it.
     fn emulate_msr(&mut self, idx: usize, write: bool) -> bool {
+        const APIC_BASE: u32 = 0x1b;
+        const MISC_ENABLE: u32 = 0x1a0;
+        const AMD_INT_PENDING_MSG: u32 = 0xc001_0055;
+        const PAT: u32 = 0x277;
+        const TSC_DEADLINE: u32 = 0x6e0;
         const EFER: u32 = 0xc000_0080;
         /// SCE, LME, LMA (read-only: what is written there is ignored), NXE.
         const EFER_WRITABLE: u64 = (1 << 0) | (1 << 8) | (1 << 10) | (1 << 11);
         /// LME: this hypervisor's guests stay in long mode.
         const EFER_LME: u64 = 1 << 8;
         const EFER_LMA: u64 = 1 << 10;
-        let v = &mut self.vcpus[idx];
-        let r = *v.regs();
+        /// APIC_BASE: BSP (bit 8), global enable (bit 11).
+        const APIC_BSP: u64 = 1 << 8;
+        const APIC_ENABLE: u64 = 1 << 11;
+        let r = *self.vcpus[idx].regs();
         let msr = r.rcx as u32;
         let value = (r.rdx << 32) | (r.rax & 0xffff_ffff);
-        match (msr, write) {
-            (EFER, false) => {
-                let efer = v.efer();
-                let regs = v.regs();
-                regs.rax = efer & 0xffff_ffff;
-                regs.rdx = efer >> 32;
-            }
+        let apic_base =
+            gpu_pv::abi::guest::LAPIC_BASE | APIC_ENABLE | if idx == 0 { APIC_BSP } else { 0 };
+        let read = match (msr, write) {
+            (EFER, false) => Some(self.vcpus[idx].efer()),
             (EFER, true) if value & !EFER_WRITABLE == 0 && value & EFER_LME != 0 => {
-                v.set_efer(value | EFER_LMA);
+                self.vcpus[idx].set_efer(value | EFER_LMA);
+                None
             }
+            (APIC_BASE, false) => Some(apic_base),
+            // Rewriting what it reads is fine; moving or disabling the APIC, or
+            // x2APIC mode, is not offered.
+            (APIC_BASE, true) if value == apic_base => None,
+            (TSC_DEADLINE, false) => Some(self.lapics[idx].tsc_deadline()),
+            (TSC_DEADLINE, true) => {
+                let now_tsc = crate::arch::cpu::rdtsc();
+                let per_ms = crate::apic::tsc_per_ms().max(1);
+                let now = crate::apic::now_us();
+                let wait_us = u128::from(value.saturating_sub(now_tsc)) * 1000 / u128::from(per_ms);
+                let due = now.saturating_add(u64::try_from(wait_us).unwrap_or(u64::MAX));
+                self.lapics[idx].set_tsc_deadline(value, due);
+                None
+            }
+            (PAT, false) => Some(self.pat[idx]),
+            // Each of the eight entries must name a memory type (0, 1, 4-7).
+            (PAT, true)
+                if value
+                    .to_le_bytes()
+                    .iter()
+                    .all(|&t| matches!(t, 0 | 1 | 4..=7)) =>
+            {
+                self.pat[idx] = value;
+                None
+            }
+            (MISC_ENABLE, false) => Some(1),
+            (MISC_ENABLE, true) => None,
+            (AMD_INT_PENDING_MSG, false) => Some(0),
             _ => {
-                v.inject_exception(13, Some(0));
+                self.vcpus[idx].inject_exception(13, Some(0));
                 return true;
             }
+        };
+        let v = &mut self.vcpus[idx];
+        if let Some(x) = read {
+            let regs = v.regs();
+            regs.rax = x & 0xffff_ffff;
+            regs.rdx = x >> 32;
         }
         v.skip(2);
         true
@@ -159,7 +217,10 @@ impl Vm {
                     0x20 | 0x21 | 0x40
                         ..=0x43 | 0x60 | 0x61 | 0x64 | 0x70 | 0x71 | 0x80 | 0xa0 | 0xa1 | 0xed
                 );
-                if !matches!(io.port, 0x3f8..=0x3ff | 0xcf8..=0xcff) && !(legacy && self.linux) {
+                if !Platform::is_com1(io.port)
+                    && !matches!(io.port, 0xcf8..=0xcff)
+                    && !(legacy && self.linux)
+                {
                     let now = crate::apic::now_us();
                     if now.saturating_sub(self.io_window.0) > 1_000_000 {
                         self.io_window = (now, 0);
@@ -180,7 +241,9 @@ impl Vm {
                 let rax = self.vcpus[idx].regs().rax;
                 if io.input {
                     let val = match io.port {
-                        0x3fd => 0x60, // COM1 LSR: transmitter empty
+                        p if Platform::is_com1(p) => {
+                            u64::from(self.platform.com1_read(p, &mut self.lapics))
+                        }
                         0xcf8 => u64::from(self.pci_addr),
                         0xcfc..=0xcff => self.pci_port_read(io.port, io.size),
                         _ => 0xffff_ffff,
@@ -191,8 +254,13 @@ impl Vm {
                         _ => 0xffff_ffff,
                     };
                     self.vcpus[idx].regs().rax = (rax & !mask) | (val & mask);
-                } else if io.port == 0x3f8 {
-                    self.serial_byte(rax as u8);
+                } else if Platform::is_com1(io.port) {
+                    if let Some(b) = self
+                        .platform
+                        .com1_write(io.port, rax as u8, &mut self.lapics)
+                    {
+                        self.serial_byte(b);
+                    }
                 } else if io.port == 0xcf8 && io.size == 4 {
                     self.pci_addr = rax as u32;
                 } else if (0xcfc..=0xcff).contains(&io.port) {
@@ -212,6 +280,7 @@ impl Vm {
                 let view = virt::cpuid::GuestView {
                     cr4: v.cr4(),
                     xcr0: v.cpu_state().xcr0(),
+                    apic_id: self.lapics[idx].id() as u8,
                 };
                 let r = v.regs();
                 let (leaf, sub) = (r.rax as u32, r.rcx as u32);
@@ -295,6 +364,7 @@ impl Vm {
             VmExit::NestedPageFault { gpa, .. } => {
                 let lapic = gpu_pv::abi::guest::LAPIC_BASE;
                 if (lapic..lapic + 4096).contains(&gpa)
+                    || Platform::is_ioapic(gpa)
                     || (GUEST_ECAM_BASE..GUEST_ECAM_BASE + GUEST_ECAM_SIZE).contains(&gpa)
                     || self.gpu.as_ref().is_some_and(|d| d.claims(gpa))
                 {

@@ -62,21 +62,25 @@ impl Vm {
     }
 
     /// A Linux guest: its kernel, initrd, command line and zero page placed as the
-    /// 64-bit boot protocol says (`linux_boot`); returns where it starts (RSI: the
-    /// zero page).
+    /// 64-bit boot protocol says (`linux_boot`), and the MP table describing its
+    /// `vcpus` CPUs and I/O APIC; returns where it starts (RSI: the zero page).
     pub(super) fn load_linux(
         &mut self,
         image: &[u8],
         linux: &LinuxSpec,
+        vcpus: u32,
     ) -> Result<StartState, CreateError> {
         let bz = linux_boot::BzImage::parse(image).map_err(CreateError::Linux)?;
         let initrd_len = linux.initrd.map_or(0, |i| i.len() as u64);
+        let mut buf = [0u8; linux_boot::MAX_CMDLINE];
+        let cmdline = linux_boot::with_tsc_khz(linux.cmdline, crate::apic::tsc_per_ms(), &mut buf)
+            .map_err(CreateError::Linux)?;
         let plan = linux_boot::plan(
             &bz.header,
             bz.kernel.len() as u64,
             self.mem_size,
             initrd_len,
-            linux.cmdline.len(),
+            cmdline.len(),
         )
         .map_err(CreateError::Linux)?;
         self.write_boot_tables();
@@ -84,9 +88,13 @@ impl Vm {
         if let (Some((at, _)), Some(initrd)) = (plan.initrd, linux.initrd) {
             ok &= self.write_guest(at, initrd);
         }
-        ok &= self.write_guest(plan.cmdline.0, linux.cmdline);
-        ok &= self.write_guest(plan.cmdline.0 + linux.cmdline.len() as u64, &[0]);
+        ok &= self.write_guest(plan.cmdline.0, cmdline);
+        ok &= self.write_guest(plan.cmdline.0 + cmdline.len() as u64, &[0]);
         ok &= self.write_guest(plan.zero_page, &linux_boot::zero_page(&bz, &plan));
+        let mut mptable = [0u8; linux_boot::mptable::MPTABLE_SIZE];
+        linux_boot::mptable::build(vcpus, &mut mptable)
+            .map_err(|_| CreateError::BadConfig("more vCPUs than the MP table holds"))?;
+        ok &= self.write_guest(linux_boot::mptable::MPTABLE_START, &mptable);
         if !ok {
             return Err(CreateError::BadConfig("the Linux layout left the VM's RAM"));
         }

@@ -14,6 +14,7 @@ use alloc::vec::Vec;
 use gpu_pv::abi::guest;
 use gpu_pv::memory::{Gpa, GuestMemory, Hpa};
 use log::{info, warn};
+use vdev::platform::Platform;
 use vdev::vgpu::VirtioGpuDevice;
 use vdev::vlapic::VLapic;
 
@@ -40,6 +41,9 @@ pub const LINUX_STUCK_LIMIT_US: u64 = 60_000_000;
 /// How long a halted vCPU whose VM has GPU work in flight is polled for before it
 /// gives up its slice (see `Vm::halt_poll`).
 pub const HALT_POLL_US: u64 = 1_000;
+// The MP table a Linux guest reads names the I/O APIC where the platform has it.
+const _: () = assert!(vdev::platform::IOAPIC_BASE == linux_boot::mptable::IOAPIC_ADDR);
+
 /// Guest-physical base of the (empty) PCI ECAM window every guest sees.
 pub const GUEST_ECAM_BASE: u64 = 0xb000_0000;
 const GUEST_ECAM_SIZE: u64 = 256 << 20;
@@ -156,6 +160,10 @@ pub struct Vm {
     /// The last line it printed.
     pub last_line: String,
     lapics: Vec<VLapic>,
+    /// COM1 and the I/O APIC.
+    platform: Platform,
+    /// Each vCPU's IA32_PAT as it last wrote it.
+    pat: Vec<u64>,
     halted: Vec<bool>,
     /// Secondary vCPUs stay parked until the guest starts them (VCPU_START).
     started: Vec<bool>,
@@ -239,6 +247,9 @@ impl Vm {
             lines_printed: 0,
             last_line: String::new(),
             lapics: Vec::new(),
+            // The I/O APIC's id follows the vCPUs' APIC ids, as the MP table says.
+            platform: Platform::new(spec.vcpus.max(1) as u8),
+            pat: Vec::new(),
             halted: Vec::new(),
             started: Vec::new(),
             pci_addr: 0,
@@ -261,7 +272,7 @@ impl Vm {
             )
             .ok_or(CreateError::OutOfMemory)?;
         let start = match spec.linux {
-            Some(linux) => vm.load_linux(image, &linux)?,
+            Some(linux) => vm.load_linux(image, &linux, spec.vcpus.max(1))?,
             None => {
                 let entry = vm.load_elf(image)?;
                 vm.write_guest_abi(spec);
@@ -294,6 +305,8 @@ impl Vm {
             let tag = 1 + id * 16 + vm.vcpus.len() as u16;
             let v = virt::create_vcpu(backend, root, tag, &start).map_err(CreateError::Backend)?;
             vm.lapics.push(VLapic::new(vm.vcpus.len() as u32));
+            // The power-on default: WB, WT, UC-, UC, repeated.
+            vm.pat.push(0x0007_0406_0007_0406);
             vm.halted.push(false);
             vm.started.push(vm.vcpus.is_empty());
             vm.vcpus.push(v);
@@ -395,7 +408,9 @@ impl Vm {
         self.lapics[idx].tick(now);
         self.lapics[idx].pending().is_some()
             || (idx == 0
-                && (self.port.as_ref().is_some_and(|p| p.has_interrupts())
+                && ((crate::console::waiting_for(usize::from(self.id))
+                    && self.platform.com1.can_receive())
+                    || self.port.as_ref().is_some_and(|p| p.has_interrupts())
                     || self.gpu.as_ref().is_some_and(|d| d.has_released())))
     }
 
@@ -443,6 +458,13 @@ impl Vm {
     fn deliver_interrupts(&mut self, idx: usize, now: u64) {
         if idx == 0 {
             self.collect_gpu_interrupts();
+            // Console input, as fast as the guest's UART takes it.
+            while self.platform.com1.can_receive() {
+                let Some(b) = crate::console::take(usize::from(self.id)) else {
+                    break;
+                };
+                self.platform.com1_receive(b, &mut self.lapics);
+            }
         }
         let lapic = &mut self.lapics[idx];
         lapic.tick(now);
