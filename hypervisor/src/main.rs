@@ -11,6 +11,7 @@ extern crate alloc;
 mod acpi;
 mod apic;
 mod arch;
+mod console;
 mod event_log;
 mod gpu;
 mod gpu_share;

@@ -28,6 +28,12 @@ pub fn write_fmt(args: core::fmt::Arguments<'_>) {
     }
 }
 
+/// A byte COM1 received, if one waits (never blocks: when another CPU is
+/// printing, the byte is read on a later poll).
+pub fn try_read_byte() -> Option<u8> {
+    COM1.try_lock()?.as_mut()?.try_receive().ok()
+}
+
 /// Writes to COM1 without taking the lock: only for the crash path, where the lock
 /// may be held by the code that faulted.
 pub fn write_fmt_unlocked(args: core::fmt::Arguments<'_>) {

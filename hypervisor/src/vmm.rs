@@ -66,10 +66,11 @@ struct Monitor {
 
 impl Monitor {
     /// Whether VM `slot`'s vCPU 0 can run now: not halted, its timer is due, or a GPU
-    /// interrupt waits.
+    /// interrupt or console input waits.
     fn ready(&self, slot: usize, vcpu: usize, now: u64) -> bool {
         vcpu != 0
             || self.wake_at[slot].load(Ordering::Relaxed) <= now
+            || crate::console::waiting_for(slot)
             || self.gpu_interrupts[slot]
                 .try_read()
                 .is_some_and(|p| p.as_ref().is_some_and(|p| p.any()))
@@ -213,6 +214,10 @@ pub fn create(slot: usize) -> Result<(), CreateError> {
         vm.frames_held()
     );
     let n = vm.vcpus.len();
+    if g.spec.linux.is_some() {
+        // A Linux guest's shell is on its ttyS0: the console's keyboard goes there.
+        crate::console::focus_if_none(slot);
+    }
     *m.gpu_interrupts[slot].write() = vm.pending_gpu_interrupts();
     g.vm = Some(vm);
     drop(g);
@@ -419,6 +424,7 @@ fn run_loop(bsp: bool) {
         }
         if bsp {
             crate::inject::check_faults(&crate::iommu::service());
+            crate::console::poll();
         }
         let now = crate::apic::now_us();
         // The GPU's interrupt CPU takes a vCPU only once the other CPUs have left

@@ -24,6 +24,7 @@ mod scenario;
 mod screendump;
 mod suite;
 mod tools;
+mod typist;
 mod vmconfig;
 
 use std::fmt::Display;

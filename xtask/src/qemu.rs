@@ -35,6 +35,14 @@ pub enum Disk {
 pub enum Serial {
     /// A file (truncated at start).
     File(PathBuf),
+    /// A unix socket QEMU listens on (a client types COM1's input there and must
+    /// read its output), with the output also logged to a file (truncated at start).
+    SocketLogged {
+        /// Where output is logged.
+        log: PathBuf,
+        /// The socket.
+        socket: PathBuf,
+    },
     /// stdio, multiplexed with the monitor (Ctrl-A X quits, Ctrl-A C the monitor),
     /// everything written to the terminal also logged to this file.
     StdioWithMonitorLogged(PathBuf),
@@ -115,6 +123,14 @@ pub fn args(o: &Opts) -> Result<Vec<String>> {
             let f = no_comma(f)?;
             push(&["-serial", &format!("file:{f}")]);
         }
+        Serial::SocketLogged { log, socket } => {
+            let (log, socket) = (no_comma(log)?, no_comma(socket)?);
+            push(&[
+                "-chardev",
+                &format!("socket,id=com1,path={socket},server=on,wait=off,logfile={log}"),
+            ]);
+            push(&["-serial", "chardev:com1"]);
+        }
         Serial::StdioWithMonitorLogged(f) => {
             let f = no_comma(f)?;
             push(&["-chardev", &format!("stdio,id=con0,mux=on,logfile={f}")]);
@@ -142,7 +158,7 @@ pub fn args(o: &Opts) -> Result<Vec<String>> {
 pub fn command(o: &Opts) -> Result<Command> {
     let mut c = Command::new(QEMU);
     c.args(args(o)?);
-    if matches!(o.serial, Serial::File(_)) {
+    if matches!(o.serial, Serial::File(_) | Serial::SocketLogged { .. }) {
         c.stdin(Stdio::null());
     }
     Ok(c)

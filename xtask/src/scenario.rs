@@ -128,6 +128,20 @@ pub struct Scenario {
     /// (default none: the ordinary build).
     #[serde(default)]
     pub hv_features: Vec<String>,
+    /// Keyboard input typed on COM1 (QEMU only), in order.
+    #[serde(default)]
+    pub input: Vec<Input>,
+}
+
+/// One `[[input]]` table: text typed on the serial console once a line appears.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Input {
+    /// Type once this substring appears in the serial log after the previous
+    /// input was typed (or after the start, for the first) ...
+    pub after: String,
+    /// ... this text (TOML escapes: `\n` for Enter).
+    pub send: String,
 }
 
 /// What the heads of a [`Screendump`] must show.
@@ -454,6 +468,16 @@ impl Scenario {
         for (i, d) in self.screendump.iter().enumerate() {
             d.validate()
                 .map_err(|e| format!("[[screendump]] #{}: {e}", i + 1))?;
+        }
+        if !self.input.is_empty() && self.emulators.contains(&Emulator::Bochs) {
+            return Err("`[[input]]` is typed into QEMU's serial port: list only \"qemu\"".into());
+        }
+        if let Some(i) = self
+            .input
+            .iter()
+            .position(|i| i.after.is_empty() || i.send.is_empty())
+        {
+            return Err(format!("[[input]] #{}: empty `after` or `send`", i + 1));
         }
         for (i, f) in self.hv_features.iter().enumerate() {
             let mut chars = f.chars();

@@ -10,8 +10,8 @@ use crate::judge;
 use crate::process::{self, Outcome, Watch};
 use crate::scenario::{self, BootFrom, Emulator, Scenario};
 use crate::{
-    bochs, counters, esp, gpt, linux, qemu, run_checked, screendump, show_command, tools, Context,
-    Paths, Result,
+    bochs, counters, esp, gpt, linux, qemu, run_checked, screendump, show_command, tools, typist,
+    Context, Paths, Result,
 };
 
 /// Serial log lines shown for a failing scenario.
@@ -326,11 +326,23 @@ fn run_qemu(paths: &Paths, art: &Artifacts, s: &Scenario) -> Result<Report> {
         let _ = fs::remove_file(&sock);
         Some(sock)
     };
+    let serial_sock = paths.work_dir_ensure(&s.name)?.join("serial.sock");
+    let _ = fs::remove_file(&serial_sock);
+    let serial = if s.input.is_empty() {
+        qemu::Serial::File(serial_log.clone())
+    } else {
+        qemu::Serial::SocketLogged {
+            log: serial_log.clone(),
+            socket: serial_sock.clone(),
+        }
+    };
+    let mut typist =
+        (!s.input.is_empty()).then(|| typist::Typist::new(&serial_sock, &serial_log, &s.input));
     let opts = qemu::Opts {
         smp: s.qemu_smp(),
         memory_mib: s.memory(),
         disk,
-        serial: qemu::Serial::File(serial_log.clone()),
+        serial,
         display: false,
         kvm: false,
         qmp: qmp.clone(),
@@ -357,10 +369,18 @@ fn run_qemu(paths: &Paths, art: &Artifacts, s: &Scenario) -> Result<Report> {
             if let Some(sh) = shots.as_mut() {
                 sh.poll(elapsed);
             }
+            if let Some(t) = typist.as_mut() {
+                t.poll();
+            }
             Watch::Continue
         },
     )?;
     let mut problems = judge_run(s, Emulator::Qemu, &outcome, &serial_log);
+    if let Some(t) = typist.take() {
+        problems.extend(t.untyped());
+        drop(t);
+        let _ = fs::remove_file(&serial_sock);
+    }
     if let Some(sh) = shots {
         problems.extend(sh.finish());
     }
