@@ -21,6 +21,32 @@ pub const IOAPIC_BASE: u64 = 0xfec0_0000;
 /// Bytes of the I/O APIC's register window.
 pub const IOAPIC_SIZE: u64 = 0x1000;
 
+/// PCI device number of the host bridge on bus 0.
+pub const HOST_BRIDGE_DEVICE: u8 = 0;
+/// The host bridge's vendor and device id: the generic PCIe host bridge id QEMU's
+/// GPEX uses (1b36:0008), for which no OS loads a driver.
+const HOST_BRIDGE_ID: u32 = 0x0008_1b36;
+/// Class code host bridge (06/00/00), revision 0.
+const HOST_BRIDGE_CLASS: u32 = 0x0600_0000;
+
+/// A configuration-space read of the host bridge at 00:00.0: its id and class, the
+/// rest zero (no BARs, no capabilities); writes are ignored. Linux checks for a
+/// host bridge on bus 0 before it trusts configuration access through ports
+/// 0xCF8/0xCFC (`pci_sanity_check`).
+pub fn host_bridge_config_read(off: u16, size: u8) -> u64 {
+    let dword = |o: u16| match o & !3 {
+        0x00 => HOST_BRIDGE_ID,
+        0x08 => HOST_BRIDGE_CLASS,
+        _ => 0,
+    };
+    let size = u16::from(size.clamp(1, 4));
+    (0..size).fold(0u64, |v, i| {
+        let at = off.wrapping_add(i);
+        let byte = (dword(at) >> (8 * (at & 3))) & 0xff;
+        v | u64::from(byte) << (8 * i)
+    })
+}
+
 /// What an IPI asks of the kernel beyond raising vectors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IpiRequest {
@@ -234,6 +260,22 @@ mod tests {
         p.ioapic_write(IOAPIC_BASE + 0x10, u32::from(dest) << 24, lapics);
         p.ioapic_write(IOAPIC_BASE, 0x10 + 2 * pin, lapics);
         p.ioapic_write(IOAPIC_BASE + 0x10, u32::from(vector), lapics);
+    }
+
+    #[test]
+    fn the_host_bridge_reads_as_one() {
+        assert_eq!(host_bridge_config_read(0x00, 4), 0x0008_1b36);
+        assert_eq!(host_bridge_config_read(0x00, 2), 0x1b36);
+        assert_eq!(host_bridge_config_read(0x02, 2), 0x0008);
+        // Linux's check: the 16-bit class at 0x0a is PCI_CLASS_BRIDGE_HOST.
+        assert_eq!(host_bridge_config_read(0x0a, 2), 0x0600);
+        assert_eq!(
+            host_bridge_config_read(0x0e, 1),
+            0,
+            "header type 0, one function"
+        );
+        assert_eq!(host_bridge_config_read(0x10, 4), 0, "no BARs");
+        assert_eq!(host_bridge_config_read(0xfff, 4), 0, "no panic at the end");
     }
 
     /// Linux's serial driver with its IRQ routed: enabling the transmit interrupt

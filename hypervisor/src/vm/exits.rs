@@ -86,10 +86,7 @@ impl Vm {
                     u64::from(self.platform.ioapic_read(gpa))
                 } else if in_ecam {
                     let (bus, dev, func, off) = ecam(gpa);
-                    match self.gpu.as_ref() {
-                        Some(d) if bus == 0 => d.config_read(dev, func, off, size),
-                        _ => u64::MAX,
-                    }
+                    self.pci_config_read(bus, dev, func, off, size)
                 } else if let Some(d) = self.gpu.as_mut().filter(|d| d.claims(gpa)) {
                     d.mmio_read(gpa, size)
                 } else {
@@ -114,9 +111,7 @@ impl Vm {
                         .ioapic_write(gpa, value as u32, &mut self.lapics);
                 } else if in_ecam {
                     let (bus, dev, func, off) = ecam(gpa);
-                    if let (Some(d), 0) = (self.gpu.as_mut(), bus) {
-                        d.config_write(dev, func, off, size, value as u32);
-                    }
+                    self.pci_config_write(bus, dev, func, off, size, value as u32);
                 } else if let Some(d) = self.gpu.as_mut().filter(|d| d.claims(gpa)) {
                     let action = d.mmio_write(gpa, size, value);
                     self.gpu_action(action);

@@ -25,14 +25,41 @@ impl Vm {
     }
 
     pub(super) fn pci_port_read(&self, port: u16, size: u8) -> u64 {
-        match (self.pci_target(port), self.gpu.as_ref()) {
-            (Some((0, dev, func, off)), Some(d)) => d.config_read(dev, func, off, size),
-            _ => 0xffff_ffff,
+        match self.pci_target(port) {
+            Some((bus, dev, func, off)) => self.pci_config_read(bus, dev, func, off, size),
+            None => 0xffff_ffff,
         }
     }
 
     pub(super) fn pci_port_write(&mut self, port: u16, size: u8, value: u32) {
-        if let (Some((0, dev, func, off)), Some(d)) = (self.pci_target(port), self.gpu.as_mut()) {
+        if let Some((bus, dev, func, off)) = self.pci_target(port) {
+            self.pci_config_write(bus, dev, func, off, size, value);
+        }
+    }
+
+    /// A configuration-space read on the VM's PCI bus 0 (ports or ECAM): the host
+    /// bridge at 00:00.0, the virtual GPU, nothing else.
+    pub(super) fn pci_config_read(&self, bus: u8, dev: u8, func: u8, off: u16, size: u8) -> u64 {
+        match (bus, dev, func, self.gpu.as_ref()) {
+            (0, vdev::platform::HOST_BRIDGE_DEVICE, 0, _) => {
+                vdev::platform::host_bridge_config_read(off, size)
+            }
+            (0, _, _, Some(d)) => d.config_read(dev, func, off, size),
+            _ => u64::MAX,
+        }
+    }
+
+    /// A configuration-space write on the VM's PCI bus 0.
+    pub(super) fn pci_config_write(
+        &mut self,
+        bus: u8,
+        dev: u8,
+        func: u8,
+        off: u16,
+        size: u8,
+        value: u32,
+    ) {
+        if let (0, Some(d)) = (bus, self.gpu.as_mut()) {
             d.config_write(dev, func, off, size, value);
         }
     }
