@@ -162,7 +162,13 @@ pub enum ShotExpect {
     /// Head `heads[i]` has the dominant colour `colors[i]`, and is initialized. With
     /// `bands`, the same for each band, `colors` listing one colour per band.
     Colors,
+    /// Every colour in `colors` covers at least [`MIN_PRESENT_SHARE`] of each head
+    /// (a test pattern of several colours, such as modetest's bars).
+    ColorsPresent,
 }
+
+/// The share of a head's pixels a colour of `expect = "colors-present"` must cover.
+pub const MIN_PRESENT_SHARE: f64 = 0.02;
 
 impl fmt::Display for ShotExpect {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -172,6 +178,7 @@ impl fmt::Display for ShotExpect {
             ShotExpect::NotInitialized => "not-initialized",
             ShotExpect::VmColors => "vm-colors",
             ShotExpect::Colors => "colors",
+            ShotExpect::ColorsPresent => "colors-present",
         })
     }
 }
@@ -320,7 +327,9 @@ impl Screendump {
                          `changes_after_secs` (each band must change) or a colour check"
                     ))
                 }
-                e @ (ShotExpect::Initialized | ShotExpect::NotInitialized) => {
+                e @ (ShotExpect::Initialized
+                | ShotExpect::NotInitialized
+                | ShotExpect::ColorsPresent) => {
                     return Err(format!(
                         "`bands = {bands}` goes with `expect = \"vm-colors\"`, `\"colors\"` \
                          or `\"any\"`, not `\"{e}\"` (QEMU's not-initialized screen covers \
@@ -353,14 +362,34 @@ impl Screendump {
                     c.rgb()?;
                 }
             }
-            (None, ShotExpect::Colors) => return Err("`expect = \"colors\"` needs `colors`".into()),
-            (Some(_), _) => return Err("`colors` goes with `expect = \"colors\"`".into()),
+            (Some(c), ShotExpect::ColorsPresent) => {
+                if c.is_empty() {
+                    return Err("`colors` is empty".into());
+                }
+                for c in c {
+                    c.rgb()?;
+                }
+            }
+            (None, ShotExpect::Colors | ShotExpect::ColorsPresent) => {
+                return Err(format!("`expect = \"{}\"` needs `colors`", self.expect))
+            }
+            (Some(_), _) => {
+                return Err(
+                    "`colors` goes with `expect = \"colors\"` or `\"colors-present\"`".into(),
+                )
+            }
             _ => {}
         }
         if self.tolerance.is_some()
-            && !matches!(self.expect, ShotExpect::VmColors | ShotExpect::Colors)
+            && !matches!(
+                self.expect,
+                ShotExpect::VmColors | ShotExpect::Colors | ShotExpect::ColorsPresent
+            )
         {
-            return Err("`tolerance` goes with `expect = \"vm-colors\"` or `\"colors\"`".into());
+            return Err(
+                "`tolerance` goes with `expect = \"vm-colors\"`, `\"colors\"` or `\"colors-present\"`"
+                    .into(),
+            );
         }
         Ok(())
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::image::{self, Image};
-use crate::scenario::{Scenario, Screendump, ShotExpect};
+use crate::scenario::{Scenario, Screendump, ShotExpect, MIN_PRESENT_SHARE};
 use crate::{qemu, Context, Paths, Result};
 
 /// The background colour of VM `id`'s test pattern, as guests draw it.
@@ -159,7 +159,34 @@ pub fn check_head(spec: &Screendump, i: usize, img: &Image) -> Option<String> {
         )),
         ShotExpect::NotInitialized => None,
         ShotExpect::VmColors | ShotExpect::Colors => check_color(spec, i, img, false),
+        ShotExpect::ColorsPresent => check_present(spec, img),
     }
+}
+
+/// The `colors-present` check: every listed colour covers at least
+/// [`MIN_PRESENT_SHARE`] of `img`; the problem names those that do not.
+fn check_present(spec: &Screendump, img: &Image) -> Option<String> {
+    let tol = spec.tolerance();
+    let missing: Vec<String> = spec
+        .colors
+        .iter()
+        .flatten()
+        .filter_map(|c| c.rgb().ok())
+        .filter_map(|c| {
+            let share = img.share_near(c, tol);
+            (share < MIN_PRESENT_SHARE)
+                .then(|| format!("{} ({:.1} %)", image::hex(c), share * 100.0))
+        })
+        .collect();
+    if missing.is_empty() && !img.is_qemu_placeholder() {
+        return None;
+    }
+    Some(format!(
+        "expected each of the listed colours on at least {:.0} % of the pixels (±{tol}); short: {}; got {}",
+        MIN_PRESENT_SHARE * 100.0,
+        if missing.is_empty() { "none".to_string() } else { missing.join(", ") },
+        facts(img)
+    ))
 }
 
 /// The colour check of `expected_color(slot)` on `img` (a head or one band of it);
@@ -605,6 +632,39 @@ mod tests {
             }
         }
         img
+    }
+
+    /// modetest's bars: each listed colour must cover its share; a head with one
+    /// bar missing, or a single-colour head, fails and names what is short.
+    #[test]
+    fn colours_present_needs_every_listed_colour() {
+        let s = scenario(
+            "[[screendump]]\nafter = \"x\"\nheads = [0]\nexpect = \"colors-present\"\ncolors = [0xc0c000, 0x00c0c0, 0xc000c0]\n",
+        );
+        let spec = &s.screendump[0];
+        let mut bars = Image::new(300, 100, 0);
+        for (i, c) in [0xc0c000, 0x00c0c0, 0xc000c0].into_iter().enumerate() {
+            for x in i as i64 * 100..i as i64 * 100 + 100 {
+                for y in 0..100 {
+                    bars.set(x, y, c);
+                }
+            }
+        }
+        assert_eq!(check_head(spec, 0, &bars), None);
+        for y in 0..100 {
+            for x in 200..300 {
+                bars.set(x, y, 0);
+            }
+        }
+        let p = check_head(spec, 0, &bars).unwrap();
+        assert!(p.contains("short: #c000c0 (0.0 %)"), "{p}");
+        assert!(check_head(spec, 0, &Image::new(300, 100, 0xc0c000)).is_some());
+        assert!(check_head(spec, 0, &placeholder(640, 480)).is_some());
+        let bad = "description = \"d\"\nemulators = [\"qemu\"]\nexpect_exit = \"pass\"\n[[screendump]]\nafter = \"x\"\nexpect = \"colors-present\"\n";
+        assert!(
+            Scenario::parse("s", Path::new("s.toml"), bad).is_err(),
+            "needs colors"
+        );
     }
 
     #[test]
