@@ -36,8 +36,9 @@ pub const IO_STORM_PER_SECOND: u64 = 1_000;
 /// the VM is stopped as hung.
 pub const STUCK_LIMIT_US: u64 = 1_000_000;
 /// The same for a Linux guest: its decompressor and early boot run with interrupts
-/// off and without an exit for seconds under emulation.
-pub const LINUX_STUCK_LIMIT_US: u64 = 60_000_000;
+/// off and without an exit for seconds under QEMU, minutes under Bochs (a stuck
+/// vCPU costs only its own VM's CPU share meanwhile).
+pub const LINUX_STUCK_LIMIT_US: u64 = 600_000_000;
 /// How long a halted vCPU whose VM has GPU work in flight is polled for before it
 /// gives up its slice (see `Vm::halt_poll`).
 pub const HALT_POLL_US: u64 = 1_000;
