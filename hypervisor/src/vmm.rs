@@ -571,6 +571,7 @@ pub fn report() {
             vm.lines_printed,
             vm.last_line
         );
+        info!("vm {} interrupts: {}", vm.name, vm.interrupt_report());
     }
 }
 

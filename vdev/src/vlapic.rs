@@ -200,6 +200,29 @@ impl VLapic {
         self.lvt_timer & LVT_TIMER_MODE == LVT_TSC_DEADLINE
     }
 
+    /// A one-line account of what it holds, for the end-of-run report: the highest
+    /// requested and in-service vectors, TPR, timer mode, mask and deadline.
+    pub fn summary(&self) -> alloc::string::String {
+        let mode = match self.lvt_timer & LVT_TIMER_MODE {
+            LVT_TSC_DEADLINE => "tsc-deadline",
+            LVT_PERIODIC => "periodic",
+            _ => "one-shot",
+        };
+        alloc::format!(
+            "apic {} irr {:?} isr {:?} tpr {:#x} svr {:#x} timer {} vector {:#x}{} deadline {:?} fired {}",
+            self.id,
+            highest(&self.irr),
+            highest(&self.isr),
+            self.tpr,
+            self.svr,
+            mode,
+            self.lvt_timer & 0xff,
+            if self.lvt_timer & LVT_MASKED != 0 { " masked" } else { "" },
+            self.deadline_us(),
+            self.timer_fires
+        )
+    }
+
     /// This APIC's id.
     pub fn id(&self) -> u32 {
         self.id

@@ -337,9 +337,14 @@ impl Vm {
                 v.skip(1);
                 if v.rflags() & (1 << 9) == 0 {
                     self.stop(idx, StopReason::HaltedForever);
-                } else {
-                    self.halted[idx] = true;
+                    return false;
                 }
+                // An interrupt already waiting ends the halt at once (HLT right
+                // after STI, while the timer had fired into the IRR).
+                if self.lapics[idx].pending().is_some() {
+                    return true;
+                }
+                self.halted[idx] = true;
                 false
             }
             VmExit::InterruptWindow => {

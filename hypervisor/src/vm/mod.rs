@@ -315,6 +315,26 @@ impl Vm {
         Ok(vm)
     }
 
+    /// Where each vCPU's interrupts stand (halted, its local APIC) and its GPU's
+    /// (commands unanswered, interrupts waiting, MSI-X messages held), for the
+    /// end-of-run report: why a VM sits idle.
+    pub fn interrupt_report(&self) -> String {
+        let mut s = String::new();
+        for (i, l) in self.lapics.iter().enumerate() {
+            let halted = self.halted.get(i).copied().unwrap_or(false);
+            s += &alloc::format!("vcpu{i}: halted {halted}, {}; ", l.summary());
+        }
+        if let Some(p) = self.port.as_ref() {
+            s += &alloc::format!(
+                "gpu: unanswered {}, interrupts waiting {}, released {}",
+                p.has_work(),
+                p.has_interrupts(),
+                self.gpu.as_ref().is_some_and(|d| d.has_released())
+            );
+        }
+        s
+    }
+
     /// Whether its GPU has interrupts waiting, readable without the VM's lock.
     pub fn pending_gpu_interrupts(&self) -> Option<crate::gpu_share::PendingGpuInterrupts> {
         self.port.as_ref().map(|p| p.pending_interrupts())
@@ -452,7 +472,13 @@ impl Vm {
         if !self.halted.get(idx).copied().unwrap_or(false) || self.state != VmState::Running {
             return 0;
         }
-        self.lapics[idx].deadline_us().unwrap_or(u64::MAX)
+        let lapic = &self.lapics[idx];
+        // A timer that already fired into the IRR (seen while the guest could not
+        // take it) has no deadline left but must still wake the vCPU.
+        if lapic.pending().is_some() {
+            return 0;
+        }
+        lapic.deadline_us().unwrap_or(u64::MAX)
     }
 
     /// Delivers a pending virtual interrupt, or asks for an interrupt window.
