@@ -46,7 +46,7 @@ const LIB_DIRS: &[&str] = &[
 
 /// The archive's layout version: bump it when [`INIT`] or [`layout`] changes, so
 /// cached archives are rebuilt.
-const FORMAT: u32 = 3;
+const FORMAT: u32 = 4;
 
 /// The busybox applets linked in `/bin`: what `/init` runs, and a few for the shell.
 const APPLETS: &[&str] = &[
@@ -139,6 +139,10 @@ esac
 case " $(cat /proc/cmdline) " in
 *" gpupv.poweroff "*)
     echo "gpupv-init: poweroff" > /dev/console
+    # The framebuffer console off first: its cursor blink flushes through the GPU
+    # driver, which races with the device shutdown of `poweroff -f` (a WARN).
+    for b in /sys/class/vtconsole/vtcon*/bind; do echo 0 > "$b"; done 2>/dev/null
+    sleep 1
     poweroff -f
     ;;
 esac
