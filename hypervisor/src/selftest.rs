@@ -61,7 +61,7 @@ pub fn with_vms(bi: &boot_info::BootInfo, native: Option<NativeFps>, run_ms: Opt
                 verdict::fail("no test injection");
             }
         }
-        Some("gpu-restart") => gpu_restart(),
+        Some("gpu-restart") => gpu_restart(bi),
         Some("gpu-destroy") => gpu_destroy(),
         Some("bench-hostile") => bench_hostile(run_ms.unwrap_or(2_000)),
         Some("gpu-share") => gpu_share(bi, run_ms.unwrap_or(6_000)),
@@ -717,19 +717,25 @@ pub fn bench_vm(bi: &boot_info::BootInfo, run_ms: u64) -> ! {
     verdict::pass()
 }
 
-/// `test=gpu-restart`: the GPU VMs draw; VM 0 is destroyed and created again (its
-/// GPU channel is reset and released) and must draw again while the others go on;
+/// `test=gpu-restart [restart_ms=N] [after_ms=M]`: the GPU VMs draw; after N ms
+/// (default 3000) VM 0 is destroyed and created again (its GPU channel is reset and
+/// released) and must draw again while the others go on, for M ms (default 4000);
 /// at the end every VM is destroyed and every frame is back.
-pub fn gpu_restart() -> ! {
+pub fn gpu_restart(bi: &boot_info::BootInfo) -> ! {
+    let ms = |key, default| {
+        bi.option(key)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(default)
+    };
     let before = mm::frames::stats().allocated - crate::gpu_share::iommu_table_frames();
     vmm::create_all();
-    vmm::run(Some(3_000));
+    vmm::run(Some(ms("restart_ms", 3_000)));
     info!("gpu restart: restarting VM 0");
     if let Err(e) = vmm::restart(0) {
         error!("restart failed: {e}");
         verdict::fail("restart");
     }
-    vmm::run(Some(4_000));
+    vmm::run(Some(ms("after_ms", 4_000)));
     vmm::report();
     crate::gpu_share::dump_counters();
     for i in 0..vmm::slot_count() {

@@ -79,6 +79,16 @@ pub const KEYS: &[(&str, Takes, &str)] = &[
         "test=bench-gpu: the guest workload",
     ),
     (
+        "restart_ms",
+        Takes::Number,
+        "test=gpu-restart: run this long before VM 0 is re-created",
+    ),
+    (
+        "after_ms",
+        Takes::Number,
+        "test=gpu-restart: run this long after it",
+    ),
+    (
         "hold",
         Takes::OptionalNumber,
         "test=gpu-native: keep the pattern on screen (s)",
