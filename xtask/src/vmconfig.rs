@@ -29,6 +29,9 @@ mod tests {
         let demo = std::fs::read_to_string(root.join("config/vms.toml")).unwrap();
         let s = check(&demo).unwrap();
         assert!(s.contains("VM(s)"), "{s}");
+        let linux = std::fs::read_to_string(root.join("config/linux-demo.toml")).unwrap();
+        let s = check(&linux).unwrap();
+        assert!(s.starts_with("4 VM(s) [linux, vm1, vm2, vm3]"), "{s}");
         let e = check("[[vm]]\nname = \"a\"\nmemory_mib = 1\nimage = \"x.elf\"\n").unwrap_err();
         assert!(
             e.starts_with("config error: vms.toml:") && e.contains("memory_mib"),
