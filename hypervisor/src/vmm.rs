@@ -572,6 +572,7 @@ pub fn report() {
             vm.last_line
         );
         info!("vm {} interrupts: {}", vm.name, vm.interrupt_report());
+        info!("vm {} exits {}", vm.name, vm.exit_report());
     }
 }
 

@@ -116,6 +116,42 @@ pub enum VmExit {
     Other(u64),
 }
 
+impl VmExit {
+    /// The names of the exit reasons [`reason`](Self::reason) numbers, for counters.
+    pub const REASONS: [&'static str; 12] = [
+        "io",
+        "mmio",
+        "hypercall",
+        "cpuid",
+        "xsetbv",
+        "instruction",
+        "msr",
+        "hlt",
+        "interrupt-window",
+        "host-interrupt",
+        "exception",
+        "other",
+    ];
+
+    /// This exit's index in [`REASONS`](Self::REASONS).
+    pub fn reason(&self) -> usize {
+        match self {
+            VmExit::Io(_) => 0,
+            VmExit::NestedPageFault { .. } => 1,
+            VmExit::Hypercall => 2,
+            VmExit::Cpuid => 3,
+            VmExit::Xsetbv => 4,
+            VmExit::Instruction(_) => 5,
+            VmExit::Msr { .. } => 6,
+            VmExit::Hlt => 7,
+            VmExit::InterruptWindow => 8,
+            VmExit::ExternalInterrupt | VmExit::Preempted => 9,
+            VmExit::Exception { .. } => 10,
+            VmExit::Shutdown | VmExit::EntryFailed(_) | VmExit::Other(_) => 11,
+        }
+    }
+}
+
 /// A virtual CPU as the exit handlers see it.
 pub trait Vcpu: Send {
     /// Enters the guest and runs it until the next exit.

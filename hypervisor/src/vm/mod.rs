@@ -105,6 +105,8 @@ pub struct VmStats {
     pub runs: u64,
     /// Halts that halt polling turned into an immediate resume.
     pub halt_polls_won: u64,
+    /// Exits by reason (`VmExit::REASONS`).
+    pub exits_by_reason: [u64; VmExit::REASONS.len()],
 }
 
 /// What a VM is made from.
@@ -177,6 +179,8 @@ pub struct Vm {
     gpu: Option<VirtioGpuDevice>,
     /// Its port to the shared GPU (with `gpu`).
     port: Option<crate::gpu_share::GpuPort>,
+    /// When it was created (host microseconds).
+    created_us: u64,
 }
 
 /// Why a VM could not be created.
@@ -259,6 +263,7 @@ impl Vm {
             linux: spec.linux.is_some(),
             gpu: None,
             port: None,
+            created_us: crate::apic::now_us(),
         };
         // From here on, dropping `vm` returns its frames.
         vm.nested
@@ -331,6 +336,19 @@ impl Vm {
                 p.has_interrupts(),
                 self.gpu.as_ref().is_some_and(|d| d.has_released())
             );
+        }
+        s
+    }
+
+    /// Its exits by reason, with their rate per second of its life so far (the
+    /// reasons that never happened left out), for the end-of-run report.
+    pub fn exit_report(&self) -> String {
+        let secs_x10 = crate::apic::now_us().saturating_sub(self.created_us) / 100_000;
+        let mut s = alloc::format!("over {}.{} s:", secs_x10 / 10, secs_x10 % 10);
+        for (name, &n) in VmExit::REASONS.iter().zip(&self.stats.exits_by_reason) {
+            if n > 0 {
+                s += &alloc::format!(" {name} {n} ({}/s)", n * 10 / secs_x10.max(1));
+            }
         }
         s
     }
@@ -549,6 +567,7 @@ impl Vm {
             });
             let exit = v.run();
             self.stats.exits += 1;
+            self.stats.exits_by_reason[exit.reason()] += 1;
             let after = crate::apic::now_us();
             if matches!(exit, VmExit::ExternalInterrupt | VmExit::Preempted)
                 && self.vcpus[idx].rflags() & (1 << 9) == 0
