@@ -639,6 +639,10 @@ pub fn add_to_esp(paths: &Paths, esp: &Path, config: &str) -> Result<()> {
         copy_into_esp(&initramfs::build(paths)?, esp, initramfs::INITRD)?;
     }
     for name in own_files(config) {
+        // Already on the ESP: one of xtask's own files (a guest image, say).
+        if esp.join("hv").join(&name).is_file() {
+            continue;
+        }
         let src = paths.root.join(&name);
         if !src.is_file() {
             return Err(format!(
