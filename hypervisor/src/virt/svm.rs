@@ -249,6 +249,7 @@ impl SvmVcpu {
         v.seg(S_TR, 0, 0x008b, 0x67, 0);
         v.w::<u8>(S_CPL, 0);
         v.w::<u64>(S_EFER, (1 << 8) | (1 << 10) | EFER_SVME); // LME, LMA, SVME
+
         // PG, WP, NE, ET, PE. WP as the host has it: a guest CR0.WP that differs from
         // the host's costs QEMU two full TLB flushes per world switch.
         v.w::<u64>(S_CR0, 0x8001_0031);
