@@ -10,7 +10,7 @@
 //!
 //! The `.deb` has no `modules.dep` (Debian's postinst runs depmod, which may not even
 //! be installed here), so the dependencies come from each module's own `.modinfo`
-//! (`depends=`), read with the small ELF reader in [`elf`]. The cache then holds a
+//! (`depends=`), read with the `elf` crate (module [`elf`]). The cache then holds a
 //! depmod-style `modules.dep` for the kept set, which [`load_order`] turns into the
 //! order the initramfs loads them in.
 
@@ -393,132 +393,71 @@ fn topo(graph: &[(String, Vec<String>)]) -> Result<Vec<String>> {
     Ok(walk.order)
 }
 
-/// Just enough of little-endian ELF64 to read a kernel module's `.modinfo` and a
-/// program's libraries (`DT_NEEDED`) and interpreter (`PT_INTERP`); every offset is
-/// bounds-checked, so a truncated file is an error, not a panic.
+/// What xtask reads from ELF files, with the `elf` crate the loader and the
+/// hypervisor use: a kernel module's `.modinfo`, a program's libraries
+/// (`DT_NEEDED`) and interpreter (`PT_INTERP`). A truncated or malformed file is an
+/// error, not a panic.
 pub(crate) mod elf {
+    use elf::abi::{DT_NEEDED, PT_INTERP};
+    use elf::endian::AnyEndian;
+    use elf::ElfBytes;
+
     use crate::Result;
 
-    const SHT_DYNAMIC: u32 = 6;
-    const SHT_NOBITS: u32 = 8;
-    const PT_INTERP: u32 = 3;
-    const DT_NULL: u64 = 0;
-    const DT_NEEDED: u64 = 1;
+    #[cfg(test)]
+    const SHT_DYNAMIC: u32 = elf::abi::SHT_DYNAMIC;
 
-    fn bytes(elf: &[u8], at: u64, len: u64) -> Result<&[u8]> {
-        let at = usize::try_from(at).ok();
-        let len = usize::try_from(len).ok();
-        at.zip(len)
-            .and_then(|(at, len)| elf.get(at..at.checked_add(len)?))
-            .ok_or_else(|| "ELF file is truncated".to_string())
+    fn parse(data: &[u8]) -> Result<ElfBytes<'_, AnyEndian>> {
+        ElfBytes::minimal_parse(data).map_err(|e| format!("not an ELF file: {e}"))
     }
 
-    fn u16_at(elf: &[u8], at: u64) -> Result<u16> {
-        let b = bytes(elf, at, 2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
+    fn bad(e: elf::ParseError) -> String {
+        format!("malformed ELF file: {e}")
     }
 
-    fn u32_at(elf: &[u8], at: u64) -> Result<u32> {
-        let b = bytes(elf, at, 4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    fn u64_at(elf: &[u8], at: u64) -> Result<u64> {
-        Ok(u64::from(u32_at(elf, at)?) | (u64::from(u32_at(elf, at + 4)?) << 32))
-    }
-
-    /// The NUL-terminated string at `at` in `table`.
-    fn cstr(table: &[u8], at: u64) -> Result<String> {
-        let rest = usize::try_from(at)
-            .ok()
-            .and_then(|at| table.get(at..))
-            .ok_or_else(|| "ELF string out of its table".to_string())?;
-        let end = rest
+    /// The NUL-terminated string at the start of `bytes`.
+    fn cstr(bytes: &[u8]) -> Result<String> {
+        let end = bytes
             .iter()
             .position(|&b| b == 0)
             .ok_or_else(|| "ELF string without its NUL".to_string())?;
-        Ok(String::from_utf8_lossy(&rest[..end]).into_owned())
-    }
-
-    fn check(elf: &[u8]) -> Result<()> {
-        match elf.get(..6) {
-            Some([0x7f, b'E', b'L', b'F', 2, 1]) => Ok(()),
-            _ => Err("not a little-endian ELF64 file".into()),
-        }
-    }
-
-    struct Section<'a> {
-        name: String,
-        ty: u32,
-        link: u32,
-        data: &'a [u8],
-    }
-
-    fn sections(elf: &[u8]) -> Result<Vec<Section<'_>>> {
-        check(elf)?;
-        let (shoff, entsize) = (u64_at(elf, 0x28)?, u64::from(u16_at(elf, 0x3a)?));
-        let (count, names) = (u16_at(elf, 0x3c)?, usize::from(u16_at(elf, 0x3e)?));
-        if count > 0 && entsize < 64 {
-            return Err("ELF section headers are too small".into());
-        }
-        bytes(elf, shoff, u64::from(count) * entsize)?;
-        let mut raw = Vec::new();
-        for i in 0..u64::from(count) {
-            let h = shoff + i * entsize;
-            let (ty, size) = (u32_at(elf, h + 4)?, u64_at(elf, h + 32)?);
-            let data = if ty == SHT_NOBITS {
-                &[][..]
-            } else {
-                bytes(elf, u64_at(elf, h + 24)?, size)?
-            };
-            raw.push((u32_at(elf, h)?, ty, u32_at(elf, h + 40)?, data));
-        }
-        let table = match raw.get(names) {
-            Some(s) if count > 0 => s.3,
-            _ => &[][..],
-        };
-        raw.into_iter()
-            .map(|(name, ty, link, data)| {
-                Ok(Section {
-                    name: cstr(table, u64::from(name)).unwrap_or_default(),
-                    ty,
-                    link,
-                    data,
-                })
-            })
-            .collect()
+        Ok(String::from_utf8_lossy(&bytes[..end]).into_owned())
     }
 
     /// The value of `key=` in a kernel module's `.modinfo` (e.g. `depends`), or `None`
     /// if the section has no such key. A file without `.modinfo` is an error.
-    pub fn modinfo(elf: &[u8], key: &str) -> Result<Option<String>> {
-        let all = sections(elf)?;
-        let info = all
-            .iter()
-            .find(|s| s.name == ".modinfo")
+    pub fn modinfo(data: &[u8], key: &str) -> Result<Option<String>> {
+        let file = parse(data)?;
+        let shdr = file
+            .section_header_by_name(".modinfo")
+            .map_err(bad)?
             .ok_or_else(|| "no .modinfo section: not a kernel module".to_string())?;
+        let (info, _) = file.section_data(&shdr).map_err(bad)?;
         let prefix = format!("{key}=");
         Ok(info
-            .data
             .split(|&b| b == 0)
             .find_map(|f| f.strip_prefix(prefix.as_bytes()))
             .map(|v| String::from_utf8_lossy(v).into_owned()))
     }
 
     /// The libraries a program or library names (`DT_NEEDED`), in order.
-    pub fn needed(elf: &[u8]) -> Result<Vec<String>> {
-        let all = sections(elf)?;
+    pub fn needed(data: &[u8]) -> Result<Vec<String>> {
+        let file = parse(data)?;
+        let Some(shdrs) = file.section_headers() else {
+            return Ok(Vec::new());
+        };
         let mut out = Vec::new();
-        for dynamic in all.iter().filter(|s| s.ty == SHT_DYNAMIC) {
-            let strings = all
-                .get(dynamic.link as usize)
-                .ok_or_else(|| "the dynamic section links no string table".to_string())?;
-            for entry in dynamic.data.chunks_exact(16) {
-                let (tag, val) = (u64_at(entry, 0)?, u64_at(entry, 8)?);
-                match tag {
-                    DT_NULL => break,
-                    DT_NEEDED => out.push(cstr(strings.data, val)?),
-                    _ => {}
+        for dynamic in shdrs.iter().filter(|s| s.sh_type == elf::abi::SHT_DYNAMIC) {
+            let strings = shdrs
+                .get(dynamic.sh_link as usize)
+                .and_then(|s| file.section_data_as_strtab(&s))
+                .map_err(|_| "the dynamic section links no string table".to_string())?;
+            let (raw, _) = file.section_data(&dynamic).map_err(bad)?;
+            let table = elf::dynamic::DynamicTable::new(file.ehdr.endianness, file.ehdr.class, raw);
+            for entry in table.iter().take_while(|d| d.d_tag != elf::abi::DT_NULL) {
+                if entry.d_tag == DT_NEEDED {
+                    let name = strings.get(entry.d_val() as usize).map_err(bad)?;
+                    out.push(name.to_string());
                 }
             }
         }
@@ -526,22 +465,15 @@ pub(crate) mod elf {
     }
 
     /// The program interpreter (`PT_INTERP`), or `None` for a static program.
-    pub fn interpreter(elf: &[u8]) -> Result<Option<String>> {
-        check(elf)?;
-        let (phoff, entsize) = (u64_at(elf, 0x20)?, u64::from(u16_at(elf, 0x36)?));
-        let count = u64::from(u16_at(elf, 0x38)?);
-        if count > 0 && entsize < 56 {
-            return Err("ELF program headers are too small".into());
+    pub fn interpreter(data: &[u8]) -> Result<Option<String>> {
+        let file = parse(data)?;
+        let Some(segments) = file.segments() else {
+            return Ok(None);
+        };
+        match segments.iter().find(|p| p.p_type == PT_INTERP) {
+            Some(p) => cstr(file.segment_data(&p).map_err(bad)?).map(Some),
+            None => Ok(None),
         }
-        bytes(elf, phoff, count * entsize)?;
-        for i in 0..count {
-            let h = phoff + i * entsize;
-            if u32_at(elf, h)? == PT_INTERP {
-                let path = bytes(elf, u64_at(elf, h + 8)?, u64_at(elf, h + 32)?)?;
-                return cstr(path, 0).map(Some);
-            }
-        }
-        Ok(None)
     }
 
     /// A minimal ELF64 for tests: the named sections (a `.dynamic` gets a `.dynstr`
@@ -583,7 +515,10 @@ pub(crate) mod elf {
         secs.push((".shstrtab", 3, shstrtab, 0));
 
         let mut out = vec![0u8; 64];
-        out[..6].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1]);
+        // ELF64, little-endian, version 1; e_version 1, e_ehsize 64.
+        out[..7].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1]);
+        out[0x14..0x18].copy_from_slice(&1u32.to_le_bytes());
+        out[0x34..0x36].copy_from_slice(&64u16.to_le_bytes());
         let interp = interp.map(|i| format!("{i}\0"));
         if let Some(i) = &interp {
             let (ph, data) = (64u64, 64 + 56u64);
@@ -617,6 +552,9 @@ pub(crate) mod elf {
             h[24..32].copy_from_slice(&at[i].to_le_bytes());
             h[32..40].copy_from_slice(&(data.len() as u64).to_le_bytes());
             h[40..44].copy_from_slice(&link.to_le_bytes());
+            if *ty == SHT_DYNAMIC {
+                h[56..64].copy_from_slice(&16u64.to_le_bytes());
+            }
             out.extend_from_slice(&h);
         }
         out
