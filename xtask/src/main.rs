@@ -698,7 +698,7 @@ impl Stages {
             "\nxtask test: all stages passed in {:.0?}",
             self.started.elapsed()
         );
-        self.took.sort_by(|a, b| b.1.cmp(&a.1));
+        self.took.sort_by_key(|t| std::cmp::Reverse(t.1));
         eprintln!("xtask test: stages, slowest first:");
         for (name, d) in &self.took {
             eprintln!("    {:>7.1}s  {name}", d.as_secs_f64());
