@@ -10,6 +10,7 @@
 //! The GPU's interrupt CPU leaves guests to idle CPUs, and a vCPU nobody waits for
 //! runs 20 ms slices, so a lone streaming guest takes almost no exits.
 
+use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -55,8 +56,10 @@ struct Monitor {
     /// vCPU with the least runs next, so CPU time follows the weights (stride
     /// scheduling). Readable without the slot's lock.
     vruntime: Vec<AtomicU64>,
-    /// When each slot's vCPU 0 has work again (0: now): halted vCPUs are skipped.
-    wake_at: Vec<AtomicU64>,
+    /// When each slot's vCPUs have work again (0: now, `u64::MAX`: not started):
+    /// halted vCPUs are skipped. Written by the VM (under its lock), read here
+    /// without it.
+    wake_at: Vec<Box<[AtomicU64]>>,
     /// When each slot's vCPU was last put back on the run queue.
     queued_at: Vec<AtomicU64>,
     /// Each slot's VM's waiting GPU interrupts (its GPU port's), readable without
@@ -65,15 +68,17 @@ struct Monitor {
 }
 
 impl Monitor {
-    /// Whether VM `slot`'s vCPU 0 can run now: not halted, its timer is due, or a GPU
-    /// interrupt or console input waits.
+    /// Whether VM `slot`'s vCPU `vcpu` can run now: not halted, its timer is due, an
+    /// interrupt waits for it, or (vCPU 0) a GPU interrupt or console input waits.
     fn ready(&self, slot: usize, vcpu: usize, now: u64) -> bool {
-        vcpu != 0
-            || self.wake_at[slot].load(Ordering::Relaxed) <= now
-            || crate::console::waiting_for(slot)
-            || self.gpu_interrupts[slot]
-                .try_read()
-                .is_some_and(|p| p.as_ref().is_some_and(|p| p.any()))
+        self.wake_at[slot]
+            .get(vcpu)
+            .is_some_and(|w| w.load(Ordering::Relaxed) <= now)
+            || (vcpu == 0
+                && (crate::console::waiting_for(slot)
+                    || self.gpu_interrupts[slot]
+                        .try_read()
+                        .is_some_and(|p| p.as_ref().is_some_and(|p| p.any()))))
     }
 }
 
@@ -163,7 +168,13 @@ pub fn configure(bi: &BootInfo, backend: Backend) {
         }));
     }
     let vruntime = slots.iter().map(|_| AtomicU64::new(0)).collect();
-    let wake_at = slots.iter().map(|_| AtomicU64::new(0)).collect();
+    let wake_at = slots
+        .iter()
+        .map(|s| {
+            let n = s.lock().spec.vcpus.max(1);
+            (0..n).map(|_| AtomicU64::new(u64::MAX)).collect()
+        })
+        .collect();
     let queued_at = slots.iter().map(|_| AtomicU64::new(0)).collect();
     let gpu_interrupts = slots.iter().map(|_| spin::RwLock::new(None)).collect();
     MONITOR.call_once(|| Monitor {
@@ -203,7 +214,7 @@ pub fn create(slot: usize) -> Result<(), CreateError> {
     if g.vm.is_some() {
         return Ok(());
     }
-    let vm = Vm::create(m.backend, slot as u16, &g.spec, g.image)?;
+    let vm = Vm::create(m.backend, slot as u16, &g.spec, g.image, &m.wake_at[slot])?;
     info!(
         "vm {} created: {} MiB at {:#x}, {} vcpu(s), weight {}, {} frames",
         vm.name,
@@ -230,7 +241,6 @@ pub fn create(slot: usize) -> Result<(), CreateError> {
         .min()
         .unwrap_or(0);
     m.vruntime[slot].store(start, Ordering::Relaxed);
-    m.wake_at[slot].store(0, Ordering::Relaxed);
     let mut q = m.queue.lock();
     for v in 0..n {
         if !q.contains(&(slot, v)) {
@@ -279,6 +289,7 @@ pub fn pause(slot: usize) {
     with_vm(slot, |vm| {
         if vm.state == VmState::Running {
             vm.state = VmState::Paused;
+            vm.kick_running();
             info!("vm {} paused", vm.name);
         }
     });
@@ -310,7 +321,21 @@ pub fn resume(slot: usize) {
 pub fn destroy(slot: usize) {
     let Some(m) = MONITOR.get() else { return };
     let Some(s) = m.slots.get(slot) else { return };
-    let vm = s.lock().vm.take();
+    // Its vCPUs in guest mode on other CPUs are made to exit and leave first: their
+    // memory must not go while a guest runs in it.
+    let vm = loop {
+        let mut g = s.lock();
+        match g.vm.as_mut() {
+            Some(vm) if vm.kick_running() => {
+                if vm.state == VmState::Running || vm.state == VmState::Paused {
+                    vm.state = VmState::Stopped(StopReason::Destroyed);
+                }
+                drop(g);
+                core::hint::spin_loop();
+            }
+            _ => break g.vm.take(),
+        }
+    };
     *m.gpu_interrupts[slot].write() = None;
     // A gone VM's CPU time no longer counts: a VM created later starts level with the
     // live ones, not with this stale figure (which would let it take the CPUs from
@@ -487,33 +512,54 @@ fn run_loop(bsp: bool) {
             floor.saturating_sub(BASE_SLICE_US * 1000),
             Ordering::Relaxed,
         );
-        let mut g = m.slots[slot].lock();
-        let again = match g.vm.as_mut() {
-            Some(vm) if vm.state == VmState::Running => {
-                SLICES[cpu::current_index()].fetch_add(1, Ordering::Relaxed);
-                let before = vm.stats.cpu_us;
-                vm.run_slice(vcpu, slice_us, others_ready);
-                let used = vm.stats.cpu_us - before;
-                let weight = if cfg!(feature = "test-broken-cpu-weights") {
-                    1
-                } else {
-                    u64::from(vm.weight.max(1))
-                };
-                m.vruntime[slot].fetch_add(used * 1000 / weight, Ordering::Relaxed);
-                if vcpu == 0 {
-                    m.wake_at[slot].store(vm.wake_time(0), Ordering::Relaxed);
-                }
-                vm.state == VmState::Running
-            }
-            _ => false,
-        };
-        drop(g);
+        let again = run_vcpu_slice(m, slot, vcpu, slice_us);
         if again {
             m.queued_at[slot].store(crate::apic::now_us(), Ordering::Relaxed);
             m.queue.lock().push_back((slot, vcpu));
         }
     }
     RUNNING_CPUS.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Runs vCPU `vcpu` of VM `slot` for one slice; returns whether it goes back on the
+/// run queue. The VM is locked only between the vCPU's exits and entries, so its other
+/// vCPUs run on the other CPUs meanwhile.
+fn run_vcpu_slice(m: &Monitor, slot: usize, vcpu: usize, slice_us: u64) -> bool {
+    let mut g = m.slots[slot].lock();
+    let Some(mut slice) =
+        g.vm.as_mut()
+            .filter(|vm| vm.state == VmState::Running)
+            .and_then(|vm| vm.begin_slice(vcpu, slice_us))
+    else {
+        return g.vm.as_ref().is_some_and(|vm| vm.state == VmState::Running);
+    };
+    SLICES[cpu::current_index()].fetch_add(1, Ordering::Relaxed);
+    loop {
+        let Some(mut v) = g.vm.as_mut().and_then(|vm| vm.enter(&mut slice)) else {
+            break;
+        };
+        drop(g);
+        let exit = v.run();
+        g = m.slots[slot].lock();
+        // `destroy` waits for vCPUs in guest mode, so the VM is still there.
+        let Some(vm) = g.vm.as_mut() else {
+            return false;
+        };
+        if !vm.exited(&mut slice, v, exit, others_ready) {
+            break;
+        }
+    }
+    let Some(vm) = g.vm.as_mut() else {
+        return false;
+    };
+    let used = vm.end_slice(slice);
+    let weight = if cfg!(feature = "test-broken-cpu-weights") {
+        1
+    } else {
+        u64::from(vm.weight.max(1))
+    };
+    m.vruntime[slot].fetch_add(used * 1000 / weight, Ordering::Relaxed);
+    vm.state == VmState::Running
 }
 
 /// One line per VM: state, exits, CPU time and its share against its weight; and

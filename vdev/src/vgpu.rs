@@ -30,6 +30,8 @@ use gpu_pv::wire::feature;
 use log::{info, warn};
 use virtio_pci::{cap, common, pci, status, MSI_NO_VECTOR, VENDOR_ID};
 
+use crate::ioapic::{Delivery, DeliveryMode, Destination};
+
 /// Guest-physical base of BAR4 (virtio structures).
 pub const BAR4_BASE: u64 = 0xc000_0000;
 /// BAR4 size.
@@ -623,26 +625,45 @@ impl VirtioGpuDevice {
         self.released |= self.msix.write(off, size, v);
     }
 
-    /// The guest vector MSI-X entry `entry`'s message stands for, if it is one this
-    /// VM's local APIC takes: address 0xFEEx_xxxx, vector (data bits 0-7) 16 or above.
-    /// Anything else is dropped without a log line (it would be one per completion).
-    fn vector_of(&self, entry: usize) -> Option<u8> {
+    /// The interrupt MSI-X entry `entry`'s message stands for, if it is one this VM's
+    /// local APICs take: address 0xFEEx_xxxx (destination id in bits 19:12, logical
+    /// destination mode in bit 2), fixed or lowest-priority delivery (data bits 10:8),
+    /// vector (data bits 7:0) 16 or above. Anything else is dropped without a log line
+    /// (it would be one per completion).
+    fn message_of(&self, entry: usize) -> Option<Delivery> {
         let (addr, data) = self.msix.message(entry)?;
         let vector = (data & 0xff) as u8;
-        (addr >> 20 == 0xfee && vector >= 16).then_some(vector)
+        let dest_id = (addr >> 12) as u8;
+        let dest = if addr & (1 << 2) != 0 {
+            Destination::Logical(dest_id)
+        } else {
+            Destination::Physical(dest_id)
+        };
+        let mode = match (data >> 8) & 7 {
+            0 => DeliveryMode::Fixed,
+            1 => DeliveryMode::LowestPriority,
+            _ => return None,
+        };
+        (addr >> 20 == 0xfee && vector >= 16).then_some(Delivery {
+            vector,
+            dest,
+            mode,
+            level: false,
+        })
     }
 
-    /// Raises MSI-X entry `entry` (a queue's or the config vector): returns the guest
-    /// vector to inject, or `None` if the message is held pending (entry or function
-    /// masked: it is sent by the unmask, see [`take_released`](Self::take_released)),
-    /// MSI-X is off, or the entry is not programmed with a usable message.
-    pub fn raise(&mut self, entry: u16, config_change: bool) -> Option<u8> {
+    /// Raises MSI-X entry `entry` (a queue's or the config vector): returns the
+    /// interrupt to deliver (vector and destination local APICs), or `None` if the
+    /// message is held pending (entry or function masked: it is sent by the unmask,
+    /// see [`take_released`](Self::take_released)), MSI-X is off, or the entry is not
+    /// programmed with a usable message.
+    pub fn raise(&mut self, entry: u16, config_change: bool) -> Option<Delivery> {
         self.isr |= if config_change { 2 } else { 1 };
         if config_change {
             self.events_read |= 1;
         }
         match self.msix.signal(entry as usize) {
-            Signal::Send(..) => self.vector_of(entry as usize),
+            Signal::Send(..) => self.message_of(entry as usize),
             Signal::Pending | Signal::Dropped => None,
         }
     }
@@ -652,13 +673,13 @@ impl VirtioGpuDevice {
         self.released != 0
     }
 
-    /// Takes the guest vectors of the pending messages that an unmask (of an entry,
-    /// of the function, or MSI-X enable) released since the last call, to inject.
-    pub fn take_released(&mut self) -> alloc::vec::Vec<u8> {
+    /// Takes the interrupts of the pending messages that an unmask (of an entry, of
+    /// the function, or MSI-X enable) released since the last call, to deliver.
+    pub fn take_released(&mut self) -> alloc::vec::Vec<Delivery> {
         let bits = core::mem::take(&mut self.released);
         (0..MSIX_VECTORS)
             .filter(|i| bits & (1 << i) != 0)
-            .filter_map(|i| self.vector_of(i))
+            .filter_map(|i| self.message_of(i))
             .collect()
     }
 
@@ -824,16 +845,53 @@ mod tests {
         assert!(!d.live());
     }
 
+    /// The fixed, physical-destination interrupt of `vector` for APIC `id`.
+    fn to_apic(id: u8, vector: u8) -> Delivery {
+        Delivery {
+            vector,
+            dest: Destination::Physical(id),
+            mode: DeliveryMode::Fixed,
+            level: false,
+        }
+    }
+
+    #[test]
+    fn a_message_goes_where_its_address_says() {
+        let mut d = live(all_features());
+        // Entry 1 to APIC 1 (physical), entry 2 to logical mask 0x02, lowest priority.
+        d.mmio_write(BAR1_BASE + 16, 4, 0xfee0_1000);
+        d.mmio_write(BAR1_BASE + 32, 4, 0xfee0_2004);
+        d.mmio_write(BAR1_BASE + 32 + 8, 4, 0x142);
+        assert_eq!(d.raise(1, false), Some(to_apic(1, 0x41)));
+        assert_eq!(
+            d.raise(2, false),
+            Some(Delivery {
+                vector: 0x42,
+                dest: Destination::Logical(2),
+                mode: DeliveryMode::LowestPriority,
+                level: false,
+            })
+        );
+        // NMI, SMI and INIT messages are not delivered.
+        for mode in [2u64, 4, 5, 7] {
+            d.mmio_write(BAR1_BASE + 32 + 8, 4, (mode << 8) | 0x42);
+            assert_eq!(d.raise(2, false), None, "mode {mode}");
+        }
+        // Not the local APICs' window.
+        d.mmio_write(BAR1_BASE + 16, 4, 0xfed0_0000);
+        assert_eq!(d.raise(1, false), None);
+    }
+
     #[test]
     fn masked_entry_is_held_and_released_by_unmask() {
         let mut d = live(all_features());
-        assert_eq!(d.raise(1, false), Some(0x41));
+        assert_eq!(d.raise(1, false), Some(to_apic(0, 0x41)));
         d.mmio_write(BAR1_BASE + 16 + 12, 4, 1);
         assert_eq!(d.raise(1, false), None);
         assert_eq!(d.mmio_read(BAR1_BASE + PBA_OFFSET, 8), 0b10);
         d.mmio_write(BAR1_BASE + 16 + 12, 4, 0);
         assert!(d.has_released());
-        assert_eq!(d.take_released(), alloc::vec![0x41]);
+        assert_eq!(d.take_released(), alloc::vec![to_apic(0, 0x41)]);
         assert_eq!(d.raise(0xffff, true), None, "NO_VECTOR");
         assert_eq!(d.raise(7, false), None, "no such entry");
     }

@@ -313,6 +313,12 @@ impl VLapic {
             REG_ICR_LOW => {
                 // Delivery status (bit 12) always reads idle: delivery is immediate.
                 self.icr_low = v & !(1 << 12);
+                // An INIT level de-assert (INIT, level-triggered, level 0) only
+                // synchronizes arbitration IDs on old APICs; later ones ignore it.
+                let init_deassert = (v >> 8) & 7 == 5 && v & (1 << 15) != 0 && v & (1 << 14) == 0;
+                if init_deassert {
+                    return None;
+                }
                 return Some(Effect::Ipi(self.ipi()));
             }
             REG_LVT_TIMER => {
@@ -576,6 +582,13 @@ mod tests {
         let init = ipi(&mut l, (3 << 18) | (5 << 8));
         assert_eq!((init.mode, init.dest), (5, IpiDest::Others));
         assert_eq!(ipi(&mut l, (1 << 11) | 0x30).dest, IpiDest::Logical(3));
+        // Linux's AP start: INIT assert (level, asserted), INIT de-assert (level, not
+        // asserted: nothing), STARTUP with the trampoline's page.
+        let assert = ipi(&mut l, (1 << 15) | (1 << 14) | (5 << 8));
+        assert_eq!((assert.mode, assert.dest), (5, IpiDest::Physical(3)));
+        assert_eq!(l.write(REG_ICR_LOW, (1 << 15) | (5 << 8), 0), None);
+        let startup = ipi(&mut l, (6 << 8) | 0x9a);
+        assert_eq!((startup.mode, startup.vector), (6, 0x9a));
         // EOI names the vector that was in service, then nothing.
         l.raise(0x51);
         l.acknowledge(0x51);

@@ -187,6 +187,8 @@ pub trait Vcpu: Send {
     fn put(&mut self) {}
     /// The guest's current privilege level.
     fn cpl(&self) -> u8;
+    /// Guest CR0 as the guest sees it.
+    fn cr0(&self) -> u64;
     /// Guest CR4 as the guest sees it.
     fn cr4(&self) -> u64;
     /// Guest EFER as the guest sees it (under SVM without SVME).
@@ -194,6 +196,11 @@ pub trait Vcpu: Send {
     /// Sets the guest's EFER to `efer` (already checked by the caller: long mode stays
     /// on).
     fn set_efer(&mut self, efer: u64);
+    /// Puts the vCPU in the state a STARTUP IPI gives a CPU waiting for one (after
+    /// INIT): real mode at `vector * 4096` (CS = `vector << 8`, IP 0), paging, caches
+    /// and interrupts as after INIT, general registers zero (SDM 3 10.4.4, 9.1.1;
+    /// APM 2 15.20, 14.1.3). Fails when the backend cannot run real mode.
+    fn start_up(&mut self, vector: u8) -> Result<(), &'static str>;
     /// The vCPU's own copy of the state the hardware does not switch (FPU/vector
     /// registers, XCR0, debug registers).
     fn cpu_state(&mut self) -> &mut CpuState;

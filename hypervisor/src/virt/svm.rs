@@ -491,8 +491,43 @@ impl Vcpu for SvmVcpu {
     fn cpl(&self) -> u8 {
         self.r::<u8>(S_CPL) & 3
     }
+    fn cr0(&self) -> u64 {
+        self.r(S_CR0)
+    }
     fn cr4(&self) -> u64 {
         self.r(S_CR4)
+    }
+    fn start_up(&mut self, vector: u8) -> Result<(), &'static str> {
+        // Nested paging runs a real-mode guest as it is: guest-physical = linear.
+        let page = u64::from(vector) << 12;
+        self.seg(S_CS, u16::from(vector) << 8, 0x009b, 0xffff, page);
+        for off in [S_ES, S_SS, S_DS, S_FS, S_GS] {
+            self.seg(off, 0, 0x0093, 0xffff, 0);
+        }
+        self.seg(S_GDTR, 0, 0, 0xffff, 0);
+        self.seg(S_IDTR, 0, 0, 0xffff, 0);
+        self.seg(S_LDTR, 0, 0x0082, 0xffff, 0);
+        self.seg(S_TR, 0, 0x0083, 0xffff, 0);
+        self.w::<u8>(S_CPL, 0);
+        self.w::<u64>(S_EFER, EFER_SVME);
+        self.w::<u64>(S_CR0, 0x10); // ET
+        self.w::<u64>(S_CR3, 0);
+        self.w::<u64>(S_CR4, 0);
+        self.w::<u64>(S_DR6, 0xffff_0ff0);
+        self.w::<u64>(S_DR7, 0x400);
+        self.w::<u64>(S_RFLAGS, 0x2);
+        self.w::<u64>(S_RIP, 0);
+        self.w::<u64>(S_RSP, 0);
+        self.w::<u64>(S_G_PAT, 0x0007_0406_0007_0406);
+        self.w::<u64>(C_EVENTINJ, 0);
+        self.w::<u64>(C_INT_SHADOW, 0);
+        self.set_interrupt_window(false);
+        self.regs = GuestRegs::default();
+        // Translations cached for its earlier life go with a fresh ASID.
+        self.asid_owner = None;
+        self.cpu_state
+            .set_xcr(0, 1)
+            .map_err(|()| "XCR0 cannot be reset")
     }
     fn efer(&self) -> u64 {
         self.r::<u64>(S_EFER) & !EFER_SVME

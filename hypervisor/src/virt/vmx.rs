@@ -1451,6 +1451,13 @@ impl Vcpu for VmxVcpu {
     fn cpl(&self) -> u8 {
         ((vmr(GUEST_SS_AR) >> 5) & 3) as u8
     }
+    fn cr0(&self) -> u64 {
+        let mask = vmr(CR0_GUEST_HOST_MASK);
+        (vmr(GUEST_CR0) & !mask) | (vmr(CR0_READ_SHADOW) & mask)
+    }
+    fn start_up(&mut self, _vector: u8) -> Result<(), &'static str> {
+        Err("a startup IPI needs real mode, which this VMX backend does not run (no unrestricted guest)")
+    }
     fn cr4(&self) -> u64 {
         let mask = vmr(CR4_GUEST_HOST_MASK);
         (vmr(GUEST_CR4) & !mask) | (vmr(CR4_READ_SHADOW) & mask)

@@ -4,7 +4,7 @@
 
 use log::warn;
 use vdev::mmio::{self, Access};
-use vdev::platform::Platform;
+use vdev::platform::{IpiRequest, Platform};
 
 use crate::virt::{self, Instruction, VmExit};
 
@@ -37,6 +37,14 @@ impl Vm {
     /// (after stopping the VM) when it cannot be emulated.
     pub(super) fn emulate_mmio(&mut self, idx: usize, gpa: u64) -> bool {
         let (rip, cr3) = (self.vcpus[idx].rip(), self.vcpus[idx].cr3());
+        // Decoding and the page walk below are for 64-bit code (a starting AP's
+        // real-mode trampoline touches no device).
+        const EFER_LMA: u64 = 1 << 10;
+        if self.vcpus[idx].efer() & EFER_LMA == 0 {
+            warn!("MMIO at {gpa:#x} outside long mode (rip {rip:#x}) is not emulated");
+            self.stop(idx, StopReason::BadMmio(gpa));
+            return false;
+        }
         // The instruction may cross into the next page, which the guest's tables map
         // elsewhere: fetch each part through them (the CPU just fetched it all, so
         // both translate unless another vCPU changed the tables meanwhile).
@@ -99,12 +107,20 @@ impl Vm {
                     let effect = self.lapics[idx].write((gpa - lapic) as u32, value as u32, now);
                     let request =
                         effect.and_then(|e| self.platform.lapic_effect(idx, e, &mut self.lapics));
-                    if let Some(request) = request {
-                        self.stop(
-                            idx,
-                            StopReason::Unhandled(alloc::format!("IPI {request:?}")),
-                        );
-                        return false;
+                    match request {
+                        None => {}
+                        Some(IpiRequest::Start {
+                            vcpus,
+                            mode,
+                            vector,
+                        }) => self.start_ipi(idx, vcpus, mode == 5, vector),
+                        Some(request @ IpiRequest::Unsupported(_)) => {
+                            self.stop(
+                                idx,
+                                StopReason::Unhandled(alloc::format!("IPI {request:?}")),
+                            );
+                            return false;
+                        }
                     }
                 } else if Platform::is_ioapic(gpa) {
                     self.platform
@@ -123,8 +139,8 @@ impl Vm {
     }
 
     /// RDMSR/WRMSR of an MSR the vCPU does not reach directly (the backend passes
-    /// some through, see `virt::svm::PASSED_MSRS`). Emulated: EFER (the guest may
-    /// turn SCE and NXE on and off, long mode stays on), APIC_BASE (the xAPIC at its
+    /// some through, see `virt::svm::PASSED_MSRS`). Emulated: EFER (SCE and NXE; LME
+    /// only while paging is off, as the CPU allows), APIC_BASE (the xAPIC at its
     /// fixed base, enabled; x2APIC is not offered), TSC_DEADLINE (the virtual local
     /// APIC's timer), PAT (kept per vCPU; guest RAM is write-back whatever it says)
     /// MISC_ENABLE (fast strings; writes ignored) and AMD's INT_PENDING_MSG (0: no
@@ -139,21 +155,31 @@ impl Vm {
         const EFER: u32 = 0xc000_0080;
         /// SCE, LME, LMA (read-only: what is written there is ignored), NXE.
         const EFER_WRITABLE: u64 = (1 << 0) | (1 << 8) | (1 << 10) | (1 << 11);
-        /// LME: this hypervisor's guests stay in long mode.
         const EFER_LME: u64 = 1 << 8;
         const EFER_LMA: u64 = 1 << 10;
         /// APIC_BASE: BSP (bit 8), global enable (bit 11).
         const APIC_BSP: u64 = 1 << 8;
         const APIC_ENABLE: u64 = 1 << 11;
         let r = *self.vcpus[idx].regs();
+        let paging = self.vcpus[idx].cr0() & (1 << 31) != 0;
         let msr = r.rcx as u32;
         let value = (r.rdx << 32) | (r.rax & 0xffff_ffff);
         let apic_base =
             gpu_pv::abi::guest::LAPIC_BASE | APIC_ENABLE | if idx == 0 { APIC_BSP } else { 0 };
         let read = match (msr, write) {
             (EFER, false) => Some(self.vcpus[idx].efer()),
-            (EFER, true) if value & !EFER_WRITABLE == 0 && value & EFER_LME != 0 => {
-                self.vcpus[idx].set_efer(value | EFER_LMA);
+            // LME changes only while paging is off (a starting AP's trampoline sets
+            // it on its way to long mode); LMA follows LME and CR0.PG.
+            (EFER, true)
+                if value & !EFER_WRITABLE == 0
+                    && (!paging || (value ^ self.vcpus[idx].efer()) & EFER_LME == 0) =>
+            {
+                let lma = if paging && value & EFER_LME != 0 {
+                    EFER_LMA
+                } else {
+                    0
+                };
+                self.vcpus[idx].set_efer((value & !EFER_LMA) | lma);
                 None
             }
             (APIC_BASE, false) => Some(apic_base),

@@ -75,6 +75,8 @@ impl Vm {
                     t.set_rsp(r.rdx);
                     t.regs().rdi = r.rcx;
                     self.started[target] = true;
+                    self.startup[target] = super::Startup::Running;
+                    self.wake[target].store(0, core::sync::atomic::Ordering::Relaxed);
                     info!("vcpu{target} started at {:#x}", r.rsi);
                     (hypercall::OK, true)
                 }

@@ -10,6 +10,7 @@
 use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use gpu_pv::abi::guest;
 use gpu_pv::memory::{Gpa, GuestMemory, Hpa};
@@ -19,6 +20,7 @@ use vdev::vgpu::VirtioGpuDevice;
 use vdev::vlapic::VLapic;
 
 use crate::mm::frames;
+use crate::virt::cpu_state::{CpuState, Extras};
 use crate::virt::npt::{Format, NestedTables, Perm};
 use crate::virt::{self, Backend, StartState, Vcpu, VmExit};
 use crate::vm_context;
@@ -107,6 +109,8 @@ pub struct VmStats {
     pub halt_polls_won: u64,
     /// Exits by reason (`VmExit::REASONS`).
     pub exits_by_reason: [u64; VmExit::REASONS.len()],
+    /// The most of its vCPUs seen in guest mode at once (on different CPUs).
+    pub most_in_guest: u64,
 }
 
 /// What a VM is made from.
@@ -168,11 +172,23 @@ pub struct Vm {
     /// Each vCPU's IA32_PAT as it last wrote it.
     pat: Vec<u64>,
     halted: Vec<bool>,
-    /// Secondary vCPUs stay parked until the guest starts them (VCPU_START).
+    /// Secondary vCPUs stay parked until the guest starts them (VCPU_START, or
+    /// INIT and STARTUP IPIs).
     started: Vec<bool>,
+    /// Each vCPU's INIT/STARTUP state, applied by the vCPU's own next entry.
+    startup: Vec<Startup>,
+    /// The physical CPU each vCPU is in guest mode on, with the VM unlocked (its
+    /// [`Vcpu`] is then with that CPU and `vcpus` holds a [`Parked`] in its place).
+    in_guest: Vec<Option<usize>>,
+    /// One [`Parked`] stand-in per vCPU, swapped into `vcpus` while it runs.
+    spare: Vec<Option<Box<dyn Vcpu>>>,
+    /// When each vCPU next has work (host us; 0: now, `u64::MAX`: never), shared with
+    /// the scheduler, which reads it without the VM's lock.
+    wake: &'static [AtomicU64],
     pci_addr: u32,
     io_window: (u64, u64),
-    stuck_us: u64,
+    /// How long each vCPU has run with interrupts off.
+    stuck_us: Vec<u64>,
     /// Whether it runs a Linux kernel (rather than an ELF guest of this ABI).
     linux: bool,
     /// Its paravirtual GPU, when the mediator runs and a scanout is free for it.
@@ -181,6 +197,98 @@ pub struct Vm {
     port: Option<crate::gpu_share::GpuPort>,
     /// When it was created (host microseconds).
     created_us: u64,
+}
+
+/// Where a vCPU stands with INIT and STARTUP IPIs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Startup {
+    /// Running (or parked for VCPU_START): STARTUP IPIs are ignored.
+    Running,
+    /// An INIT arrived: the vCPU stops at its next entry and waits for STARTUP.
+    InitPending,
+    /// Waiting for a STARTUP IPI (after INIT, or never started).
+    Waiting,
+    /// A STARTUP IPI with this page arrived: the vCPU starts there at its next entry.
+    Due(u8),
+}
+
+/// The stand-in [`Vm::vcpus`] holds for a vCPU that is in guest mode on some CPU
+/// while the VM is unlocked: nothing but that vCPU's own exit handling touches a
+/// vCPU's registers, so nothing should ever reach it; if something does, it reads
+/// zeros and writes nowhere.
+struct Parked {
+    regs: virt::GuestRegs,
+    cpu_state: CpuState,
+}
+
+impl Parked {
+    fn boxed() -> Result<Box<dyn Vcpu>, CreateError> {
+        let cpu_state = CpuState::new(Extras::DebugAddresses).map_err(CreateError::Backend)?;
+        Ok(Box::new(Parked {
+            regs: virt::GuestRegs::default(),
+            cpu_state,
+        }))
+    }
+}
+
+impl Vcpu for Parked {
+    fn run(&mut self) -> VmExit {
+        VmExit::EntryFailed(0)
+    }
+    fn regs(&mut self) -> &mut virt::GuestRegs {
+        &mut self.regs
+    }
+    fn rip(&self) -> u64 {
+        0
+    }
+    fn set_rip(&mut self, _: u64) {}
+    fn rsp(&self) -> u64 {
+        0
+    }
+    fn set_rsp(&mut self, _: u64) {}
+    fn rflags(&self) -> u64 {
+        0x2
+    }
+    fn cr3(&self) -> u64 {
+        0
+    }
+    fn interruptible(&self) -> bool {
+        false
+    }
+    fn inject_interrupt(&mut self, _: u8) {}
+    fn inject_exception(&mut self, _: u8, _: Option<u32>) {}
+    fn set_interrupt_window(&mut self, _: bool) {}
+    fn set_time_slice(&mut self, _: u64) {}
+    fn cpl(&self) -> u8 {
+        0
+    }
+    fn cr0(&self) -> u64 {
+        0
+    }
+    fn cr4(&self) -> u64 {
+        0
+    }
+    fn efer(&self) -> u64 {
+        0
+    }
+    fn set_efer(&mut self, _: u64) {}
+    fn start_up(&mut self, _: u8) -> Result<(), &'static str> {
+        Err("the vCPU is running elsewhere")
+    }
+    fn cpu_state(&mut self) -> &mut CpuState {
+        &mut self.cpu_state
+    }
+}
+
+/// One slice of one vCPU in progress (see [`Vm::begin_slice`]).
+pub struct Slice {
+    idx: usize,
+    t0: u64,
+    deadline: u64,
+    slice_us: u64,
+    polled: bool,
+    /// When the vCPU last entered the guest.
+    entered: u64,
 }
 
 /// Why a VM could not be created.
@@ -213,12 +321,19 @@ impl core::fmt::Display for CreateError {
 impl Vm {
     /// Creates a VM: allocates and scrubs its RAM, builds nested paging, loads `image`,
     /// writes the guest ABI structures, and creates its vCPUs (only the first starts).
+    /// `wake` has one entry per vCPU: the scheduler's view of when each has work.
     pub fn create(
         backend: Backend,
         id: u16,
         spec: &VmSpec,
         image: &[u8],
+        wake: &'static [AtomicU64],
     ) -> Result<Vm, CreateError> {
+        if wake.len() < spec.vcpus.max(1) as usize {
+            return Err(CreateError::BadConfig(
+                "more vCPUs than the scheduler has room for",
+            ));
+        }
         if spec.memory_mib < guest::MIN_MEMORY_MIB {
             return Err(CreateError::BadConfig(
                 "memory below the guest ABI minimum (4 MiB)",
@@ -257,9 +372,13 @@ impl Vm {
             pat: Vec::new(),
             halted: Vec::new(),
             started: Vec::new(),
+            startup: Vec::new(),
+            in_guest: Vec::new(),
+            spare: Vec::new(),
+            wake,
             pci_addr: 0,
             io_window: (0, 0),
-            stuck_us: 0,
+            stuck_us: Vec::new(),
             linux: spec.linux.is_some(),
             gpu: None,
             port: None,
@@ -314,8 +433,19 @@ impl Vm {
             // The power-on default: WB, WT, UC-, UC, repeated.
             vm.pat.push(0x0007_0406_0007_0406);
             vm.halted.push(false);
-            vm.started.push(vm.vcpus.is_empty());
+            let first = vm.vcpus.is_empty();
+            vm.started.push(first);
+            vm.startup.push(if first {
+                Startup::Running
+            } else {
+                Startup::Waiting
+            });
+            vm.in_guest.push(None);
+            vm.stuck_us.push(0);
+            vm.spare.push(Some(Parked::boxed()?));
+            let i = vm.vcpus.len();
             vm.vcpus.push(v);
+            vm.wake[i].store(vm.wake_time(i), Ordering::Relaxed);
         }
         Ok(vm)
     }
@@ -324,7 +454,11 @@ impl Vm {
     /// (commands unanswered, interrupts waiting, MSI-X messages held), for the
     /// end-of-run report: why a VM sits idle.
     pub fn interrupt_report(&self) -> String {
-        let mut s = String::new();
+        let mut s = alloc::format!(
+            "{} vCPU(s), at most {} in guest mode at once; ",
+            self.vcpus.len(),
+            self.stats.most_in_guest
+        );
         for (i, l) in self.lapics.iter().enumerate() {
             let halted = self.halted.get(i).copied().unwrap_or(false);
             s += &alloc::format!("vcpu{i}: halted {halted}, {}; ", l.summary());
@@ -382,7 +516,8 @@ impl Vm {
 
     /// Frames this VM holds (RAM plus nested tables plus VMCB/VMCS pages).
     pub fn frames_held(&self) -> usize {
-        (self.mem_size / 4096) as usize + self.nested.table_frames() + self.vcpus.len()
+        // Per vCPU: its VMCB or VMCS, its FPU state area and its stand-in's.
+        (self.mem_size / 4096) as usize + self.nested.table_frames() + 3 * self.vcpus.len()
     }
 
     /// Stops the VM, logging why with its vCPU state.
@@ -400,6 +535,7 @@ impl Vm {
             );
         }
         self.state = VmState::Stopped(reason);
+        self.kick_running();
     }
 
     /// Halt polling: when vCPU 0 halted while its VM has GPU commands in flight, the
@@ -454,13 +590,13 @@ impl Vm {
     }
 
     /// Turns the mediator's coalesced interrupts into MSI-X messages of the VM's
-    /// virtual GPU, delivered to its bootstrap vCPU's local APIC.
+    /// virtual GPU, delivered to the local APICs their addresses name.
     fn collect_gpu_interrupts(&mut self) {
         let Some(dev) = self.gpu.as_mut() else { return };
         // Messages held pending while their MSI-X entry (or the function) was masked,
         // released by the driver's unmask.
-        for vector in dev.take_released() {
-            self.lapics[0].raise(vector);
+        for message in dev.take_released() {
+            vdev::platform::route(message, &mut self.lapics);
         }
         let Some(port) = self.port.as_ref() else {
             return;
@@ -478,15 +614,21 @@ impl Vm {
             if config && port.needs_reset() {
                 dev.needs_reset = true;
             }
-            if let Some(vector) = dev.raise(entry, config) {
-                self.lapics[0].raise(vector);
+            if let Some(message) = dev.raise(entry, config) {
+                vdev::platform::route(message, &mut self.lapics);
             }
         }
     }
 
     /// When vCPU `idx` next has work (host microseconds): 0 when runnable now,
-    /// its timer deadline when halted, `u64::MAX` when halted with nothing armed.
+    /// its timer deadline when halted, `u64::MAX` when halted with nothing armed or
+    /// not started.
     pub fn wake_time(&self, idx: usize) -> u64 {
+        match self.startup.get(idx) {
+            Some(Startup::InitPending | Startup::Due(_)) => return 0,
+            _ if !self.started.get(idx).copied().unwrap_or(false) => return u64::MAX,
+            _ => {}
+        }
         if !self.halted.get(idx).copied().unwrap_or(false) || self.state != VmState::Running {
             return 0;
         }
@@ -499,18 +641,106 @@ impl Vm {
         lapic.deadline_us().unwrap_or(u64::MAX)
     }
 
-    /// Delivers a pending virtual interrupt, or asks for an interrupt window.
-    fn deliver_interrupts(&mut self, idx: usize, now: u64) {
-        if idx == 0 {
-            self.collect_gpu_interrupts();
-            // Console input, as fast as the guest's UART takes it.
-            while self.platform.com1.can_receive() {
-                let Some(b) = crate::console::take(usize::from(self.id)) else {
-                    break;
-                };
-                self.platform.com1_receive(b, &mut self.lapics);
+    /// Which vCPUs have an interrupt waiting (bit n: vCPU n), to see what an exit
+    /// raised in the others.
+    fn pending_mask(&self) -> u64 {
+        if self.lapics.len() < 2 {
+            return 0;
+        }
+        self.lapics
+            .iter()
+            .take(64)
+            .enumerate()
+            .filter(|(_, l)| l.pending().is_some())
+            .fold(0, |m, (i, _)| m | (1 << i))
+    }
+
+    /// Makes the other vCPUs with an interrupt newly waiting (pending now, not in
+    /// `before`) take it: one in guest mode on another CPU is made to exit (a host
+    /// IPI to that CPU); one halted or off a CPU becomes runnable for the scheduler.
+    fn notify(&self, me: usize, before: u64) {
+        let now = self.pending_mask() & !before & !(1u64 << me);
+        self.wake_vcpus(now);
+    }
+
+    /// Gets the vCPUs in `mask` to look at their state soon (see [`notify`](Self::notify)).
+    fn wake_vcpus(&self, mask: u64) {
+        for j in (0..self.vcpus.len().min(64)).filter(|j| mask & (1 << j) != 0) {
+            match self.in_guest[j] {
+                Some(cpu) => crate::interrupts::wake_cpu(cpu),
+                None => self.wake[j].store(0, Ordering::Relaxed),
             }
         }
+    }
+
+    /// An INIT or STARTUP IPI from vCPU `from` to the vCPUs in `targets`: recorded for
+    /// each target, which acts on it at its next entry (SDM 3 8.4.4.1: a STARTUP
+    /// reaches only a CPU waiting for one).
+    fn start_ipi(&mut self, from: usize, targets: u64, init: bool, vector: u8) {
+        let mut woken = 0u64;
+        for j in (0..self.vcpus.len().min(64)).filter(|j| targets & (1 << j) != 0) {
+            let s = &mut self.startup[j];
+            *s = match (*s, init) {
+                (_, true) => Startup::InitPending,
+                (Startup::InitPending | Startup::Waiting, false) => Startup::Due(vector),
+                (other, false) => other,
+            };
+            if j != from {
+                woken |= 1 << j;
+            }
+        }
+        self.wake_vcpus(woken);
+    }
+
+    /// Acts on vCPU `idx`'s INIT or STARTUP (see [`start_ipi`](Self::start_ipi)).
+    fn apply_startup(&mut self, idx: usize) {
+        match self.startup[idx] {
+            Startup::InitPending => {
+                self.started[idx] = false;
+                self.halted[idx] = false;
+                self.lapics[idx] = VLapic::new(idx as u32);
+                self.startup[idx] = Startup::Waiting;
+            }
+            Startup::Due(vector) => {
+                // INIT and STARTUP came in one go: the reset first.
+                self.lapics[idx] = VLapic::new(idx as u32);
+                self.pat[idx] = 0x0007_0406_0007_0406;
+                self.stuck_us[idx] = 0;
+                match self.vcpus[idx].start_up(vector) {
+                    Ok(()) => {
+                        self.started[idx] = true;
+                        self.halted[idx] = false;
+                        self.startup[idx] = Startup::Running;
+                        info!(
+                            "vcpu{idx} started at {:#x} (STARTUP IPI)",
+                            u64::from(vector) << 12
+                        );
+                    }
+                    Err(why) => {
+                        self.startup[idx] = Startup::Waiting;
+                        self.stop(
+                            idx,
+                            StopReason::Unhandled(alloc::format!("vcpu{idx}: {why}")),
+                        );
+                    }
+                }
+            }
+            Startup::Running | Startup::Waiting => {}
+        }
+    }
+
+    /// Delivers a pending virtual interrupt, or asks for an interrupt window.
+    fn deliver_interrupts(&mut self, idx: usize, now: u64) {
+        let before = self.pending_mask();
+        self.collect_gpu_interrupts();
+        // Console input, as fast as the guest's UART takes it.
+        while self.platform.com1.can_receive() {
+            let Some(b) = crate::console::take(usize::from(self.id)) else {
+                break;
+            };
+            self.platform.com1_receive(b, &mut self.lapics);
+        }
+        self.notify(idx, before);
         let lapic = &mut self.lapics[idx];
         lapic.tick(now);
         if let Some(vector) = lapic.pending() {
@@ -525,81 +755,149 @@ impl Vm {
         }
     }
 
-    /// Runs vCPU `idx` for one slice of `slice_us` (0: until it stops); returns when the
-    /// slice is over, the vCPU blocks, or the VM stops. `others_ready` says whether
-    /// another vCPU waits for a CPU (a halted vCPU stops polling for its GPU then).
-    pub fn run_slice(&mut self, idx: usize, slice_us: u64, others_ready: fn() -> bool) {
-        if idx >= self.vcpus.len() || !self.ready(idx) {
-            return;
+    /// Starts a slice of vCPU `idx` of `slice_us` (0: until it stops), or returns
+    /// `None` when it has nothing to run. The slice then alternates
+    /// [`enter`](Self::enter), the guest running with the VM unlocked, and
+    /// [`exited`](Self::exited), and ends with [`end_slice`](Self::end_slice), all on
+    /// this CPU: so the vCPUs of one VM run in guest mode on several CPUs at once and
+    /// share the VM's lock only to handle their exits.
+    pub fn begin_slice(&mut self, idx: usize, slice_us: u64) -> Option<Slice> {
+        if idx >= self.vcpus.len() {
+            return None;
+        }
+        self.apply_startup(idx);
+        if !self.ready(idx) {
+            self.wake[idx].store(self.wake_time(idx), Ordering::Relaxed);
+            return None;
         }
         vm_context::set(Some(self.log_id));
-        // While the vCPU runs, its GPU queues are polled instead of trapping kicks.
-        let polled = self
-            .port
-            .as_ref()
-            .filter(|_| self.gpu.as_ref().is_some_and(|d| d.live()));
-        if let Some(port) = polled {
-            port.slice_begin(idx == 0);
-        }
-        let polled = polled.is_some();
+        // While vCPU 0 runs, its VM's GPU queues are polled instead of trapping kicks.
+        let polled = idx == 0
+            && self
+                .port
+                .as_ref()
+                .filter(|_| self.gpu.as_ref().is_some_and(|d| d.live()))
+                .inspect(|port| port.slice_begin(true))
+                .is_some();
         let t0 = crate::apic::now_us();
-        let deadline = if slice_us == 0 {
-            u64::MAX
-        } else {
-            t0 + slice_us
-        };
         self.stats.runs += 1;
-        while self.state == VmState::Running {
-            let now = crate::apic::now_us();
-            let left = deadline.saturating_sub(now);
-            if left == 0 {
-                break;
-            }
-            self.deliver_interrupts(idx, now);
-            let until_timer = self.lapics[idx]
-                .deadline_us()
-                .map_or(u64::MAX, |d| d.saturating_sub(now));
-            let v = &mut self.vcpus[idx];
-            v.set_time_slice(if slice_us == 0 {
-                0
+        Some(Slice {
+            idx,
+            t0,
+            deadline: if slice_us == 0 {
+                u64::MAX
             } else {
-                left.min(until_timer).max(50)
-            });
-            let exit = v.run();
-            self.stats.exits += 1;
-            self.stats.exits_by_reason[exit.reason()] += 1;
-            let after = crate::apic::now_us();
-            if matches!(exit, VmExit::ExternalInterrupt | VmExit::Preempted)
-                && self.vcpus[idx].rflags() & (1 << 9) == 0
-            {
-                self.stuck_us += after.saturating_sub(now);
-                let limit = if self.linux {
-                    LINUX_STUCK_LIMIT_US
-                } else {
-                    STUCK_LIMIT_US
-                };
-                if self.stuck_us > limit {
-                    self.stop(idx, StopReason::StuckInterruptsOff);
-                    break;
-                }
-            } else {
-                self.stuck_us = 0;
-            }
-            if !self.handle_exit(idx, exit) {
-                if self.halt_poll(idx, deadline, others_ready) {
-                    continue;
-                }
-                break;
-            }
+                t0 + slice_us
+            },
+            slice_us,
+            polled,
+            entered: t0,
+        })
+    }
+
+    /// Prepares the next entry of the slice's vCPU: delivers its interrupts, bounds
+    /// its run by the slice and its timer, and hands out the vCPU to run with the VM
+    /// unlocked (`None`: the slice is over). The VM keeps a stand-in meanwhile and
+    /// knows which CPU runs it, to make it exit when another vCPU sends it an
+    /// interrupt; [`exited`](Self::exited) takes it back.
+    pub fn enter(&mut self, slice: &mut Slice) -> Option<Box<dyn Vcpu>> {
+        let idx = slice.idx;
+        if self.state != VmState::Running {
+            return None;
         }
-        if let Some(v) = self.vcpus.get_mut(idx) {
+        self.apply_startup(idx);
+        if !self.started[idx] {
+            return None;
+        }
+        let now = crate::apic::now_us();
+        let left = slice.deadline.saturating_sub(now);
+        if left == 0 {
+            return None;
+        }
+        self.deliver_interrupts(idx, now);
+        let until_timer = self.lapics[idx]
+            .deadline_us()
+            .map_or(u64::MAX, |d| d.saturating_sub(now));
+        self.vcpus[idx].set_time_slice(if slice.slice_us == 0 {
+            0
+        } else {
+            left.min(until_timer).max(50)
+        });
+        let stand_in = self.spare[idx].take()?;
+        let v = core::mem::replace(&mut self.vcpus[idx], stand_in);
+        self.in_guest[idx] = Some(crate::arch::cpu::current_index());
+        let in_guest = self.in_guest.iter().flatten().count() as u64;
+        self.stats.most_in_guest = self.stats.most_in_guest.max(in_guest);
+        slice.entered = now;
+        Some(v)
+    }
+
+    /// Takes back the vCPU [`enter`](Self::enter) handed out, after it exited with
+    /// `exit`, and handles the exit; returns whether the slice goes on.
+    /// `others_ready` says whether another vCPU waits for a CPU (a halted vCPU
+    /// stops polling for its GPU then).
+    pub fn exited(
+        &mut self,
+        slice: &mut Slice,
+        v: Box<dyn Vcpu>,
+        exit: VmExit,
+        others_ready: fn() -> bool,
+    ) -> bool {
+        let idx = slice.idx;
+        self.spare[idx] = Some(core::mem::replace(&mut self.vcpus[idx], v));
+        self.in_guest[idx] = None;
+        self.stats.exits += 1;
+        self.stats.exits_by_reason[exit.reason()] += 1;
+        let after = crate::apic::now_us();
+        if matches!(exit, VmExit::ExternalInterrupt | VmExit::Preempted)
+            && self.vcpus[idx].rflags() & (1 << 9) == 0
+        {
+            self.stuck_us[idx] += after.saturating_sub(slice.entered);
+            let limit = if self.linux {
+                LINUX_STUCK_LIMIT_US
+            } else {
+                STUCK_LIMIT_US
+            };
+            if self.stuck_us[idx] > limit {
+                self.stop(idx, StopReason::StuckInterruptsOff);
+                return false;
+            }
+        } else {
+            self.stuck_us[idx] = 0;
+        }
+        let before = self.pending_mask();
+        let go_on = self.handle_exit(idx, exit);
+        self.notify(idx, before);
+        if go_on {
+            return self.state == VmState::Running;
+        }
+        self.halt_poll(idx, slice.deadline, others_ready)
+    }
+
+    /// Ends the slice: the vCPU leaves this CPU. Returns the slice's length (us).
+    pub fn end_slice(&mut self, slice: Slice) -> u64 {
+        if let Some(v) = self.vcpus.get_mut(slice.idx) {
             v.put();
         }
-        if let Some(port) = self.port.as_ref().filter(|_| polled) {
+        if let Some(port) = self.port.as_ref().filter(|_| slice.polled) {
             port.slice_end();
         }
-        self.stats.cpu_us += crate::apic::now_us().saturating_sub(t0);
+        let used = crate::apic::now_us().saturating_sub(slice.t0);
+        self.stats.cpu_us += used;
+        self.wake[slice.idx].store(self.wake_time(slice.idx), Ordering::Relaxed);
         vm_context::set(None);
+        used
+    }
+
+    /// Makes every vCPU in guest mode on another CPU exit (to see the VM stopped or
+    /// paused); returns whether any was.
+    pub fn kick_running(&self) -> bool {
+        let mut any = false;
+        for cpu in self.in_guest.iter().flatten() {
+            crate::interrupts::wake_cpu(*cpu);
+            any = true;
+        }
+        any
     }
 }
 

@@ -208,8 +208,8 @@ fuzz_target!(|data: &[u8]| {
                 } else {
                     b.u16()
                 };
-                if let Some(vector) = d.raise(entry, b.u8() & 1 != 0) {
-                    assert!(vector >= 16);
+                if let Some(message) = d.raise(entry, b.u8() & 1 != 0) {
+                    assert!(message.vector >= 16);
                 }
             }
             7 => bring_up(&mut d, &mut b),
@@ -218,7 +218,7 @@ fuzz_target!(|data: &[u8]| {
             _ => {
                 let released = d.take_released();
                 assert!(released.len() <= MSIX_VECTORS);
-                assert!(released.iter().all(|&v| v >= 16));
+                assert!(released.iter().all(|m| m.vector >= 16));
                 assert!(!d.has_released());
             }
         }
