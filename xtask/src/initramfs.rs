@@ -46,7 +46,7 @@ const LIB_DIRS: &[&str] = &[
 
 /// The archive's layout version: bump it when [`INIT`] or [`layout`] changes, so
 /// cached archives are rebuilt.
-const FORMAT: u32 = 4;
+const FORMAT: u32 = 6;
 
 /// The busybox applets linked in `/bin`: what `/init` runs, and a few for the shell.
 const APPLETS: &[&str] = &[
@@ -77,8 +77,9 @@ id != "" && $1 ~ /^#[0-9]+$/ { print id, $2; exit }
 /// the shell is a child that is restarted, not `exec`ed.
 const INIT: &str = r#"#!/bin/sh
 # gpupv's /init: mount the kernel's filesystems, say the userland is up, drive the
-# virtual GPU (gpupv.gpu on the kernel command line), then power off (gpupv.poweroff)
-# or keep a shell on the console.
+# virtual GPU (gpupv.gpu on the kernel command line; gpupv.irq-cpu1 moves its
+# interrupts to CPU 1 first), then power off (gpupv.poweroff) or keep a shell on the
+# console.
 export PATH=/bin:/sbin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -108,6 +109,15 @@ gpu() {
         n=$((n + 1))
     done
     echo "gpupv-init: drm ready"
+    case " $(cat /proc/cmdline) " in
+    *" gpupv.irq-cpu1 "*)
+        # Every virtio interrupt to CPU 1: its MSI-X messages then name APIC 1.
+        for irq in $(awk -F: '/virtio/ { print $1 }' /proc/interrupts); do
+            echo 1 > "/proc/irq/$irq/smp_affinity_list"
+        done
+        irq_cpu1=1
+        ;;
+    esac
     timeout 60 modetest -M virtio_gpu -c > /tmp/connectors
     rc=$?
     cat /tmp/connectors
@@ -130,6 +140,12 @@ gpu() {
         return 1
     fi
     echo "gpupv-init: modetest drew $2"
+    if [ -n "$irq_cpu1" ]; then
+        awk '/virtio/ { c0 += $2; c1 += $3 }
+            END { print "gpupv-init: virtio interrupts on cpu0", c0, "on cpu1", c1,
+                (c1 > 0 ? "(cpu1 took some)" : "(none on cpu1)") }' \
+            /proc/interrupts
+    fi
 }
 case " $(cat /proc/cmdline) " in
 *" gpupv.gpu "*)
