@@ -15,6 +15,7 @@ mod console;
 mod event_log;
 mod gpu;
 mod gpu_share;
+mod host_clock;
 mod inject;
 mod interrupts;
 mod iommu;
@@ -88,6 +89,12 @@ fn kmain(bi: &'static BootInfo) -> ! {
     let platform = acpi::init(bi.rsdp);
     let devices = pci::scan(platform.as_ref());
     apic::init_bsp();
+    let unix = host_clock::init();
+    info!(
+        "clock: {} s since 1970 by the host's RTC ({})",
+        unix,
+        vdev::rtc::DateTime::from_unix(unix)
+    );
     let cpus = smp::start_aps(bi, platform.as_ref());
     summary(bi, platform.as_ref(), &devices, cpus);
     // The GPU driver comes up before the IOMMU translates, so its own set-up DMA
@@ -108,6 +115,9 @@ fn kmain(bi: &'static BootInfo) -> ! {
     };
     info!("virtualization: {backend:?}");
     vmm::configure(bi, backend);
+    if let Some(s) = bi.option("linux_stuck_s").and_then(|v| v.parse().ok()) {
+        vm::set_linux_stuck_limit_s(s);
+    }
     if let Some(ms) = bi.option("sample_ms").and_then(|v| v.parse().ok()) {
         vmm::set_sample_interval_ms(ms);
     }

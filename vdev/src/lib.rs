@@ -2,7 +2,7 @@
 //! local APIC ([`vlapic`]), the virtual I/O APIC routing device interrupts to it
 //! ([`ioapic`]), the decoder for the instruction that touched an emulated MMIO page
 //! ([`mmio`]), the virtual virtio-gpu PCI function ([`vgpu`]), and the
-//! 16550A serial port on COM1 ([`uart`]).
+//! 16550A serial port on COM1 ([`uart`]), and the CMOS real-time clock ([`rtc`]).
 //!
 //! Every register a guest reads or writes lands here with guest-chosen offsets,
 //! sizes and values, so this is attack surface. It lives in its own crate, apart
@@ -25,6 +25,7 @@ pub mod ioapic;
 pub mod mmio;
 pub mod platform;
 pub mod regs;
+pub mod rtc;
 pub mod uart;
 pub mod vgpu;
 pub mod vlapic;

@@ -3,9 +3,9 @@
 //!
 //! VMRUN/#VMEXIT (APM Vol. 2, 15.5) and VM entry/exit (SDM Vol. 3C, 28.3 and 29.5)
 //! leave these registers as the guest left them: the x87/SSE/AVX/AVX-512 registers
-//! and PKRU (XSAVE state components), XCR0, DR0-DR3, and under VMX also DR6, CR2 and
-//! IA32_KERNEL_GS_BASE (SVM keeps DR6 and CR2 in the VMCB and switches the kernel GS
-//! base with VMLOAD/VMSAVE). Without this module the next vCPU on a CPU, of any VM,
+//! and PKRU (XSAVE state components), XCR0, DR0-DR3, and under VMX also DR6, CR2,
+//! IA32_KERNEL_GS_BASE and the SYSCALL MSRs, which VMX guests reach directly (SVM
+//! keeps DR6 and CR2 in the VMCB and switches the others with VMLOAD/VMSAVE). Without this module the next vCPU on a CPU, of any VM,
 //! reads what the previous one left there.
 //!
 //! A vCPU's [`CpuState`] is loaded when it starts a slice on a CPU and saved when the
@@ -50,6 +50,10 @@ pub mod xcr0 {
 }
 
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+/// STAR, LSTAR, CSTAR, SFMASK: where SYSCALL goes (switched under VMX, whose guests
+/// reach them directly; the hypervisor never runs SYSCALL, so nothing of its own is
+/// saved).
+const SYSCALL_MSRS: [u32; 4] = [0xc000_0081, 0xc000_0082, 0xc000_0083, 0xc000_0084];
 const MSR_TSC_AUX: u32 = 0xc000_0103;
 const CR4_OSFXSR: u64 = 1 << 9;
 const CR4_OSXMMEXCPT: u64 = 1 << 10;
@@ -182,7 +186,8 @@ pub fn init_this_cpu() -> Result<Policy, &'static str> {
 pub enum Extras {
     /// DR0-DR3 only (SVM: DR6, DR7, CR2 in the VMCB; kernel GS base by VMLOAD/VMSAVE).
     DebugAddresses,
-    /// DR0-DR3, DR6, CR2 and IA32_KERNEL_GS_BASE (VMX: DR7 is in the VMCS).
+    /// DR0-DR3, DR6, CR2, IA32_KERNEL_GS_BASE and the SYSCALL MSRs (VMX: DR7, the
+    /// FS/GS bases and the SYSENTER MSRs are in the VMCS).
     DebugAndSyscallState,
 }
 
@@ -195,6 +200,7 @@ pub struct CpuState {
     dr6: u64,
     cr2: u64,
     kernel_gs_base: u64,
+    syscall: [u64; 4],
     extras: Extras,
 }
 
@@ -220,6 +226,7 @@ impl CpuState {
             dr6: 0xffff_0ff0,
             cr2: 0,
             kernel_gs_base: 0,
+            syscall: [0; 4],
             extras,
         })
     }
@@ -279,6 +286,9 @@ impl CpuState {
                 asm!("mov dr6, {}", in(reg) self.dr6, options(nomem, nostack));
                 asm!("mov cr2, {}", in(reg) self.cr2, options(nomem, nostack));
                 wrmsr(MSR_KERNEL_GS_BASE, self.kernel_gs_base);
+                for (msr, v) in SYSCALL_MSRS.iter().zip(self.syscall) {
+                    wrmsr(*msr, v);
+                }
             }
         }
         OWNER[i].store(self.area, Ordering::Relaxed);
@@ -317,6 +327,9 @@ impl CpuState {
                 asm!("mov {}, dr6", out(reg) self.dr6, options(nomem, nostack));
                 asm!("mov {}, cr2", out(reg) self.cr2, options(nomem, nostack));
                 self.kernel_gs_base = rdmsr(MSR_KERNEL_GS_BASE);
+                for (msr, v) in SYSCALL_MSRS.iter().zip(&mut self.syscall) {
+                    *v = rdmsr(*msr);
+                }
             }
         }
         OWNER[i].store(0, Ordering::Relaxed);

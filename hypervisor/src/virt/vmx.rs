@@ -278,7 +278,41 @@ pub const ENTRY_FAIL_INVALID: u64 = 0xffff_ffff;
 static VMXON_REGION: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 /// Physical address of the VMCS current on each CPU (0: none we know of).
 static CURRENT_VMCS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
-/// MSR bitmaps (4 KiB, all ones: every RDMSR/WRMSR exits), shared by all vCPUs.
+/// MSRs a guest reads and writes without an exit: the FS, GS and kernel GS bases,
+/// the SYSCALL MSRs (STAR, LSTAR, CSTAR, SFMASK) and the SYSENTER MSRs. VM entry and
+/// exit switch the FS/GS bases and SYSENTER MSRs (SDM 3 28.3, 27.5); `cpu_state`
+/// switches the others per vCPU.
+const PASSED_MSRS: [u32; 10] = [
+    0xc000_0100,
+    0xc000_0101,
+    0xc000_0102,
+    0xc000_0081,
+    0xc000_0082,
+    0xc000_0083,
+    0xc000_0084,
+    0x174,
+    0x175,
+    0x176,
+];
+
+/// Clears `msr`'s read and write bits in the MSR bitmaps at `pa` (SDM 3 25.6.9: read
+/// bitmaps for MSRs 0-0x1FFF and 0xC0000000-0xC0001FFF at 0 and 0x400, write bitmaps at
+/// 0x800 and 0xC00).
+fn pass_msr(pa: u64, msr: u32) {
+    let (base, bit) = match msr {
+        0..=0x1fff => (0, msr),
+        0xc000_0000..=0xc000_1fff => (0x400, msr - 0xc000_0000),
+        _ => return,
+    };
+    for half in [0, 0x800] {
+        let byte = base + half + (bit / 8) as usize;
+        // SAFETY: inside the 4 KiB bitmap frame, ours and not yet in use.
+        unsafe { *phys_to_ptr::<u8>(pa + byte as u64) &= !(1 << (bit % 8)) };
+    }
+}
+
+/// MSR bitmaps (4 KiB; every RDMSR/WRMSR exits but those of [`PASSED_MSRS`]), shared
+/// by all vCPUs.
 static MSR_BITMAPS: spin::Once<u64> = spin::Once::new();
 /// What the bootstrap CPU's capability MSRs allow, and the control values used.
 static CAPS: spin::Once<Caps> = spin::Once::new();
@@ -491,6 +525,9 @@ pub fn enable_this_cpu() -> Result<(), &'static str> {
         let pa = frames::alloc().expect("no memory for the MSR bitmaps");
         // SAFETY: a fresh frame of ours, identity mapped.
         unsafe { core::ptr::write_bytes(phys_to_ptr::<u8>(pa), 0xff, 4096) };
+        for msr in PASSED_MSRS {
+            pass_msr(pa, msr);
+        }
         pa
     });
     let region = frames::alloc_contiguous(1, 4096, caps.region_limit())
