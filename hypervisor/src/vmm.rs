@@ -408,7 +408,7 @@ pub fn ap_loop() -> ! {
 }
 
 fn any_running(m: &Monitor) -> bool {
-    // A slot locked by another CPU is running a vCPU: never wait for it here.
+    // A slot locked by another CPU is handling a vCPU's exit: never wait for it here.
     m.slots.iter().any(|s| {
         s.try_lock()
             .is_none_or(|g| g.vm.as_ref().is_some_and(|vm| vm.state == VmState::Running))

@@ -3,7 +3,10 @@
 //! and kernels emit for device registers. `mov` between a general register (or an
 //! immediate) and memory, 1 to 8 bytes (Linux's `readb`..`readq`, `writeb`..`writeq`);
 //! `movzx`/`movsx` of a byte or word and `movsxd` of a dword into a wider register
-//! (what a compiler makes of a volatile 8- or 16-bit read used as a wider value).
+//! (what a compiler makes of a volatile 8- or 16-bit read used as a wider value);
+//! `movs` and `stos` of 1 to 8 bytes, with or without `rep` (Linux's
+//! `memcpy_toio`/`memcpy_fromio` and what `memset_io` compiles to), run here against
+//! a [`StringBus`] the kernel gives, so their semantics are host-tested too.
 
 use iced_x86::{Decoder, DecoderOptions, OpKind};
 /// The register and mnemonic types of [`Access`] and [`MmioError`].
@@ -46,6 +49,51 @@ pub enum Access {
         /// Bytes.
         size: u8,
     },
+    /// A string instruction (see [`StringOp::run`]).
+    String(StringOp),
+}
+
+/// Which string instruction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StringKind {
+    /// `movs`: [RSI] to [RDI].
+    Movs,
+    /// `stos`: RAX's low bytes to [RDI].
+    Stos,
+}
+
+/// A string instruction touching the MMIO location (as source or destination), run
+/// with [`StringOp::run`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StringOp {
+    /// Which.
+    pub kind: StringKind,
+    /// Bytes per element (1, 2, 4 or 8).
+    pub size: u8,
+    /// With a `rep` prefix: RCX elements.
+    pub rep: bool,
+}
+
+/// Guest-virtual memory as a string instruction reaches it (RAM or a device, through
+/// the guest's page tables): the kernel's side of [`StringOp::run`].
+pub trait StringBus {
+    /// Reads `size` bytes at guest-virtual `va`; `None`: the access faults or is not
+    /// emulated.
+    fn read(&mut self, va: u64, size: u8) -> Option<u64>;
+    /// Writes the low `size` bytes of `value` at `va`; false as for `read`.
+    fn write(&mut self, va: u64, size: u8, value: u64) -> bool;
+}
+
+/// How far [`StringOp::run`] got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StringProgress {
+    /// Finished: the instruction is done (skip it).
+    Done,
+    /// Elements remain (RCX > 0): the instruction runs again from the same RIP, as a
+    /// CPU resumes an interrupted `rep` (SDM 2, REP: "interrupted ... resumed").
+    Partial,
+    /// An element could not be read or written; the registers show the elements done.
+    Fault,
 }
 
 /// Why an MMIO instruction could not be emulated.
@@ -100,6 +148,9 @@ pub fn decode(bytes: &[u8], regs: &mut GuestRegs) -> Result<(Access, usize), Mmi
         return Err(MmioError::Invalid);
     }
     let len = ins.len();
+    if let Some(op) = string_op(&ins)? {
+        return Ok((Access::String(op), len));
+    }
     let extend = match ins.mnemonic() {
         Mnemonic::Mov => Extend::None,
         Mnemonic::Movzx => Extend::Zero,
@@ -158,6 +209,105 @@ pub fn decode(bytes: &[u8], regs: &mut GuestRegs) -> Result<(Access, usize), Mmi
             ))
         }
         _ => Err(MmioError::Unsupported(ins.mnemonic())),
+    }
+}
+
+/// The string instruction `ins` is, if it is one: `Ok(None)` for other instructions.
+/// 32-bit addressing (an 0x67 prefix) and FS/GS sources are refused.
+fn string_op(ins: &iced_x86::Instruction) -> Result<Option<StringOp>, MmioError> {
+    let kind = match ins.mnemonic() {
+        Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsq => StringKind::Movs,
+        // MOVSD is also SSE's scalar move: the string form writes ES:[RDI].
+        Mnemonic::Movsd if ins.op0_kind() == OpKind::MemoryESRDI => StringKind::Movs,
+        Mnemonic::Stosb | Mnemonic::Stosw | Mnemonic::Stosd | Mnemonic::Stosq => StringKind::Stos,
+        Mnemonic::Movsd => return Ok(None),
+        m @ (Mnemonic::Lodsb
+        | Mnemonic::Lodsw
+        | Mnemonic::Lodsd
+        | Mnemonic::Lodsq
+        | Mnemonic::Cmpsb
+        | Mnemonic::Cmpsw
+        | Mnemonic::Cmpsd
+        | Mnemonic::Cmpsq
+        | Mnemonic::Scasb
+        | Mnemonic::Scasw
+        | Mnemonic::Scasd
+        | Mnemonic::Scasq) => return Err(MmioError::Unsupported(m)),
+        _ => return Ok(None),
+    };
+    let unsupported = Err(MmioError::Unsupported(ins.mnemonic()));
+    if ins.op0_kind() != OpKind::MemoryESRDI {
+        return unsupported;
+    }
+    if kind == StringKind::Movs
+        && (ins.op1_kind() != OpKind::MemorySegRSI
+            || matches!(ins.memory_segment(), Register::FS | Register::GS))
+    {
+        return unsupported;
+    }
+    let size = ins.memory_size().size();
+    if !matches!(size, 1 | 2 | 4 | 8) {
+        return unsupported;
+    }
+    Ok(Some(StringOp {
+        kind,
+        size: size as u8,
+        rep: ins.has_rep_prefix() || ins.has_repne_prefix(),
+    }))
+}
+
+impl StringOp {
+    /// Runs the instruction on `regs` against `bus`, at most `max` elements (then
+    /// [`StringProgress::Partial`] if more remain); `df` is RFLAGS.DF (addresses go
+    /// down). RSI, RDI and, with `rep`, RCX advance per element done, as on the CPU.
+    pub fn run(
+        &self,
+        regs: &mut GuestRegs,
+        df: bool,
+        bus: &mut impl StringBus,
+        max: u64,
+    ) -> StringProgress {
+        let step = if df {
+            0u64.wrapping_sub(u64::from(self.size))
+        } else {
+            u64::from(self.size)
+        };
+        let mut done = 0;
+        loop {
+            if self.rep && regs.rcx == 0 {
+                return StringProgress::Done;
+            }
+            if done == max {
+                return StringProgress::Partial;
+            }
+            let value = match self.kind {
+                StringKind::Movs => match bus.read(regs.rsi, self.size) {
+                    Some(v) => v,
+                    None => return StringProgress::Fault,
+                },
+                StringKind::Stos => regs.rax,
+            } & mask(self.size);
+            if !bus.write(regs.rdi, self.size, value) {
+                return StringProgress::Fault;
+            }
+            if self.kind == StringKind::Movs {
+                regs.rsi = regs.rsi.wrapping_add(step);
+            }
+            regs.rdi = regs.rdi.wrapping_add(step);
+            done += 1;
+            if !self.rep {
+                return StringProgress::Done;
+            }
+            regs.rcx -= 1;
+        }
+    }
+}
+
+fn mask(size: u8) -> u64 {
+    if size >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (u32::from(size) * 8)) - 1
     }
 }
 
@@ -324,6 +474,172 @@ mod tests {
         // mov word [rdi], 0x1234
         let decoded = decode(&[0x66, 0xc7, 0x07, 0x34, 0x12], &mut r);
         assert_eq!(decoded, Ok((write(0x1234, 2), 5)));
+    }
+
+    /// 64 KiB of guest-virtual memory at 0x1000 with an MMIO "device" page at 0x8000
+    /// that records its accesses.
+    struct Bus {
+        ram: std::vec::Vec<u8>,
+        device: std::vec::Vec<(bool, u64, u8, u64)>,
+    }
+
+    impl Bus {
+        fn new() -> Self {
+            Bus {
+                ram: (0..0x10000u32).map(|i| i as u8).collect(),
+                device: std::vec::Vec::new(),
+            }
+        }
+    }
+
+    impl StringBus for Bus {
+        fn read(&mut self, va: u64, size: u8) -> Option<u64> {
+            if (0x8000..0x9000).contains(&va) {
+                let v = 0x1122_3344_5566_7788 & mask(size);
+                self.device.push((false, va, size, v));
+                return Some(v);
+            }
+            let at = usize::try_from(va.checked_sub(0x1000)?).ok()?;
+            let bytes = self.ram.get(at..at + usize::from(size))?;
+            Some(bytes.iter().rev().fold(0, |v, &b| (v << 8) | u64::from(b)))
+        }
+        fn write(&mut self, va: u64, size: u8, value: u64) -> bool {
+            if (0x8000..0x9000).contains(&va) {
+                self.device.push((true, va, size, value));
+                return true;
+            }
+            let Some(at) = va.checked_sub(0x1000).and_then(|a| usize::try_from(a).ok()) else {
+                return false;
+            };
+            match self.ram.get_mut(at..at + usize::from(size)) {
+                Some(b) => {
+                    b.copy_from_slice(&value.to_le_bytes()[..usize::from(size)]);
+                    true
+                }
+                None => false,
+            }
+        }
+    }
+
+    fn string(bytes: &[u8]) -> StringOp {
+        match decode(bytes, &mut regs()) {
+            Ok((Access::String(op), len)) => {
+                assert_eq!(len, bytes.len(), "{bytes:x?}");
+                op
+            }
+            other => panic!("{bytes:x?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn string_forms_decode_with_size_and_rep() {
+        let s = |kind, size, rep| StringOp { kind, size, rep };
+        use StringKind::{Movs, Stos};
+        assert_eq!(string(&[0xa4]), s(Movs, 1, false));
+        assert_eq!(string(&[0x66, 0xa5]), s(Movs, 2, false));
+        assert_eq!(string(&[0xf3, 0xa5]), s(Movs, 4, true));
+        assert_eq!(string(&[0xf3, 0x48, 0xa5]), s(Movs, 8, true));
+        assert_eq!(string(&[0xaa]), s(Stos, 1, false));
+        assert_eq!(string(&[0xf3, 0x48, 0xab]), s(Stos, 8, true));
+        // SSE's movsd xmm0, [rdi] is not a string move.
+        assert!(decode(&[0xf2, 0x0f, 0x10, 0x07], &mut regs()).is_err());
+        // 32-bit addressing, an FS source, lods and cmps: refused.
+        assert!(decode(&[0x67, 0xa4], &mut regs()).is_err());
+        assert!(decode(&[0x64, 0xa4], &mut regs()).is_err());
+        assert_eq!(
+            decode(&[0xac], &mut regs()),
+            Err(MmioError::Unsupported(Mnemonic::Lodsb))
+        );
+        assert!(decode(&[0xa6], &mut regs()).is_err());
+    }
+
+    #[test]
+    fn rep_movsl_copies_from_ram_to_the_device_and_advances_the_registers() {
+        // Linux's memcpy_toio: rep movsl, then movsw for the tail.
+        let mut bus = Bus::new();
+        let mut r = GuestRegs {
+            rsi: 0x2000,
+            rdi: 0x8000,
+            rcx: 3,
+            ..GuestRegs::default()
+        };
+        assert_eq!(
+            string(&[0xf3, 0xa5]).run(&mut r, false, &mut bus, 64),
+            StringProgress::Done
+        );
+        assert_eq!((r.rsi, r.rdi, r.rcx), (0x200c, 0x800c, 0));
+        assert_eq!(
+            bus.device,
+            [
+                (true, 0x8000, 4, 0x0302_0100),
+                (true, 0x8004, 4, 0x0706_0504),
+                (true, 0x8008, 4, 0x0b0a_0908)
+            ]
+        );
+        assert_eq!(
+            string(&[0x66, 0xa5]).run(&mut r, false, &mut bus, 64),
+            StringProgress::Done
+        );
+        assert_eq!((r.rsi, r.rdi, r.rcx), (0x200e, 0x800e, 0));
+        assert_eq!(bus.device[3], (true, 0x800c, 2, 0x0d0c));
+    }
+
+    #[test]
+    fn movs_from_the_device_lands_in_ram_and_df_counts_down() {
+        let mut bus = Bus::new();
+        let mut r = GuestRegs {
+            rsi: 0x8008,
+            rdi: 0x3008,
+            rcx: 2,
+            ..GuestRegs::default()
+        };
+        let op = string(&[0xf3, 0x48, 0xa5]);
+        assert_eq!(op.run(&mut r, true, &mut bus, 64), StringProgress::Done);
+        assert_eq!((r.rsi, r.rdi, r.rcx), (0x7ff8, 0x2ff8, 0));
+        assert_eq!(
+            &bus.ram[0x2000..0x2008],
+            &0x1122_3344_5566_7788u64.to_le_bytes()
+        );
+        assert_eq!(
+            &bus.ram[0x2008..0x2010],
+            &0x1122_3344_5566_7788u64.to_le_bytes()
+        );
+    }
+
+    #[test]
+    fn rep_stops_at_the_budget_and_at_a_fault_with_exact_registers() {
+        let mut bus = Bus::new();
+        let mut r = GuestRegs {
+            rax: 0xabcd,
+            rdi: 0x8000,
+            rcx: 10,
+            ..GuestRegs::default()
+        };
+        let stosw = string(&[0xf3, 0x66, 0xab]);
+        assert_eq!(
+            stosw.run(&mut r, false, &mut bus, 4),
+            StringProgress::Partial
+        );
+        assert_eq!((r.rdi, r.rcx), (0x8008, 6));
+        assert_eq!(stosw.run(&mut r, false, &mut bus, 64), StringProgress::Done);
+        assert_eq!((r.rdi, r.rcx, bus.device.len()), (0x8014, 0, 10));
+        assert!(bus.device.iter().all(|d| d.3 == 0xabcd && d.2 == 2));
+        // rep with RCX = 0 does nothing.
+        assert_eq!(stosw.run(&mut r, false, &mut bus, 64), StringProgress::Done);
+        assert_eq!(bus.device.len(), 10);
+        // Past the end of RAM: the elements before the fault are done.
+        let mut r = GuestRegs {
+            rsi: 0x8000,
+            rdi: 0x10ff8,
+            rcx: 4,
+            ..GuestRegs::default()
+        };
+        let movsq = string(&[0xf3, 0x48, 0xa5]);
+        assert_eq!(
+            movsq.run(&mut r, false, &mut bus, 64),
+            StringProgress::Fault
+        );
+        assert_eq!((r.rsi, r.rdi, r.rcx), (0x8008, 0x11000, 3));
     }
 
     #[test]

@@ -43,6 +43,11 @@ pub const KEYS: &[(&str, Takes, &str)] = &[
         "interval of the gpu-pv sample lines",
     ),
     (
+        "linux_stuck_s",
+        Takes::Number,
+        "a Linux VM's vCPU may run this long with interrupts off (s, default 600)",
+    ),
+    (
         "allow_stop",
         Takes::Text,
         "VMs (a,b) whose failure the run's verdict allows",

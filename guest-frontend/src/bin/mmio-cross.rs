@@ -1,7 +1,11 @@
 //! An MMIO load whose instruction straddles two pages that the guest's own page tables
 //! map to non-adjacent physical pages: the hypervisor must fetch the second part
 //! through those tables to decode it (`mov ecx, [rdx + 0x30]`, split after its first
-//! byte, reading the virtual LAPIC's version register).
+//! byte, reading the virtual LAPIC's version register). Then the string forms Linux's
+//! `memcpy_fromio`, `memcpy_toio` and `memset_io` compile to, against the LAPIC: `rep
+//! movsd` from its registers into RAM (forwards and, with DF set, backwards), `rep
+//! movsd` from RAM into its TPR, `rep stosd` and `stosd` into the TPR; each compared
+//! with plain loads, with RSI, RDI and RCX as the CPU leaves them.
 //!
 //! Prints `mmio-cross: ... ok` and shuts down with 0; a wrong register, value or
 //! instruction length fails the run (or faults).
@@ -67,5 +71,79 @@ fn main(_: &BootInfo) -> ! {
     println!(
         "mmio-cross: an MMIO load split across two pages read the LAPIC version {version:#x}: ok"
     );
+    if let Err(why) = string_forms() {
+        println!("mmio-cross: FAIL: {why}");
+        hypercall::shutdown(exit::FAILED)
+    }
+    println!("mmio-cross: rep movs and stos from and to the LAPIC: ok");
     hypercall::shutdown(exit::OK)
+}
+
+/// `rep movsd` of `n` dwords from `src` to `dst` (DF set when `down`); returns RSI,
+/// RDI and RCX after it.
+fn movsd(src: u64, dst: u64, n: u64, down: bool) -> (u64, u64, u64) {
+    let (rsi, rdi, rcx): (u64, u64, u64);
+    // SAFETY: `src` and `dst` are the LAPIC page or this function's caller's buffer,
+    // `n` dwords long in the direction given; DF is cleared again right after.
+    unsafe {
+        if down {
+            asm!("std", "rep movsd", "cld",
+                 inout("rsi") src => rsi, inout("rdi") dst => rdi, inout("rcx") n => rcx);
+        } else {
+            asm!("rep movsd",
+                 inout("rsi") src => rsi, inout("rdi") dst => rdi, inout("rcx") n => rcx);
+        }
+    }
+    (rsi, rdi, rcx)
+}
+
+fn string_forms() -> Result<(), &'static str> {
+    let base = guest::LAPIC_BASE;
+    // Plain loads of the ID register and the three reserved dwords after it.
+    // SAFETY: the LAPIC page is mapped (identity) and reads have no side effects.
+    let regs =
+        [0x20u64, 0x24, 0x28, 0x2c].map(|o| unsafe { ((base + o) as *const u32).read_volatile() });
+    // memcpy_fromio: four dwords from the ID register on.
+    let mut buf = [0u32; 4];
+    let dst = buf.as_mut_ptr() as u64;
+    let after = movsd(base + 0x20, dst, 4, false);
+    // SAFETY: reads our own buffer back after the asm wrote it.
+    let got = unsafe { core::ptr::read_volatile(&buf) };
+    if got != regs {
+        return Err("rep movsd from the LAPIC read other values than plain loads");
+    }
+    if after != (base + 0x30, dst + 16, 0) {
+        return Err("rep movsd from the LAPIC left RSI/RDI/RCX wrong");
+    }
+    // The same backwards (DF set): from 0x2c down into the buffer's end.
+    let mut back = [0u32; 4];
+    let end = back.as_mut_ptr() as u64 + 12;
+    let after = movsd(base + 0x2c, end, 4, true);
+    // SAFETY: as above.
+    let got = unsafe { core::ptr::read_volatile(&back) };
+    if got != regs || after != (base + 0x1c, end - 16, 0) {
+        return Err("rep movsd with DF set went the wrong way");
+    }
+    // memcpy_toio: one dword from RAM into the TPR.
+    let tpr = [0x30u32];
+    let after = movsd(tpr.as_ptr() as u64, base + u64::from(lapic::TPR), 1, false);
+    if lapic::read(lapic::TPR) & 0xff != 0x30 || after.2 != 0 {
+        return Err("rep movsd into the TPR did not land");
+    }
+    // memset_io: rep stosd, then a lone stosd.
+    let (rdi, rcx): (u64, u64);
+    // SAFETY: writes the TPR (one dword) through the LAPIC page.
+    unsafe {
+        asm!("rep stosd", inout("rdi") base + u64::from(lapic::TPR) => rdi,
+             inout("rcx") 1u64 => rcx, in("eax") 0x20u32);
+    }
+    if lapic::read(lapic::TPR) & 0xff != 0x20 || (rdi, rcx) != (base + 0x84, 0) {
+        return Err("rep stosd into the TPR did not land");
+    }
+    // SAFETY: as above.
+    unsafe { asm!("stosd", inout("rdi") base + u64::from(lapic::TPR) => _, in("eax") 0u32) };
+    if lapic::read(lapic::TPR) != 0 {
+        return Err("stosd into the TPR did not land");
+    }
+    Ok(())
 }

@@ -3,8 +3,9 @@
 //! guest's own page tables and decoded by `vdev::mmio`).
 
 use log::warn;
-use vdev::mmio::{self, Access};
+use vdev::mmio::{self, Access, StringBus, StringKind, StringOp, StringProgress};
 use vdev::platform::{IpiRequest, Platform};
+use vdev::rtc::Rtc;
 
 use crate::virt::{self, Instruction, VmExit};
 
@@ -74,67 +75,140 @@ impl Vm {
             self.stop(idx, StopReason::BadMmio(gpa));
             return false;
         };
-        let lapic = gpu_pv::abi::guest::LAPIC_BASE;
-        let in_ecam = (GUEST_ECAM_BASE..GUEST_ECAM_BASE + GUEST_ECAM_SIZE).contains(&gpa);
-        let ecam = |gpa: u64| {
-            let o = gpa - GUEST_ECAM_BASE;
-            (
-                (o >> 20) as u8,
-                ((o >> 15) & 31) as u8,
-                ((o >> 12) & 7) as u8,
-                (o & 0xfff) as u16,
-            )
-        };
-        match access {
+        let done = match access {
             Access::Read(load) => {
-                let size = load.size;
-                let value = if (lapic..lapic + 4096).contains(&gpa) {
-                    u64::from(self.lapics[idx].read((gpa - lapic) as u32, now))
-                } else if Platform::is_ioapic(gpa) {
-                    u64::from(self.platform.ioapic_read(gpa))
-                } else if in_ecam {
-                    let (bus, dev, func, off) = ecam(gpa);
-                    self.pci_config_read(bus, dev, func, off, size)
-                } else if let Some(d) = self.gpu.as_mut().filter(|d| d.claims(gpa)) {
-                    d.mmio_read(gpa, size)
-                } else {
-                    u64::MAX
-                };
+                let value = self.device_read(idx, gpa, load.size, now);
                 load.complete(self.vcpus[idx].regs(), value);
+                true
             }
-            Access::Write { value, size } => {
-                if (lapic..lapic + 4096).contains(&gpa) {
-                    let effect = self.lapics[idx].write((gpa - lapic) as u32, value as u32, now);
-                    let request =
-                        effect.and_then(|e| self.platform.lapic_effect(idx, e, &mut self.lapics));
-                    match request {
-                        None => {}
-                        Some(IpiRequest::Start {
-                            vcpus,
-                            mode,
-                            vector,
-                        }) => self.start_ipi(idx, vcpus, mode == 5, vector),
-                        Some(request @ IpiRequest::Unsupported(_)) => {
-                            self.stop(
-                                idx,
-                                StopReason::Unhandled(alloc::format!("IPI {request:?}")),
-                            );
-                            return false;
-                        }
-                    }
-                } else if Platform::is_ioapic(gpa) {
-                    self.platform
-                        .ioapic_write(gpa, value as u32, &mut self.lapics);
-                } else if in_ecam {
-                    let (bus, dev, func, off) = ecam(gpa);
-                    self.pci_config_write(bus, dev, func, off, size, value as u32);
-                } else if let Some(d) = self.gpu.as_mut().filter(|d| d.claims(gpa)) {
-                    let action = d.mmio_write(gpa, size, value);
-                    self.gpu_action(action);
+            Access::Write { value, size } => self.device_write(idx, gpa, size, value, now),
+            Access::String(op) => return self.emulate_string(idx, op, len as u64),
+        };
+        if done {
+            self.vcpus[idx].skip(len as u64);
+        }
+        done
+    }
+
+    /// Whether guest-physical `gpa` is an emulated device's (an MMIO exit's target).
+    pub(super) fn is_device(&self, gpa: u64) -> bool {
+        let lapic = gpu_pv::abi::guest::LAPIC_BASE;
+        (lapic..lapic + 4096).contains(&gpa)
+            || Platform::is_ioapic(gpa)
+            || (GUEST_ECAM_BASE..GUEST_ECAM_BASE + GUEST_ECAM_SIZE).contains(&gpa)
+            || self.gpu.as_ref().is_some_and(|d| d.claims(gpa))
+    }
+
+    /// A device read of `size` bytes at `gpa` by vCPU `idx` (all ones where nothing
+    /// answers).
+    fn device_read(&mut self, idx: usize, gpa: u64, size: u8, now: u64) -> u64 {
+        let lapic = gpu_pv::abi::guest::LAPIC_BASE;
+        if (lapic..lapic + 4096).contains(&gpa) {
+            u64::from(self.lapics[idx].read((gpa - lapic) as u32, now))
+        } else if Platform::is_ioapic(gpa) {
+            u64::from(self.platform.ioapic_read(gpa))
+        } else if let Some((bus, dev, func, off)) = ecam(gpa) {
+            self.pci_config_read(bus, dev, func, off, size)
+        } else if let Some(d) = self.gpu.as_mut().filter(|d| d.claims(gpa)) {
+            d.mmio_read(gpa, size)
+        } else {
+            u64::MAX
+        }
+    }
+
+    /// A device write by vCPU `idx`; false when it stopped the VM.
+    fn device_write(&mut self, idx: usize, gpa: u64, size: u8, value: u64, now: u64) -> bool {
+        let lapic = gpu_pv::abi::guest::LAPIC_BASE;
+        if (lapic..lapic + 4096).contains(&gpa) {
+            let effect = self.lapics[idx].write((gpa - lapic) as u32, value as u32, now);
+            let request = effect.and_then(|e| self.platform.lapic_effect(idx, e, &mut self.lapics));
+            match request {
+                None => {}
+                Some(IpiRequest::Start {
+                    vcpus,
+                    mode,
+                    vector,
+                }) => self.start_ipi(idx, vcpus, mode == 5, vector),
+                Some(request @ IpiRequest::Unsupported(_)) => {
+                    self.stop(
+                        idx,
+                        StopReason::Unhandled(alloc::format!("IPI {request:?}")),
+                    );
+                    return false;
                 }
             }
+        } else if Platform::is_ioapic(gpa) {
+            self.platform
+                .ioapic_write(gpa, value as u32, &mut self.lapics);
+        } else if let Some((bus, dev, func, off)) = ecam(gpa) {
+            self.pci_config_write(bus, dev, func, off, size, value as u32);
+        } else if let Some(d) = self.gpu.as_mut().filter(|d| d.claims(gpa)) {
+            let action = d.mmio_write(gpa, size, value);
+            self.gpu_action(action);
         }
-        self.vcpus[idx].skip(len as u64);
+        true
+    }
+
+    /// Runs a string instruction (`rep movs`, `stos`) that touched a device: its
+    /// elements go to RAM or devices through the guest's page tables, at most
+    /// [`STRING_ELEMENTS_PER_EXIT`] per exit (the rest on re-execution, as after an
+    /// interrupt). Returns false when it stopped the VM.
+    fn emulate_string(&mut self, idx: usize, op: StringOp, len: u64) -> bool {
+        let mut regs = *self.vcpus[idx].regs();
+        let df = self.vcpus[idx].rflags() & (1 << 10) != 0;
+        let cr3 = self.vcpus[idx].cr3();
+        let mut bus = VmBus { vm: self, idx, cr3 };
+        let progress = op.run(&mut regs, df, &mut bus, STRING_ELEMENTS_PER_EXIT);
+        *self.vcpus[idx].regs() = regs;
+        if self.state != super::VmState::Running {
+            return false;
+        }
+        match progress {
+            StringProgress::Done => {
+                self.vcpus[idx].skip(len);
+                true
+            }
+            StringProgress::Partial => true,
+            StringProgress::Fault => {
+                let at = if op.kind == StringKind::Movs {
+                    regs.rsi
+                } else {
+                    regs.rdi
+                };
+                warn!(
+                    "{op:?} stopped at an address it cannot reach (rsi {:#x}, rdi {:#x})",
+                    regs.rsi, regs.rdi
+                );
+                self.stop(idx, StopReason::BadMmio(at));
+                false
+            }
+        }
+    }
+
+    /// Reads or writes `buf.len()` bytes at guest-virtual `va` of RAM, page by page
+    /// through the guest's tables; false if a page is not RAM.
+    fn ram_virt(&mut self, cr3: u64, va: u64, buf: &mut [u8], write: bool) -> bool {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = va.wrapping_add(done as u64);
+            let n = ((4096 - (at & 0xfff)) as usize).min(buf.len() - done);
+            let Some(pa) = self.guest_virt_to_phys(cr3, at) else {
+                return false;
+            };
+            if pa.saturating_add(n as u64) > self.mem_size {
+                return false;
+            }
+            let part = &mut buf[done..done + n];
+            let ok = if write {
+                self.write_guest(pa, part)
+            } else {
+                self.read_guest(pa, part)
+            };
+            if !ok {
+                return false;
+            }
+            done += n;
+        }
         true
     }
 
@@ -231,14 +305,14 @@ impl Vm {
             VmExit::Io(io) => {
                 self.stats.io_exits += 1;
                 // The legacy PC ports Linux probes (PIC, PIT, keyboard controller,
-                // CMOS, POST delay) read as absent, cheaply; for a Linux guest they
-                // are expected, not a storm.
+                // POST delay) read as absent, cheaply; for a Linux guest they are
+                // expected, not a storm.
                 let legacy = matches!(
                     io.port,
-                    0x20 | 0x21 | 0x40
-                        ..=0x43 | 0x60 | 0x61 | 0x64 | 0x70 | 0x71 | 0x80 | 0xa0 | 0xa1 | 0xed
+                    0x20 | 0x21 | 0x40..=0x43 | 0x60 | 0x61 | 0x64 | 0x80 | 0xa0 | 0xa1 | 0xed
                 );
                 if !Platform::is_com1(io.port)
+                    && !Rtc::claims(io.port)
                     && !matches!(io.port, 0xcf8..=0xcff)
                     && !(legacy && self.linux)
                 {
@@ -265,6 +339,7 @@ impl Vm {
                         p if Platform::is_com1(p) => {
                             u64::from(self.platform.com1_read(p, &mut self.lapics))
                         }
+                        p if Rtc::claims(p) => u64::from(self.rtc.read(p, crate::apic::now_us())),
                         0xcf8 => u64::from(self.pci_addr),
                         0xcfc..=0xcff => self.pci_port_read(io.port, io.size),
                         _ => 0xffff_ffff,
@@ -282,6 +357,8 @@ impl Vm {
                     {
                         self.serial_byte(b);
                     }
+                } else if Rtc::claims(io.port) {
+                    self.rtc.write(io.port, rax as u8, crate::apic::now_us());
                 } else if io.port == 0xcf8 && io.size == 4 {
                     self.pci_addr = rax as u32;
                 } else if (0xcfc..=0xcff).contains(&io.port) {
@@ -388,12 +465,7 @@ impl Vm {
                 false
             }
             VmExit::NestedPageFault { gpa, .. } => {
-                let lapic = gpu_pv::abi::guest::LAPIC_BASE;
-                if (lapic..lapic + 4096).contains(&gpa)
-                    || Platform::is_ioapic(gpa)
-                    || (GUEST_ECAM_BASE..GUEST_ECAM_BASE + GUEST_ECAM_SIZE).contains(&gpa)
-                    || self.gpu.as_ref().is_some_and(|d| d.claims(gpa))
-                {
+                if self.is_device(gpa) {
                     return self.emulate_mmio(idx, gpa);
                 }
                 if gpa >= self.mem_size {
@@ -423,6 +495,71 @@ impl Vm {
                 );
                 false
             }
+        }
+    }
+}
+
+/// Elements of a string instruction emulated per exit (a guest's `rep movs` of any
+/// length takes a bounded time per exit; the rest runs on re-execution).
+const STRING_ELEMENTS_PER_EXIT: u64 = 512;
+
+/// Bus, device, function and register offset of a guest ECAM address.
+fn ecam(gpa: u64) -> Option<(u8, u8, u8, u16)> {
+    let o = gpa
+        .checked_sub(GUEST_ECAM_BASE)
+        .filter(|&o| o < GUEST_ECAM_SIZE)?;
+    Some((
+        (o >> 20) as u8,
+        ((o >> 15) & 31) as u8,
+        ((o >> 12) & 7) as u8,
+        (o & 0xfff) as u16,
+    ))
+}
+
+/// A VM's memory and devices as one vCPU's string instruction reaches them.
+struct VmBus<'a> {
+    vm: &'a mut Vm,
+    idx: usize,
+    cr3: u64,
+}
+
+impl VmBus<'_> {
+    /// The device address of an element at `va`, if it is one (and within a page).
+    fn device(&mut self, va: u64, size: u8) -> Option<u64> {
+        if (va & 0xfff) + u64::from(size) > 4096 {
+            return None;
+        }
+        let pa = self.vm.guest_virt_to_phys(self.cr3, va)?;
+        (pa >= self.vm.mem_size && self.vm.is_device(pa)).then_some(pa)
+    }
+}
+
+impl StringBus for VmBus<'_> {
+    fn read(&mut self, va: u64, size: u8) -> Option<u64> {
+        let mut b = [0u8; 8];
+        let n = usize::from(size.min(8));
+        if self.vm.ram_virt(self.cr3, va, &mut b[..n], false) {
+            return Some(u64::from_le_bytes(b));
+        }
+        let pa = self.device(va, size)?;
+        Some(
+            self.vm
+                .device_read(self.idx, pa, size, crate::apic::now_us()),
+        )
+    }
+
+    fn write(&mut self, va: u64, size: u8, value: u64) -> bool {
+        let mut b = value.to_le_bytes();
+        let n = usize::from(size.min(8));
+        if self.vm.ram_virt(self.cr3, va, &mut b[..n], true) {
+            return true;
+        }
+        match self.device(va, size) {
+            Some(pa) => {
+                let now = crate::apic::now_us();
+                self.vm.device_write(self.idx, pa, size, value, now)
+            }
+            None => false,
         }
     }
 }

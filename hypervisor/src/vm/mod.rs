@@ -39,8 +39,15 @@ pub const IO_STORM_PER_SECOND: u64 = 1_000;
 pub const STUCK_LIMIT_US: u64 = 1_000_000;
 /// The same for a Linux guest: its decompressor and early boot run with interrupts
 /// off and without an exit for seconds under QEMU, minutes under Bochs (a stuck
-/// vCPU costs only its own VM's CPU share meanwhile).
+/// vCPU costs only its own VM's CPU share meanwhile). `linux_stuck_s=N` on the
+/// command line sets it (see [`set_linux_stuck_limit_s`]).
 pub const LINUX_STUCK_LIMIT_US: u64 = 600_000_000;
+static LINUX_STUCK_US: AtomicU64 = AtomicU64::new(LINUX_STUCK_LIMIT_US);
+
+/// Sets how long a Linux VM's vCPU may run with interrupts off before it is stopped.
+pub fn set_linux_stuck_limit_s(s: u64) {
+    LINUX_STUCK_US.store(s.max(1).saturating_mul(1_000_000), Ordering::Relaxed);
+}
 /// How long a halted vCPU whose VM has GPU work in flight is polled for before it
 /// gives up its slice (see `Vm::halt_poll`).
 pub const HALT_POLL_US: u64 = 1_000;
@@ -68,7 +75,7 @@ pub enum StopReason {
     OutsideMemory(u64),
     /// Port I/O at a rate no device needs.
     IoStorm,
-    /// Spun with interrupts off for longer than [`STUCK_LIMIT_US`] ([`LINUX_STUCK_LIMIT_US`]
+    /// Spun with interrupts off for longer than [`STUCK_LIMIT_US`] (`linux_stuck_s`, by default [`LINUX_STUCK_LIMIT_US`],
     /// for a Linux guest).
     StuckInterruptsOff,
     /// An MMIO instruction the hypervisor cannot emulate.
@@ -169,6 +176,8 @@ pub struct Vm {
     lapics: Vec<VLapic>,
     /// COM1 and the I/O APIC.
     platform: Platform,
+    /// Its CMOS real-time clock.
+    rtc: vdev::rtc::Rtc,
     /// Each vCPU's IA32_PAT as it last wrote it.
     pat: Vec<u64>,
     halted: Vec<bool>,
@@ -369,6 +378,10 @@ impl Vm {
             lapics: Vec::new(),
             // The I/O APIC's id follows the vCPUs' APIC ids, as the MP table says.
             platform: Platform::new(spec.vcpus.max(1) as u8),
+            rtc: {
+                let now = crate::apic::now_us();
+                vdev::rtc::Rtc::new(crate::host_clock::unix_at(now), now)
+            },
             pat: Vec::new(),
             halted: Vec::new(),
             started: Vec::new(),
@@ -854,7 +867,7 @@ impl Vm {
         {
             self.stuck_us[idx] += after.saturating_sub(slice.entered);
             let limit = if self.linux {
-                LINUX_STUCK_LIMIT_US
+                LINUX_STUCK_US.load(Ordering::Relaxed)
             } else {
                 STUCK_LIMIT_US
             };

@@ -3,11 +3,13 @@
 //! panic, decoding leaves the registers alone, a store's value has no more bytes
 //! than its size, and completing a read changes the destination register only, as
 //! the CPU would: the loaded bytes widened as the instruction says (`movzx`/`movsx`),
-//! then 32-bit destinations zero-extend, 8- and 16-bit ones merge.
+//! then 32-bit destinations zero-extend, 8- and 16-bit ones merge. A string
+//! instruction, run against a bus that takes everything, moves only RSI, RDI and
+//! RCX, by one element size per element, and never more elements than allowed.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vdev::mmio::{self, Access, Extend, Register};
+use vdev::mmio::{self, Access, Extend, Register, StringBus, StringKind, StringProgress};
 use vdev::GuestRegs;
 
 /// Instruction bytes, 15 registers, the value the device returns.
@@ -72,6 +74,25 @@ fn mask(size: u8) -> u64 {
     }
 }
 
+/// Takes every access; counts them and checks each one's size and value.
+struct Bus {
+    accesses: u64,
+}
+
+impl StringBus for Bus {
+    fn read(&mut self, _va: u64, size: u8) -> Option<u64> {
+        assert!(matches!(size, 1 | 2 | 4 | 8));
+        self.accesses += 1;
+        Some(u64::MAX & mask(size))
+    }
+    fn write(&mut self, _va: u64, size: u8, value: u64) -> bool {
+        assert!(matches!(size, 1 | 2 | 4 | 8));
+        assert_eq!(value & mask(size), value);
+        self.accesses += 1;
+        true
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let mut input = [0u8; INPUT];
     let n = data.len().min(INPUT);
@@ -94,6 +115,29 @@ fuzz_target!(|data: &[u8]| {
         };
         assert!((1..=bytes.len()).contains(&len), "length {len}");
         match access {
+            Access::String(op) => {
+                assert!(matches!(op.size, 1 | 2 | 4 | 8), "{access:?}");
+                let df = device_value & 1 == 1;
+                let max = device_value >> 60;
+                let mut bus = Bus { accesses: 0 };
+                let progress = op.run(&mut regs, df, &mut bus, max);
+                assert_ne!(progress, StringProgress::Fault);
+                let after = to_array(&regs);
+                let per = if op.kind == StringKind::Movs { 2 } else { 1 };
+                let elements = bus.accesses / per;
+                assert!(elements <= max && (op.rep || elements <= 1));
+                let step = u64::from(op.size).wrapping_mul(elements);
+                let moved = |v: u64| if df { v.wrapping_sub(step) } else { v.wrapping_add(step) };
+                for (i, (&a, &b)) in after.iter().zip(values.iter()).enumerate() {
+                    let expect = match i {
+                        2 if op.rep => b.wrapping_sub(elements),
+                        4 if op.kind == StringKind::Movs => moved(b),
+                        5 => moved(b),
+                        _ => b,
+                    };
+                    assert_eq!(a, expect, "register {i} after {op:?}");
+                }
+            }
             Access::Write { value, size } => {
                 assert!(matches!(size, 1 | 2 | 4 | 8), "{access:?}");
                 assert_eq!(value & mask(size), value, "{access:?}");
