@@ -13,6 +13,7 @@ mod apic;
 mod arch;
 mod console;
 mod event_log;
+mod exit_sample;
 mod gpu;
 mod gpu_share;
 mod host_clock;
@@ -131,6 +132,9 @@ fn kmain(bi: &'static BootInfo) -> ! {
             error!("hang_vm: {e}");
             verdict::fail("no test injection");
         }
+    }
+    if let Some(ms) = bi.option("exit_sample_ms").and_then(|v| v.parse().ok()) {
+        exit_sample::set_interval_ms(ms);
     }
     let created = vmm::create_all();
     info!("{created} of {} VMs created; running them", bi.vms().len());

@@ -441,6 +441,7 @@ fn run_loop(bsp: bool) {
         {
             crate::gpu_share::sample();
         }
+        crate::exit_sample::poll(now);
         if STOP_ALL.load(Ordering::SeqCst) {
             break;
         }
@@ -553,6 +554,7 @@ fn run_vcpu_slice(m: &Monitor, slot: usize, vcpu: usize, slice_us: u64) -> bool 
         return false;
     };
     let used = vm.end_slice(slice);
+    crate::exit_sample::record(slot, &vm.stats.exits_by_reason);
     let weight = if cfg!(feature = "test-broken-cpu-weights") {
         1
     } else {

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use crate::scenario::{self, Emulator};
-use crate::{artifacts, cargo, judge, process, run_checked, suite, tools, BuildMode, Context};
+use crate::{artifacts, cargo, judge, linuxbench, process, run_checked, suite, tools};
+use crate::{BuildMode, Context};
 use crate::{Paths, Result};
 
 /// The benchmark scenario directory: `$XTASK_BENCH_SCENARIOS` or `tests/bench`.
@@ -159,6 +160,12 @@ pub fn cmd_bench(paths: &Paths, mode: &BuildMode, args: &[String]) -> Result<Exi
             paths.show(&dir)
         );
         for s in &selected {
+            if let Some(n) = &s.native {
+                match compare_native(paths, &art, s, n, &mut rows, &mut failed)? {
+                    true => continue,
+                    false => return Err("bench: interrupted".into()),
+                }
+            }
             for &emu in &s.emulators {
                 let Some(r) = suite::run_and_print(paths, &art, emu, s) else {
                     return Err("bench: interrupted".into());
@@ -231,6 +238,71 @@ pub fn cmd_bench(paths: &Paths, mode: &BuildMode, args: &[String]) -> Result<Exi
         println!("bench: failed: {}", failed.join(", "));
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// A scenario with `[native]`: its Linux VM booted directly in QEMU and the scenario
+/// itself, alternately, `runs` times each, then the comparison rows
+/// ([`linuxbench::rows`]). False when interrupted.
+fn compare_native(
+    paths: &Paths,
+    art: &artifacts::Artifacts,
+    s: &scenario::Scenario,
+    n: &scenario::Native,
+    rows: &mut Vec<Row>,
+    failed: &mut Vec<String>,
+) -> Result<bool> {
+    let (slot, _) = linuxbench::linux_vm(&s.config_text(&paths.root)?)?;
+    let (mut natives, mut hvs) = (Vec::new(), Vec::new());
+    let mut row = |source: &str, metric: String, value: String| {
+        rows.push(Row {
+            scenario: s.name.clone(),
+            emulator: "qemu".into(),
+            source: source.into(),
+            metric,
+            value,
+        })
+    };
+    for k in 1..=n.runs {
+        let nat = match linuxbench::run_native(paths, s, n, k) {
+            Ok(r) => r,
+            Err(e) => {
+                println!("FAIL {:<24} [qemu, native #{k}] harness error: {e}", s.name);
+                linuxbench::NativeRun {
+                    passed: false,
+                    secs: 0.0,
+                    lines: Vec::new(),
+                }
+            }
+        };
+        if process::interrupted() {
+            return Ok(false);
+        }
+        let verdict = if nat.passed { "PASS" } else { "FAIL" };
+        if !nat.passed {
+            failed.push(format!("{} [native #{k}]", s.name));
+        }
+        row(
+            "native",
+            format!("run time #{k}"),
+            format!("{:.1} s ({verdict})", nat.secs),
+        );
+        natives.push(nat.passed.then(|| linuxbench::figures(&nat.lines, n, slot)));
+        let Some(r) = suite::run_and_print(paths, art, Emulator::Qemu, s) else {
+            return Ok(false);
+        };
+        let verdict = if r.passed { "PASS" } else { "FAIL" };
+        if !r.passed {
+            failed.push(format!("{} [qemu #{k}]", s.name));
+        }
+        row(
+            "hv",
+            format!("run time #{k}"),
+            format!("{:.1} s ({verdict})", r.secs),
+        );
+        hvs.push(r.passed.then(|| linuxbench::figures(&r.stamps, n, slot)));
+    }
+    rows.extend(linuxbench::rows(&s.name, n, &natives, &hvs));
+    Ok(true)
 }
 
 /// Runs gpu-pv's criterion bench if it exists: (succeeded, seconds), or `None`.

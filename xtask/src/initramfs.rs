@@ -46,7 +46,7 @@ const LIB_DIRS: &[&str] = &[
 
 /// The archive's layout version: bump it when [`INIT`] or [`layout`] changes, so
 /// cached archives are rebuilt.
-const FORMAT: u32 = 6;
+const FORMAT: u32 = 7;
 
 /// The busybox applets linked in `/bin`: what `/init` runs, and a few for the shell.
 const APPLETS: &[&str] = &[
@@ -78,13 +78,30 @@ id != "" && $1 ~ /^#[0-9]+$/ { print id, $2; exit }
 const INIT: &str = r#"#!/bin/sh
 # gpupv's /init: mount the kernel's filesystems, say the userland is up, drive the
 # virtual GPU (gpupv.gpu on the kernel command line; gpupv.irq-cpu1 moves its
-# interrupts to CPU 1 first), then power off (gpupv.poweroff) or keep a shell on the
-# console.
+# interrupts to CPU 1 first; gpupv.flip=SECONDS adds a bounded page-flip run),
+# then power off (gpupv.poweroff) or keep a shell on the console.
 export PATH=/bin:/sbin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 echo "gpupv-init: up $(uname -r)" > /dev/console
+
+# The SECONDS of gpupv.flip=SECONDS in the command line $1: nothing without one, `bad`
+# unless whole seconds (the last one counts).
+flip_secs() {
+    f=
+    for w in $1; do
+        case "$w" in
+        gpupv.flip=*) f=${w#gpupv.flip=} ;;
+        gpupv.flip) f=bad ;;
+        esac
+    done
+    case "$f" in
+    "") ;;
+    *[!0-9]*) echo bad ;;
+    *) echo "$f" ;;
+    esac
+}
 
 # Loads virtio-gpu and what it needs in dependency order, waits for its DRM device,
 # lists the connectors, then has modetest set the first connected one's first mode and
@@ -146,6 +163,26 @@ gpu() {
                 (c1 > 0 ? "(cpu1 took some)" : "(none on cpu1)") }' \
             /proc/interrupts
     fi
+    # gpupv.flip=SECONDS: modetest -v page-flips between two pictures, printing
+    # `freq: N.NNHz` on stderr every 60 flips, until its stdin (sleep's pipe) closes.
+    secs=$(flip_secs "$(cat /proc/cmdline)")
+    case "$secs" in
+    "") ;;
+    bad)
+        echo "gpupv-init: gpupv.flip wants whole seconds"
+        return 1
+        ;;
+    *)
+        echo "gpupv-init: flipping $1:$2 for $secs s"
+        sleep "$secs" | timeout $((secs + 60)) modetest -M virtio_gpu -s "$1:$2" -v
+        rc=$?
+        if [ $rc -ne 0 ]; then
+            echo "gpupv-init: modetest failed $rc"
+            return 1
+        fi
+        echo "gpupv-init: flipped $2"
+        ;;
+    esac
 }
 case " $(cat /proc/cmdline) " in
 *" gpupv.gpu "*)
@@ -917,6 +954,57 @@ mod tests {
         ] {
             assert!(APPLETS.contains(&cmd), "{cmd}");
         }
+    }
+
+    /// Runs `/init`'s `flip_secs` with this host's `sh` on a command line.
+    fn flip_secs(cmdline: &str) -> Option<String> {
+        let start = INIT.find("flip_secs() {").unwrap();
+        let end = start + INIT[start..].find("\n}\n").unwrap() + 3;
+        let script = format!("{}flip_secs \"$1\"\n", &INIT[start..end]);
+        let out = Command::new("sh")
+            .args(["-c", &script, "sh", cmdline])
+            .output()
+            .ok()?;
+        assert!(out.status.success());
+        Some(String::from_utf8(out.stdout).unwrap())
+    }
+
+    #[test]
+    fn init_takes_the_flip_seconds_from_the_command_line() {
+        for (cmdline, want) in [
+            ("console=ttyS0 gpupv.gpu gpupv.poweroff", ""),
+            (
+                "console=ttyS0 gpupv.gpu gpupv.flip=10 gpupv.poweroff",
+                "10\n",
+            ),
+            ("gpupv.flip=5", "5\n"),
+            ("gpupv.flip=3 gpupv.flip=12", "12\n"),
+            ("gpupv.flip=1.5", "bad\n"),
+            ("gpupv.flip=", ""),
+            ("gpupv.flip=x9", "bad\n"),
+            ("gpupv.flip", "bad\n"),
+            ("gpupv.flipper=4", ""),
+        ] {
+            let Some(got) = flip_secs(cmdline) else {
+                eprintln!("no sh on this host: skipped");
+                return;
+            };
+            assert_eq!(got, want, "{cmdline}");
+        }
+        // The flip follows the drawing, bounded by timeout, its stdin a pipe that closes.
+        let drew = INIT.find(r#"echo "gpupv-init: modetest drew $2""#).unwrap();
+        let flip = INIT
+            .find(r#"secs=$(flip_secs "$(cat /proc/cmdline)")"#)
+            .unwrap();
+        let run = INIT
+            .find(r#"sleep "$secs" | timeout $((secs + 60)) modetest -M virtio_gpu -s "$1:$2" -v"#)
+            .unwrap();
+        let flipping = INIT
+            .find(r#"echo "gpupv-init: flipping $1:$2 for $secs s""#)
+            .unwrap();
+        let flipped = INIT.find(r#"echo "gpupv-init: flipped $2""#).unwrap();
+        assert!(drew < flip && flip < flipping && flipping < run && run < flipped);
+        assert!(INIT.find("flip_secs() {").unwrap() < INIT.find("gpu() {").unwrap());
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod judge;
 #[cfg(test)]
 mod layers;
 mod linux;
+mod linuxbench;
 mod plot;
 mod process;
 mod qemu;

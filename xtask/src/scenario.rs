@@ -131,6 +131,40 @@ pub struct Scenario {
     /// Keyboard input typed on COM1 (QEMU only), in order.
     #[serde(default)]
     pub input: Vec<Input>,
+    /// `cargo xtask bench` only: also boot the config's Linux VM directly in QEMU,
+    /// alternating with the hypervisor runs, and compare them.
+    #[serde(default)]
+    pub native: Option<Native>,
+}
+
+/// A `[native]` table: the config's first Linux VM (its kernel, initrd, command line,
+/// memory and vCPUs) booted directly in QEMU (`-kernel`), alternating with the
+/// scenario's own runs, each serial line timestamped by xtask as it arrives.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Native {
+    /// Runs of each kind: native, hypervisor, native, hypervisor, ... (default 2).
+    #[serde(default = "default_native_runs")]
+    pub runs: u32,
+    /// The boot is timed from the first serial line containing this ...
+    pub boot_from: String,
+    /// ... to the first line after it containing this, in both kinds of run.
+    pub boot_to: String,
+    /// The hypervisor run's line that marks the VM's start (its boot is also timed
+    /// from there), e.g. `vm linux created`.
+    #[serde(default)]
+    pub hv_start: Option<String>,
+    /// Lines a native run must show (in order) to pass; it must also power off
+    /// (QEMU exits with 0).
+    #[serde(default)]
+    pub expect: Vec<String>,
+    /// Extra QEMU arguments of the native runs (its devices, e.g. the GPU).
+    #[serde(default)]
+    pub qemu_args: Vec<String>,
+}
+
+fn default_native_runs() -> u32 {
+    2
 }
 
 /// One `[[input]]` table: text typed on the serial console once a line appears.
@@ -508,6 +542,18 @@ impl Scenario {
         {
             return Err(format!("[[input]] #{}: empty `after` or `send`", i + 1));
         }
+        if let Some(n) = &self.native {
+            if self.emulators != [Emulator::Qemu] {
+                return Err("`[native]` compares QEMU runs: list only \"qemu\"".into());
+            }
+            if !(1..=20).contains(&n.runs) {
+                return Err("`[native]`: `runs` must be 1 to 20".into());
+            }
+            let lines = [&n.boot_from, &n.boot_to].into_iter().chain(&n.hv_start);
+            if lines.chain(&n.expect).any(|l| l.is_empty()) {
+                return Err("`[native]`: empty line to look for".into());
+            }
+        }
         for (i, f) in self.hv_features.iter().enumerate() {
             let mut chars = f.chars();
             let ok = chars
@@ -622,6 +668,33 @@ mod tests {
 
     fn parse(text: &str) -> Result<Scenario> {
         Scenario::parse("t", Path::new("t.toml"), text)
+    }
+
+    #[test]
+    fn native_tables() {
+        let base = "description = \"d\"\nemulators = [\"qemu\"]\nexpect_exit = \"pass\"\n";
+        let native = "[native]\nboot_from = \"a\"\nboot_to = \"b\"\n";
+        let s = parse(&format!("{base}{native}")).unwrap();
+        let n = s.native.unwrap();
+        assert_eq!(
+            (n.runs, n.boot_from.as_str(), n.boot_to.as_str()),
+            (2, "a", "b")
+        );
+        assert!(n.hv_start.is_none() && n.expect.is_empty() && n.qemu_args.is_empty());
+        assert!(parse(base).unwrap().native.is_none());
+        let bochs = base.replace("[\"qemu\"]", "[\"qemu\", \"bochs\"]");
+        assert!(parse(&format!("{bochs}{native}"))
+            .unwrap_err()
+            .contains("only \"qemu\""));
+        for bad in [
+            "runs = 0\n",
+            "runs = 21\n",
+            "expect = [\"\"]\n",
+            "typo = 1\n",
+        ] {
+            assert!(parse(&format!("{base}{native}{bad}")).is_err(), "{bad}");
+        }
+        assert!(parse(&format!("{base}[native]\nboot_from = \"a\"\n")).is_err());
     }
 
     #[test]

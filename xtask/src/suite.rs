@@ -10,8 +10,8 @@ use crate::judge;
 use crate::process::{self, Outcome, Watch};
 use crate::scenario::{self, BootFrom, Emulator, Scenario};
 use crate::{
-    bochs, counters, esp, gpt, linux, qemu, run_checked, screendump, show_command, tools, typist,
-    Context, Paths, Result,
+    bochs, counters, esp, gpt, linux, linuxbench, qemu, run_checked, screendump, show_command,
+    tools, typist, Context, Paths, Result,
 };
 
 /// Serial log lines shown for a failing scenario.
@@ -33,6 +33,8 @@ struct Report {
     outcome: Option<Outcome>,
     /// Shown under the PASS/FAIL line whatever the result (files written).
     notes: Vec<String>,
+    /// The serial lines timestamped as they came (scenarios with `[native]`).
+    stamps: linuxbench::Stamped,
 }
 
 /// How one scenario run went.
@@ -44,6 +46,9 @@ pub struct RunResult {
     pub secs: f64,
     /// Its serial log (absent if the harness failed before the run).
     pub serial_log: Option<PathBuf>,
+    /// Its serial lines timestamped as they came (QEMU runs of scenarios with
+    /// `[native]`; else empty).
+    pub stamps: linuxbench::Stamped,
 }
 
 /// Runs scenario `s` in `emu` and prints its `PASS|FAIL` line, and why it failed.
@@ -84,6 +89,7 @@ pub fn run_and_print(
                 passed,
                 secs,
                 serial_log: Some(r.serial_log),
+                stamps: r.stamps,
             })
         }
         Err(e) => {
@@ -93,6 +99,7 @@ pub fn run_and_print(
                 passed: false,
                 secs,
                 serial_log: None,
+                stamps: Vec::new(),
             })
         }
     }
@@ -362,10 +369,17 @@ fn run_qemu(paths: &Paths, art: &Artifacts, s: &Scenario) -> Result<Report> {
     let mut shots = qmp
         .clone()
         .map(|sock| screendump::Session::new(paths, s, sock, serial_log.clone()));
+    let mut stamper = s
+        .native
+        .is_some()
+        .then(|| linuxbench::Stamper::new(&serial_log));
     let outcome = process::run_watched(
         &mut cmd,
         Duration::from_secs(s.qemu_timeout_secs()),
         &mut |elapsed| {
+            if let Some(st) = stamper.as_mut() {
+                st.poll();
+            }
             if let Some(sh) = shots.as_mut() {
                 sh.poll(elapsed);
             }
@@ -398,6 +412,7 @@ fn run_qemu(paths: &Paths, art: &Artifacts, s: &Scenario) -> Result<Report> {
         other_logs: vec![console],
         outcome: Some(outcome),
         notes,
+        stamps: stamper.map(linuxbench::Stamper::finish).unwrap_or_default(),
     })
 }
 
@@ -441,6 +456,7 @@ fn run_bochs(paths: &Paths, art: &Artifacts, s: &Scenario) -> Result<Report> {
         other_logs: vec![bochs_log, console],
         outcome: Some(outcome),
         notes: Vec::new(),
+        stamps: Vec::new(),
     })
 }
 

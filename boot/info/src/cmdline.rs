@@ -28,6 +28,11 @@ pub const KEYS: &[(&str, Takes, &str)] = &[
     ),
     ("run_ms", Takes::Number, "stop the VMs after N ms"),
     (
+        "exit_sample_ms",
+        Takes::Number,
+        "every N ms a vm-exits sample line (exits by reason per VM; default off)",
+    ),
+    (
         "gpu",
         Takes::OneOf(&["sim"]),
         "gpu=sim: the CPU-rendered simulated GPU",
