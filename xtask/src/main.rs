@@ -169,11 +169,14 @@ commands:
   build                      build boot.efi, the hypervisor and the guest binaries (release)
   run [opts] [-- QEMU ARGS..]  build, lay out an ESP and boot it in QEMU (window if
                              $DISPLAY is set, else headless); serial on stdio (Ctrl-A X
-                             quits). Arguments after `--` go to QEMU; any other unknown
-                             argument is refused before anything is built.
-      --config FILE          VM config for hv/vms.toml (default config/vms.toml)
+                             quits; typing goes to the Linux VM's shell). Arguments after
+                             `--` go to QEMU; any other unknown argument is refused
+                             before anything is built.
+      --config FILE          VM config for hv/vms.toml (default config/demo.toml: a
+                             Linux VM and three drawing VMs)
       --cmdline STR          kernel command line for hv/cmdline.txt (default empty)
-      --smp N, --memory MIB  CPUs (default 2) and memory (default 512)
+      --smp N, --memory MIB  CPUs (default 2) and memory (default: what the VMs need,
+                             at least 512)
       --kvm                  use KVM (-accel kvm -cpu host) instead of TCG
       --screenshots DIR      every few seconds, write each GPU head to DIR/head<N>.png (QMP)
       --screenshot-secs N    the interval for --screenshots (default 3)
@@ -399,11 +402,12 @@ fn single_filter(args: &[String]) -> Result<Option<String>> {
     }
 }
 
-/// Reads a VM config file (relative paths are taken from the current directory).
-fn read_config(root: &Path, file: Option<&str>) -> Result<String> {
+/// Reads a VM config file (relative paths are taken from the current directory), or
+/// `default` in the repository's `config/`.
+fn read_config(root: &Path, file: Option<&str>, default: &str) -> Result<String> {
     let path = match file {
         Some(f) => PathBuf::from(f),
-        None => root.join("config").join("vms.toml"),
+        None => root.join("config").join(default),
     };
     let text = std::fs::read_to_string(&path)
         .ctx(|| format!("cannot read VM config {}", path.display()))?;
@@ -461,7 +465,7 @@ fn cmd_run(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
     let mut config = None;
     let mut cmdline = String::new();
     let mut smp = 2;
-    let mut memory = 512;
+    let mut memory = None;
     let mut kvm = false;
     let mut screenshots: Option<PathBuf> = None;
     let mut screenshot_secs: f64 = 3.0;
@@ -472,7 +476,7 @@ fn cmd_run(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
             "--config" => config = Some(value(&args, &mut i, "--config")?),
             "--cmdline" => cmdline = value(&args, &mut i, "--cmdline")?,
             "--smp" => smp = parse_num(&value(&args, &mut i, "--smp")?, "--smp")?,
-            "--memory" => memory = parse_num(&value(&args, &mut i, "--memory")?, "--memory")?,
+            "--memory" => memory = Some(parse_num(&value(&args, &mut i, "--memory")?, "--memory")?),
             "--kvm" => kvm = true,
             "--screenshots" => {
                 screenshots = Some(PathBuf::from(value(&args, &mut i, "--screenshots")?))
@@ -500,7 +504,7 @@ fn cmd_run(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
     }
     boot_info::cmdline::check(&cmdline).map_err(|e| format!("run: --cmdline: {e}"))?;
     tools::ensure(&[tools::Tool::Qemu, tools::Tool::Ovmf])?;
-    let config = read_config(&paths.root, config.as_deref())?;
+    let config = read_config(&paths.root, config.as_deref(), "demo.toml")?;
     let art = artifacts::obtain(paths, &mode)?;
     let esp = paths.esp_dir("run");
     esp::make(&esp, &art, &config, &cmdline)?;
@@ -522,7 +526,7 @@ fn cmd_run(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
     };
     let opts = qemu::Opts {
         smp,
-        memory_mib: memory,
+        memory_mib: memory.unwrap_or_else(|| vmconfig::machine_memory_mib(&config)),
         disk: qemu::Disk::Dir(esp),
         serial: qemu::Serial::StdioWithMonitorLogged(serial_log.clone()),
         display,
@@ -728,7 +732,7 @@ fn cmd_image(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
     }
     boot_info::cmdline::check(&cmdline).map_err(|e| format!("image: --cmdline: {e}"))?;
     tools::ensure(&[tools::Tool::Mtools])?;
-    let config = read_config(&paths.root, config.as_deref())?;
+    let config = read_config(&paths.root, config.as_deref(), "vms.toml")?;
     let art = artifacts::obtain(paths, &mode)?;
     let esp = paths.esp_dir("image");
     esp::make(&esp, &art, &config, &cmdline)?;

@@ -63,7 +63,7 @@ pub const DEFAULT_SMP: u32 = 2;
 /// Default number of Bochs CPUs.
 pub const DEFAULT_BOCHS_SMP: u32 = 1;
 /// Default guest memory in MiB.
-pub const DEFAULT_MEMORY_MIB: u32 = 512;
+pub const DEFAULT_MEMORY_MIB: u32 = crate::vmconfig::MIN_MACHINE_MIB;
 
 /// A parsed scenario file.
 #[derive(Debug, Clone, Deserialize)]
@@ -635,9 +635,11 @@ impl Scenario {
         self.bochs_smp.unwrap_or(DEFAULT_BOCHS_SMP)
     }
 
-    /// Guest memory.
-    pub fn memory(&self) -> u32 {
-        self.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB)
+    /// The emulated machine's memory: `memory_mib`, or what its VM config `config`
+    /// needs ([`crate::vmconfig::machine_memory_mib`]).
+    pub fn memory(&self, config: &str) -> u32 {
+        self.memory_mib
+            .unwrap_or_else(|| crate::vmconfig::machine_memory_mib(config))
     }
 }
 
@@ -704,7 +706,7 @@ mod tests {
         assert_eq!(s.harness_cmdline(), "harness");
         assert_eq!(s.qemu_smp(), 2);
         assert_eq!(s.bochs_cpus(), 1);
-        assert_eq!(s.memory(), 512);
+        assert_eq!(s.memory(""), 512);
         assert_eq!(s.qemu_timeout_secs(), 60);
         assert_eq!(s.bochs_timeout_secs(), 180);
         assert_eq!(s.boot_from, BootFrom::Dir);

@@ -347,7 +347,7 @@ fn run_qemu(paths: &Paths, art: &Artifacts, s: &Scenario) -> Result<Report> {
         (!s.input.is_empty()).then(|| typist::Typist::new(&serial_sock, &serial_log, &s.input));
     let opts = qemu::Opts {
         smp: s.qemu_smp(),
-        memory_mib: s.memory(),
+        memory_mib: s.memory(&config),
         disk,
         serial,
         display: false,
@@ -437,7 +437,7 @@ fn run_bochs(paths: &Paths, art: &Artifacts, s: &Scenario) -> Result<Report> {
     }
     let opts = bochs::Opts {
         cpus: s.bochs_cpus(),
-        memory_mib: s.memory(),
+        memory_mib: s.memory(&config),
         iso,
         serial_log: serial_log.clone(),
         bochs_log: bochs_log.clone(),
