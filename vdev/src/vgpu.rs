@@ -161,8 +161,10 @@ impl VirtioGpuDevice {
         put16(&mut c, 0x2c, VENDOR_ID);
         put16(&mut c, 0x2e, 0x1100);
         c[0x34] = 0x40;
-        c[0x3d] = 1; // INTA (unused: MSI-X only)
-                     // MSI-X capability.
+        // Interrupt pin 0: no INTx, MSI-X only (a pin sends Linux looking for a
+        // routing the platform does not have: "can't find IRQ for PCI INT A").
+        c[0x3d] = 0;
+        // MSI-X capability.
         c[0x40] = pci::CAP_MSIX;
         c[0x41] = 0x50;
         put16(&mut c, 0x42, (MSIX_VECTORS - 1) as u16);
