@@ -1,7 +1,7 @@
 //! Judging a run: the emulator's exit and the serial log.
 
 use crate::process::Outcome;
-use crate::scenario::{Emulator, ExpectExit};
+use crate::scenario::{Emulator, ExpectExit, GpuShares};
 
 /// QEMU's exit status for the pass write (see [`crate::qemu::PASS_STATUS`]).
 pub const QEMU_PASS: i32 = crate::qemu::PASS_STATUS;
@@ -210,5 +210,95 @@ mod tests {
         let raw = "\x1b[2J\x1b[01;01H\x1b[=3hBdsDxe: loading\r\nline two\r\n";
         assert_eq!(sanitize(raw), "BdsDxe: loading\nline two\n");
         assert_eq!(tail("1\n2\n3\n", 2), v(&["2", "3"]));
+    }
+}
+
+/// Checks `[gpu_shares]`: each listed VM's share of their GPU time (from the log's
+/// last `gpu-pv counters:` line) against its weight's share of their weights (from
+/// `config`); one problem per VM off by more than the tolerance.
+pub fn check_gpu_shares(shares: &GpuShares, config: &str, log: &str) -> Vec<String> {
+    let Ok(cfg) = boot_info::config::parse(config) else {
+        return vec!["gpu_shares: the VM config does not parse".into()];
+    };
+    let Some((_, counters)) = crate::counters::parse_log(log).counters else {
+        return vec!["gpu_shares: no `gpu-pv counters:` line in the log".into()];
+    };
+    let used = |vm: usize| {
+        counters["vms"]
+            .as_array()?
+            .iter()
+            .find(|v| v["vm"].as_u64() == Some(vm as u64))?["used_ns"]
+            .as_u64()
+    };
+    let mut rows = Vec::new();
+    for &vm in &shares.vms {
+        let (Some(c), Some(u)) = (cfg.vm.get(vm), used(vm)) else {
+            return vec![format!(
+                "gpu_shares: no VM {vm} in the config or the counters"
+            )];
+        };
+        rows.push((vm, f64::from(c.gpu_weight.max(1)), u as f64));
+    }
+    let total_w: f64 = rows.iter().map(|r| r.1).sum();
+    let total_u: f64 = rows.iter().map(|r| r.2).sum();
+    if total_u <= 0.0 {
+        return vec!["gpu_shares: the listed VMs used no GPU time".into()];
+    }
+    rows.iter()
+        .filter_map(|&(vm, w, u)| {
+            let (want, got) = (w / total_w, u / total_u);
+            let err = (got / want - 1.0).abs();
+            (err > shares.tolerance).then(|| {
+                format!(
+                    "gpu_shares: VM {vm} had {:.1} % of the listed VMs' GPU time, its weight \
+                     asks {:.1} % (off by {:.0} %, allowed {:.0} %)",
+                    got * 100.0,
+                    want * 100.0,
+                    err * 100.0,
+                    shares.tolerance * 100.0
+                )
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod share_tests {
+    use super::*;
+
+    const CONFIG: &str = "[[vm]]\nname=\"a\"\nmemory_mib=16\nimage=\"g.elf\"\n\
+        [[vm]]\nname=\"b\"\nmemory_mib=16\nimage=\"g.elf\"\n\
+        [[vm]]\nname=\"c\"\nmemory_mib=16\nimage=\"g.elf\"\ngpu_weight=2\n";
+
+    fn log(used: [u64; 3]) -> String {
+        let vms: Vec<String> = used
+            .iter()
+            .enumerate()
+            .map(|(i, u)| format!("{{\"vm\":{i},\"used_ns\":{u}}}"))
+            .collect();
+        format!("x\ngpu-pv counters: {{\"vms\":[{}]}}\n", vms.join(","))
+    }
+
+    #[test]
+    fn shares_are_checked_against_the_weights() {
+        let s = |vms: &[usize]| GpuShares {
+            vms: vms.to_vec(),
+            tolerance: 0.15,
+        };
+        // 1:1:2 weights, 100:110:190 used: within 15 %.
+        assert!(check_gpu_shares(&s(&[0, 1, 2]), CONFIG, &log([100, 110, 190])).is_empty());
+        // Equal use against 1:1:2 weights: VM 0 and 1 get 33 % where 25 % is asked.
+        let p = check_gpu_shares(&s(&[0, 1, 2]), CONFIG, &log([100, 100, 100]));
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p[0].starts_with("gpu_shares: VM 0 had 33.3 %"), "{p:?}");
+        // A subset: VMs 0 and 1 alone, equal weights.
+        assert!(check_gpu_shares(&s(&[0, 1]), CONFIG, &log([100, 112, 0])).is_empty());
+        assert_eq!(
+            check_gpu_shares(&s(&[0, 1]), CONFIG, &log([100, 150, 0])).len(),
+            2
+        );
+        // No counters, an unknown VM.
+        assert_eq!(check_gpu_shares(&s(&[0]), CONFIG, "nothing").len(), 1);
+        assert!(check_gpu_shares(&s(&[5]), CONFIG, &log([1, 1, 1]))[0].contains("no VM 5"));
     }
 }

@@ -135,6 +135,21 @@ pub struct Scenario {
     /// alternating with the hypervisor runs, and compare them.
     #[serde(default)]
     pub native: Option<Native>,
+    /// Checks each listed VM's share of their GPU time against its weight.
+    #[serde(default)]
+    pub gpu_shares: Option<GpuShares>,
+}
+
+/// A `[gpu_shares]` table: the listed VMs' GPU time (`used_ns` in the run's last
+/// `gpu-pv counters:` line), each VM's share of their total against its `gpu_weight`'s
+/// share of their weights.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GpuShares {
+    /// VM ids (configuration order).
+    pub vms: Vec<usize>,
+    /// Largest relative error allowed, e.g. 0.15: a share within 15 % of its weight's.
+    pub tolerance: f64,
 }
 
 /// A `[native]` table: the config's first Linux VM (its kernel, initrd, command line,

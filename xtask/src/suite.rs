@@ -284,7 +284,13 @@ fn notable_emulator_lines(emu: Emulator, text: &str) -> Vec<String> {
 }
 
 /// Reads the serial log and judges a finished run.
-fn judge_run(s: &Scenario, emu: Emulator, outcome: &Outcome, serial_log: &Path) -> Vec<String> {
+fn judge_run(
+    paths: &Paths,
+    s: &Scenario,
+    emu: Emulator,
+    outcome: &Outcome,
+    serial_log: &Path,
+) -> Vec<String> {
     let mut problems = Vec::new();
     if let Some(p) = judge::check_exit(emu, s.expect_exit, outcome) {
         problems.push(p);
@@ -300,6 +306,12 @@ fn judge_run(s: &Scenario, emu: Emulator, outcome: &Outcome, serial_log: &Path) 
         &s.expect_unordered,
         &s.forbid,
     ));
+    if let Some(shares) = &s.gpu_shares {
+        match s.config_text(&paths.root) {
+            Ok(config) => problems.extend(judge::check_gpu_shares(shares, &config, &log)),
+            Err(e) => problems.push(e),
+        }
+    }
     problems
 }
 
@@ -389,7 +401,7 @@ fn run_qemu(paths: &Paths, art: &Artifacts, s: &Scenario) -> Result<Report> {
             Watch::Continue
         },
     )?;
-    let mut problems = judge_run(s, Emulator::Qemu, &outcome, &serial_log);
+    let mut problems = judge_run(paths, s, Emulator::Qemu, &outcome, &serial_log);
     if let Some(t) = typist.take() {
         problems.extend(t.untyped());
         drop(t);
@@ -445,7 +457,7 @@ fn run_bochs(paths: &Paths, art: &Artifacts, s: &Scenario) -> Result<Report> {
     let mut cmd = bochs::command(&opts, &work, &console)?;
     let outcome =
         process::run_with_timeout(&mut cmd, Duration::from_secs(s.bochs_timeout_secs()), None)?;
-    let mut problems = judge_run(s, Emulator::Bochs, &outcome, &serial_log);
+    let mut problems = judge_run(paths, s, Emulator::Bochs, &outcome, &serial_log);
     let emu_log = String::from_utf8_lossy(&fs::read(&bochs_log).unwrap_or_default()).into_owned();
     let console_text =
         String::from_utf8_lossy(&fs::read(&console).unwrap_or_default()).into_owned();
