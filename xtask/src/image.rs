@@ -163,24 +163,21 @@ impl Image {
         Ok(Image { width, height, rgb })
     }
 
-    /// The image as a PNG file (8-bit RGB, no filtering, zlib stored blocks).
+    /// The image as a compressed PNG file (8-bit RGB), written by the `png` crate.
     pub fn to_png(&self) -> Vec<u8> {
-        let row = self.width as usize * 3;
-        let mut raw = Vec::with_capacity((row + 1) * self.height as usize);
-        for r in self.rgb.chunks_exact(row.max(1)).take(self.height as usize) {
-            raw.push(0); // filter type None
-            raw.extend_from_slice(r);
+        let mut out = Vec::new();
+        let mut enc = png::Encoder::new(&mut out, self.width, self.height);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.set_compression(png::Compression::Fast);
+        let written = enc
+            .write_header()
+            .and_then(|mut w| w.write_image_data(&self.rgb));
+        // Writing into memory fails only on a size mismatch, which `Image` rules out.
+        if let Err(e) = written {
+            unreachable!("PNG of a {}x{} image: {e}", self.width, self.height);
         }
-        let mut png = Vec::with_capacity(raw.len() + raw.len() / 65535 * 5 + 64);
-        png.extend_from_slice(b"\x89PNG\r\n\x1a\n");
-        let mut ihdr = Vec::with_capacity(13);
-        ihdr.extend_from_slice(&self.width.to_be_bytes());
-        ihdr.extend_from_slice(&self.height.to_be_bytes());
-        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8 bits, RGB, deflate, no filter, no interlace
-        png_chunk(&mut png, b"IHDR", &ihdr);
-        png_chunk(&mut png, b"IDAT", &zlib_stored(&raw));
-        png_chunk(&mut png, b"IEND", &[]);
-        png
+        out
     }
 
     /// The dominant colour: the most populated bucket of a 16-level-per-channel
@@ -285,135 +282,24 @@ pub fn band_rows(height: u32, band: u32, bands: u32) -> Option<(u32, u32)> {
     Some((band * h, (band + 1) * h))
 }
 
-fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    let start = out.len();
-    out.extend_from_slice(kind);
-    out.extend_from_slice(data);
-    let crc = crc32(&out[start..]);
-    out.extend_from_slice(&crc.to_be_bytes());
-}
-
-/// A zlib stream of `data` in stored (uncompressed) deflate blocks.
-pub fn zlib_stored(data: &[u8]) -> Vec<u8> {
-    const MAX: usize = 65535;
-    let mut out = Vec::with_capacity(data.len() + data.len() / MAX * 5 + 16);
-    out.extend_from_slice(&[0x78, 0x01]); // deflate, 32K window, no dictionary; 0x7801 % 31 == 0
-    let mut blocks = data.chunks(MAX).peekable();
-    if blocks.peek().is_none() {
-        out.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
-    }
-    while let Some(b) = blocks.next() {
-        let last = blocks.peek().is_none();
-        out.push(u8::from(last)); // BFINAL, BTYPE = 00 (stored)
-        let len = b.len() as u16;
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&(!len).to_le_bytes());
-        out.extend_from_slice(b);
-    }
-    out.extend_from_slice(&adler32(data).to_be_bytes());
-    out
-}
-
-/// CRC-32 (IEEE 802.3, reflected, as PNG and zip use it).
-pub fn crc32(data: &[u8]) -> u32 {
-    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        let mut t = [0u32; 256];
-        for (n, e) in t.iter_mut().enumerate() {
-            let mut c = n as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 {
-                    0xedb8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-            }
-            *e = c;
-        }
-        t
-    });
-    let mut c = !0u32;
-    for &b in data {
-        c = table[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
-    }
-    !c
-}
-
-/// Adler-32 (zlib's checksum).
-pub fn adler32(data: &[u8]) -> u32 {
-    const MOD: u32 = 65521;
-    let (mut a, mut b) = (1u32, 0u32);
-    // 5552 bytes keep the sums below 2^32 between reductions.
-    for chunk in data.chunks(5552) {
-        for &x in chunk {
-            a += u32::from(x);
-            b += a;
-        }
-        a %= MOD;
-        b %= MOD;
-    }
-    b << 16 | a
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
 
-    /// Decodes what [`Image::to_png`] writes (and only that: stored blocks, RGB, no
-    /// filters), checking signature, chunk CRCs and the zlib checksum.
+    /// Decodes an 8-bit RGB PNG (what [`Image::to_png`] writes) with the `png` crate,
+    /// which checks the signature, chunk CRCs and the zlib stream.
     pub(crate) fn decode_png(png: &[u8]) -> Image {
-        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-        let mut pos = 8;
-        let (mut w, mut h, mut idat) = (0, 0, Vec::new());
-        loop {
-            let len = u32::from_be_bytes(png[pos..pos + 4].try_into().unwrap()) as usize;
-            let kind = &png[pos + 4..pos + 8];
-            let data = &png[pos + 8..pos + 8 + len];
-            let crc = u32::from_be_bytes(png[pos + 8 + len..pos + 12 + len].try_into().unwrap());
-            assert_eq!(crc, crc32(&png[pos + 4..pos + 8 + len]), "CRC of {kind:?}");
-            pos += 12 + len;
-            match kind {
-                b"IHDR" => {
-                    w = u32::from_be_bytes(data[..4].try_into().unwrap());
-                    h = u32::from_be_bytes(data[4..8].try_into().unwrap());
-                    assert_eq!(&data[8..], &[8, 2, 0, 0, 0]);
-                }
-                b"IDAT" => idat.extend_from_slice(data),
-                b"IEND" => break,
-                other => panic!("unexpected chunk {other:?}"),
-            }
-        }
-        assert_eq!(pos, png.len());
-        assert_eq!((u16::from(idat[0]) << 8 | u16::from(idat[1])) % 31, 0);
-        let mut raw = Vec::new();
-        let mut p = 2;
-        loop {
-            let fin = idat[p] & 1;
-            assert_eq!(idat[p] & 6, 0, "stored block");
-            let len = u16::from_le_bytes([idat[p + 1], idat[p + 2]]);
-            let nlen = u16::from_le_bytes([idat[p + 3], idat[p + 4]]);
-            assert_eq!(len, !nlen);
-            raw.extend_from_slice(&idat[p + 5..p + 5 + len as usize]);
-            p += 5 + len as usize;
-            if fin == 1 {
-                break;
-            }
-        }
+        let mut reader = png::Decoder::new(png).read_info().unwrap();
+        let mut rgb = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut rgb).unwrap();
         assert_eq!(
-            u32::from_be_bytes(idat[p..p + 4].try_into().unwrap()),
-            adler32(&raw)
+            (info.color_type, info.bit_depth),
+            (png::ColorType::Rgb, png::BitDepth::Eight)
         );
-        assert_eq!(p + 4, idat.len());
-        let mut rgb = Vec::new();
-        for row in raw.chunks_exact(w as usize * 3 + 1) {
-            assert_eq!(row[0], 0);
-            rgb.extend_from_slice(&row[1..]);
-        }
-        assert_eq!(rgb.len(), (w * h * 3) as usize);
+        rgb.truncate(info.buffer_size());
         Image {
-            width: w,
-            height: h,
+            width: info.width,
+            height: info.height,
             rgb,
         }
     }
@@ -436,23 +322,6 @@ pub(crate) mod tests {
             }
         }
         img
-    }
-
-    #[test]
-    fn checksums() {
-        assert_eq!(crc32(b""), 0);
-        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
-        assert_eq!(crc32(b"IEND"), 0xae42_6082);
-        assert_eq!(adler32(b""), 1);
-        assert_eq!(adler32(b"Wikipedia"), 0x11e6_0398);
-        // Long input: the modular reduction must not overflow.
-        let big = vec![0xffu8; 100_000];
-        let (mut a, mut b) = (1u64, 0u64);
-        for &x in &big {
-            a = (a + u64::from(x)) % 65521;
-            b = (b + a) % 65521;
-        }
-        assert_eq!(adler32(&big), (b << 16 | a) as u32);
     }
 
     #[test]
@@ -496,11 +365,11 @@ pub(crate) mod tests {
             for i in 0..w.min(h) {
                 img.set(i64::from(i), i64::from(i), 0xffffff);
             }
-            // 300x250 spans several stored blocks.
             assert_eq!(decode_png(&img.to_png()), img);
         }
-        let z = zlib_stored(b"");
-        assert_eq!(z, vec![0x78, 1, 1, 0, 0, 0xff, 0xff, 0, 0, 0, 1]);
+        // Compressed: a flat 640x480 head is far below its 921,600 raw bytes.
+        let flat = Image::new(640, 480, 0x3050c0).to_png();
+        assert!(flat.len() < 20_000, "{} bytes", flat.len());
     }
 
     #[test]
