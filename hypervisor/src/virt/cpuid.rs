@@ -47,6 +47,23 @@ fn xsave_size(host: &dyn Fn(u32, u32) -> CpuidResult, mask: u64) -> u32 {
         .fold(512 + 64, u32::max)
 }
 
+/// Bytes of a compacted-format XSAVE area (XSAVEC) holding the components in `mask`:
+/// the legacy area and header, then each component in order, 64-byte aligned where
+/// its sub-leaf's ECX bit 1 says so (SDM 1, 13.4.3).
+fn xsave_compacted_size(host: &dyn Fn(u32, u32) -> CpuidResult, mask: u64) -> u32 {
+    (2..63)
+        .filter(|i| mask & (1u64 << i) != 0)
+        .fold(512 + 64, |size: u32, i| {
+            let c = host(0xd, i);
+            let start = if c.ecx & 2 != 0 {
+                size.saturating_add(63) & !63
+            } else {
+                size
+            };
+            start.saturating_add(c.eax)
+        })
+}
+
 /// CPUID leaf `leaf`, sub-leaf `sub` as vCPU `view` sees it, from the host's answers.
 pub fn guest_cpuid(
     leaf: u32,
@@ -117,9 +134,15 @@ pub fn guest_cpuid(
                 r.ecx = xsave_size(host, policy.guest_allowed);
             }
             // XSAVEOPT, XSAVEC, XGETBV with ECX = 1; no XSAVES (no IA32_XSS), no XFD.
+            // EBX: the compacted size for XCR0 (Linux sizes its buffers by it when
+            // XSAVEC is offered; 0 there was "XSAVE consistency problem" under VMX).
             1 => {
                 r.eax &= 0b111;
-                r.ebx = 0;
+                r.ebx = if r.eax & 0b10 != 0 {
+                    xsave_compacted_size(host, view.xcr0)
+                } else {
+                    0
+                };
                 r.ecx = 0;
                 r.edx = 0;
             }

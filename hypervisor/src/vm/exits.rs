@@ -217,13 +217,15 @@ impl Vm {
     /// only while paging is off, as the CPU allows), APIC_BASE (the xAPIC at its
     /// fixed base, enabled; x2APIC is not offered), TSC_DEADLINE (the virtual local
     /// APIC's timer), PAT (kept per vCPU; guest RAM is write-back whatever it says)
-    /// MISC_ENABLE (fast strings; writes ignored) and AMD's INT_PENDING_MSG (0: no
-    /// C1E, which Linux asks of CPUs that report a K8 family, as QEMU's does). Any
+    /// MISC_ENABLE (fast strings; writes ignored), AMD's INT_PENDING_MSG (0: no
+    /// C1E, which Linux asks of CPUs that report a K8 family, as QEMU's does) and
+    /// Intel's BIOS_SIGN_ID (microcode revision 0; writes ignored). Any
     /// other MSR gets #GP, as on a CPU without it.
     fn emulate_msr(&mut self, idx: usize, write: bool) -> bool {
         const APIC_BASE: u32 = 0x1b;
         const MISC_ENABLE: u32 = 0x1a0;
         const AMD_INT_PENDING_MSG: u32 = 0xc001_0055;
+        const BIOS_SIGN_ID: u32 = 0x8b;
         const PAT: u32 = 0x277;
         const TSC_DEADLINE: u32 = 0x6e0;
         const EFER: u32 = 0xc000_0080;
@@ -284,6 +286,9 @@ impl Vm {
             (MISC_ENABLE, false) => Some(1),
             (MISC_ENABLE, true) => None,
             (AMD_INT_PENDING_MSG, false) => Some(0),
+            // Intel's microcode revision: none loaded (Linux writes 0, runs CPUID, reads).
+            (BIOS_SIGN_ID, false) => Some(0),
+            (BIOS_SIGN_ID, true) => None,
             _ => {
                 self.vcpus[idx].inject_exception(13, Some(0));
                 return true;
