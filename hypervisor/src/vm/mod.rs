@@ -861,6 +861,11 @@ impl Vm {
         self.in_guest[idx] = None;
         self.stats.exits += 1;
         self.stats.exits_by_reason[exit.reason()] += 1;
+        if self.state != VmState::Running {
+            // Paused, stopped or being destroyed while it ran: the exit is not handled
+            // (its instruction was not completed, so it runs again after a resume).
+            return false;
+        }
         let after = crate::apic::now_us();
         if matches!(exit, VmExit::ExternalInterrupt | VmExit::Preempted)
             && self.vcpus[idx].rflags() & (1 << 9) == 0
