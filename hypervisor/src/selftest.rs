@@ -735,6 +735,10 @@ pub fn gpu_restart(bi: &boot_info::BootInfo) -> ! {
         error!("restart failed: {e}");
         verdict::fail("restart");
     }
+    // A line of its own for the moment of the re-creation: "vm vm0 created" also
+    // appears at boot (before VM 1 even exists), so a screendump triggered by it
+    // would look at the neighbour's head before the neighbour ever drew.
+    info!("gpu restart: VM 0 re-created");
     vmm::run(Some(ms("after_ms", 4_000)));
     vmm::report();
     crate::gpu_share::dump_counters();
