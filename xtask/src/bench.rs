@@ -105,18 +105,14 @@ pub fn table(rows: &[Row]) -> String {
     out
 }
 
-/// `cargo xtask bench [FILTER] [--no-criterion] [--no-scenarios]`.
-pub fn cmd_bench(paths: &Paths, mode: &BuildMode, args: &[String]) -> Result<ExitCode> {
-    let (mut criterion, mut scenarios) = (true, true);
-    let mut filter = None;
-    for a in args {
-        match a.as_str() {
-            "--no-criterion" => criterion = false,
-            "--no-scenarios" => scenarios = false,
-            f if !f.starts_with('-') && filter.is_none() => filter = Some(f.to_string()),
-            other => return Err(format!("bench: unexpected argument `{other}`")),
-        }
-    }
+/// `cargo xtask bench [FILTER] [--no-criterion] [--no-scenarios]` (`mode`: how the
+/// artifacts are obtained, from `opts.build`).
+pub fn cmd_bench(
+    paths: &Paths,
+    mode: &BuildMode,
+    opts: &crate::cli::BenchOpts,
+) -> Result<ExitCode> {
+    let (criterion, scenarios, filter) = (opts.criterion, opts.scenarios, &opts.filter);
     process::install_interrupt_handler();
     let dir = bench_dir(paths);
     let all = if scenarios && dir.is_dir() {

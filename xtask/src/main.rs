@@ -8,6 +8,7 @@
 mod artifacts;
 mod bench;
 mod bochs;
+mod cli;
 mod counters;
 mod esp;
 mod gpt;
@@ -28,6 +29,7 @@ mod tools;
 mod typist;
 mod vmconfig;
 
+use std::ffi::OsString;
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -205,6 +207,8 @@ commands:
       --config FILE, --cmdline STR   as for run
       --check                boot the image in QEMU and wait for the hypervisor's boot marker
       --check-marker STR     the marker to wait for (default \"hv: boot summary\")
+  help [COMMAND]             this list, or one command's help (as `<command> --help` or -h);
+                             every option takes its value as `--opt value` or `--opt=value`
 
 options of run, qemu-test, bochs-test, test, image, bench:
   --no-build                 do not run cargo; use the artifacts already in target/ (and the
@@ -230,49 +234,13 @@ pub enum BuildMode {
     Prebuilt(PathBuf),
 }
 
-/// Pulls the options shared by several commands out of `args`.
-fn take_build_mode(args: &mut Vec<String>) -> Result<BuildMode> {
-    let mut mode = match std::env::var_os("XTASK_PREBUILT") {
-        Some(d) if !d.is_empty() => BuildMode::Prebuilt(PathBuf::from(d)),
-        _ => BuildMode::Build,
-    };
-    let mut i = 0;
-    while i < args.len() {
-        match args[i].as_str() {
-            "--no-build" => {
-                args.remove(i);
-                mode = BuildMode::NoBuild;
-            }
-            "--prebuilt" => {
-                args.remove(i);
-                if i >= args.len() {
-                    return Err("--prebuilt needs a directory".into());
-                }
-                mode = BuildMode::Prebuilt(PathBuf::from(args.remove(i)));
-            }
-            "--" => break,
-            _ => i += 1,
-        }
-    }
-    Ok(mode)
-}
-
-/// Takes the value of option `name` at `args[i]`.
-fn value(args: &[String], i: &mut usize, name: &str) -> Result<String> {
-    *i += 1;
-    args.get(*i)
-        .cloned()
-        .ok_or_else(|| format!("{name} needs a value"))
-}
-
 fn parse_num<T: std::str::FromStr>(s: &str, name: &str) -> Result<T> {
     s.parse()
         .map_err(|_| format!("{name}: `{s}` is not a valid number"))
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match real_main(args) {
+    match real_main(std::env::args_os().skip(1)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("xtask: error: {e}");
@@ -281,84 +249,51 @@ fn main() -> ExitCode {
     }
 }
 
-fn real_main(mut args: Vec<String>) -> Result<ExitCode> {
+/// Parses the whole command line first (see [`cli`]): a bad argument stops xtask before
+/// anything is built or installed, and `<command> --help` does nothing but print.
+fn real_main(args: impl IntoIterator<Item = OsString>) -> Result<ExitCode> {
+    let cli = cli::parse(args)?;
     let paths = Paths::discover();
-    if args.is_empty() {
-        eprint!("{USAGE}");
-        return Ok(ExitCode::from(2));
-    }
-    let cmd = args.remove(0);
-    let mut args = split_equals(args);
-    // `<cmd> --help` only prints that command's help (before a `--`, where QEMU's own
-    // arguments may follow).
-    let before_dashes = args.iter().take_while(|a| a.as_str() != "--");
-    if before_dashes.clone().any(|a| a == "--help" || a == "-h") {
-        if let Some(h) = command_help(&cmd) {
-            print!("{h}");
-            return Ok(ExitCode::SUCCESS);
+    match cli {
+        cli::Cli::Missing => {
+            eprint!("{USAGE}");
+            Ok(ExitCode::from(2))
         }
-    }
-    match cmd.as_str() {
-        "help" | "-h" | "--help" => {
-            print!("{USAGE}");
+        cli::Cli::Help(cmd) => {
+            match cmd.and_then(command_help) {
+                Some(h) => print!("{h}"),
+                None => print!("{USAGE}"),
+            }
             Ok(ExitCode::SUCCESS)
         }
-        "build" => {
+        cli::Cli::Build => {
             let art = artifacts::build(&paths)?;
             art.print(&paths);
             Ok(ExitCode::SUCCESS)
         }
-        "run" => cmd_run(&paths, args),
-        "qemu-test" | "bochs-test" => {
-            let mode = take_build_mode(&mut args)?;
-            let filter = single_filter(&args)?;
-            let emu = if cmd == "qemu-test" {
-                scenario::Emulator::Qemu
-            } else {
-                scenario::Emulator::Bochs
-            };
+        cli::Cli::Run(o) => cmd_run(&paths, o),
+        cli::Cli::Suite(o) => {
+            let mode = build_mode(o.build);
             process::install_interrupt_handler();
             let mut art = artifacts::obtain(&paths, &mode)?;
-            let ok = suite::run_suite(&paths, &mut art, emu, filter.as_deref())?;
+            let ok = suite::run_suite(&paths, &mut art, o.emulator, o.filter.as_deref())?;
             Ok(if ok {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
             })
         }
-        "test" => cmd_test(&paths, args),
-        "plot" => cmd_plot(&paths, &args),
-        "bench" => {
-            let mode = take_build_mode(&mut args)?;
-            bench::cmd_bench(&paths, &mode, &args)
-        }
-        "image" => cmd_image(&paths, args),
-        "check-config" => cmd_check_config(&args),
-        other => Err(format!(
-            "unknown command `{other}` (try `cargo xtask help`)"
-        )),
+        cli::Cli::Test(o) => cmd_test(&paths, o),
+        cli::Cli::Plot(o) => cmd_plot(&paths, o),
+        cli::Cli::Bench(o) => bench::cmd_bench(&paths, &build_mode(o.build.clone()), &o),
+        cli::Cli::Image(o) => cmd_image(&paths, o),
+        cli::Cli::CheckConfig(o) => cmd_check_config(&o),
     }
 }
 
-/// `--opt=value` as `--opt value`, up to a `--` (what follows it is QEMU's).
-fn split_equals(args: Vec<String>) -> Vec<String> {
-    let mut out = Vec::with_capacity(args.len());
-    let mut rest = args.into_iter();
-    for a in rest.by_ref() {
-        if a == "--" {
-            out.push(a);
-            break;
-        }
-        match a.split_once('=') {
-            Some((k, v)) if k.starts_with("--") && k.len() > 2 => {
-                out.push(k.to_string());
-                out.push(v.to_string());
-            }
-            _ => out.push(a),
-        }
-    }
-    out.extend(rest);
-    out
+/// The build mode the flags chose, else `$XTASK_PREBUILT`, else a build.
+fn build_mode(chosen: Option<BuildMode>) -> BuildMode {
+    cli::build_mode(chosen, std::env::var_os("XTASK_PREBUILT"))
 }
 
 /// The part of [`USAGE`] about `cmd` (its lines and its options, and the options
@@ -392,16 +327,6 @@ fn command_help(cmd: &str) -> Option<String> {
     Some(out)
 }
 
-fn single_filter(args: &[String]) -> Result<Option<String>> {
-    match args {
-        [] => Ok(None),
-        [f] if !f.starts_with('-') => Ok(Some(f.clone())),
-        _ => Err(format!(
-            "unexpected arguments {args:?} (expected at most one FILTER)"
-        )),
-    }
-}
-
 /// Reads a VM config file (relative paths are taken from the current directory), or
 /// `default` in the repository's `config/`.
 fn read_config(root: &Path, file: Option<&str>, default: &str) -> Result<String> {
@@ -417,24 +342,9 @@ fn read_config(root: &Path, file: Option<&str>, default: &str) -> Result<String>
 
 /// `check-config [--cmdline STR] FILE...`: each VM config (and the command line)
 /// parsed as the loader will.
-fn cmd_check_config(args: &[String]) -> Result<ExitCode> {
-    let usage = "usage: cargo xtask check-config [--cmdline STR] FILE...";
-    let mut files = Vec::new();
-    let mut cmdline = None;
-    let mut i = 0;
-    while i < args.len() {
-        match args[i].as_str() {
-            "--cmdline" => cmdline = Some(value(args, &mut i, "--cmdline")?),
-            a if a.starts_with('-') => return Err(usage.into()),
-            f => files.push(f.to_string()),
-        }
-        i += 1;
-    }
-    if files.is_empty() && cmdline.is_none() {
-        return Err(usage.into());
-    }
+fn cmd_check_config(o: &cli::CheckConfigOpts) -> Result<ExitCode> {
     let mut ok = true;
-    if let Some(c) = &cmdline {
+    if let Some(c) = &o.cmdline {
         match boot_info::cmdline::check(c) {
             Ok(()) => println!("--cmdline: ok"),
             Err(e) => {
@@ -443,8 +353,10 @@ fn cmd_check_config(args: &[String]) -> Result<ExitCode> {
             }
         }
     }
-    for f in &files {
-        let text = std::fs::read_to_string(f).ctx(|| format!("cannot read VM config {f}"))?;
+    for f in &o.files {
+        let text =
+            std::fs::read_to_string(f).ctx(|| format!("cannot read VM config {}", f.display()))?;
+        let f = f.display();
         match vmconfig::check(&text) {
             Ok(summary) => println!("{f}: ok: {summary}"),
             Err(e) => {
@@ -460,51 +372,12 @@ fn cmd_check_config(args: &[String]) -> Result<ExitCode> {
     })
 }
 
-fn cmd_run(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
-    let mode = take_build_mode(&mut args)?;
-    let mut config = None;
-    let mut cmdline = String::new();
-    let mut smp = 2;
-    let mut memory = None;
-    let mut kvm = false;
-    let mut screenshots: Option<PathBuf> = None;
-    let mut screenshot_secs: f64 = 3.0;
-    let mut i = 0;
-    let mut extra = Vec::new();
-    while i < args.len() {
-        match args[i].as_str() {
-            "--config" => config = Some(value(&args, &mut i, "--config")?),
-            "--cmdline" => cmdline = value(&args, &mut i, "--cmdline")?,
-            "--smp" => smp = parse_num(&value(&args, &mut i, "--smp")?, "--smp")?,
-            "--memory" => memory = Some(parse_num(&value(&args, &mut i, "--memory")?, "--memory")?),
-            "--kvm" => kvm = true,
-            "--screenshots" => {
-                screenshots = Some(PathBuf::from(value(&args, &mut i, "--screenshots")?))
-            }
-            "--screenshot-secs" => {
-                screenshot_secs = parse_num(
-                    &value(&args, &mut i, "--screenshot-secs")?,
-                    "--screenshot-secs",
-                )?;
-                if !(screenshot_secs.is_finite() && screenshot_secs > 0.0) {
-                    return Err("--screenshot-secs must be positive".into());
-                }
-            }
-            "--" => {
-                extra.extend_from_slice(&args[i + 1..]);
-                break;
-            }
-            other => {
-                return Err(format!(
-                    "run: unknown argument `{other}` (QEMU's own arguments go after `--`)"
-                ))
-            }
-        }
-        i += 1;
-    }
+fn cmd_run(paths: &Paths, o: cli::RunOpts) -> Result<ExitCode> {
+    let mode = build_mode(o.build);
+    let (cmdline, screenshot_secs) = (o.cmdline, o.screenshot_secs);
     boot_info::cmdline::check(&cmdline).map_err(|e| format!("run: --cmdline: {e}"))?;
     tools::ensure(&[tools::Tool::Qemu, tools::Tool::Ovmf])?;
-    let config = read_config(&paths.root, config.as_deref(), "demo.toml")?;
+    let config = read_config(&paths.root, o.config.as_deref(), "demo.toml")?;
     let art = artifacts::obtain(paths, &mode)?;
     let esp = paths.esp_dir("run");
     esp::make(&esp, &art, &config, &cmdline)?;
@@ -514,7 +387,7 @@ fn cmd_run(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
     std::fs::create_dir_all(&logs).ctx(|| "cannot create the log directory".to_string())?;
     let serial_log = logs.join("run-qemu.log");
     let _ = std::fs::remove_file(&serial_log);
-    let screenshots = match screenshots {
+    let screenshots = match o.screenshots {
         Some(d) => {
             let d = std::env::current_dir().map(|c| c.join(&d)).unwrap_or(d);
             std::fs::create_dir_all(&d).ctx(|| format!("cannot create {}", d.display()))?;
@@ -525,14 +398,16 @@ fn cmd_run(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
         None => None,
     };
     let opts = qemu::Opts {
-        smp,
-        memory_mib: memory.unwrap_or_else(|| vmconfig::machine_memory_mib(&config)),
+        smp: o.smp,
+        memory_mib: o
+            .memory
+            .unwrap_or_else(|| vmconfig::machine_memory_mib(&config)),
         disk: qemu::Disk::Dir(esp),
         serial: qemu::Serial::StdioWithMonitorLogged(serial_log.clone()),
         display,
-        kvm,
+        kvm: o.kvm,
         qmp: screenshots.as_ref().map(|(_, sock)| sock.clone()),
-        extra,
+        extra: o.qemu_args,
     };
     let mut cmd = qemu::command(&opts)?;
     eprintln!("+ {}", show_command(&cmd));
@@ -573,19 +448,8 @@ fn cmd_run(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }
 
-fn cmd_plot(paths: &Paths, args: &[String]) -> Result<ExitCode> {
-    let (log, name) = match args {
-        [log] => {
-            let p = PathBuf::from(log);
-            let stem = p
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "log".into());
-            (p, stem)
-        }
-        [log, name] => (PathBuf::from(log), name.clone()),
-        _ => return Err("usage: cargo xtask plot LOG [NAME]".into()),
-    };
+fn cmd_plot(paths: &Paths, o: cli::PlotOpts) -> Result<ExitCode> {
+    let (log, name) = (o.log, o.name);
     if !log.is_file() {
         return Err(format!("{}: no such file", log.display()));
     }
@@ -607,27 +471,14 @@ fn cmd_plot(paths: &Paths, args: &[String]) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_test(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
-    let mode = take_build_mode(&mut args)?;
-    let (mut unit, mut fuzz, mut qemu, mut bochs) = (true, true, true, true);
-    let mut fuzz_secs: u64 = match std::env::var("XTASK_FUZZ_SECS") {
+fn cmd_test(paths: &Paths, o: cli::TestOpts) -> Result<ExitCode> {
+    let mode = build_mode(o.build);
+    let (unit, fuzz, qemu, bochs) = (o.unit, o.fuzz, o.qemu, o.bochs);
+    let env_fuzz_secs: u64 = match std::env::var("XTASK_FUZZ_SECS") {
         Ok(s) if !s.is_empty() => parse_num(&s, "XTASK_FUZZ_SECS")?,
         _ => 30,
     };
-    let mut i = 0;
-    while i < args.len() {
-        match args[i].as_str() {
-            "--no-unit" => unit = false,
-            "--no-fuzz" => fuzz = false,
-            "--no-qemu" => qemu = false,
-            "--no-bochs" => bochs = false,
-            "--fuzz-secs" => {
-                fuzz_secs = parse_num(&value(&args, &mut i, "--fuzz-secs")?, "--fuzz-secs")?
-            }
-            other => return Err(format!("test: unknown option `{other}`")),
-        }
-        i += 1;
-    }
+    let fuzz_secs = o.fuzz_secs.unwrap_or(env_fuzz_secs);
     process::install_interrupt_handler();
     let total = [unit, fuzz, qemu, bochs].iter().filter(|&&on| on).count();
     let mut stages = Stages::new(total);
@@ -711,28 +562,13 @@ impl Stages {
     }
 }
 
-fn cmd_image(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
-    let mode = take_build_mode(&mut args)?;
-    let mut out = paths.xtask.join("hypervisor.img");
-    let mut config = None;
-    let mut cmdline = String::new();
-    let mut check = false;
-    let mut marker = String::from("hv: boot summary");
-    let mut i = 0;
-    while i < args.len() {
-        match args[i].as_str() {
-            "--out" => out = PathBuf::from(value(&args, &mut i, "--out")?),
-            "--config" => config = Some(value(&args, &mut i, "--config")?),
-            "--cmdline" => cmdline = value(&args, &mut i, "--cmdline")?,
-            "--check" => check = true,
-            "--check-marker" => marker = value(&args, &mut i, "--check-marker")?,
-            other => return Err(format!("image: unknown option `{other}`")),
-        }
-        i += 1;
-    }
+fn cmd_image(paths: &Paths, o: cli::ImageOpts) -> Result<ExitCode> {
+    let mode = build_mode(o.build);
+    let out = o.out.unwrap_or_else(|| paths.xtask.join("hypervisor.img"));
+    let (cmdline, marker) = (o.cmdline, o.check_marker);
     boot_info::cmdline::check(&cmdline).map_err(|e| format!("image: --cmdline: {e}"))?;
     tools::ensure(&[tools::Tool::Mtools])?;
-    let config = read_config(&paths.root, config.as_deref(), "vms.toml")?;
+    let config = read_config(&paths.root, o.config.as_deref(), "vms.toml")?;
     let art = artifacts::obtain(paths, &mode)?;
     let esp = paths.esp_dir("image");
     esp::make(&esp, &art, &config, &cmdline)?;
@@ -745,7 +581,7 @@ fn cmd_image(paths: &Paths, mut args: Vec<String>) -> Result<ExitCode> {
         size >> 20,
         out.display()
     );
-    if check {
+    if o.check {
         process::install_interrupt_handler();
         tools::ensure(&[tools::Tool::Qemu, tools::Tool::Ovmf])?;
         let ok = suite::check_image(paths, &out, &marker)?;
@@ -782,25 +618,56 @@ mod tests {
         assert_eq!(command_help("qemu"), None);
     }
 
-    fn strings(a: &[&str]) -> Vec<String> {
-        a.iter().map(|s| s.to_string()).collect()
+    #[test]
+    fn help_lists_every_command_and_each_has_its_own() {
+        for &c in cli::COMMANDS {
+            let h = command_help(c).unwrap_or_else(|| panic!("no help for `{c}`"));
+            assert!(h.starts_with(&format!("usage: cargo xtask {c} ")), "{h}");
+        }
+        // And USAGE names nothing that is not a command.
+        let listed = USAGE
+            .lines()
+            .filter_map(|l| l.strip_prefix("  "))
+            .filter(|l| l.starts_with(|c: char| c.is_ascii_lowercase()))
+            .filter_map(|l| l.split_whitespace().next());
+        for c in listed {
+            assert!(cli::COMMANDS.contains(&c), "USAGE lists `{c}`");
+        }
     }
 
     #[test]
-    fn equals_options_split_until_the_double_dash() {
-        assert_eq!(
-            split_equals(strings(&["--smp=4", "--cmdline", "a=b", "--", "-device=x"])),
-            strings(&["--smp", "4", "--cmdline", "a=b", "--", "-device=x"])
+    fn bad_arguments_stop_before_anything_runs() {
+        // Each of these would build, install or boot something if it got that far.
+        for bad in [
+            &["run", "--bogus"][..],
+            &["run", "-display", "none"],
+            &["run", "--smp"],
+            &["build", "--release"],
+            &["qemu-test", "--nope"],
+            &["test", "--fuzz-secs=x"],
+            &["image", "--check=yes"],
+            &["bench", "a", "b"],
+        ] {
+            let e = real_main(bad.iter().map(OsString::from)).unwrap_err();
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let e = real_main(["run", "--bogus"].map(OsString::from)).unwrap_err();
+        assert!(
+            e.contains("unknown argument `--bogus`") && e.contains("`--`"),
+            "{e}"
         );
-        assert_eq!(split_equals(strings(&["--=x"])), strings(&["--=x"]));
     }
 
     #[test]
-    fn run_refuses_an_unknown_argument_before_building() {
-        let paths = Paths::discover();
-        for bad in [["--bogus"], ["-display"]] {
-            let e = cmd_run(&paths, strings(&bad)).unwrap_err();
-            assert!(e.contains("unknown argument") && e.contains("`--`"), "{e}");
+    fn help_only_prints() {
+        for args in [
+            &["help"][..],
+            &["--help"],
+            &["help", "plot"],
+            &["check-config", "-h"],
+        ] {
+            let code = real_main(args.iter().map(OsString::from)).unwrap();
+            assert_eq!(code, ExitCode::SUCCESS, "{args:?}");
         }
     }
 }
