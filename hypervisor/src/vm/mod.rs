@@ -474,7 +474,9 @@ impl Vm {
         );
         for (i, l) in self.lapics.iter().enumerate() {
             let halted = self.halted.get(i).copied().unwrap_or(false);
-            s += &alloc::format!("vcpu{i}: halted {halted}, {}; ", l.summary());
+            // Where it is (a vCPU in guest mode elsewhere shows its stand-in's 0).
+            let rip = self.vcpus.get(i).map_or(0, |v| v.rip());
+            s += &alloc::format!("vcpu{i}: rip {rip:#x}, halted {halted}, {}; ", l.summary());
         }
         if let Some(p) = self.port.as_ref() {
             s += &alloc::format!(
