@@ -81,8 +81,9 @@ pub fn guest_cpuid(
             r.ecx |= (1 << 31) | (1 << 24); // hypervisor present, TSC-deadline
                                             // Initial APIC id (31:24), one logical processor (23:16), no HTT.
             r.ebx = (r.ebx & 0xffff) | (u32::from(view.apic_id) << 24) | (1 << 16);
-            // HTT; MCE, MCA and MTRR: their MSRs are not offered.
-            r.edx &= !((1 << 28) | (1 << 7) | (1 << 14) | (1 << 12));
+            // HTT; MCE, MCA and MTRR: their MSRs are not offered; ACPI (thermal
+            // control MSRs) and TM (thermal monitor): neither are theirs.
+            r.edx &= !((1 << 28) | (1 << 7) | (1 << 14) | (1 << 12) | (1 << 22) | (1 << 29));
             if !policy.xsave {
                 r.ecx &= !(1 << 26);
             }
@@ -96,7 +97,8 @@ pub fn guest_cpuid(
             }
         }
         7 if sub == 0 => {
-            r.ebx &= !(1 << 14); // MPX
+            // MPX; TSC_ADJUST (the MSR would move the host's TSC; not offered).
+            r.ebx &= !((1 << 14) | (1 << 1));
             if !avx {
                 r.ebx &= !(1 << 5); // AVX2
             }
@@ -123,7 +125,12 @@ pub fn guest_cpuid(
             r.edx &= !((1 << 20) | (1 << 22) | (1 << 24) | (1 << 25));
         }
         7 => {}
-        6 => r.eax |= 1 << 2, // ARAT
+        // ARAT only: the thermal and power-management features (digital sensor,
+        // package thermal, HWP, ...) have MSRs a guest does not get.
+        6 => {
+            r = ZERO;
+            r.eax = 1 << 2;
+        }
         0xa | 0xb | 0x1f | 0x8000_001e => r = ZERO,
         0xd if !policy.xsave => r = ZERO,
         0xd => match sub {
