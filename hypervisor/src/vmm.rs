@@ -2,7 +2,9 @@
 //! and vCPU scheduling. Every physical CPU takes from one run queue the runnable vCPU
 //! whose VM has the least weighted CPU time (stride scheduling) and runs it for one
 //! slice, preempted by the local APIC timer, so more vCPUs than CPUs share the
-//! machine by weight.
+//! machine by weight. The vCPUs of one VM run on several CPUs at once: a CPU holds
+//! the VM's lock only to handle its vCPU's exit and prepare the next entry
+//! ([`run_vcpu_slice`]).
 //!
 //! A CPU with nothing to run is the GPU path's poller: it runs the `gpu_share` bottom
 //! half (which polls the rings of running VMs), keeps polling for 50 us after work
