@@ -84,8 +84,13 @@ pub fn args(o: &Opts) -> Result<Vec<String>> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
     push(&["-nodefaults", "-machine", "q35"]);
+    // Extra arguments may choose the accelerator themselves (e.g. `-accel
+    // tcg,thread=single`): QEMU takes the first `-accel` that works.
+    let own_accel = o.extra.iter().any(|a| a == "-accel");
     if o.kvm {
         push(&["-accel", "kvm", "-cpu", "host"]);
+    } else if own_accel {
+        push(&["-cpu", "max"]);
     } else {
         push(&["-accel", "tcg", "-cpu", "max"]);
     }

@@ -138,6 +138,10 @@ pub struct Scenario {
     /// Checks each listed VM's share of their GPU time against its weight.
     #[serde(default)]
     pub gpu_shares: Option<GpuShares>,
+    /// Why the scenario is left out of the full suites (`qemu-test`/`bochs-test`
+    /// without a filter, `cargo xtask test`): it runs when a filter names it.
+    #[serde(default)]
+    pub only_when_named: Option<String>,
 }
 
 /// A `[gpu_shares]` table: the listed VMs' GPU time (`used_ns` in the run's last

@@ -120,7 +120,20 @@ pub fn run_suite(
         .iter()
         .filter(|s| s.emulators.contains(&emu))
         .filter(|s| filter.is_none_or(|f| s.name.contains(f)))
+        // A scenario kept out of the full suites runs when a filter names it.
+        .filter(|s| s.only_when_named.is_none() || filter.is_some())
         .collect();
+    let skipped: Vec<&Scenario> = all
+        .iter()
+        .filter(|s| s.emulators.contains(&emu) && s.only_when_named.is_some() && filter.is_none())
+        .collect();
+    for s in &skipped {
+        println!(
+            "{emu}-test: {} left out of the full suite (run it by name): {}",
+            s.name,
+            s.only_when_named.as_deref().unwrap_or_default()
+        );
+    }
     let label = format!("{emu}-test");
     if selected.is_empty() {
         if let Some(f) = filter {
