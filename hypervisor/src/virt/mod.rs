@@ -211,6 +211,22 @@ pub trait Vcpu: Send {
     }
 }
 
+/// MSRs a guest reads and writes without an exit, all others exit: FS, GS and kernel
+/// GS base; STAR, LSTAR, CSTAR, SFMASK; SYSENTER CS, ESP, EIP. Each backend switches
+/// them per vCPU (see `svm.rs` and `vmx.rs`).
+pub const PASSED_MSRS: [u32; 10] = [
+    0xc000_0100,
+    0xc000_0101,
+    0xc000_0102,
+    0xc000_0081,
+    0xc000_0082,
+    0xc000_0083,
+    0xc000_0084,
+    0x174,
+    0x175,
+    0x176,
+];
+
 /// Which hardware virtualization this machine offers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {

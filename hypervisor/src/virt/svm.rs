@@ -121,23 +121,6 @@ fn filled_pages(pages: usize) -> Option<u64> {
     Some(pa)
 }
 
-/// MSRs the guest reads and writes itself, all others exit: VMLOAD and VMSAVE
-/// switch these with the guest's VMCB at every entry and exit (APM 15.5.2), so each
-/// vCPU has its own. FS, GS and kernel GS base; STAR, LSTAR, CSTAR, SFMASK;
-/// SYSENTER CS, ESP, EIP.
-const PASSED_MSRS: [u32; 10] = [
-    0xc000_0100,
-    0xc000_0101,
-    0xc000_0102,
-    0xc000_0081,
-    0xc000_0082,
-    0xc000_0083,
-    0xc000_0084,
-    0x174,
-    0x175,
-    0x176,
-];
-
 /// Clears `msr`'s read and write intercept bits in the MSR permission map at `pm`
 /// (APM 15.11: two bits per MSR, three 2 KiB ranges).
 fn pass_msr(pm: u64, msr: u32) {
@@ -169,7 +152,8 @@ pub fn enable_this_cpu() -> Result<(), &'static str> {
     IOPM.call_once(|| filled_pages(3).expect("no memory for the IOPM"));
     MSRPM.call_once(|| {
         let pm = filled_pages(2).expect("no memory for the MSRPM");
-        for msr in PASSED_MSRS {
+        // VMLOAD and VMSAVE switch them with the guest's VMCB (APM 15.5.2).
+        for msr in super::PASSED_MSRS {
             pass_msr(pm, msr);
         }
         pm

@@ -278,22 +278,6 @@ pub const ENTRY_FAIL_INVALID: u64 = 0xffff_ffff;
 static VMXON_REGION: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 /// Physical address of the VMCS current on each CPU (0: none we know of).
 static CURRENT_VMCS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
-/// MSRs a guest reads and writes without an exit: the FS, GS and kernel GS bases,
-/// the SYSCALL MSRs (STAR, LSTAR, CSTAR, SFMASK) and the SYSENTER MSRs. VM entry and
-/// exit switch the FS/GS bases and SYSENTER MSRs (SDM 3 28.3, 27.5); `cpu_state`
-/// switches the others per vCPU.
-const PASSED_MSRS: [u32; 10] = [
-    0xc000_0100,
-    0xc000_0101,
-    0xc000_0102,
-    0xc000_0081,
-    0xc000_0082,
-    0xc000_0083,
-    0xc000_0084,
-    0x174,
-    0x175,
-    0x176,
-];
 
 /// Clears `msr`'s read and write bits in the MSR bitmaps at `pa` (SDM 3 25.6.9: read
 /// bitmaps for MSRs 0-0x1FFF and 0xC0000000-0xC0001FFF at 0 and 0x400, write bitmaps at
@@ -311,7 +295,9 @@ fn pass_msr(pa: u64, msr: u32) {
     }
 }
 
-/// MSR bitmaps (4 KiB; every RDMSR/WRMSR exits but those of [`PASSED_MSRS`]), shared
+/// MSR bitmaps (4 KiB; every RDMSR/WRMSR exits but those of [`super::PASSED_MSRS`]:
+/// VM entry and exit switch the FS/GS bases and SYSENTER MSRs, SDM 3 28.3, 27.5;
+/// `cpu_state` the others), shared
 /// by all vCPUs.
 static MSR_BITMAPS: spin::Once<u64> = spin::Once::new();
 /// What the bootstrap CPU's capability MSRs allow, and the control values used.
@@ -525,7 +511,7 @@ pub fn enable_this_cpu() -> Result<(), &'static str> {
         let pa = frames::alloc().expect("no memory for the MSR bitmaps");
         // SAFETY: a fresh frame of ours, identity mapped.
         unsafe { core::ptr::write_bytes(phys_to_ptr::<u8>(pa), 0xff, 4096) };
-        for msr in PASSED_MSRS {
+        for msr in super::PASSED_MSRS {
             pass_msr(pa, msr);
         }
         pa

@@ -213,7 +213,7 @@ impl Vm {
     }
 
     /// RDMSR/WRMSR of an MSR the vCPU does not reach directly (the backend passes
-    /// some through, see `virt::svm::PASSED_MSRS`). Emulated: EFER (SCE and NXE; LME
+    /// some through, see `virt::PASSED_MSRS`). Emulated: EFER (SCE and NXE; LME
     /// only while paging is off, as the CPU allows), APIC_BASE (the xAPIC at its
     /// fixed base, enabled; x2APIC is not offered), TSC_DEADLINE (the virtual local
     /// APIC's timer), PAT (kept per vCPU; guest RAM is write-back whatever it says)
